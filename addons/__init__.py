@@ -1,0 +1,1 @@
+"""Waypost: mitmproxy addons that make mitmdump a production HTTP proxy."""

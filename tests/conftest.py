@@ -1,0 +1,288 @@
+"""Shared fixtures: a real local backend and real mitmdump processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
+_LISTENING = re.compile(r"proxy listening at \*?\[?([0-9a-f.:]+?)\]?:(\d+)")
+_MANAGEMENT = re.compile(r"management (?:app )?listening at https?://[0-9.]+:(\d+)")
+
+
+# --- backend -------------------------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    host: str
+    port: int
+    hits: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def _backend_app(state: Backend) -> web.Application:
+    async def count(request: web.Request) -> None:
+        state.hits[request.path] = state.hits.get(request.path, 0) + 1
+
+    async def echo(request: web.Request) -> web.Response:
+        await count(request)
+        body = await request.read()
+        return web.json_response(
+            {
+                "method": request.method,
+                "path": request.path_qs,
+                "version": f"{request.version.major}.{request.version.minor}",
+                "headers": [[k, v] for k, v in request.raw_headers_decoded()],
+                "body_length": len(body),
+            }
+        )
+
+    async def status(request: web.Request) -> web.Response:
+        await count(request)
+        return web.Response(status=int(request.match_info["code"]), text="status\n")
+
+    async def slow(request: web.Request) -> web.Response:
+        await count(request)
+        await asyncio.sleep(int(request.match_info["ms"]) / 1000)
+        return web.Response(text="slow\n")
+
+    async def nbytes(request: web.Request) -> web.Response:
+        await count(request)
+        return web.Response(body=b"x" * int(request.match_info["n"]))
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        await count(request)
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for i in range(int(request.query.get("n", "5"))):
+            await resp.write(f"chunk {i}\n".encode())
+            await asyncio.sleep(int(request.query.get("ms", "100")) / 1000)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_route("*", "/echo{tail:.*}", echo)
+    app.router.add_route("*", "/status/{code}", status)
+    app.router.add_route("*", "/slow/{ms}", slow)
+    app.router.add_route("*", "/bytes/{n}", nbytes)
+    app.router.add_route("*", "/stream", stream)
+    return app
+
+
+def _raw_headers_decoded(self: web.Request) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw_headers]
+
+
+web.Request.raw_headers_decoded = _raw_headers_decoded  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def backend() -> Iterator[Backend]:
+    """An aiohttp origin on 127.0.0.1 in its own thread and loop, shared by the session."""
+    state = Backend("127.0.0.1", 0)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    runner = web.AppRunner(_backend_app(state), access_log=None)
+
+    async def start() -> None:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        ready.set()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(start())
+        loop.run_forever()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert ready.wait(10)
+    yield state
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    t.join(10)
+
+
+# --- mitmdump --------------------------------------------------------------------------------
+
+
+class Proxy:
+    """A running `mitmdump` subprocess with its output collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            text=True,
+            errors="replace",
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = 0
+        self.host = "127.0.0.1"
+
+    def _read(self) -> None:
+        assert self.proc.stdout
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 15, start: int = 0) -> re.Match[str]:
+        """Wait for an output line matching `pattern` (searched in lines from index `start`)."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        i = start
+        with self._cond:
+            while True:
+                while i < len(self.lines):
+                    m = rx.search(self.lines[i])
+                    i += 1
+                    if m:
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise TimeoutError(
+                        f"no line matching {rx.pattern!r}; output:\n" + "\n".join(self.lines[-60:])
+                    )
+                self._cond.wait(min(left, 0.2))
+
+    def json_lines(self) -> list[dict]:
+        out = []
+        for line in list(self.lines):
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+def start_proxy(
+    tmp_path: Path,
+    *,
+    scripts: tuple[str, ...] = ("addons/bundle.py",),
+    options: dict[str, object] | None = None,
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+) -> Proxy:
+    """Start mitmdump on 127.0.0.1 with an ephemeral port and wait until it listens."""
+    confdir = tmp_path / "confdir"
+    confdir.mkdir(exist_ok=True)
+    args = [MITMDUMP, "--listen-host", "127.0.0.1", "-p", "0", "--set", f"confdir={confdir}"]
+    for s in scripts:
+        args += ["-s", str(ROOT / s)]
+    for key, value in (options or {}).items():
+        values = value if isinstance(value, list | tuple) else [value]
+        for v in values:
+            if isinstance(v, bool):
+                v = "true" if v else "false"
+            args += ["--set", f"{key}={v}"]
+    args += list(extra_args)
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WAYPOST_")}
+    full_env["PYTHONUNBUFFERED"] = "1"
+    full_env.update(env or {})
+    proxy = Proxy(args, full_env, ROOT)
+    if wait:
+        try:
+            m = proxy.wait_for(_LISTENING)
+        except TimeoutError:
+            proxy.stop()
+            raise
+        proxy.port = int(m.group(2))
+    return proxy
+
+
+@pytest.fixture
+def proxy_factory(tmp_path: Path) -> Iterator:
+    """Start mitmdump processes for one test; all are stopped (SIGTERM, by PID) afterwards."""
+    started: list[Proxy] = []
+
+    def factory(**kwargs: object) -> Proxy:
+        p = start_proxy(tmp_path, **kwargs)  # type: ignore[arg-type]
+        started.append(p)
+        return p
+
+    yield factory
+    for p in started:
+        p.stop()
+
+
+def raw_request(port: int, data: bytes, timeout: float = 5.0, host: str = "127.0.0.1") -> bytes:
+    """Send raw bytes to the proxy and return everything it answers until it closes or idles."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    break
+                chunks.append(b)
+                if b"\r\n\r\n" in b"".join(chunks) and _complete(b"".join(chunks)):
+                    break
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+
+
+def _complete(resp: bytes) -> bool:
+    head, _, rest = resp.partition(b"\r\n\r\n")
+    m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    return bool(m) and len(rest) >= int(m.group(1))
+
+
+def status_of(resp: bytes) -> int:
+    m = re.match(rb"HTTP/1\.[01] (\d{3})", resp)
+    assert m, f"not an HTTP response: {resp[:200]!r}"
+    return int(m.group(1))
+
+
+def json_body(resp: bytes) -> dict:
+    return json.loads(resp.partition(b"\r\n\r\n")[2])
