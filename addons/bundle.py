@@ -1,0 +1,29 @@
+"""The Waypost bundle: `mitmdump -s addons/bundle.py` runs every addon, driven by one profile.
+
+The list order is the pipeline order: within each hook, earlier addons decide first, and the
+observers (metrics, access log) come last so they see every decision.
+"""
+
+from addons.accesslog import AccessLog
+from addons.config import Config
+from addons.drain import Drain
+from addons.egress import Egress
+from addons.forwarding import Forwarding
+from addons.hygiene import Hygiene
+from addons.management import Management
+from addons.metrics import Metrics
+from addons.tlspolicy import TlsPolicy
+from addons.upstream import Upstream
+
+addons = [
+    Config(),
+    Drain(),
+    Hygiene(),
+    Management(),
+    Egress(),
+    TlsPolicy(),
+    Forwarding(),
+    Upstream(),
+    Metrics(),
+    AccessLog(),
+]

@@ -1,0 +1,180 @@
+"""Config: choose the profile, validate it, apply it as flat options, reload it on change.
+
+The profile never reaches the addons directly: it becomes their flat options
+(`profile.to_options`), applied with one `ctx.options.update()`. That update is atomic: when
+any addon's `configure` refuses a value, mitmproxy rolls every option back, so a bad reload
+leaves the old config in force.
+
+Precedence: an option set on the command line (or in mitmweb) > environment > profile > default.
+
+Hooks: load, configure (startup load), running (file watcher, SIGHUP), done.
+Options: waypost_profile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import ctx, exceptions
+
+from addons import profile
+
+log = logging.getLogger("waypost.config")
+
+DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "default.yaml"
+WATCH_INTERVAL = 1.0
+
+
+class Config:
+    def __init__(self) -> None:
+        self.loaded = False
+        self.error: str | None = None
+        self.current: profile.Loaded | None = None
+        self._applied: dict[str, Any] = {}
+        self._mtime: float | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "waypost_profile",
+            str,
+            "",
+            """
+            Path of the YAML profile to run with. Empty: the WAYPOST_PROFILE environment
+            variable, else profiles/default.yaml. The file is re-read when it changes, on SIGHUP
+            and on POST /admin/reload; a bad new version is refused and the old one stays.
+            """,
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "waypost_profile" not in updated:
+            return
+        path = self.path()
+        try:
+            loaded = profile.load(path, os.environ)
+        except profile.ProfileError as e:
+            self.error = str(e)
+            raise exceptions.OptionsError(str(e)) from None
+        self._apply(loaded)
+        self._mtime = _mtime(path)
+        log.info("profile %s applied", loaded.source)
+
+    def running(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._spawn(self._watch())
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload_async()))
+        except (NotImplementedError, RuntimeError):  # no signals on this platform/thread
+            pass
+
+    def done(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        try:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        except (NotImplementedError, RuntimeError):
+            pass
+
+    def path(self) -> str | None:
+        chosen = ctx.options.waypost_profile or os.environ.get("WAYPOST_PROFILE", "")
+        if chosen:
+            return chosen
+        return str(DEFAULT_PROFILE) if DEFAULT_PROFILE.exists() else None
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the profile now; on any error keep the running config. For /admin/reload."""
+        path = self.path()
+        try:
+            loaded = profile.load(path, os.environ)
+        except profile.ProfileError as e:
+            return self._refused(str(e))
+        return self._swap(loaded, path)
+
+    async def _reload_async(self) -> None:
+        path = self.path()
+        try:
+            # Parsing and validation run off the event loop; only the swap happens on it.
+            loaded = await asyncio.to_thread(profile.load, path, dict(os.environ))
+        except profile.ProfileError as e:
+            self._refused(str(e))
+            return
+        self._swap(loaded, path)
+
+    def _swap(self, loaded: profile.Loaded, path: str | None) -> tuple[bool, str]:
+        try:
+            self._apply(loaded)
+        except exceptions.OptionsError as e:
+            return self._refused(str(e))
+        self._mtime = _mtime(path)
+        log.warning("profile %s reloaded", loaded.source)
+        return True, f"profile {loaded.source} reloaded"
+
+    def _refused(self, why: str) -> tuple[bool, str]:
+        # WARNING, not ERROR: at startup an ERROR makes mitmdump exit, and this is recoverable.
+        self.error = why
+        log.warning("profile reload refused, keeping the running config: %s", why)
+        return False, why
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            path = self.path()
+            mtime = await asyncio.to_thread(_mtime, path)
+            if mtime != self._mtime:
+                self._mtime = mtime
+                await self._reload_async()
+
+    def _apply(self, loaded: profile.Loaded) -> None:
+        wanted = profile.to_options(loaded.profile)
+        for key in loaded.profile.mitmproxy:
+            if key not in ctx.options:
+                raise exceptions.OptionsError(
+                    f"{loaded.where(('mitmproxy', key))}: mitmproxy.{key}: not a mitmproxy "
+                    f"option (see `mitmdump --options`)"
+                )
+        updates = {
+            key: value
+            for key, value in wanted.items()
+            # Options of addons that are not loaded are simply not there.
+            if key in ctx.options and not self._set_by_user(key)
+        }
+        try:
+            ctx.options.update(**updates)
+        except exceptions.OptionsError as e:
+            raise exceptions.OptionsError(self._locate(loaded, str(e))) from None
+        self._applied = updates
+        self.current = loaded
+        self.loaded = True
+        self.error = None
+
+    def _set_by_user(self, key: str) -> bool:
+        """True when someone other than this addon set the option (command line, mitmweb)."""
+        if key in self._applied:
+            return getattr(ctx.options, key) != self._applied[key]
+        return ctx.options.has_changed(key)
+
+    def _locate(self, loaded: profile.Loaded, message: str) -> str:
+        for option, (path, _) in profile.OPTIONS.items():
+            if option in message:
+                return f"{loaded.where(path)}: {'.'.join(path)}: {message}"
+        return f"{loaded.source}: {message}"
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _mtime(path: str | None) -> float | None:
+    try:
+        return os.stat(path).st_mtime if path else None
+    except OSError:
+        return None
+
+
+addons = [Config()]

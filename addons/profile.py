@@ -1,0 +1,383 @@
+"""Profiles: the YAML schema, strict validation with file/line errors, and the env overrides.
+
+A profile is parsed into an immutable `Profile` (pydantic, unknown keys refused), then turned
+into the flat options of the addons (`to_options`), which is all the addons ever read. So an
+addon loaded alone with `--set` and the same addon driven by a profile behave identically.
+
+    load("profiles/prod.yaml", os.environ) -> Profile     # raises ProfileError listing every problem
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from addons.units import format_duration, parse_duration, parse_size
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+def _network(value: Any) -> str:
+    try:
+        return str(ipaddress.ip_network(str(value), strict=False))
+    except ValueError as e:
+        raise ValueError(f"not an IP network in CIDR form (e.g. 10.0.0.0/8): {e}") from None
+
+
+Network = Annotated[str, BeforeValidator(_network)]
+
+
+def _port_spec(value: Any) -> str:
+    text = str(value).strip()
+    low, _, high = text.partition("-")
+    try:
+        ports = [int(low)] + ([int(high)] if high else [])
+    except ValueError:
+        raise ValueError("expected a port (443) or a range (8000-8999)") from None
+    if not all(1 <= p <= 65535 for p in ports) or ports != sorted(ports):
+        raise ValueError("ports go from 1 to 65535, ranges low-high")
+    return text
+
+
+PortSpec = Annotated[str, BeforeValidator(_port_spec)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(_Section):
+    connect: Duration = 10.0
+    read: Duration = 60.0
+
+
+class Server(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    shutdown_timeout: Duration = 30.0
+    timeouts: Timeouts = Timeouts()
+
+
+class Logging(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+    output: Literal["stdout", "file"] = "stdout"
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _file_needed(self) -> Logging:
+        if self.output == "file" and not self.file:
+            raise ValueError("output: file needs logging.file (the path to write to)")
+        return self
+
+
+class Metrics(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 9090
+    path: str = "/metrics"
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with /")
+        return v
+
+
+class Limits(_Section):
+    max_url_length: Annotated[int, Field(gt=0)] = 8192
+    max_header_size: Size = 16384
+    max_headers_count: Annotated[int, Field(gt=0)] = 100
+    max_body_size: Size = 10 * 1024 * 1024
+    header_timeout: Duration = 10.0
+
+
+class Egress(_Section):
+    connect_ports: list[PortSpec] = ["443"]
+    block_private: bool = True
+    allowed_networks: list[Network] = []
+
+
+class TlsInterception(_Section):
+    hosts: list[str] = []
+
+
+class Security(_Section):
+    trusted_proxies: list[Network] = []
+    egress: Egress = Egress()
+    tls_interception: TlsInterception = TlsInterception()
+
+
+class Headers(_Section):
+    x_forwarded: bool = True
+    via: bool = True
+    request_id: bool = True
+    proxy_id: str = "waypost"
+
+
+class Admin(_Section):
+    token: str = ""
+
+
+class Profile(_Section):
+    server: Server = Server()
+    logging: Logging = Logging()
+    metrics: Metrics = Metrics()
+    limits: Limits = Limits()
+    security: Security = Security()
+    headers: Headers = Headers()
+    admin: Admin = Admin()
+    # Core mitmproxy options by their own names (block_global, connection_strategy, ...);
+    # checked against the running mitmproxy's options when applied.
+    mitmproxy: dict[str, Any] = {}
+
+
+# Environment variables that override the profile (PRD §8.2), applied before validation so
+# their errors name the variable. Lists are comma-separated.
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "PROXY_HOST": ("server", "host"),
+    "PROXY_PORT": ("server", "port"),
+    "SHUTDOWN_TIMEOUT": ("server", "shutdown_timeout"),
+    "CONNECT_TIMEOUT": ("server", "timeouts", "connect"),
+    "READ_TIMEOUT": ("server", "timeouts", "read"),
+    "LOG_LEVEL": ("logging", "level"),
+    "LOG_FORMAT": ("logging", "format"),
+    "LOG_OUTPUT": ("logging", "output"),
+    "LOG_FILE": ("logging", "file"),
+    "METRICS_ENABLED": ("metrics", "enabled"),
+    "METRICS_HOST": ("metrics", "host"),
+    "METRICS_PORT": ("metrics", "port"),
+    "MAX_BODY_SIZE": ("limits", "max_body_size"),
+    "TRUSTED_PROXIES": ("security", "trusted_proxies"),
+    "ADMIN_TOKEN": ("admin", "token"),
+}
+_LIST_ENV = {"TRUSTED_PROXIES"}
+
+
+class ProfileError(ValueError):
+    """Every problem of one profile, each as `file:line: key.path: message (hint)`."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        n = len(problems)
+        super().__init__(
+            f"{source}: {n} problem{'s' if n != 1 else ''}:\n" + "\n".join(f"  {p}" for p in problems)
+        )
+
+
+@dataclass(frozen=True)
+class Loaded:
+    profile: Profile
+    source: str
+    lines: Mapping[tuple[str | int, ...], int]
+    env: Mapping[tuple[str, ...], str]
+
+    def where(self, path: tuple[str | int, ...]) -> str:
+        """`file:line` (or the env var) that set the value at `path`, for error messages."""
+        for target, var in self.env.items():
+            if path[: len(target)] == target:
+                return f"environment variable {var}"
+        line = _nearest_line(self.lines, path)
+        return f"{self.source}:{line}" if line else self.source
+
+
+def load(path: str | Path | None, environ: Mapping[str, str]) -> Loaded:
+    """Read, merge env overrides into, and validate one profile (None: defaults + env)."""
+    source = str(path) if path else "<defaults>"
+    data: Any = {}
+    lines: dict[tuple[str | int, ...], int] = {}
+    problems: list[str] = []
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ProfileError(source, [f"{source}: cannot read the profile: {e.strerror}"]) from e
+        data, lines, problems = _parse_yaml(text, source)
+    env_paths: dict[tuple[str, ...], str] = {}
+    for var, target in ENV_OVERRIDES.items():
+        if var in environ and isinstance(data, dict):
+            raw: Any = environ[var]
+            if var in _LIST_ENV:
+                raw = [item.strip() for item in raw.split(",") if item.strip()]
+            _set_path(data, target, raw)
+            env_paths[target] = var
+    profile = None
+    if isinstance(data, dict):
+        try:
+            profile = Profile.model_validate(data)
+        except ValidationError as e:
+            problems += [_describe(err, source, lines, env_paths) for err in e.errors()]
+    if problems or profile is None:
+        raise ProfileError(source, problems)
+    return Loaded(profile, source, lines, env_paths)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+# Every flat option a profile sets: option -> (profile key path, conversion to the option's
+# type). The single place the two vocabularies meet; also points option errors at their line.
+OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "listen_host": (("server", "host"), _same),
+    "listen_port": (("server", "port"), _same),
+    "server_shutdown_timeout": (("server", "shutdown_timeout"), format_duration),
+    "upstream_connect_timeout": (("server", "timeouts", "connect"), format_duration),
+    "upstream_read_timeout": (("server", "timeouts", "read"), format_duration),
+    "log_level": (("logging", "level"), _same),
+    "log_format": (("logging", "format"), _same),
+    "log_output": (("logging", "output"), _same),
+    "log_file": (("logging", "file"), lambda v: v or ""),
+    "metrics_enabled": (("metrics", "enabled"), _same),
+    "metrics_host": (("metrics", "host"), _same),
+    "metrics_port": (("metrics", "port"), _same),
+    "metrics_path": (("metrics", "path"), _same),
+    "limits_max_url_length": (("limits", "max_url_length"), _same),
+    "limits_max_header_size": (("limits", "max_header_size"), _same),
+    "limits_max_headers_count": (("limits", "max_headers_count"), _same),
+    "limits_max_body_size": (("limits", "max_body_size"), str),
+    "limits_header_timeout": (("limits", "header_timeout"), format_duration),
+    "forwarding_trusted_proxies": (("security", "trusted_proxies"), list),
+    "forwarding_x_forwarded": (("headers", "x_forwarded"), _same),
+    "forwarding_via": (("headers", "via"), _same),
+    "forwarding_request_id": (("headers", "request_id"), _same),
+    "forwarding_proxy_id": (("headers", "proxy_id"), _same),
+    "egress_connect_ports": (("security", "egress", "connect_ports"), list),
+    "egress_block_private": (("security", "egress", "block_private"), _same),
+    "egress_allowed_networks": (("security", "egress", "allowed_networks"), list),
+    "tls_intercept_hosts": (("security", "tls_interception", "hosts"), list),
+    "admin_token": (("admin", "token"), _same),
+}
+
+# Core mitmproxy options the bundle sets unless the profile's `mitmproxy:` section or the
+# command line says otherwise: bodies over 1 MiB are streamed, never held whole in memory, and
+# the flow dumper stays quiet because the access log says the same thing as JSON.
+CORE_DEFAULTS: dict[str, Any] = {"stream_large_bodies": "1m", "flow_detail": 0}
+
+
+def to_options(profile: Profile) -> dict[str, Any]:
+    """The flat options (addons' and core mitmproxy's) that a profile asks for."""
+    out: dict[str, Any] = {}
+    for option, (path, convert) in OPTIONS.items():
+        value: Any = profile
+        for key in path:
+            value = getattr(value, key)
+        out[option] = convert(value)
+    return out | CORE_DEFAULTS | profile.mitmproxy
+
+
+def _parse_yaml(
+    text: str, source: str
+) -> tuple[Any, dict[tuple[str | int, ...], int], list[str]]:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        return None, {}, [f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]
+    if root is None:
+        return {}, {}, []
+    lines: dict[tuple[str | int, ...], int] = {}
+    problems: list[str] = []
+    _walk(root, (), lines, problems, source)
+    if not isinstance(root, yaml.MappingNode):
+        return [], lines, [f"{source}:{root.start_mark.line + 1}: a profile is a mapping of sections"]
+    data = yaml.safe_load(text)
+    return data, lines, problems
+
+
+def _walk(
+    node: yaml.Node,
+    path: tuple[str | int, ...],
+    lines: dict[tuple[str | int, ...], int],
+    problems: list[str],
+    source: str,
+) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key in seen:
+                # PyYAML silently keeps the last duplicate; a profile that says two things is wrong.
+                dotted = ".".join(map(str, path + (key,)))
+                problems.append(f"{source}:{key_node.start_mark.line + 1}: {dotted}: duplicate key")
+            seen.add(key)
+            _walk(value_node, path + (key,), lines, problems, source)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk(item, path + (i,), lines, problems, source)
+
+
+def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        child = data.get(key)
+        if not isinstance(child, dict):
+            child = data[key] = {}
+        data = child
+    data[path[-1]] = value
+
+
+def _nearest_line(lines: Mapping[tuple[str | int, ...], int], path: tuple[str | int, ...]) -> int:
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path[:-1]
+    return 0
+
+
+def _describe(
+    err: Any,
+    source: str,
+    lines: Mapping[tuple[str | int, ...], int],
+    env: Mapping[tuple[str, ...], str],
+) -> str:
+    loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+    dotted = ".".join(map(str, loc)) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    hint = ""
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+        allowed = _allowed_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(allowed)})"
+    elif "input" in err and not isinstance(err["input"], dict) and repr(err["input"]) not in msg:
+        hint = f" (got {err['input']!r})"
+    for target, var in env.items():
+        if loc[: len(target)] == target:
+            return f"environment variable {var}: {dotted}: {msg}{hint}"
+    line = _nearest_line(lines, loc)
+    where = f"{source}:{line}" if line else source
+    return f"{where}: {dotted}: {msg}{hint}"
+
+
+def _allowed_keys(loc: tuple[str | int, ...]) -> list[str]:
+    model: type[BaseModel] = Profile
+    for key in loc:
+        field = model.model_fields.get(str(key))
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
