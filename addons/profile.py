@@ -180,7 +180,8 @@ class ProfileError(ValueError):
         self.problems = problems
         n = len(problems)
         super().__init__(
-            f"{source}: {n} problem{'s' if n != 1 else ''}:\n" + "\n".join(f"  {p}" for p in problems)
+            f"{source}: {n} problem{'s' if n != 1 else ''}:\n"
+            + "\n".join(f"  {p}" for p in problems)
         )
 
 
@@ -285,9 +286,7 @@ def to_options(profile: Profile) -> dict[str, Any]:
     return out | CORE_DEFAULTS | profile.mitmproxy
 
 
-def _parse_yaml(
-    text: str, source: str
-) -> tuple[Any, dict[tuple[str | int, ...], int], list[str]]:
+def _parse_yaml(text: str, source: str) -> tuple[Any, dict[tuple[str | int, ...], int], list[str]]:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
@@ -300,7 +299,11 @@ def _parse_yaml(
     problems: list[str] = []
     _walk(root, (), lines, problems, source)
     if not isinstance(root, yaml.MappingNode):
-        return [], lines, [f"{source}:{root.start_mark.line + 1}: a profile is a mapping of sections"]
+        return (
+            [],
+            lines,
+            [f"{source}:{root.start_mark.line + 1}: a profile is a mapping of sections"],
+        )
     data = yaml.safe_load(text)
     return data, lines, problems
 
@@ -381,3 +384,76 @@ def _allowed_keys(loc: tuple[str | int, ...]) -> list[str]:
             return []
         model = field.annotation
     return list(model.model_fields)
+
+
+def main(argv: list[str]) -> int:
+    """`scripts/validate-config PROFILE`: print every problem and exit 1, or a summary and 0."""
+    import os
+    import sys
+
+    if len(argv) != 1:
+        print("usage: scripts/validate-config PROFILE.yaml", file=sys.stderr)
+        return 2
+    try:
+        loaded = load(argv[0], os.environ)
+    except ProfileError as e:
+        print(e, file=sys.stderr)
+        return 1
+    core = _core_options()
+    unknown = [k for k in loaded.profile.mitmproxy if k not in core]
+    if unknown:
+        problems = [
+            f"{loaded.where(('mitmproxy', k))}: mitmproxy.{k}: not a mitmproxy option"
+            for k in unknown
+        ]
+        print(ProfileError(loaded.source, problems), file=sys.stderr)
+        return 1
+    p = loaded.profile
+    egress = p.security.egress
+    print(
+        f"{loaded.source}: valid\n"
+        f"  proxy        {p.server.host}:{p.server.port} (shutdown {p.server.shutdown_timeout:g}s, "
+        f"connect {p.server.timeouts.connect:g}s, read {p.server.timeouts.read:g}s)\n"
+        f"  management   {'off' if not p.metrics.enabled else f'{p.metrics.host}:{p.metrics.port}'}"
+        f" metrics at {p.metrics.path}, admin {'on' if p.admin.token else 'off (no token)'}\n"
+        f"  logging      {p.logging.level} {p.logging.format} to "
+        f"{p.logging.file if p.logging.output == 'file' else 'stdout'}\n"
+        f"  limits       url {p.limits.max_url_length} B, headers {p.limits.max_header_size} B / "
+        f"{p.limits.max_headers_count}, body {p.limits.max_body_size} B, "
+        f"header timeout {p.limits.header_timeout:g}s\n"
+        f"  egress       CONNECT ports {', '.join(egress.connect_ports)}; private targets "
+        f"{'blocked' if egress.block_private else 'allowed'}"
+        f"{' except ' + ', '.join(egress.allowed_networks) if egress.allowed_networks else ''}\n"
+        f"  tls          "
+        f"{'intercept ' + ', '.join(p.security.tls_interception.hosts) if p.security.tls_interception.hosts else 'pass every tunnel through'}\n"
+        f"  mitmproxy    {', '.join(f'{k}={v}' for k, v in p.mitmproxy.items()) or '(defaults)'}"
+    )
+    return 0
+
+
+def _core_options() -> set[str]:
+    """Names of mitmproxy's own options, including those its built-in addons declare."""
+    from mitmproxy.addons import default_addons
+    from mitmproxy.options import Options
+
+    opts = Options()
+
+    class _Loader:
+        def add_option(
+            self, name: str, typespec: Any, default: Any, help: str, choices: Any = None
+        ) -> None:
+            opts.add_option(name, typespec, default, help, choices)
+
+        def add_command(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    for addon in default_addons():
+        if hasattr(addon, "load"):
+            addon.load(_Loader())
+    return set(opts.keys())
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -158,7 +158,9 @@ class Proxy:
         with self._cond:
             self._cond.notify_all()
 
-    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 15, start: int = 0) -> re.Match[str]:
+    def wait_for(
+        self, pattern: str | re.Pattern[str], timeout: float = 15, start: int = 0
+    ) -> re.Match[str]:
         """Wait for an output line matching `pattern` (searched in lines from index `start`)."""
         rx = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout

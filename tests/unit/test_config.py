@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy import ctx, exceptions
+from mitmproxy.test import taddons
+
+from addons.config import Config
+
+
+class Limits:
+    """Stands in for an addon whose options a profile drives; refuses a URL limit of 1."""
+
+    def load(self, loader: Any) -> None:
+        loader.add_option("limits_max_url_length", int, 8192, "")
+        loader.add_option("egress_connect_ports", Sequence[str], ["443"], "")
+
+    def configure(self, updated: set[str]) -> None:
+        if "limits_max_url_length" in updated and ctx.options.limits_max_url_length == 1:
+            raise exceptions.OptionsError("limits_max_url_length: 1 is too small")
+
+
+def write(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("WAYPOST_PROFILE", "PROXY_PORT", "LOG_LEVEL"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_profile_becomes_options(tmp_path: Path) -> None:
+    cfg, lim = Config(), Limits()
+    with taddons.context(cfg, lim) as tctx:
+        path = write(
+            tmp_path,
+            "limits: {max_url_length: 100}\nsecurity: {egress: {connect_ports: [443, 8443]}}\n",
+        )
+        tctx.configure(cfg, waypost_profile=path)
+        assert ctx.options.limits_max_url_length == 100
+        assert list(ctx.options.egress_connect_ports) == ["443", "8443"]
+        assert cfg.loaded and cfg.error is None
+
+
+def test_command_line_beats_environment_beats_profile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, lim = Config(), Limits()
+    with taddons.context(cfg, lim) as tctx:
+        tctx.options.update(limits_max_url_length=50)  # as if --set on the command line
+        monkeypatch.setenv("PROXY_PORT", "3128")
+        tctx.configure(
+            cfg,
+            waypost_profile=write(
+                tmp_path, "server: {port: 9999}\nlimits: {max_url_length: 100}\n"
+            ),
+        )
+        assert ctx.options.limits_max_url_length == 50
+        assert ctx.options.listen_port == 3128
+
+
+def test_environment_names_the_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, lim = Config(), Limits()
+    with taddons.context(cfg, lim) as tctx:
+        monkeypatch.setenv("WAYPOST_PROFILE", write(tmp_path, "limits: {max_url_length: 77}\n"))
+        tctx.configure(cfg, waypost_profile="")
+        assert ctx.options.limits_max_url_length == 77
+
+
+def test_bad_profile_refused_at_startup(tmp_path: Path) -> None:
+    cfg, lim = Config(), Limits()
+    with taddons.context(cfg, lim) as tctx:
+        with pytest.raises(exceptions.OptionsError, match=r"p\.yaml:2: limits\.max_url_length"):
+            tctx.configure(
+                cfg, waypost_profile=write(tmp_path, "server: {}\nlimits: {max_url_length: -3}\n")
+            )
+        assert ctx.options.waypost_profile == ""  # rolled back to the config in force
+
+
+def test_option_refused_by_an_addon_points_at_the_profile_line(tmp_path: Path) -> None:
+    cfg, lim = Config(), Limits()
+    with taddons.context(cfg, lim) as tctx:
+        with pytest.raises(
+            exceptions.OptionsError, match=r"p\.yaml:3: limits\.max_url_length: .*too small"
+        ):
+            tctx.configure(
+                cfg, waypost_profile=write(tmp_path, "server: {}\nlimits:\n  max_url_length: 1\n")
+            )
+
+
+def test_unknown_mitmproxy_option(tmp_path: Path) -> None:
+    cfg = Config()
+    with taddons.context(cfg) as tctx:
+        with pytest.raises(
+            exceptions.OptionsError, match=r"p\.yaml:2: mitmproxy\.nope: not a mitmproxy option"
+        ):
+            tctx.configure(cfg, waypost_profile=write(tmp_path, "mitmproxy:\n  nope: 1\n"))
+
+
+def test_reload_swaps_or_keeps_the_old_config(tmp_path: Path) -> None:
+    cfg, lim = Config(), Limits()
+    with taddons.context(cfg, lim) as tctx:
+        path = write(tmp_path, "limits: {max_url_length: 100}\n")
+        tctx.configure(cfg, waypost_profile=path)
+
+        Path(path).write_text("limits: {max_url_length: 200}\n")
+        assert cfg.reload()[0]
+        assert ctx.options.limits_max_url_length == 200
+
+        Path(path).write_text("limits: {max_url_length: nope}\n")
+        ok, why = cfg.reload()
+        assert not ok and "max_url_length" in why
+        assert ctx.options.limits_max_url_length == 200
+        assert cfg.error == why
+
+        # valid YAML, refused by an addon: mitmproxy rolls every option back
+        Path(path).write_text("server: {port: 1234}\nlimits: {max_url_length: 1}\n")
+        ok, why = cfg.reload()
+        assert not ok and "too small" in why
+        assert ctx.options.limits_max_url_length == 200
+        assert ctx.options.listen_port == 8080
+
+        Path(path).write_text("limits: {max_url_length: 300}\n")
+        assert cfg.reload()[0] and cfg.error is None
+        assert ctx.options.limits_max_url_length == 300
+
+
+def test_reload_respects_later_manual_changes(tmp_path: Path) -> None:
+    cfg, lim = Config(), Limits()
+    with taddons.context(cfg, lim) as tctx:
+        path = write(tmp_path, "limits: {max_url_length: 100}\n")
+        tctx.configure(cfg, waypost_profile=path)
+        tctx.options.update(limits_max_url_length=42)  # an operator's edit in mitmweb
+        Path(path).write_text("limits: {max_url_length: 200}\n")
+        assert cfg.reload()[0]
+        assert ctx.options.limits_max_url_length == 42
