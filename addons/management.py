@@ -1,0 +1,468 @@
+"""The management app: health probes, Prometheus metrics and admin actions.
+
+An aiohttp app inside mitmproxy's event loop on its own listener (`metrics_host`:`metrics_port`):
+
+    GET  /health/liveness    200 while the event loop runs
+    GET  /health/readiness   200 when the proxy listeners are up and the config (if the config
+                             addon is loaded) is loaded, else 503
+    GET  /health/startup     200 once startup finished (running hook done, listeners up), else 503
+    GET  <metrics_path>      Prometheus text exposition of `addons.metrics.REGISTRY`
+    POST /admin/reload       reload the config addon; `Authorization: Bearer <admin_token>`
+
+Errors use the JSON shape of `addons/errors.py`. With `admin_token` empty, `/admin/*` answers
+404 (the admin API is off). The proxy port also answers origin-form `GET /health/*` requests
+addressed to the proxy itself (Kubernetes probes), in `requestheaders`; `/metrics` and
+`/admin/*` are never served there.
+
+Hooks: load, configure, running, done (all sync: the listener is bound synchronously, the
+server runs as a task), requestheaders.
+Options: metrics_enabled, metrics_host, metrics_port, metrics_path, admin_token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hmac
+import ipaddress
+import json
+import logging
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any
+
+from aiohttp import web
+from mitmproxy import ctx, exceptions, http
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from addons import errors
+from addons.metrics import REGISTRY
+
+log = logging.getLogger("waypost.management")
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+HEALTH_PREFIX = "/health/"
+RESERVED_PREFIXES = (HEALTH_PREFIX, "/admin/")
+# Error codes the app uses beyond errors.STATUS (proposed additions to it).
+APP_CODES = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "ACCESS_DENIED", 404: "NOT_FOUND",
+             405: "METHOD_NOT_ALLOWED", 422: "CONFIG_INVALID", 500: "INTERNAL_ERROR"}  # fmt: skip
+
+# The loop keeps only weak references to tasks.
+_tasks: set[asyncio.Task[Any]] = set()
+
+
+def _spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    task = asyncio.get_running_loop().create_task(coro)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return task
+
+
+# --- pure decisions --------------------------------------------------------------------------
+
+
+def parse_bind_host(value: str) -> str:
+    """The IP literal to bind for `metrics_host` ("localhost" means 127.0.0.1); no DNS."""
+    value = value.strip()
+    if value == "localhost":
+        return "127.0.0.1"
+    return str(ipaddress.ip_address(value.strip("[]")))
+
+
+def check_metrics_path(path: str) -> str:
+    if not path.startswith("/") or any(c in path for c in "?# \t"):
+        raise ValueError("must be an absolute path such as /metrics")
+    if path.startswith(RESERVED_PREFIXES) or path in ("/health", "/admin"):
+        raise ValueError("must not be under /health or /admin")
+    return path
+
+
+def readiness(
+    listen_addrs: Iterable[tuple[Any, ...]], config: tuple[bool, str | None] | None
+) -> tuple[bool, dict[str, dict[str, Any]]]:
+    """Ready when the proxy has listeners and, if a config addon exists, its config is loaded.
+
+    A failed reload that kept the previous config (loaded, with an error) stays ready: the
+    proxy still serves with a valid config; the error is reported in the check.
+    """
+    addrs = [f"{a[0]}:{a[1]}" for a in listen_addrs]
+    checks: dict[str, dict[str, Any]] = {"listeners": {"ok": bool(addrs), "addresses": addrs}}
+    if config is not None:
+        loaded, error = config
+        checks["config"] = {"ok": loaded, "loaded": loaded, "error": error}
+    return all(c["ok"] for c in checks.values()), checks
+
+
+def startup(
+    running: bool, listen_addrs: Iterable[tuple[Any, ...]]
+) -> tuple[bool, dict[str, dict[str, Any]]]:
+    """Startup is complete once the running hook has finished and the proxy listens."""
+    _, checks = readiness(listen_addrs, None)
+    checks["running"] = {"ok": running}
+    return all(c["ok"] for c in checks.values()), checks
+
+
+def _ip(host: str) -> str:
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host.lower()
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
+def addressed_to_proxy(
+    host: str,
+    port: int,
+    sockname: tuple[Any, ...] | None,
+    listen_addrs: Iterable[tuple[Any, ...]],
+) -> bool:
+    """Whether a request's destination is the proxy itself (not an origin behind it).
+
+    True when host:port is the address the client connected to, or a loopback name / listen
+    address of ours with one of our listen ports.
+    """
+    host = _ip(host)
+    if sockname and port == sockname[1] and (host in LOOPBACK_NAMES or host == _ip(sockname[0])):
+        return True
+    for lhost, lport, *_ in listen_addrs:
+        if port == lport and (host in LOOPBACK_NAMES or host == _ip(lhost)):
+            return True
+    return False
+
+
+def bearer_status(header: str | None, token: str) -> int:
+    """200 for the right bearer token, 401 without a usable header, 403 for a wrong token."""
+    if not header:
+        return 401
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() != "bearer" or not value:
+        return 401
+    ok = hmac.compare_digest(value.encode("utf-8", "surrogateescape"), token.encode())
+    return 200 if ok else 403
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket, bound synchronously so failures surface in the hook itself."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# --- the addon -------------------------------------------------------------------------------
+
+
+def _json(status: int, payload: dict[str, Any]) -> web.Response:
+    return web.Response(status=status, body=json.dumps(payload), content_type="application/json")
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    code = APP_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
+    rid = str(uuid.uuid4())
+    return web.Response(
+        status=status,
+        body=errors.body(code, message, rid),
+        content_type="application/json",
+        headers={"X-Request-ID": rid, **(headers or {})},
+    )
+
+
+class _Listener:
+    """One bound socket and the aiohttp server started on it."""
+
+    def __init__(self, sock: socket.socket, app: web.Application) -> None:
+        self.sock = sock
+        self.addr: tuple[str, int] = sock.getsockname()[:2]
+        self.server: asyncio.Server | None = None
+        self.runner: web.AppRunner | None = None
+        self.stopped = False
+        self.creating = False
+        self.task = _spawn(self._serve(app))
+
+    async def _serve(self, app: web.Application) -> None:
+        runner = self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        if self.stopped:
+            await runner.cleanup()
+            return
+        self.creating = True
+        server = await asyncio.get_running_loop().create_server(
+            runner.server,  # type: ignore[arg-type]
+            sock=self.sock,
+        )
+        self.creating = False
+        self.server = server
+        if self.stopped:  # stop() came while the server was being created
+            server.close()
+            await runner.cleanup()
+
+    def stop(self) -> None:
+        """Release the port now (sync); the connection cleanup runs as a task."""
+        self.stopped = True
+        if self.server is not None:
+            self.server.close()
+            if self.runner is not None:
+                _spawn(self.runner.cleanup())
+        elif not self.creating:
+            # Nothing is registered with the loop yet: closing the socket frees the port.
+            self.task.cancel()
+            self.sock.close()
+            if self.runner is not None:
+                _spawn(self.runner.cleanup())
+
+
+class Management:
+    def __init__(self) -> None:
+        self.listen_addrs: list[tuple[str, int]] = []
+        self.is_running = False
+        self._listener: _Listener | None = None
+        self._bind_host = "127.0.0.1"
+        self._spec: tuple[str, int] = ("", -1)  # (host, metrics_port) the listener was made for
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "metrics_enabled",
+            bool,
+            True,
+            """Run the management app (health probes, Prometheus metrics, admin API) on its own
+            listener. When false nothing listens; the proxy port still answers /health/*.""",
+        )
+        loader.add_option(
+            "metrics_host",
+            str,
+            "127.0.0.1",
+            """IP address the management app listens on ("localhost" means 127.0.0.1; use
+            0.0.0.0 for all interfaces, e.g. in a container scraped from outside).""",
+        )
+        loader.add_option(
+            "metrics_port",
+            int,
+            9090,
+            """TCP port of the management app; 0 picks a free port (the log line "management
+            listening at http://HOST:PORT" shows it). Changing it at runtime rebinds.""",
+        )
+        loader.add_option(
+            "metrics_path",
+            str,
+            "/metrics",
+            """Path of the Prometheus metrics endpoint on the management listener (never served
+            on the proxy port). Must start with / and not be under /health or /admin.""",
+        )
+        loader.add_option(
+            "admin_token",
+            str,
+            "",
+            """Bearer token required by POST /admin/* on the management listener
+            (Authorization: Bearer <token>). Empty turns the admin API off: /admin/* answers
+            404.""",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "metrics_host" in updated:
+            try:
+                self._bind_host = parse_bind_host(ctx.options.metrics_host)
+            except ValueError as e:
+                raise exceptions.OptionsError(
+                    f"metrics_host: {ctx.options.metrics_host!r} is not an IP address "
+                    "(use e.g. 127.0.0.1, 0.0.0.0 or ::1)"
+                ) from e
+        if "metrics_port" in updated and not 0 <= ctx.options.metrics_port <= 65535:
+            raise exceptions.OptionsError(
+                f"metrics_port: {ctx.options.metrics_port} is not a TCP port (0-65535; 0 = any)"
+            )
+        if "metrics_path" in updated:
+            try:
+                check_metrics_path(ctx.options.metrics_path)
+            except ValueError as e:
+                raise exceptions.OptionsError(
+                    f"metrics_path: {ctx.options.metrics_path!r} {e}"
+                ) from e
+        if self.is_running and updated & {"metrics_enabled", "metrics_host", "metrics_port"}:
+            self._rebind()
+
+    def running(self) -> None:
+        self.is_running = True
+        if ctx.options.metrics_enabled:
+            try:
+                self._start(bind(self._bind_host, ctx.options.metrics_port))
+            except OSError as e:
+                # An ERROR during startup makes mitmdump exit 1 (errorcheck addon).
+                log.error("%s", self._bind_failure(e))
+
+    def done(self) -> None:
+        self.is_running = False
+        self._stop()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or flow.websocket:
+            return
+        req = flow.request
+        path = req.path
+        if not path.startswith(HEALTH_PREFIX) or req.method != "GET":
+            return
+        ps = ctx.master.addons.get("proxyserver")
+        addrs = ps.listen_addrs() if ps else []
+        if not addressed_to_proxy(req.host, req.port, flow.client_conn.sockname, addrs):
+            return
+        errors.waypost(flow)["local"] = "health"  # not proxied traffic: metrics skip it
+        status, payload = self.health(path.partition("?")[0])
+        if status == 404:
+            flow.response = errors.make("NOT_FOUND", "Unknown health endpoint.", flow, status=404)
+            return
+        flow.response = http.Response.make(
+            status,
+            json.dumps(payload).encode(),
+            {"Content-Type": "application/json", "Cache-Control": "no-store"},
+        )
+        flow.response.reason = "OK" if status == 200 else "Service Unavailable"
+
+    # --- endpoints -------------------------------------------------------------------------
+
+    def health(self, path: str) -> tuple[int, dict[str, Any]]:
+        """Status and JSON body of a /health/* endpoint (404 for unknown ones)."""
+        now = errors.timestamp()
+        if path == "/health/liveness":
+            return 200, {"status": "healthy", "timestamp": now}
+        ps = ctx.master.addons.get("proxyserver")
+        addrs = ps.listen_addrs() if ps else []
+        if path == "/health/readiness":
+            cfg = ctx.master.addons.get("config")
+            config = None
+            if cfg is not None:
+                config = (bool(getattr(cfg, "loaded", False)), getattr(cfg, "error", None))
+            ok, checks = readiness(addrs, config)
+            status = "ready" if ok else "not_ready"
+        elif path == "/health/startup":
+            ok, checks = startup(self.is_running, addrs)
+            status = "started" if ok else "starting"
+        else:
+            return 404, {}
+        return (200 if ok else 503), {"status": status, "timestamp": now, "checks": checks}
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if request.method not in ("GET", "HEAD"):
+            return _error(405, "Use GET.", {"Allow": "GET, HEAD"})
+        status, payload = self.health(request.path)
+        if status == 404:
+            return _error(404, "Unknown health endpoint.")
+        return _json(status, payload)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if request.path != ctx.options.metrics_path:
+            return _error(404, "Not found.")
+        if request.method not in ("GET", "HEAD"):
+            return _error(405, "Use GET.", {"Allow": "GET, HEAD"})
+        resp = web.Response(body=generate_latest(REGISTRY))
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    async def _reload(self, request: web.Request) -> web.Response:
+        if request.method != "POST":
+            return _error(405, "Use POST.", {"Allow": "POST"})
+        token = ctx.options.admin_token
+        if not token:
+            return _error(404, "The admin API is off (admin_token is not set).")
+        auth = bearer_status(request.headers.get("Authorization"), token)
+        if auth == 401:
+            return _error(401, "Missing or malformed bearer token.", {"WWW-Authenticate": "Bearer"})
+        if auth == 403:
+            log.warning("admin reload refused: wrong bearer token from %s", request.remote)
+            return _error(403, "Wrong bearer token.")
+        cfg = ctx.master.addons.get("config")
+        reload: Callable[[], tuple[bool, str] | Awaitable[tuple[bool, str]]] | None
+        reload = getattr(cfg, "reload", None) if cfg is not None else None
+        if reload is None:
+            return _error(404, "No config addon is loaded; nothing to reload.")
+        result = reload()
+        if isinstance(result, Awaitable):
+            result = await result
+        ok, message = result
+        if not ok:
+            log.warning("admin reload failed: %s", message)
+            return _error(422, message)
+        log.info("admin reload done: %s", message)
+        return _json(200, {"reloaded": True, "message": message})
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            return _error(e.status, e.reason)
+        except Exception:
+            log.exception("management endpoint %s failed", request.path)
+            return _error(500, "The management app could not process this request.")
+
+    def _make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024)
+        for name in ("liveness", "readiness", "startup"):
+            app.router.add_route("*", f"/health/{name}", self._health)
+        app.router.add_route("*", "/admin/reload", self._reload)
+        app.router.add_route("*", "/{tail:.*}", self._metrics)
+        return app
+
+    # --- listener lifecycle ----------------------------------------------------------------
+
+    def _bind_failure(self, e: OSError) -> str:
+        where = f"{self._bind_host}:{ctx.options.metrics_port}"
+        if e.errno == errno.EADDRINUSE:
+            why = "the address is already in use"
+        else:
+            why = e.strerror or str(e)
+        return (
+            f"management app cannot listen on {where}: {why} (set metrics_port to a free port, "
+            "metrics_port=0 for any free port, or metrics_enabled=false)"
+        )
+
+    def _start(self, sock: socket.socket) -> None:
+        # An aiohttp Application runs once (it freezes), so every listener gets a new one.
+        self._listener = _Listener(sock, self._make_app())
+        self._spec = (self._bind_host, ctx.options.metrics_port)
+        host, port = self._listener.addr
+        self.listen_addrs = [(host, port)]
+        shown = f"[{host}]" if ":" in host else host
+        log.info("management listening at http://%s:%d", shown, port)
+
+    def _stop(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        self.listen_addrs = []
+
+    def _rebind(self) -> None:
+        old = self._listener
+        if not ctx.options.metrics_enabled:
+            self._stop()
+            return
+        want = (self._bind_host, ctx.options.metrics_port)
+        if old is not None and want == self._spec:
+            return  # e.g. a rollback to the values we listen with
+        try:
+            sock = bind(*want)
+        except OSError as e:
+            if old is None or old.addr[1] != want[1]:
+                raise exceptions.OptionsError(self._bind_failure(e)) from e
+            # Same port on another address of ours: free it first.
+            self._stop()
+            try:
+                sock = bind(*want)
+            except OSError as e2:
+                raise exceptions.OptionsError(self._bind_failure(e2)) from e2
+        self._stop()
+        self._start(sock)
+
+
+addons = [Management()]

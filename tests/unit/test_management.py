@@ -1,0 +1,321 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from typing import Any
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons, tflow
+
+from addons import errors, management
+from addons.management import Management
+
+LISTEN = [("127.0.0.1", 8080)]
+
+
+# --- pure functions --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "addrs,config,ready",
+    [
+        (LISTEN, None, True),
+        ([], None, False),
+        (LISTEN, (True, None), True),
+        (LISTEN, (True, "reload failed: bad yaml"), True),  # old config still serves
+        (LISTEN, (False, "bad yaml"), False),
+        ([], (True, None), False),
+    ],
+)
+def test_readiness(addrs: list, config: tuple | None, ready: bool) -> None:
+    ok, checks = management.readiness(addrs, config)
+    assert ok is ready
+    assert checks["listeners"]["ok"] is bool(addrs)
+    assert ("config" in checks) is (config is not None)
+    if config is not None:
+        assert checks["config"] == {"ok": config[0], "loaded": config[0], "error": config[1]}
+
+
+@pytest.mark.parametrize(
+    "running,addrs,ok", [(True, LISTEN, True), (False, LISTEN, False), (True, [], False)]
+)
+def test_startup(running: bool, addrs: list, ok: bool) -> None:
+    assert management.startup(running, addrs)[0] is ok
+
+
+@pytest.mark.parametrize(
+    "host,port,sockname,addrs,local",
+    [
+        ("127.0.0.1", 8080, ("127.0.0.1", 8080), LISTEN, True),
+        ("localhost", 8080, ("127.0.0.1", 8080), LISTEN, True),
+        ("LOCALHOST", 8080, ("127.0.0.1", 8080), LISTEN, True),
+        ("10.1.2.3", 8080, ("10.1.2.3", 8080), [("", 8080)], True),  # pod IP, wildcard listen
+        ("10.1.2.3", 8080, ("::ffff:10.1.2.3", 8080, 0, 0), [("::", 8080)], True),
+        ("[::1]", 8080, ("::1", 8080, 0, 0), [("::", 8080)], True),
+        ("127.0.0.1", 8080, None, LISTEN, True),
+        ("example.com", 80, ("127.0.0.1", 8080), LISTEN, False),  # absolute-form to an origin
+        ("127.0.0.1", 9999, ("127.0.0.1", 8080), LISTEN, False),  # another local service
+        ("10.9.9.9", 8080, ("10.1.2.3", 8080), [("", 8080)], False),
+        ("127.0.0.1", 8080, ("", 0), [], False),
+    ],
+)
+def test_addressed_to_proxy(host: str, port: int, sockname: Any, addrs: list, local: bool) -> None:
+    assert management.addressed_to_proxy(host, port, sockname, addrs) is local
+
+
+@pytest.mark.parametrize(
+    "header,status",
+    [
+        (None, 401),
+        ("", 401),
+        ("Bearer", 401),
+        ("Bearer ", 401),
+        ("Basic c2VjcmV0", 401),
+        ("Bearer secret", 200),
+        ("bearer  secret ", 200),
+        ("Bearer secreT", 403),
+        ("Bearer secret2", 403),
+        ("Bearer s\udcffcret", 403),
+    ],
+)
+def test_bearer_status(header: str | None, status: int) -> None:
+    assert management.bearer_status(header, "secret") == status
+
+
+@pytest.mark.parametrize(
+    "value,result",
+    [("127.0.0.1", "127.0.0.1"), ("localhost", "127.0.0.1"), ("0.0.0.0", "0.0.0.0"),
+     ("::1", "::1"), ("[::]", "::")],
+)  # fmt: skip
+def test_parse_bind_host(value: str, result: str) -> None:
+    assert management.parse_bind_host(value) == result
+
+
+@pytest.mark.parametrize("value", ["", "example.com", "127.0.0.1:9090", "1.2.3"])
+def test_parse_bind_host_rejects(value: str) -> None:
+    with pytest.raises(ValueError):
+        management.parse_bind_host(value)
+
+
+@pytest.mark.parametrize("path", ["metrics", "/health/metrics", "/admin/m", "/m?x", "/health"])
+def test_check_metrics_path_rejects(path: str) -> None:
+    with pytest.raises(ValueError):
+        management.check_metrics_path(path)
+
+
+# --- the addon -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "opts,match",
+    [
+        ({"metrics_host": "example.com"}, "metrics_host"),
+        ({"metrics_port": 70000}, "metrics_port"),
+        ({"metrics_port": -1}, "metrics_port"),
+        ({"metrics_path": "metrics"}, "metrics_path"),
+        ({"metrics_path": "/health/x"}, "metrics_path"),
+    ],
+)
+def test_configure_rejects(opts: dict, match: str) -> None:
+    m = Management()
+    with taddons.context(m) as tctx:
+        with pytest.raises(exceptions.OptionsError, match=match):
+            tctx.configure(m, **opts)
+
+
+class FakeProxyserver:
+    name = "proxyserver"
+
+    def __init__(self, addrs: list) -> None:
+        self.addrs = addrs
+
+    def listen_addrs(self) -> list:
+        return self.addrs
+
+
+class FakeConfig:
+    name = "config"
+
+    def __init__(self, loaded: bool = True, error: str | None = None) -> None:
+        self.loaded, self.error = loaded, error
+        self.result: Any = (True, "reloaded profiles/dev.yaml")
+
+    def reload(self) -> Any:
+        return self.result
+
+
+def _health_flow(host: str, port: int, path: str, sockname: tuple = ("127.0.0.1", 8080)) -> Any:
+    f = tflow.tflow()
+    f.request.host, f.request.port, f.request.path = host, port, path
+    f.client_conn.sockname = sockname
+    return f
+
+
+def test_requestheaders_answers_health_on_the_proxy_port() -> None:
+    m = Management()
+    with taddons.context(m, FakeProxyserver(LISTEN)) as tctx:
+        tctx.configure(m, metrics_enabled=False)  # no listener: the proxy port still answers
+        m.running()
+        assert m.listen_addrs == []
+        for path in ("/health/liveness", "/health/readiness", "/health/startup?x=1"):
+            f = _health_flow("127.0.0.1", 8080, path)
+            m.requestheaders(f)
+            assert f.response is not None and f.response.status_code == 200, path
+            assert f.response.headers["content-type"] == "application/json"
+            assert json.loads(f.response.content)["status"] in ("healthy", "ready", "started")
+            assert errors.waypost(f)["local"] == "health"
+        unknown = _health_flow("127.0.0.1", 8080, "/health/other")
+        m.requestheaders(unknown)
+        assert unknown.response.status_code == 404
+        assert json.loads(unknown.response.content)["error"]["code"] == "NOT_FOUND"
+
+
+@pytest.mark.parametrize(
+    "host,port,path,method",
+    [
+        ("example.com", 80, "/health/liveness", "GET"),  # absolute-form: the origin's own path
+        ("127.0.0.1", 8080, "/metrics", "GET"),  # never on the proxy port
+        ("127.0.0.1", 8080, "/admin/reload", "POST"),
+        ("127.0.0.1", 8080, "/health/liveness", "POST"),
+        ("127.0.0.1", 5000, "/health/liveness", "GET"),
+    ],
+)
+def test_requestheaders_leaves_other_requests_alone(
+    host: str, port: int, path: str, method: str
+) -> None:
+    m = Management()
+    with taddons.context(m, FakeProxyserver(LISTEN)):
+        f = _health_flow(host, port, path)
+        f.request.method = method
+        m.requestheaders(f)
+        assert f.response is None
+
+
+def test_readiness_reports_config_and_listeners() -> None:
+    m = Management()
+    cfg = FakeConfig(loaded=False, error="profiles/x.yaml: line 3: unknown key")
+    with taddons.context(m, FakeProxyserver([]), cfg):
+        status, body = m.health("/health/readiness")
+        assert status == 503 and body["status"] == "not_ready"
+        assert body["checks"]["config"]["error"].startswith("profiles/x.yaml")
+        assert body["checks"]["listeners"]["ok"] is False
+        status, body = m.health("/health/startup")
+        assert status == 503 and body["status"] == "starting"
+
+
+# --- the listener (in the test's event loop) -------------------------------------------------
+
+
+async def _get(port: int, method: str, path: str, headers: dict | None = None) -> tuple:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+    head = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    writer.write(
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n"
+        f"{head}\r\n".encode()
+    )
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head_bytes, _, body = data.partition(b"\r\n\r\n")
+    status = int(head_bytes.split(b" ", 2)[1])
+    return status, head_bytes.decode(), body
+
+
+async def test_listener_serves_endpoints_and_stops() -> None:
+    m = Management()
+    cfg = FakeConfig()
+    with taddons.context(m, FakeProxyserver(LISTEN), cfg) as tctx:
+        tctx.configure(m, metrics_port=0, admin_token="s3cret")
+        m.running()
+        port = m.listen_addrs[0][1]
+        assert m.listen_addrs == [("127.0.0.1", port)]
+        status, _, body = await _get(port, "GET", "/health/liveness")
+        assert status == 200 and json.loads(body)["status"] == "healthy"
+        status, _, body = await _get(port, "GET", "/health/readiness")
+        assert status == 200 and json.loads(body)["checks"]["config"]["ok"] is True
+        status, head, body = await _get(port, "GET", "/metrics")
+        assert status == 200 and "text/plain" in head and b"# TYPE" in body or body == b""
+        status, _, body = await _get(port, "GET", "/nope")
+        assert status == 404 and json.loads(body)["error"]["code"] == "NOT_FOUND"
+        status, _, _ = await _get(port, "POST", "/health/liveness")
+        assert status == 405
+        status, head, body = await _get(port, "POST", "/admin/reload")
+        assert status == 401 and "WWW-Authenticate: Bearer" in head
+        assert json.loads(body)["error"]["code"] == "UNAUTHORIZED"
+        auth = {"Authorization": "Bearer wrong"}
+        assert (await _get(port, "POST", "/admin/reload", auth))[0] == 403
+        auth = {"Authorization": "Bearer s3cret"}
+        assert (await _get(port, "GET", "/admin/reload", auth))[0] == 405
+        status, _, body = await _get(port, "POST", "/admin/reload", auth)
+        assert status == 200
+        assert json.loads(body) == {"reloaded": True, "message": "reloaded profiles/dev.yaml"}
+        cfg.result = (False, "profiles/dev.yaml: line 2: bad duration")
+        status, _, body = await _get(port, "POST", "/admin/reload", auth)
+        assert status == 422 and json.loads(body)["error"]["code"] == "CONFIG_INVALID"
+
+        async def later() -> tuple[bool, str]:
+            return True, "async"
+
+        cfg.result = later()
+        assert (await _get(port, "POST", "/admin/reload", auth))[0] == 200
+        tctx.configure(m, metrics_path="/prom")
+        assert (await _get(port, "GET", "/prom"))[0] == 200
+        assert (await _get(port, "GET", "/metrics"))[0] == 404
+        tctx.configure(m, admin_token="")
+        assert (await _get(port, "POST", "/admin/reload", auth))[0] == 404
+        m.done()
+        assert m.listen_addrs == []
+        with pytest.raises(OSError):
+            await _get(port, "GET", "/health/liveness")
+        await asyncio.sleep(0.05)  # let the scheduled runner cleanup finish
+
+
+async def test_rebind_on_port_change_and_disable() -> None:
+    m = Management()
+    with taddons.context(m) as tctx:
+        tctx.configure(m, metrics_port=0)
+        m.running()
+        first = m.listen_addrs[0][1]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            free = s.getsockname()[1]
+        tctx.configure(m, metrics_port=free)
+        assert m.listen_addrs == [("127.0.0.1", free)]
+        assert (await _get(free, "GET", "/health/liveness"))[0] == 200
+        with pytest.raises(OSError):
+            await _get(first, "GET", "/health/liveness")
+        # Rebinding the same port after a stop works at once (sync close), like a script reload.
+        m.done()
+        m.running()
+        assert m.listen_addrs == [("127.0.0.1", free)]
+        tctx.configure(m, metrics_enabled=False)
+        assert m.listen_addrs == []
+        m.done()
+        await asyncio.sleep(0.05)
+
+
+async def test_port_in_use_at_startup_logs_error(caplog: pytest.LogCaptureFixture) -> None:
+    m = Management()
+    with socket.socket() as busy, taddons.context(m) as tctx:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        tctx.configure(m, metrics_port=port)
+        with caplog.at_level(logging.ERROR, logger="waypost.management"):
+            m.running()
+        assert m.listen_addrs == []
+        assert any(
+            r.levelno == logging.ERROR and "already in use" in r.getMessage()
+            and "metrics_port" in r.getMessage()
+            for r in caplog.records
+        )  # fmt: skip
+        # At runtime a taken port is an OptionsError (rolled back), not a crash.
+        tctx.configure(m, metrics_port=0)
+        good = m.listen_addrs[0][1]
+        with pytest.raises(exceptions.OptionsError, match="metrics_port"):
+            tctx.configure(m, metrics_port=port)
+        assert m.listen_addrs == [("127.0.0.1", good)]
+        m.done()
+        await asyncio.sleep(0.05)
