@@ -1,0 +1,199 @@
+"""Egress policy through a real mitmdump: CONNECT ports, private targets, the management port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import json_body, raw_request, status_of
+
+EGRESS = "addons/egress.py"
+FAKE_MANAGEMENT = "tests/e2e/fake_management.py"
+
+
+class CountingOrigin:
+    """A keep-alive HTTP/1.1 origin on 127.0.0.1 that counts the TCP connections it accepts."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.accepts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepts += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _handle(conn: socket.socket) -> None:
+        conn.settimeout(5)
+        buf = b""
+        with conn:
+            try:
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                    while b"\r\n\r\n" in buf:
+                        _, _, buf = buf.partition(b"\r\n\r\n")
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def origin() -> Iterator[CountingOrigin]:
+    o = CountingOrigin()
+    yield o
+    o.close()
+
+
+def _connect(port: int, target: str) -> bytes:
+    return raw_request(port, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+
+
+def _assert_denied(resp: bytes) -> None:
+    assert status_of(resp) == 403, resp[:300]
+    assert json_body(resp)["error"]["code"] == "ACCESS_DENIED"
+
+
+def test_connect_to_disallowed_port_is_refused_before_any_upstream_connection(
+    proxy_factory, origin
+):
+    # Loopback is allowed, so only the port rule can refuse.
+    p = proxy_factory(scripts=(EGRESS,), options={"egress_allowed_networks": "127.0.0.0/8"})
+    _assert_denied(_connect(p.port, f"127.0.0.1:{origin.port}"))
+    p.wait_for(r"egress blocked rule=connect_ports")
+    assert origin.accepts == 0
+
+
+def test_connect_to_allowed_port_is_tunnelled(proxy_factory, origin):
+    p = proxy_factory(
+        scripts=(EGRESS,),
+        options={
+            "egress_allowed_networks": "127.0.0.0/8",
+            "egress_connect_ports": ["443", f"{origin.port}-{origin.port}"],
+        },
+    )
+    resp = _connect(p.port, f"127.0.0.1:{origin.port}")
+    assert status_of(resp) == 200
+    assert origin.accepts == 1
+
+
+def test_connect_to_loopback_is_refused_by_default(proxy_factory, origin):
+    p = proxy_factory(scripts=(EGRESS,), options={"egress_connect_ports": str(origin.port)})
+    _assert_denied(_connect(p.port, f"127.0.0.1:{origin.port}"))
+    _assert_denied(_connect(p.port, f"localhost:{origin.port}"))
+    assert origin.accepts == 0
+
+
+def test_plain_http_to_loopback_is_refused_by_default(proxy_factory, backend):
+    p = proxy_factory(scripts=(EGRESS,))
+    before = backend.hits.get("/echo/egress-default", 0)
+    r = httpx.get(f"{backend.url}/echo/egress-default", proxy=p.url, timeout=10)
+    assert r.status_code == 403
+    assert r.json()["error"]["code"] == "ACCESS_DENIED"
+    assert r.headers["content-type"] == "application/json"
+    assert backend.hits.get("/echo/egress-default", 0) == before
+    line = p.wait_for(r"egress blocked rule=block_private").string
+    assert "127.0.0.1 is loopback" in line
+
+
+def test_plain_http_to_loopback_with_allowed_networks(proxy_factory, backend):
+    p = proxy_factory(scripts=(EGRESS,), options={"egress_allowed_networks": "127.0.0.0/8"})
+    r = httpx.get(f"{backend.url}/echo", proxy=p.url, timeout=10)
+    assert r.status_code == 200
+    assert r.json()["path"] == "/echo"
+
+
+def test_hostname_resolving_to_loopback_is_refused(proxy_factory, backend):
+    p = proxy_factory(scripts=(EGRESS,))
+    for host in ("localhost", "LOCALHOST.", "127.1"):
+        r = httpx.get(f"http://{host}:{backend.port}/echo", proxy=p.url, timeout=10)
+        assert r.status_code == 403, host
+        assert r.json()["error"]["code"] == "ACCESS_DENIED"
+    # httpx drops the brackets of IPv6 literals in proxy requests, so these go raw.
+    for host in ("[::ffff:127.0.0.1]", "[::1]", "[64:ff9b::7f00:1]"):
+        target = f"{host}:{backend.port}"
+        _assert_denied(
+            raw_request(
+                p.port, f"GET http://{target}/echo HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()
+            )
+        )
+
+
+def test_metadata_address_is_refused_without_connecting(proxy_factory):
+    p = proxy_factory(scripts=(EGRESS,))
+    resp = raw_request(
+        p.port, b"GET http://169.254.169.254/latest/meta-data/ HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    _assert_denied(resp)
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1", "0.0.0.0", "::"])
+def test_management_port_is_refused_even_when_loopback_is_allowed(proxy_factory, backend, bind):
+    p = proxy_factory(
+        scripts=(FAKE_MANAGEMENT, EGRESS),
+        options={
+            "egress_allowed_networks": ["127.0.0.0/8", "::1/128"],
+            "egress_connect_ports": str(backend.port),
+            "fake_management_listen": f"{bind}:{backend.port}",
+        },
+    )
+    for host in ("127.0.0.1", "localhost"):
+        r = httpx.get(f"http://{host}:{backend.port}/echo", proxy=p.url, timeout=10)
+        assert r.status_code == 403, host
+    _assert_denied(_connect(p.port, f"127.0.0.1:{backend.port}"))
+    p.wait_for(r"egress blocked rule=management_port")
+
+
+def test_other_local_ports_stay_reachable_next_to_the_management_port(proxy_factory, backend):
+    p = proxy_factory(
+        scripts=(FAKE_MANAGEMENT, EGRESS),
+        options={
+            "egress_allowed_networks": "127.0.0.0/8",
+            "fake_management_listen": "0.0.0.0:1",
+        },
+    )
+    r = httpx.get(f"{backend.url}/echo", proxy=p.url, timeout=10)
+    assert r.status_code == 200
+
+
+def test_pinned_connection_is_reused_across_requests(proxy_factory, origin):
+    # server_connect pins the dialled IP; the hostname is restored afterwards so mitmproxy's
+    # per-client connection reuse (which matches on the address) keeps working.
+    p = proxy_factory(scripts=(EGRESS,), options={"egress_allowed_networks": "127.0.0.0/8"})
+    with httpx.Client(proxy=p.url, timeout=10) as client:
+        for _ in range(3):
+            r = client.get(f"http://localhost:{origin.port}/")
+            assert r.status_code == 200
+            assert r.text == "ok"
+    assert origin.accepts == 1
+
+
+def test_invalid_options_stop_mitmdump(proxy_factory):
+    p = proxy_factory(
+        scripts=(EGRESS,), options={"egress_allowed_networks": "10.0.0.0/33"}, wait=False
+    )
+    p.wait_for(r"egress_allowed_networks: '10.0.0.0/33' is not a CIDR")
+    assert p.proc.wait(15) != 0
