@@ -1,0 +1,412 @@
+"""Upstream failures as JSON errors: connect and read timeouts, 502/504 instead of HTML pages.
+
+mitmproxy answers a failed upstream connection, a dead backend, an oversized body or a
+malformed request with its own `text/html` page. This addon turns every such answer into the
+Waypost JSON error (`addons/errors.py`) and adds the two timeouts mitmproxy lacks:
+
+- connect refused, unreachable, DNS failure, backend closed or sent garbage -> 502
+  `BACKEND_UNREACHABLE`; our connect/read timeouts (and an OS connect timeout) -> 504
+  `BACKEND_TIMEOUT`; `body_size_limit` on the request -> 413 `PAYLOAD_TOO_LARGE`; a malformed
+  request -> 400 `BAD_REQUEST`; the self-connect guard ("Request destination unknown": the
+  request is addressed to the proxy itself and no local endpoint answered) -> 502
+  `BACKEND_UNREACHABLE`, the status mitmproxy always sent, so clients and probes see no change
+  of status, only of body. Any other status -> the code with that status, else
+  `INTERNAL_ERROR` with the status kept.
+- A CONNECT whose upstream connect fails or times out gets the same JSON 502/504.
+
+Each failure is recorded in `errors.waypost(flow)` (`error_code`, `backend_error`: a short
+reason such as `connection_refused`, `dns_failure`, `connect_timeout`, `read_timeout`,
+`closed`, `invalid_response`, `self_connect`) and logged once at WARNING with host:port.
+
+Hooks: `server_connect`/`server_connected`/`server_connect_error` (connect timer), `request`
+(arms the read timer), `response`/`error` (disarm; `error` records and logs the failure),
+`http_connect_error` (CONNECT failures).
+
+Options:
+- `upstream_connect_timeout` (str, "10s"): TCP connect (DNS included) to the origin.
+- `upstream_read_timeout` (str, "60s"): wait for response headers after the request, and for
+  each next byte of the response body.
+
+How the timeouts work, without patching:
+- Connect: `ConnectionHandler.open_connection` runs the `server_connect` hook inside the very
+  task that then awaits `asyncio.open_connection`. We remember that task and, on expiry,
+  cancel it with our message; mitmproxy's own `except (OSError, CancelledError)` turns that
+  into the connection error (`str(CancelledError(msg)) == msg`), fires `server_connect_error`
+  and answers the flow. We cancel only inside the connect window: after
+  `Server.timestamp_start` is set (mitmproxy holds a per-address semaphore before that) and
+  before `timestamp_tcp_setup` is.
+- Read: when the request is complete we arm a timer; on expiry we close the flow's server
+  connection through the client's `ConnectionHandler` (`Proxyserver.connections[client.id]`,
+  `close_connection`, exactly what the layer's own `CloseConnection` command does). mitmproxy
+  then raises its own "server closed connection" error, which the rewrite below answers
+  with 504 because the flow's metadata says it timed out. While a response body is being
+  received, "no byte for this long" uses the client connection's activity clock
+  (`timeout_watchdog.last_activity`): on an HTTP/2 client connection with several streams
+  another stream's traffic can delay the timeout, never cause one.
+
+The one patch (version-guarded for mitmproxy 11.0.2 and 12.3.1, a WARNING and no patch on any
+other version; undone in `done`, so a script reload never stacks wrappers):
+- `proxy/layers/http/_http1.py`: `Http1Server.send` for `ResponseProtocolError` and the module
+  function `make_error_response` (also used by `read_headers` for unparsable requests) build
+  the JSON body instead of HTML. The flow comes from our `error` hook, which mitmproxy runs
+  before it sends the error (`HttpStream.handle_protocol_error`, `check_body_size`); the
+  flow is matched to the HTTP/1 connection by `flow.request is server.request`.
+  11.0.2 carries an int status in `event.code` (444 = no response); 12.3.1 an `ErrorCode`
+  with `.http_status_code()` (None = no response).
+Not rewritten: HTTP/2 and HTTP/3 *client* connections (only with TLS interception or an
+h2/h3 reverse listener) still get mitmproxy's HTML error page (`_http2.py`/`_http3.py` inline
+it in `_handle_event`); the status codes are the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import weakref
+from typing import Any, NamedTuple
+
+from mitmproxy import connection, ctx, exceptions, http, version
+from mitmproxy import flow as mflow
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands, server_hooks
+from mitmproxy.proxy.layers.http import ResponseProtocolError, _http1
+
+from addons import errors, units
+
+log = logging.getLogger("waypost.upstream")
+
+CHECKED_VERSIONS = frozenset({"11.0.2", "12.3.1"})
+CONNECT_TIMEOUT_MARK = "upstream connect timeout"
+
+# Flows whose error our `error` hook saw, by client connection id, for the HTTP/1 error writer.
+_ERRORED: weakref.WeakValueDictionary[str, http.HTTPFlow] = weakref.WeakValueDictionary()
+
+
+class Failure(NamedTuple):
+    code: str  # one of errors.STATUS
+    status: int
+    reason: str  # short machine reason, recorded as backend_error (or client_error)
+    message: str  # for the client
+
+
+_REASONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(p, re.IGNORECASE), r)
+    for p, r in (
+        (re.escape(CONNECT_TIMEOUT_MARK), "connect_timeout"),
+        (r"Request destination unknown", "self_connect"),
+        (r"\[Errno 110\]|timed out", "connect_timeout"),
+        (
+            r"Name or service not known|nodename nor servname|name resolution|getaddrinfo"
+            r"|No address associated|\[Errno -\d+\]",
+            "dns_failure",
+        ),
+        (r"\[Errno 111\]|refused", "connection_refused"),
+        (r"unreachable|No route to host|\[Errno 113\]", "unreachable"),
+        (r"^Connection killed", "connection_killed"),
+        (r"server closed connection|peer closed|closed by peer", "closed"),
+        (r"Response body exceeds", "response_too_large"),
+        (r"Request body exceeds", "request_too_large"),
+        (
+            r"Cannot parse HTTP response|unexpected server response|response.*validat",
+            "invalid_response",
+        ),
+        (r"^\[Errno|Connect call failed|Cannot connect|Cannot open connection", "connect_failed"),
+    )
+)
+
+_MESSAGES = {
+    "connect_timeout": "The backend did not accept the connection in time.",
+    "read_timeout": "The backend did not respond in time.",
+    "self_connect": "Request destination unknown: the request is addressed to the proxy itself.",
+    "dns_failure": "The backend host name could not be resolved.",
+    "connection_refused": "The backend refused the connection.",
+    "unreachable": "The backend is unreachable.",
+    "connection_killed": "The connection to the backend was refused by policy.",
+    "closed": "The backend closed the connection without a complete response.",
+    "response_too_large": "The backend response exceeds the proxy's body size limit.",
+    "request_too_large": "The request body exceeds the proxy's body size limit.",
+    "invalid_response": "The backend sent an invalid response.",
+    "connect_failed": "The backend could not be reached.",
+}
+
+
+def reason_of(message: str) -> str:
+    """A short reason for a mitmproxy error message (`connection_refused`, `closed`, ...)."""
+    for rx, reason in _REASONS:
+        if rx.search(message):
+            return reason
+    return "error"
+
+
+def classify(status: int | None, message: str, timed_out: str | None = None) -> Failure:
+    """Map a mitmproxy error (status it would send, message) to the Waypost error.
+
+    `status` None means unknown (the `error` hook only has the message): inferred from it.
+    `timed_out` is "connect_timeout"/"read_timeout" when one of our timers fired.
+    """
+    reason = timed_out or reason_of(message)
+    if reason in ("connect_timeout", "read_timeout") and (status is None or status >= 500):
+        return Failure("BACKEND_TIMEOUT", 504, reason, _MESSAGES[reason])
+    if status is None:
+        if reason == "request_too_large":
+            status = 413
+        elif reason == "error" and message.startswith(("HTTP/1 protocol error", "HTTP/2")):
+            status = 400
+        else:
+            status = 502
+    if status == 413:
+        return Failure(
+            "PAYLOAD_TOO_LARGE", 413, "request_too_large", _MESSAGES["request_too_large"]
+        )
+    if status == 502:
+        text = _MESSAGES.get(reason, "The backend could not be reached.")
+        return Failure("BACKEND_UNREACHABLE", 502, reason, text)
+    if status == 400:
+        return Failure("BAD_REQUEST", 400, "bad_request", f"Malformed request: {message}")
+    for code, code_status in errors.STATUS.items():
+        if code_status == status:
+            return Failure(code, status, reason, message)
+    return Failure("INTERNAL_ERROR", status, reason, message)
+
+
+def event_status(code: Any) -> int | None:
+    """The status mitmproxy would answer for a protocol error's `code`; None = no response."""
+    if isinstance(code, int):  # mitmproxy 11: the status itself, 444 = send nothing
+        return None if code == 444 else code
+    return code.http_status_code()  # mitmproxy 12: ErrorCode
+
+
+def error_bytes(status: int, message: str, flow: http.HTTPFlow | None) -> bytes:
+    """The whole HTTP/1 error response mitmproxy sends, as Waypost JSON."""
+    meta = errors.waypost(flow) if flow is not None else {}
+    failure = classify(status, message, meta.get("timed_out"))
+    resp = errors.make(failure.code, failure.message, flow, {"Connection": "close"}, failure.status)
+    return http1.assemble_response(resp)
+
+
+# --- the patch ------------------------------------------------------------------------------
+
+_ORIGINAL = "__waypost_original__"
+
+
+def _json_make_error_response(status_code: int, message: str = "") -> bytes:
+    return error_bytes(status_code, message, None)
+
+
+def _send(self: _http1.Http1Server, event: Any) -> Any:
+    if isinstance(event, ResponseProtocolError):
+        return _send_error(self, event)
+    return getattr(_send, _ORIGINAL)(self, event)
+
+
+def _send_error(self: _http1.Http1Server, event: ResponseProtocolError) -> Any:
+    # Same as Http1Server.send's ResponseProtocolError branch in 11.0.2 and 12.3.1, JSON body.
+    if not (self.conn.state & connection.ConnectionState.CAN_WRITE):
+        return
+    status = event_status(event.code)
+    if not self.response and status is not None:
+        flow = _ERRORED.pop(self.conn.id, None)
+        if flow is not None and flow.request is not self.request:
+            flow = None
+        yield commands.SendData(self.conn, error_bytes(status, event.message, flow))
+    yield commands.CloseConnection(self.conn)
+
+
+def install_patch() -> bool:
+    """Patch mitmproxy's HTTP/1 error responses; idempotent. False if the version is unchecked."""
+    if version.VERSION not in CHECKED_VERSIONS:
+        log.warning(
+            "mitmproxy %s is not a version Waypost checked (%s): its own error pages stay HTML",
+            version.VERSION,
+            ", ".join(sorted(CHECKED_VERSIONS)),
+        )
+        return False
+    uninstall_patch()
+    setattr(_send, _ORIGINAL, _http1.Http1Server.send)
+    setattr(_json_make_error_response, _ORIGINAL, _http1.make_error_response)
+    _http1.Http1Server.send = _send  # type: ignore[method-assign]
+    _http1.make_error_response = _json_make_error_response
+    return True
+
+
+def uninstall_patch() -> None:
+    send = _http1.Http1Server.__dict__.get("send")
+    if hasattr(send, _ORIGINAL):
+        _http1.Http1Server.send = getattr(send, _ORIGINAL)  # type: ignore[method-assign]
+    if hasattr(_http1.make_error_response, _ORIGINAL):
+        _http1.make_error_response = getattr(_http1.make_error_response, _ORIGINAL)
+
+
+# --- the addon ------------------------------------------------------------------------------
+
+
+class Upstream:
+    def __init__(self) -> None:
+        self.connect_timeout = 10.0
+        self.read_timeout = 60.0
+        self._connect_timers: dict[str, asyncio.TimerHandle] = {}
+        self._read_timers: dict[str, asyncio.TimerHandle] = {}
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "upstream_connect_timeout",
+            str,
+            "10s",
+            "How long the proxy waits for the TCP connection to an origin (DNS lookup included), "
+            "for plain HTTP requests and CONNECT tunnels alike, e.g. 10s or 500ms. When it "
+            "expires the client gets 504 BACKEND_TIMEOUT. 0 disables the timeout.",
+        )
+        loader.add_option(
+            "upstream_read_timeout",
+            str,
+            "60s",
+            "How long the proxy waits, once the request is sent, for the origin's response "
+            "headers, and then for each next byte of the response body, e.g. 60s. When it "
+            "expires before anything was sent to the client, the client gets 504 "
+            "BACKEND_TIMEOUT; during a streamed response the connection is closed. 0 disables.",
+        )
+        install_patch()
+
+    def configure(self, updated: set[str]) -> None:
+        for name in ("upstream_connect_timeout", "upstream_read_timeout"):
+            if name in updated:
+                try:
+                    value = units.parse_duration(getattr(ctx.options, name))
+                except ValueError as e:
+                    raise exceptions.OptionsError(f"{name}: {e} (use e.g. 10s, 500ms, 2m)") from e
+                setattr(self, name.removeprefix("upstream_"), value)
+
+    def done(self) -> None:
+        uninstall_patch()
+        for timer in [*self._connect_timers.values(), *self._read_timers.values()]:
+            timer.cancel()
+        self._connect_timers.clear()
+        self._read_timers.clear()
+
+    # connect timeout
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        server = data.server
+        if server.error or self.connect_timeout <= 0 or server.transport_protocol != "tcp":
+            return
+        task = asyncio.current_task()
+        if task is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._connect_timers[server.id] = loop.call_later(
+            self.connect_timeout, self._connect_expired, server, task
+        )
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if timer := self._connect_timers.pop(data.server.id, None):
+            timer.cancel()
+
+    server_connect_error = server_connected
+
+    def _connect_expired(self, server: connection.Server, task: asyncio.Task[Any]) -> None:
+        self._connect_timers.pop(server.id, None)
+        if task.done() or server.timestamp_tcp_setup is not None or server.error:
+            return
+        now = time.time()
+        # Before timestamp_start mitmproxy still runs hooks or waits for its per-address slot:
+        # cancelling there would skip its error handling, so look again later.
+        left = (
+            self.connect_timeout
+            if server.timestamp_start is None
+            else server.timestamp_start + self.connect_timeout - now
+        )
+        if left > 0.001:
+            self._connect_timers[server.id] = asyncio.get_running_loop().call_later(
+                left, self._connect_expired, server, task
+            )
+            return
+        task.cancel(f"{CONNECT_TIMEOUT_MARK} ({units.format_duration(self.connect_timeout)})")
+
+    # read timeout
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or self.read_timeout <= 0:
+            return
+        self._arm_read(flow, self.read_timeout)
+
+    def _arm_read(self, flow: http.HTTPFlow, delay: float) -> None:
+        self._read_timers[flow.id] = asyncio.get_running_loop().call_later(
+            delay, self._read_expired, flow
+        )
+
+    def _read_expired(self, flow: http.HTTPFlow) -> None:
+        self._read_timers.pop(flow.id, None)
+        if flow.error or not flow.live or (flow.response and flow.response.timestamp_end):
+            return
+        handler = self._handler(flow)
+        server = flow.server_conn
+        if handler is None:
+            return
+        now = time.time()
+        if flow.response is None:
+            if server.timestamp_tcp_setup is None:  # still connecting: the connect timeout rules
+                self._arm_read(flow, self.read_timeout)
+                return
+            since = max(flow.request.timestamp_end or now, server.timestamp_tcp_setup)
+        else:
+            since = handler.timeout_watchdog.last_activity
+        left = since + self.read_timeout - now
+        if left > 0.001:
+            self._arm_read(flow, left)
+            return
+        if server not in handler.transports:
+            return
+        meta = errors.waypost(flow)
+        meta["timed_out"] = "read_timeout"
+        meta["backend_error"] = "read_timeout"
+        handler.close_connection(server)
+
+    @staticmethod
+    def _handler(flow: http.HTTPFlow) -> Any:
+        proxyserver = ctx.master.addons.get("proxyserver")
+        connections = getattr(proxyserver, "connections", None)
+        return connections.get(flow.client_conn.id) if connections is not None else None
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if timer := self._read_timers.pop(flow.id, None):
+            timer.cancel()
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if timer := self._read_timers.pop(flow.id, None):
+            timer.cancel()
+        if flow.error is None or flow.error.msg == mflow.Error.KILLED_MESSAGE:
+            return
+        meta = errors.waypost(flow)
+        failure = classify(None, flow.error.msg, meta.get("timed_out"))
+        if failure.status >= 500:
+            meta["backend_error"] = failure.reason
+            self._log(flow, failure, flow.error.msg)
+        meta.setdefault("error_code", failure.code)
+        _ERRORED[flow.client_conn.id] = flow
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        resp, server = flow.response, flow.server_conn
+        meta = errors.waypost(flow)
+        if resp is None or resp.status_code != 502 or not server.error or "error_code" in meta:
+            return
+        failure = classify(502, server.error)
+        meta["backend_error"] = failure.reason
+        flow.response = errors.make(failure.code, failure.message, flow, status=failure.status)
+        self._log(flow, failure, server.error)
+
+    @staticmethod
+    def _log(flow: http.HTTPFlow, failure: Failure, detail: str) -> None:
+        log.warning(
+            "upstream %s failed: %s -> %d %s (%r) request_id=%s",
+            repr(f"{flow.request.host}:{flow.request.port}"),
+            failure.reason,
+            failure.status,
+            failure.code,
+            detail,
+            errors.request_id(flow),
+        )
+
+
+addons = [Upstream()]
