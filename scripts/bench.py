@@ -92,7 +92,7 @@ class Child:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                log(f"{self.name} (pid {self.pid}) ignored SIGTERM; killing")
+                log(f"{self.name} (pid {self.pid}) still up {timeout:g}s after SIGTERM; killing")
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signal.SIGKILL)
                 self.proc.wait(5)
@@ -166,6 +166,20 @@ def proc_stat(pid: int) -> dict[str, float]:
         "hwm_mb": status.get("VmHWM", 0.0),
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
     }
+
+
+def listen_drops() -> int:
+    """Kernel count of connections dropped at a full accept queue (TcpExt ListenDrops)."""
+    with contextlib.suppress(OSError), open("/proc/net/netstat") as f:
+        lines = f.read().splitlines()
+        for keys, values in zip(lines[::2], lines[1::2], strict=False):
+            if keys.startswith("TcpExt:"):
+                return int(dict(zip(keys.split(), values.split(), strict=False))["ListenDrops"])
+    return 0
+
+
+def loadavg() -> float:
+    return os.getloadavg()[0]
 
 
 # --- tools -------------------------------------------------------------------------------------
@@ -475,6 +489,7 @@ class Row:
     non_2xx: int
     socket_errors: int
     timeouts: int
+    listen_drops: int
     origin_served: int
     rss_mb: float
     peak_rss_mb: float
@@ -496,13 +511,13 @@ def measure(
     pid = setup.child.pid
     settle(pid, baseline_fds)
     check_loopback(setup)
-    before, served0 = proc_stat(pid), origin.served()
+    before, served0, drops0 = proc_stat(pid), origin.served(), listen_drops()
     w = run_wrk(wrk, lua, setup.port, conns, args.threads, args.duration, args.timeout)
     if not setup.child.alive():
         raise BenchError(
             f"{setup.name} died during the run at {conns} connections:\n{setup.child.tail()}"
         )
-    after, served1 = proc_stat(pid), origin.served()
+    after, served1, drops1 = proc_stat(pid), origin.served(), listen_drops()
     n = w["requests"]
     cpu = after["cpu_s"] - before["cpu_s"]
     return Row(
@@ -516,6 +531,7 @@ def measure(
         non_2xx=w["status"],
         socket_errors=w["connect"] + w["read"] + w["write"],
         timeouts=w["timeout"],
+        listen_drops=drops1 - drops0,
         origin_served=served1 - served0 - 1,  # minus the first status request
         rss_mb=after["rss_mb"],
         peak_rss_mb=after["hwm_mb"],
@@ -542,6 +558,7 @@ def render(rows: list[Row], meta: dict) -> str:
         "requests",
         "non-2xx",
         "errors",
+        "SYN drops",
         "origin",
         "RSS MB",
         "CPU ms/req",
@@ -560,6 +577,7 @@ def render(rows: list[Row], meta: dict) -> str:
                 str(r.requests),
                 str(r.non_2xx),
                 f"{r.socket_errors}+{r.timeouts}t" if r.timeouts else str(r.socket_errors),
+                str(r.listen_drops),
                 str(r.origin_served),
                 f"{r.rss_mb:.0f}",
                 "-" if r.cpu_ms_per_req is None else f"{r.cpu_ms_per_req:.2f}",
@@ -583,7 +601,8 @@ def render(rows: list[Row], meta: dict) -> str:
         f"{meta['wrk']}, {meta['nginx']}",
         f"{meta['duration']:g}s per run, wrk threads {meta['threads']}, "
         f"{meta['size']} byte responses, keep-alive, "
-        f"repetitions {meta['repeat']}, PYTHONOPTIMIZE={meta['pythonoptimize'] or '-'}",
+        f"repetitions {meta['repeat']}, PYTHONOPTIMIZE={meta['pythonoptimize'] or '-'}, "
+        f"load average {meta['load_start']:.2f} before / {meta['load_end']:.2f} after",
         "",
         line(head),
         "|" + "|".join("-" * (w + 2) for w in widths) + "|",
@@ -591,7 +610,8 @@ def render(rows: list[Row], meta: dict) -> str:
         "",
         "non-2xx: wrk's count of responses >= 400; errors: connect+read+write socket errors",
         "(+t: timeouts); origin: requests nginx served in the run (fewer than requests: the proxy",
-        "answered some itself);",
+        "answered some itself); SYN drops: connections the kernel dropped at a full accept queue",
+        "(machine-wide TcpExt ListenDrops during the run);",
         "RSS: proxy VmRSS after the run; CPU: proxy utime+stime / requests completed.",
     ]
     for name, s in meta["setups"].items():
@@ -735,8 +755,15 @@ def main(argv: list[str]) -> int:
         "repeat": a.repeat,
         "pythonoptimize": os.environ.get("PYTHONOPTIMIZE", ""),
         "nofile": nofile,
+        "load_start": loadavg(),
+        "load_end": 0.0,
         "setups": {},
     }
+    if meta["load_start"] > 0.3 * (os.cpu_count() or 1):
+        log(
+            f"WARNING: load average {meta['load_start']:.2f} on {os.cpu_count()} cores: other work "
+            "shares the CPUs, the numbers will be low and noisy"
+        )
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="waypost-bench-") as tmpdir:
         tmp = Path(tmpdir)
@@ -779,6 +806,7 @@ def main(argv: list[str]) -> int:
                 if s.child:
                     s.child.stop()
             origin.stop()
+    meta["load_end"] = loadavg()
     table = render(rows, meta)
     if a.json:
         print(table, file=sys.stderr)
