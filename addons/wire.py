@@ -13,6 +13,9 @@ limits change. Everything here runs before a flow exists, so no hook could do it
    timer (`commands.RequestWakeup` -> `events.Wakeup`, routed back by `HttpLayer.command_sources`);
    at most one timer per connection is outstanding. `Http1Server._handle_event` consumes every
    Wakeup itself, so `read_body`/`wait` (which raise on unexpected events) never see one.
+   In regular and upstream mode no HTTP layer exists before the first byte (NextLayer waits
+   for data to pick one), so `HttpProxy`/`HttpUpstreamProxy` also start a timer at connection
+   start: a client that has not sent enough for NextLayer to choose a layer by then gets 408.
 3. Trailers: `read_body` raises NotImplementedError on a chunked message with trailer fields
    and the client hangs. `make_body_reader` now returns a ChunkedReader that drops received
    trailer fields (allowed by RFC 9112 §7.1.2), for requests and responses alike. It also
@@ -55,7 +58,8 @@ from mitmproxy import http
 from mitmproxy import version as mitmproxy_version
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
-from mitmproxy.proxy import commands, events
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import RequestProtocolError
@@ -154,6 +158,7 @@ class _Installed:
         self.read_headers: Callable[..., Any] = server.read_headers
         self.make_body_reader: Callable[..., Any] = _http1.make_body_reader
         self.make_error_response: Callable[..., Any] = _http1.make_error_response
+        self.proxy_modes = (modes.HttpProxy, modes.HttpUpstreamProxy)
 
 
 def _state() -> _Installed | None:
@@ -184,6 +189,8 @@ def install() -> bool:
     server.body_reader = property(_get_reader, _set_reader)  # type: ignore[assignment]
     server._wp_deadline = None  # type: ignore[attr-defined]
     server._wp_timer = False  # type: ignore[attr-defined]
+    for mode in st.proxy_modes:
+        mode._handle_event = _proxy_mode_start  # type: ignore[method-assign]
     _http1.make_body_reader = _make_body_reader
     _http1.make_error_response = _make_error_response
     log.info("wire guards active on mitmproxy %s", version)
@@ -337,3 +344,38 @@ def _on_wakeup(self: Any, lim: WireLimits) -> Gen:
     yield from _refuse(
         self, 408, f"The request head was not received within {lim.header_timeout:g}s."
     )
+
+
+def _proxy_mode_start(self: Any, event: events.Event) -> Gen:
+    """`HttpProxy`/`HttpUpstreamProxy._handle_event` plus a first-data timer."""
+    if not isinstance(event, events.Start):
+        raise AssertionError(f"Unexpected event: {event}")
+    child = layer.NextLayer(self.context)
+    timeout = _installed().limits.header_timeout
+    if timeout <= 0:
+        self._handle_event = child.handle_event
+        yield from child.handle_event(event)
+        return
+    timer = commands.RequestWakeup(timeout)
+
+    def handle(ev: events.Event) -> Gen:
+        if isinstance(ev, events.Wakeup) and ev.command is timer:
+            return _first_data_timeout(self, child, timeout)
+        return child.handle_event(ev)
+
+    self._handle_event = handle
+    yield from child.handle_event(event)
+    yield timer
+
+
+def _first_data_timeout(self: Any, child: layer.NextLayer, timeout: float) -> Gen:
+    client = self.context.client
+    if child.layer is not None or not client.state & ConnectionState.CAN_WRITE:
+        return
+    log.warning(
+        "rule=header_timeout peer=%s: no request within %gs of connecting", _peer(client), timeout
+    )
+    yield commands.SendData(
+        client, error_bytes(408, f"No request was received within {timeout:g}s.")
+    )
+    yield commands.CloseConnection(client)
