@@ -1,0 +1,127 @@
+"""TLS policy: pass HTTPS tunnels through untouched unless the host is opted into interception.
+
+Passed-through tunnels are relayed byte for byte: the client sees the origin's own certificate
+and the proxy sees only the CONNECT. Intercepted hosts get mitmproxy's certificate (clients must
+trust its CA) and the HTTP-level addons see their requests.
+
+Hooks:
+- `http_connect`: remembers the CONNECT flow of the tunnel, so the decision can be recorded on it
+  (`flow.metadata["waypost"]["tls"] = "passthrough" | "intercept"`).
+- `tls_clienthello`: matches the SNI (falling back to the CONNECT host) against the patterns and
+  sets `ignore_connection` for every host that is not intercepted.
+
+Options: `tls_intercept_hosts`.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from mitmproxy import ctx, exceptions, http, tls
+
+from addons import errors
+
+log = logging.getLogger("waypost.tlspolicy")
+
+
+class HostPatterns(NamedTuple):
+    exact: frozenset[str]
+    suffixes: frozenset[str]  # "*.corp.example" -> "corp.example"
+    everything: bool = False  # the pattern "*"
+
+
+def parse_patterns(specs: Sequence[str]) -> HostPatterns:
+    """`api.example.com`, `*.corp.example` or `*`; ValueError names the bad entry."""
+    exact: set[str] = set()
+    suffixes: set[str] = set()
+    everything = False
+    for spec in specs:
+        pattern = spec.strip().lower().rstrip(".")
+        if pattern == "*":
+            everything = True
+            continue
+        base = pattern[2:] if pattern.startswith("*.") else pattern
+        if not base or "*" in base or any(c.isspace() or c in "/:@" for c in base):
+            raise ValueError(
+                f"{spec!r} is not a host pattern (use api.example.com, *.corp.example or *)"
+            )
+        (suffixes if pattern.startswith("*.") else exact).add(base)
+    return HostPatterns(frozenset(exact), frozenset(suffixes), everything)
+
+
+def matches(patterns: HostPatterns, host: str) -> bool:
+    """Whether `host` (lowercase, no trailing dot) is covered.
+
+    `*.x` matches subdomains of x at any depth but not x itself, as in TLS certificates
+    (RFC 6125) except for the depth: list `x` as well to include it.
+    """
+    if patterns.everything or host in patterns.exact:
+        return True
+    if patterns.suffixes:
+        dot = host.find(".")
+        while dot != -1:
+            if host[dot + 1 :] in patterns.suffixes:
+                return True
+            dot = host.find(".", dot + 1)
+    return False
+
+
+class TlsPolicy:
+    def __init__(self) -> None:
+        self.patterns = HostPatterns(frozenset(), frozenset())
+        # server connection id -> the CONNECT flow that opened the tunnel
+        self._connects: weakref.WeakValueDictionary[str, http.HTTPFlow] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def load(self, loader: object) -> None:
+        loader.add_option(  # type: ignore[attr-defined]
+            "tls_intercept_hosts",
+            Sequence[str],
+            [],
+            "Hosts whose HTTPS is intercepted (decrypted with the mitmproxy CA, which clients "
+            "must trust) so the HTTP-level policies apply to it: exact names (api.example.com), "
+            "*.corp.example for every subdomain of corp.example (not corp.example itself; list "
+            "it too if wanted), or * for everything. Matched against the TLS SNI, else the "
+            "CONNECT host. All other TLS is passed through untouched: the client sees the "
+            "origin's own certificate and only the CONNECT is visible to the proxy.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "tls_intercept_hosts" in updated:
+            try:
+                self.patterns = parse_patterns(ctx.options.tls_intercept_hosts)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"tls_intercept_hosts: {e}") from None
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        self._connects[flow.server_conn.id] = flow
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        if data.ignore_connection:
+            return
+        flow = self._connects.pop(data.context.server.id, None)
+        host = data.client_hello.sni
+        if not host:
+            if flow is not None:
+                host = flow.request.host
+            elif data.context.server.address:
+                host = data.context.server.address[0]
+            else:
+                host = ""
+        intercept = matches(self.patterns, host.lower().rstrip("."))
+        if not intercept:
+            data.ignore_connection = True
+        decision = "intercept" if intercept else "passthrough"
+        if flow is not None:
+            errors.waypost(flow)["tls"] = decision
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("tls %s for %r", decision, host)
+
+
+addons = [TlsPolicy()]
