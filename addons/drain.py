@@ -1,0 +1,171 @@
+"""Graceful shutdown: on SIGTERM/SIGINT stop accepting, let in-flight requests finish, exit 0.
+
+On the first SIGTERM or SIGINT the listeners close at once (`server=False`: mitmproxy's
+`Servers.update` stops every server instance, which only closes the listening sockets;
+established connections keep running, checked on 11.0.2 and 12.3.1). In-flight requests get up
+to `server_shutdown_timeout` to finish, then `ctx.master.shutdown()`; mitmdump exits 0. A
+second signal shuts down at once.
+
+In flight means an HTTP request between `requestheaders` and `response`/`error`, or a CONNECT
+between `http_connect` and `http_connected`/`http_connect_error`. An established tunnel
+(TLS passthrough, raw TCP, a websocket after its 101) does not hold the drain: its traffic is
+invisible to us, most tunnels are idle keep-alive connections, and waiting for them would turn
+every shutdown into the full timeout. They are closed when the process exits; clients
+reconnect to another instance. Responses sent while draining carry `Connection: close`, so
+keep-alive clients move away instead of sending more requests here.
+
+mitmdump installs its own SIGINT/SIGTERM handlers (`tools/main.py`, `loop.add_signal_handler`,
+which replaces any earlier one); `running` replaces them with ours, `done` puts
+`master.shutdown` back.
+
+Hooks: `running`, `done`, `requestheaders`, `http_connect` (count), `response`, `error`,
+`http_connected`, `http_connect_error` (uncount), `responseheaders` (Connection: close).
+
+Options:
+- `server_shutdown_timeout` (str, "30s"): the longest wait for in-flight requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+
+from addons import units
+
+log = logging.getLogger("waypost.drain")
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# After the last response hook, mitmproxy still has to write the response; it is in the client
+# socket's buffer within a few loop iterations. Poll for that this long at most.
+_FLUSH_WAIT = 1.0
+
+
+class Drain:
+    def __init__(self) -> None:
+        self.timeout = 30.0
+        self.inflight: set[str] = set()
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "server_shutdown_timeout",
+            str,
+            "30s",
+            "On SIGTERM or SIGINT the proxy stops accepting connections at once and waits this "
+            "long at most for the requests in flight to finish before it exits, e.g. 30s. "
+            "Established tunnels do not hold the shutdown. A second signal exits at once.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "server_shutdown_timeout" in updated:
+            try:
+                self.timeout = units.parse_duration(ctx.options.server_shutdown_timeout)
+            except ValueError as e:
+                raise exceptions.OptionsError(
+                    f"server_shutdown_timeout: {e} (use e.g. 30s or 500ms)"
+                ) from e
+
+    def running(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in _SIGNALS:
+            try:
+                loop.add_signal_handler(sig, self.on_signal, sig)
+            except (NotImplementedError, RuntimeError):  # Windows' proactor loop
+                return
+
+    def done(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        for sig in _SIGNALS:
+            try:
+                loop.add_signal_handler(sig, ctx.master.shutdown)
+            except (NotImplementedError, RuntimeError):
+                return
+
+    def on_signal(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        if self.draining:
+            log.info(
+                "%s during drain: shutting down now (%d requests left)", name, len(self.inflight)
+            )
+            ctx.master.shutdown()
+            return
+        self.draining = True
+        log.info(
+            "%s: draining, no new connections; waiting up to %s for %d requests in flight",
+            name,
+            units.format_duration(self.timeout),
+            len(self.inflight),
+        )
+        ctx.options.update(server=False)
+        self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        if self.inflight:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.timeout)
+            except TimeoutError:
+                pass
+        if not self.inflight:
+            await self._flush(min(deadline, loop.time() + _FLUSH_WAIT))
+        log.info("drain finished: %d requests left unfinished; shutting down", len(self.inflight))
+        ctx.master.shutdown()
+
+    @staticmethod
+    async def _flush(until: float) -> None:
+        """Wait until the last responses have left mitmproxy's client write buffers."""
+        loop = asyncio.get_running_loop()
+        proxyserver = ctx.master.addons.get("proxyserver")
+        while loop.time() < until:
+            pending = False
+            for handler in list(getattr(proxyserver, "connections", {}).values()):
+                io = handler.transports.get(handler.client)
+                transport = getattr(getattr(io, "writer", None), "transport", None)
+                if transport is not None and transport.get_write_buffer_size():
+                    pending = True
+                    break
+            if not pending:
+                return
+            await asyncio.sleep(0.01)
+
+    # counting
+
+    def _start(self, flow: http.HTTPFlow) -> None:
+        if flow.live and not flow.error:
+            self.inflight.add(flow.id)
+
+    def _end(self, flow: http.HTTPFlow) -> None:
+        self.inflight.discard(flow.id)
+        if self.draining and not self.inflight:
+            self._idle.set()
+
+    requestheaders = _start
+    http_connect = _start
+    response = _end
+    error = _end
+    http_connected = _end
+    http_connect_error = _end
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # HTTP/1 only: connection-specific headers are illegal in HTTP/2 and 3; 101 is an upgrade.
+        if (
+            self.draining
+            and flow.response
+            and flow.response.status_code != 101
+            and flow.request.http_version.startswith("HTTP/1")
+        ):
+            flow.response.headers["Connection"] = "close"
+
+
+addons = [Drain()]
