@@ -357,7 +357,7 @@ class Hygiene:
                 raise exceptions.OptionsError(
                     f"limits_header_timeout: {e} (0 disables the timeout)"
                 ) from None
-        if "limits_max_body_size" in updated:
+        if "limits_max_body_size" in updated and hasattr(opts, "body_size_limit"):
             wanted = str(self.limits.max_body_size)
             if (
                 not opts.has_changed("body_size_limit")

@@ -1,0 +1,265 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import h11
+import pytest
+from h11._receivebuffer import ReceiveBuffer
+from mitmproxy import version
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.connection import ConnectionState
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers import modes
+from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._events import (
+    RequestData,
+    RequestEndOfMessage,
+    RequestHeaders,
+    RequestProtocolError,
+)
+from mitmproxy.test import taddons, tflow
+
+from addons import wire
+
+pytestmark = pytest.mark.skipif(
+    not wire.supported(version.VERSION), reason="wire guards only patch mitmproxy 11.0/12"
+)
+
+
+@pytest.mark.parametrize(
+    ("v", "ok"),
+    [
+        ("11.0.2", True),
+        ("11.0.0", True),
+        ("11.1.0", False),
+        ("12.3.1", True),
+        ("12.0.0", True),
+        ("13.0.0", False),
+        ("10.4.2", False),
+        ("13.0.0.dev", False),
+    ],
+)
+def test_supported(v: str, ok: bool) -> None:
+    assert wire.supported(v) is ok
+
+
+def test_install_is_idempotent() -> None:
+    assert wire.install()
+    handle = _http1.Http1Server._handle_event
+    reader = _http1.make_body_reader
+    assert wire.install()
+    assert _http1.Http1Server._handle_event is handle
+    assert _http1.make_body_reader is reader
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[Any, Any]]:
+    wire.install()
+    wire.configure(max_head=200, header_timeout=1.0, max_body=10)
+    with taddons.context(Proxyserver()) as tctx:
+        client = tflow.tclient_conn()
+        client.state = ConnectionState.OPEN
+        s = _http1.Http1Server(Context(client, tctx.options))
+        yield s, client
+    wire.configure(max_head=None, header_timeout=0, max_body=None)
+
+
+def _run(s: Any, event: events.Event) -> list[Any]:
+    return list(s.handle_event(event))
+
+
+def _sent(cmds: list[Any]) -> bytes:
+    return b"".join(c.data for c in cmds if isinstance(c, commands.SendData))
+
+
+def _status(raw: bytes) -> tuple[int, str]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower()
+    return int(head.split()[1]), json.loads(body)["error"]["code"]
+
+
+def _closes(cmds: list[Any]) -> bool:
+    return any(isinstance(c, commands.CloseConnection) for c in cmds)
+
+
+def _received(cmds: list[Any]) -> list[Any]:
+    return [c.event for c in cmds if isinstance(c, ReceiveHttp)]
+
+
+def test_leading_empty_lines_ignored(server: tuple[Any, Any]) -> None:
+    s, client = server
+    _run(s, events.Start())
+    got = _received(
+        _run(s, events.DataReceived(client, b"\r\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"))
+    )
+    assert isinstance(got[0], RequestHeaders)
+    assert isinstance(got[1], RequestEndOfMessage)
+
+
+def test_too_many_empty_lines(server: tuple[Any, Any]) -> None:
+    s, client = server
+    _run(s, events.Start())
+    cmds = _run(s, events.DataReceived(client, b"\r\n" * 40 + b"GET / HTTP/1.1\r\n"))
+    assert _status(_sent(cmds)) == (400, "BAD_REQUEST")
+    assert _closes(cmds)
+
+
+def test_head_cap(server: tuple[Any, Any]) -> None:
+    s, client = server
+    _run(s, events.Start())
+    assert not _sent(_run(s, events.DataReceived(client, b"GET / HTTP/1.1\r\nX: " + b"a" * 150)))
+    cmds = _run(s, events.DataReceived(client, b"a" * 100))
+    assert _status(_sent(cmds)) == (431, "HEADERS_TOO_LARGE")
+    assert _closes(cmds)
+
+
+def test_header_timeout_fresh_connection(
+    server: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s, client = server
+    now = [100.0]
+    monkeypatch.setattr(wire.time, "monotonic", lambda: now[0])
+    cmds = _run(s, events.Start())
+    (timer,) = [c for c in cmds if isinstance(c, commands.RequestWakeup)]
+    assert timer.delay == 1.0
+    now[0] = 101.0
+    cmds = _run(s, events.Wakeup(timer))
+    assert _status(_sent(cmds)) == (408, "REQUEST_TIMEOUT")
+    assert _closes(cmds)
+
+
+def test_header_timeout_rearms_until_deadline(
+    server: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s, client = server
+    now = [100.0]
+    monkeypatch.setattr(wire.time, "monotonic", lambda: now[0])
+    _run(s, events.Start())
+    s._wp_deadline = 100.6  # as if the head's first byte came later than the connection
+    now[0] = 100.2
+    cmds = _run(s, events.Wakeup(commands.RequestWakeup(1.0)))
+    assert [c.delay for c in cmds if isinstance(c, commands.RequestWakeup)] == [pytest.approx(0.4)]
+    assert not _sent(cmds)
+
+
+def test_wakeup_ignored_outside_read_headers(server: tuple[Any, Any]) -> None:
+    s, client = server
+    cmds = _run(s, events.Start())
+    (timer,) = [c for c in cmds if isinstance(c, commands.RequestWakeup)]
+    _run(
+        s, events.DataReceived(client, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nab")
+    )
+    assert s.state == s.read_body
+    assert _run(s, events.Wakeup(timer)) == []  # read_body would raise on it
+
+
+def test_no_timer_while_idle_keepalive(server: tuple[Any, Any]) -> None:
+    s, client = server
+    s._wp_timer = True  # a timer is outstanding from the connection's start
+    _run(s, events.Start())
+    s._wp_deadline = None
+    s.state = s.read_headers
+    assert _run(s, events.DataReceived(client, b"")) == []
+    assert s._wp_deadline is None
+
+
+def test_chunked_trailers_dropped(server: tuple[Any, Any]) -> None:
+    s, client = server
+    wire.configure(max_head=200, header_timeout=0, max_body=None)
+    _run(s, events.Start())
+    data = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"
+    got = _received(_run(s, events.DataReceived(client, data)))
+    assert [type(e) for e in got] == [RequestHeaders, RequestData, RequestEndOfMessage]
+
+
+def test_chunked_body_over_limit(server: tuple[Any, Any]) -> None:
+    s, client = server
+    _run(s, events.Start())
+    data = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n8\r\naaaaaaaa\r\n8\r\nbbbbbbbb\r\n"
+    cmds = _run(s, events.DataReceived(client, data))
+    got = _received(cmds)
+    assert [type(e) for e in got] == [RequestHeaders, RequestData, RequestProtocolError]
+    assert got[1].data == b"aaaaaaaa"
+    assert _status(_sent(cmds)) == (413, "PAYLOAD_TOO_LARGE")
+    assert _closes(cmds)
+
+
+@pytest.mark.parametrize(
+    ("data", "events_"),
+    [
+        (b"3\r\nabc\r\n0\r\n\r\n", ["data", "end"]),
+        (b"3\r\nabc\r\n0\r\nX-A: 1\r\nX-B: 2\r\n\r\n", ["data", "end"]),
+        (b"3\r\nabc\r\n", ["data"]),
+    ],
+)
+def test_limited_chunked_reader(data: bytes, events_: list[str]) -> None:
+    r = wire.LimitedChunkedReader(100)
+    buf = ReceiveBuffer()
+    buf += data
+    got = []
+    while (ev := r(buf)) is not None:
+        got.append("data" if isinstance(ev, h11.Data) else "end")
+        if isinstance(ev, h11.EndOfMessage):
+            assert ev.headers == h11.EndOfMessage().headers
+            break
+    assert got == events_
+
+
+def test_limited_chunked_reader_bounds_lines() -> None:
+    r = wire.LimitedChunkedReader(50)
+    buf = ReceiveBuffer()
+    buf += b"1" * 60
+    with pytest.raises(h11.LocalProtocolError):
+        r(buf)
+
+
+def test_limited_chunked_reader_limit() -> None:
+    r = wire.LimitedChunkedReader(None)
+    r.limit = 4
+    buf = ReceiveBuffer()
+    buf += b"3\r\nabc\r\n3\r\ndef\r\n"
+    assert isinstance(r(buf), h11.Data)
+    assert r(buf) is None and r.over and r.total == 6
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (400, "BAD_REQUEST"),
+        (408, "REQUEST_TIMEOUT"),
+        (413, "PAYLOAD_TOO_LARGE"),
+        (414, "URI_TOO_LONG"),
+        (431, "HEADERS_TOO_LARGE"),
+    ],
+)
+def test_error_bytes(status: int, code: str) -> None:
+    raw = wire.error_bytes(status, "nope")
+    assert _status(raw) == (status, code)
+    assert b"connection: close" in raw.lower()
+
+
+def test_make_error_response_json_for_client_errors() -> None:
+    wire.install()
+    assert _status(_http1.make_error_response(400, "bad")) == (400, "BAD_REQUEST")
+    assert b"text/html" in _http1.make_error_response(502, "upstream").lower()
+
+
+def test_first_data_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    wire.install()
+    wire.configure(max_head=200, header_timeout=1.0, max_body=None)
+    try:
+        with taddons.context(Proxyserver()) as tctx:
+            client = tflow.tclient_conn()
+            client.state = ConnectionState.OPEN
+            p = modes.HttpProxy(Context(client, tctx.options))
+            cmds = _run(p, events.Start())
+            (timer,) = [c for c in cmds if isinstance(c, commands.RequestWakeup)]
+            cmds = _run(p, events.Wakeup(timer))
+            assert _status(_sent(cmds)) == (408, "REQUEST_TIMEOUT")
+            assert _closes(cmds)
+    finally:
+        wire.configure(max_head=None, header_timeout=0, max_body=None)
