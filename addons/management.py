@@ -231,41 +231,44 @@ class Management:
         self._spec: tuple[str, int] = ("", -1)  # (host, metrics_port) the listener was made for
 
     def load(self, loader: Any) -> None:
+        # Help strings are single-line on purpose: mitmproxy stores help dedented with newlines
+        # replaced, and on a script reload compares it with the text passed here; a multi-line
+        # help never compares equal, so the reload re-adds the option and resets its value.
         loader.add_option(
             "metrics_enabled",
             bool,
             True,
-            """Run the management app (health probes, Prometheus metrics, admin API) on its own
-            listener. When false nothing listens; the proxy port still answers /health/*.""",
+            "Run the management app (health probes, Prometheus metrics, admin API) on its own "
+            "listener. When false nothing listens; the proxy port still answers /health/*.",
         )
         loader.add_option(
             "metrics_host",
             str,
             "127.0.0.1",
-            """IP address the management app listens on ("localhost" means 127.0.0.1; use
-            0.0.0.0 for all interfaces, e.g. in a container scraped from outside).""",
+            'IP address the management app listens on ("localhost" means 127.0.0.1; use '
+            "0.0.0.0 for all interfaces, e.g. in a container scraped from outside).",
         )
         loader.add_option(
             "metrics_port",
             int,
             9090,
-            """TCP port of the management app; 0 picks a free port (the log line "management
-            listening at http://HOST:PORT" shows it). Changing it at runtime rebinds.""",
+            'TCP port of the management app; 0 picks a free port (the log line "management '
+            'listening at http://HOST:PORT" shows it). Changing it at runtime rebinds.',
         )
         loader.add_option(
             "metrics_path",
             str,
             "/metrics",
-            """Path of the Prometheus metrics endpoint on the management listener (never served
-            on the proxy port). Must start with / and not be under /health or /admin.""",
+            "Path of the Prometheus metrics endpoint on the management listener (never served "
+            "on the proxy port). Must start with / and not be under /health or /admin.",
         )
         loader.add_option(
             "admin_token",
             str,
             "",
-            """Bearer token required by POST /admin/* on the management listener
-            (Authorization: Bearer <token>). Empty turns the admin API off: /admin/* answers
-            404.""",
+            "Bearer token required by POST /admin/* on the management listener "
+            "(Authorization: Bearer <token>). Empty turns the admin API off: /admin/* answers "
+            "404.",
         )
 
     def configure(self, updated: set[str]) -> None:

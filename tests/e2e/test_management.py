@@ -1,0 +1,185 @@
+"""The management app and the metrics addon in a real mitmdump."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT, Backend, Proxy, json_body, raw_request, status_of
+
+SCRIPTS = ("addons/metrics.py", "addons/management.py")
+MANAGEMENT = r"management (?:app )?listening at https?://[0-9.]+:(\d+)"
+
+
+def start(proxy_factory: Callable[..., Proxy], **options: object) -> tuple[Proxy, int]:
+    p = proxy_factory(scripts=SCRIPTS, options={"metrics_port": 0, **options})
+    return p, int(p.wait_for(MANAGEMENT).group(1))
+
+
+def direct() -> httpx.Client:
+    return httpx.Client(trust_env=False, timeout=5)
+
+
+def samples(mport: int) -> dict[tuple[str, frozenset], float]:
+    with direct() as c:
+        r = c.get(f"http://127.0.0.1:{mport}/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def sample(mport: int, name: str, **labels: str) -> float:
+    return samples(mport).get((name, frozenset(labels.items())), 0.0)
+
+
+def poll(fn: Callable[[], object], want: object, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while (got := fn()) != want:
+        assert time.monotonic() < deadline, f"still {got!r}, wanted {want!r}"
+        time.sleep(0.05)
+
+
+def test_health_endpoints(proxy_factory: Callable[..., Proxy]) -> None:
+    p, mport = start(proxy_factory)
+    with direct() as c:
+        for path, status in [
+            ("liveness", "healthy"),
+            ("readiness", "ready"),
+            ("startup", "started"),
+        ]:
+            r = c.get(f"http://127.0.0.1:{mport}/health/{path}")
+            assert r.status_code == 200, r.text
+            assert r.headers["content-type"].startswith("application/json")
+            body = r.json()
+            assert body["status"] == status and body["timestamp"].endswith("Z")
+        checks = c.get(f"http://127.0.0.1:{mport}/health/readiness").json()["checks"]
+        assert checks["listeners"]["addresses"] == [f"127.0.0.1:{p.port}"]
+        assert "config" not in checks  # no config addon loaded
+        r = c.get(f"http://127.0.0.1:{mport}/nothing")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND"
+
+
+def test_request_metrics_count_exactly(
+    proxy_factory: Callable[..., Proxy], backend: Backend
+) -> None:
+    p, mport = start(proxy_factory)
+    with httpx.Client(proxy=p.url, trust_env=False, timeout=5) as c:
+        assert c.get(f"{backend.url}/echo").status_code == 200
+        assert c.post(f"{backend.url}/echo", content=b"x" * 10).status_code == 200
+        assert c.get(f"{backend.url}/status/404").status_code == 404
+    m = samples(mport)
+    assert m[("http_requests_total", frozenset({("method", "GET"), ("status", "200")}))] == 1
+    assert m[("http_requests_total", frozenset({("method", "POST"), ("status", "200")}))] == 1
+    assert m[("http_requests_total", frozenset({("method", "GET"), ("status", "404")}))] == 1
+    assert sum(v for (n, _), v in m.items() if n == "http_requests_total") == 3
+    assert m[("http_request_duration_seconds_count", frozenset())] == 3
+    assert m[("http_request_bytes_total", frozenset({("direction", "in")}))] == 10
+    assert m[("http_request_bytes_total", frozenset({("direction", "out")}))] > 10
+
+
+def test_active_connections_gauge_moves(proxy_factory: Callable[..., Proxy]) -> None:
+    p, mport = start(proxy_factory)
+    assert sample(mport, "proxy_active_connections") == 0
+    with socket.create_connection(("127.0.0.1", p.port), timeout=5):
+        poll(lambda: sample(mport, "proxy_active_connections"), 1)
+        with socket.create_connection(("127.0.0.1", p.port), timeout=5):
+            poll(lambda: sample(mport, "proxy_active_connections"), 2)
+    poll(lambda: sample(mport, "proxy_active_connections"), 0)
+
+
+def test_health_on_the_proxy_port(proxy_factory: Callable[..., Proxy], backend: Backend) -> None:
+    p, mport = start(proxy_factory)
+    for path, status in [("liveness", "healthy"), ("readiness", "ready"), ("startup", "started")]:
+        resp = raw_request(
+            p.port, f"GET /health/{path} HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\n\r\n".encode()
+        )
+        assert status_of(resp) == 200, resp
+        assert json_body(resp)["status"] == status
+        assert b"application/json" in resp.partition(b"\r\n\r\n")[0].lower()
+    # Answered by the proxy, not proxied: not counted as traffic.
+    assert sample(mport, "http_requests_total", method="GET", status="200") == 0
+    # /metrics and /admin/* are never served on the proxy port.
+    for req in (
+        f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\n\r\n",
+        f"POST /admin/reload HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\nContent-Length: 0\r\n\r\n",
+    ):
+        resp = raw_request(p.port, req.encode())
+        assert status_of(resp) == 502 and b"http_requests_total" not in resp
+    # Absolute-form to an origin's /health path goes to the origin (aiohttp's plain 404).
+    resp = raw_request(
+        p.port,
+        f"GET {backend.url}/health/liveness HTTP/1.1\r\nHost: 127.0.0.1:{backend.port}\r\n\r\n".encode(),
+    )
+    assert status_of(resp) == 404 and resp.endswith(b"404: Not Found")
+
+
+@pytest.mark.parametrize("token", ["", "s3cret"])
+def test_admin_reload_auth(proxy_factory: Callable[..., Proxy], token: str) -> None:
+    _, mport = start(proxy_factory, admin_token=token)
+    url = f"http://127.0.0.1:{mport}/admin/reload"
+    with direct() as c:
+        if not token:  # admin API off
+            r = c.post(url, headers={"Authorization": "Bearer anything"})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND"
+            return
+        r = c.post(url)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["code"] == "UNAUTHORIZED"
+        assert c.post(url, headers={"Authorization": "Basic czNjcmV0"}).status_code == 401
+        r = c.post(url, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "ACCESS_DENIED"
+        r = c.post(url, headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 404  # right token, but no config addon to reload
+        assert "config" in r.json()["error"]["message"]
+
+
+def test_metrics_disabled_opens_no_listener(proxy_factory: Callable[..., Proxy]) -> None:
+    p = proxy_factory(scripts=SCRIPTS, options={"metrics_enabled": False})
+    resp = raw_request(
+        p.port, f"GET /health/liveness HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\n\r\n".encode()
+    )
+    assert status_of(resp) == 200  # the proxy port still answers probes
+    assert not any("management listening" in line for line in p.lines)
+
+
+def test_port_in_use_exits_1(proxy_factory: Callable[..., Proxy]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        p = proxy_factory(scripts=SCRIPTS, options={"metrics_port": port}, wait=False)
+        assert p.proc.wait(20) == 1
+        p.stop()
+    out = "\n".join(p.lines)
+    assert f"cannot listen on 127.0.0.1:{port}" in out
+    assert "already in use" in out and "metrics_port" in out
+
+
+def test_script_reload_rebinds_the_same_port(
+    proxy_factory: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """A hot reload runs the sync done/running pair: the port is released and bound again."""
+    script = tmp_path / "management.py"
+    shutil.copy(ROOT / "addons" / "management.py", script)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = proxy_factory(scripts=("addons/metrics.py", str(script)), options={"metrics_port": port})
+    p.wait_for(rf"management listening at http://127\.0\.0\.1:{port}\b")
+    seen = len(p.lines)
+    script.write_text(script.read_text() + "\n# touched\n")
+    p.wait_for(rf"management listening at http://127\.0\.0\.1:{port}\b", start=seen)
+    with direct() as c:
+        poll(lambda: c.get(f"http://127.0.0.1:{port}/health/liveness").status_code, 200)
+    assert not any("ERROR" in line or "Traceback" in line for line in p.lines)
