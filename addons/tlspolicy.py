@@ -39,10 +39,11 @@ def parse_patterns(specs: Sequence[str]) -> HostPatterns:
     suffixes: set[str] = set()
     everything = False
     for spec in specs:
-        pattern = spec.strip().lower().rstrip(".")
+        pattern = spec.strip().lower()
         if pattern == "*":
             everything = True
             continue
+        pattern = pattern.rstrip(".")
         base = pattern[2:] if pattern.startswith("*.") else pattern
         if not base or "*" in base or any(c.isspace() or c in "/:@" for c in base):
             raise ValueError(

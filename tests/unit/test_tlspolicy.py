@@ -1,0 +1,108 @@
+"""TLS policy: host pattern parsing and matching, and the passthrough decision."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from mitmproxy import connection, exceptions
+from mitmproxy.test import taddons, tflow
+
+from addons.tlspolicy import TlsPolicy, matches, parse_patterns
+
+PATTERNS = ["api.example.com", "*.corp.example", "Mixed.Case.Example."]
+
+
+@pytest.mark.parametrize(
+    "host, intercepted",
+    [
+        ("api.example.com", True),
+        ("www.example.com", False),
+        ("example.com", False),
+        ("x.api.example.com", False),  # exact names do not cover subdomains
+        ("a.corp.example", True),
+        ("a.b.c.corp.example", True),  # any depth
+        ("corp.example", False),  # *.x does not cover x itself
+        ("evilcorp.example", False),  # label boundary
+        ("corp.example.evil.test", False),
+        ("mixed.case.example", True),
+        ("", False),
+        ("127.0.0.1", False),
+    ],
+)
+def test_matches(host: str, intercepted: bool) -> None:
+    assert matches(parse_patterns(PATTERNS), host) is intercepted
+
+
+def test_star_intercepts_everything_and_empty_nothing() -> None:
+    assert matches(parse_patterns(["*"]), "anything.example")
+    assert not matches(parse_patterns([]), "anything.example")
+
+
+def test_parse_patterns_normalises() -> None:
+    p = parse_patterns(["API.Example.com.", " *.Corp.Example ", "10.0.0.1"])
+    assert p.exact == frozenset({"api.example.com", "10.0.0.1"})
+    assert p.suffixes == frozenset({"corp.example"})
+    assert not p.everything
+
+
+@pytest.mark.parametrize(
+    "pattern", ["", "*.", "a*.example", "*.*.example", "foo.*", "host:443", "a b", "http://x/"]
+)
+def test_parse_patterns_rejects(pattern: str) -> None:
+    with pytest.raises(ValueError, match="is not a host pattern"):
+        parse_patterns([pattern])
+
+
+def test_configure_error_names_the_option() -> None:
+    addon = TlsPolicy()
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="tls_intercept_hosts: 'a\\*b'"):
+            tctx.configure(addon, tls_intercept_hosts=["a*b"])
+
+
+def _hello(sni: str | None, server: connection.Server) -> SimpleNamespace:
+    return SimpleNamespace(
+        client_hello=SimpleNamespace(sni=sni),
+        context=SimpleNamespace(server=server),
+        ignore_connection=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "sni, connect_host, decision",
+    [
+        ("api.example.com", "api.example.com", "intercept"),
+        ("www.example.com", "api.example.com", "passthrough"),  # the SNI wins
+        (None, "api.example.com", "intercept"),  # no SNI: the CONNECT host
+        (None, "www.example.com", "passthrough"),
+        ("A.Corp.Example.", "10.0.0.1", "intercept"),
+    ],
+)
+def test_clienthello_decision_recorded_on_the_connect_flow(
+    sni: str | None, connect_host: str, decision: str
+) -> None:
+    addon = TlsPolicy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, tls_intercept_hosts=PATTERNS)
+        f = tflow.tflow()
+        f.request.method = "CONNECT"
+        f.request.host = connect_host
+        f.request.port = 443
+        addon.http_connect(f)
+        data = _hello(sni, f.server_conn)
+        addon.tls_clienthello(data)  # type: ignore[arg-type]
+        assert data.ignore_connection is (decision == "passthrough")
+        assert f.metadata["waypost"]["tls"] == decision
+
+
+def test_clienthello_without_connect_flow_uses_server_address() -> None:
+    addon = TlsPolicy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, tls_intercept_hosts=["api.example.com"])
+        data = _hello(None, connection.Server(address=("api.example.com", 443)))
+        addon.tls_clienthello(data)  # type: ignore[arg-type]
+        assert data.ignore_connection is False
+        data = _hello(None, connection.Server(address=None))
+        addon.tls_clienthello(data)  # type: ignore[arg-type]
+        assert data.ignore_connection is True
