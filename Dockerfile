@@ -32,8 +32,11 @@ COPY profiles ./profiles
 RUN python -O -m compileall -q /app/addons
 
 # PYTHONOPTIMIZE=1 skips mitmproxy's assert-based per-request checks (1.11x req/s measured);
-# Waypost's own code never relies on assert.
+# Waypost's own code never relies on assert. PYTHONPATH=/app makes `import addons` resolve to
+# /app/addons, the same files the entrypoint script runs from (and whose ../profiles exist),
+# ahead of the copy pip installed into the virtualenv.
 ENV PATH=/opt/waypost/bin:$PATH \
+    PYTHONPATH=/app \
     PYTHONOPTIMIZE=1 \
     PYTHONUNBUFFERED=1 \
     WAYPOST_PROFILE=/app/profiles/prod.yaml

@@ -335,6 +335,7 @@ class Setup:
     name: str
     scripts: list[str]
     args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
     child: Child | None = None
     port: int = 0
 
@@ -358,7 +359,8 @@ def start_proxy(setup: Setup, tmp: Path, origin: Origin, timeout: float) -> None
         args += ["-s", s]
     args += setup.args
     log(f"{setup.name}: {shlex.join(args)}")
-    child = setup.child = Child(setup.name, args, tmp / f"{setup.name}.out")
+    env = {**os.environ, **setup.env} if setup.env else None
+    child = setup.child = Child(setup.name, args, tmp / f"{setup.name}.out", env)
     deadline = time.monotonic() + timeout
     answers: dict[int, str] = {}
     while time.monotonic() < deadline and child.alive():
@@ -709,17 +711,21 @@ def build_setups(a: argparse.Namespace) -> list[Setup]:
         # The loopback origin must be reachable (the egress addon blocks loopback by default) and
         # the management app must stay on loopback (the prod profile binds 0.0.0.0:9090).
         # mitmproxy keeps --set values of options no loaded addon declares, without complaint.
+        # The environment too: the profile loader does not count a --set equal to the
+        # option's default (metrics_host=127.0.0.1) as set, the environment wins over it.
+        mport = str(free_port())
         common = [
             "--set", "egress_allowed_networks=127.0.0.1/32",
             "--set", "metrics_host=127.0.0.1",
-            "--set", f"metrics_port={free_port()}",
+            "--set", f"metrics_port={mport}",
         ]  # fmt: skip
+        env = {"METRICS_HOST": "127.0.0.1", "METRICS_PORT": mport}
         if a.scripts:
             files = [s.strip() for s in a.scripts.split(",") if s.strip()]
             for f in files:
                 if not (ROOT / f).is_file():
                     raise BenchError(f"--scripts: {f} does not exist")
-            setups.append(Setup("waypost", files, common + shlex.split(a.proxy_args)))
+            setups.append(Setup("waypost", files, common + shlex.split(a.proxy_args), env))
         else:
             if not (ROOT / "addons/bundle.py").is_file():
                 raise BenchError(
@@ -729,7 +735,7 @@ def build_setups(a: argparse.Namespace) -> list[Setup]:
             if not (ROOT / a.profile).is_file():
                 raise BenchError(f"profile {a.profile} does not exist (--profile)")
             args = ["--set", f"waypost_profile={a.profile}", *common, *shlex.split(a.proxy_args)]
-            setups.append(Setup("waypost", ["addons/bundle.py"], args))
+            setups.append(Setup("waypost", ["addons/bundle.py"], args, env))
     return setups
 
 
