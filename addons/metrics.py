@@ -22,10 +22,18 @@ not counted.
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from bisect import bisect_left
+from collections.abc import Iterator
 
 from mitmproxy import connection, http
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
 from addons import errors
 
@@ -45,70 +53,79 @@ def method_label(method: str) -> str:
     return method if method in METHODS else "OTHER"
 
 
-class _Metrics(NamedTuple):
-    registry: CollectorRegistry
-    requests: Counter
-    duration: Histogram
-    bytes_in: Counter
-    bytes_out: Counter
-    connections: Gauge
-    decisions: Counter
-    request_children: dict[tuple[str, int | str], Counter]
-    decision_children: dict[tuple[str, str], Counter]
-    open_clients: set[str]
+class Store:
+    """The process's metric values as plain numbers, turned into Prometheus families on scrape.
 
+    Everything runs on mitmproxy's event loop (hooks and the management app's scrape), so plain
+    dict and list updates need no locks; prometheus-client's own Counter/Histogram objects take
+    a lock per update and cost ~1-2 us each, several times this.
+    """
 
-def _define() -> _Metrics:
-    registry = CollectorRegistry(auto_describe=True)
-    size = Counter(
-        "http_request_bytes_total",
-        "Body bytes received from clients (in) and sent to clients (out).",
-        ["direction"],
-        registry=registry,
-    )
-    return _Metrics(
-        registry=registry,
-        requests=Counter(
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int | str], int] = {}
+        self.buckets = [0] * (len(BUCKETS) + 1)  # per bucket, not cumulative; last is +Inf
+        self.duration_sum = 0.0
+        self.bytes = [0, 0]  # in, out
+        self.decisions: dict[tuple[str, str], int] = {}
+        self.open_clients: set[str] = set()
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
             "http_requests_total",
             "Requests answered, by method and response status.",
-            ["method", "status"],
-            registry=registry,
-        ),
-        duration=Histogram(
+            labels=["method", "status"],
+        )
+        for (method, status), n in self.requests.items():
+            requests.add_metric([method, str(status)], n)
+        yield requests
+        cumulative, acc = [], 0
+        for bound, n in zip((*map(floatToGoString, BUCKETS), "+Inf"), self.buckets, strict=True):
+            acc += n
+            cumulative.append((bound, acc))
+        yield HistogramMetricFamily(
             "http_request_duration_seconds",
             "Time from the first request byte to the last response byte.",
-            buckets=BUCKETS,
-            registry=registry,
-        ),
-        bytes_in=size.labels("in"),
-        bytes_out=size.labels("out"),
-        connections=Gauge(
-            "proxy_active_connections", "Open client connections.", registry=registry
-        ),
-        decisions=Counter(
+            buckets=cumulative,
+            sum_value=self.duration_sum,
+        )
+        size = CounterMetricFamily(
+            "http_request_bytes_total",
+            "Body bytes received from clients (in) and sent to clients (out).",
+            labels=["direction"],
+        )
+        size.add_metric(["in"], self.bytes[0])
+        size.add_metric(["out"], self.bytes[1])
+        yield size
+        yield GaugeMetricFamily(
+            "proxy_active_connections", "Open client connections.", len(self.open_clients)
+        )
+        decisions = CounterMetricFamily(
             "policy_decisions_total",
             "Flows with a policy decision, by decision and the rule id that made it.",
-            ["decision", "rule"],
-            registry=registry,
-        ),
-        request_children={},
-        decision_children={},
-        open_clients=set(),
-    )
+            labels=["decision", "rule"],
+        )
+        for labels, n in self.decisions.items():
+            decisions.add_metric(list(labels), n)
+        yield decisions
+
+
+def _define() -> tuple[CollectorRegistry, Store]:
+    registry = CollectorRegistry()
+    store = Store()
+    registry.register(store)
+    return registry, store
 
 
 if __name__ == "addons.metrics":
-    METRICS = _define()
+    REGISTRY, STORE = _define()
 else:
     # Loaded by mitmproxy as a script (`-s addons/metrics.py`, module `__mitmproxy_script__.*`,
     # re-executed on every reload): share the package module's registry, which is the one the
     # management app serves, instead of registering a second set of metrics.
     try:
-        from addons.metrics import METRICS
+        from addons.metrics import REGISTRY, STORE
     except ImportError:  # the package is not importable: this file is all there is
-        METRICS = _define()
-
-REGISTRY: CollectorRegistry = METRICS.registry
+        REGISTRY, STORE = _define()
 
 
 def _record(flow: http.HTTPFlow, status: int | str, end: float) -> None:
@@ -116,34 +133,32 @@ def _record(flow: http.HTTPFlow, status: int | str, end: float) -> None:
     if _COUNTED in meta or "local" in meta:  # counted already / a probe the proxy answered
         return
     meta[_COUNTED] = True
-    m = METRICS
+    st = STORE
     req = flow.request
     method = req.method
     key = (method if method in METHODS else "OTHER", status)
-    child = m.request_children.get(key)
-    if child is None:
-        child = m.request_children[key] = m.requests.labels(key[0], str(status))
-    child.inc()
-    m.duration.observe(max(0.0, end - req.timestamp_start))
+    st.requests[key] = st.requests.get(key, 0) + 1
+    elapsed = end - req.timestamp_start
+    if elapsed < 0.0:
+        elapsed = 0.0
+    st.buckets[bisect_left(BUCKETS, elapsed)] += 1
+    st.duration_sum += elapsed
     if method != "CONNECT":
         body = req.raw_content
         if body:
-            m.bytes_in.inc(len(body))
+            st.bytes[0] += len(body)
         resp = flow.response
         if resp is not None:
             body = resp.raw_content
             if body:
-                m.bytes_out.inc(len(body))
+                st.bytes[1] += len(body)
     decision = meta.get("decision")
     if decision:
         dkey = (str(decision), str(meta.get("rule") or ""))
-        dchild = m.decision_children.get(dkey)
-        if dchild is None:
-            if len(m.decision_children) >= MAX_DECISION_SERIES:
-                dkey = (dkey[0], "_other")
-            dchild = m.decision_children.get(dkey) or m.decisions.labels(*dkey)
-            m.decision_children[dkey] = dchild
-        dchild.inc()
+        counts = st.decisions
+        if dkey not in counts and len(counts) >= MAX_DECISION_SERIES:
+            dkey = (dkey[0], "_other")
+        counts[dkey] = counts.get(dkey, 0) + 1
 
 
 class Metrics:
@@ -168,15 +183,11 @@ class Metrics:
             _record(flow, resp.status_code, time.time())
 
     def client_connected(self, client: connection.Client) -> None:
-        if client.id not in METRICS.open_clients:
-            METRICS.open_clients.add(client.id)
-            METRICS.connections.inc()
+        STORE.open_clients.add(client.id)
 
     def client_disconnected(self, client: connection.Client) -> None:
-        # Only connections this process counted: a reload or a late load never goes negative.
-        if client.id in METRICS.open_clients:
-            METRICS.open_clients.discard(client.id)
-            METRICS.connections.dec()
+        # A set of ids, not a counter: a reload or a late load never goes negative.
+        STORE.open_clients.discard(client.id)
 
 
 addons = [Metrics()]

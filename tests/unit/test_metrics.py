@@ -114,9 +114,9 @@ def test_policy_decisions_from_waypost_metadata() -> None:
         m.response(f)
         assert value("policy_decisions_total", decision="blocked", rule="ads") == before + 1
         plain = tflow.tflow(resp=True)  # no decision recorded: no decision series
-        n = len(metrics.METRICS.decision_children)
+        n = len(metrics.STORE.decisions)
         m.response(plain)
-        assert len(metrics.METRICS.decision_children) == n
+        assert len(metrics.STORE.decisions) == n
 
 
 def test_decision_series_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
