@@ -289,6 +289,7 @@ def _server_handle_event(self: Any, event: events.Event) -> Gen:
         if (
             lim.header_timeout > 0
             and self._wp_deadline is None
+            and not isinstance(event, events.ConnectionClosed)
             and (
                 isinstance(event, events.Start)
                 or self.buf
