@@ -1,0 +1,485 @@
+"""Structured logs: JSON (or text) lines on stdout or in a file, and one access line per request.
+
+- Formats: mitmproxy's own terminal handler (`termlog`) gets our formatter, so every line on
+  stdout, mitmproxy's included ("HTTP(S) proxy listening at ..."), is one JSON object with
+  `timestamp` (ISO 8601 UTC, ms, Z), `level`, `logger`, `message` and any extra fields. Text
+  mode keeps mitmproxy's line format and appends `key=value` fields.
+- Access lines (logger `waypost.access`, INFO): message `request` from `response`/`error`, and
+  `connect` from `http_connected`/`http_connect_error`, with request_id, client_ip, method,
+  url (secret query values redacted), status, duration_ms, bytes_sent, bytes_received,
+  cache_hit, backend, and every decision recorded in `errors.waypost(flow)`. They go straight to
+  the output handler rather than through the root logger: mitmproxy's root handlers turn every
+  record into an `add_log` event dispatched to all addons, which would cost more than the line.
+- In JSON mode, mitmproxy's per-connection chatter (`client connect`, `server connect`, ...
+  from `mitmproxy.proxy.server`) is raised to WARNING unless log_level is debug. mitmdump's
+  `dumper` prints flows outside logging; set `flow_detail=0` (the bundle does) for pure JSON.
+- Output `file`: waypost's records and the access lines go to `log_file` (written by a
+  background thread, reopened when logrotate moves it); mitmproxy's lines and waypost
+  errors stay on stdout, where startup failures are reported.
+
+Hooks: configure, done, response, error, http_connected, http_connect_error.
+Options: log_level, log_format, log_output, log_file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import os
+import queue
+import re
+import sys
+import time
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+
+from addons import errors
+
+log = logging.getLogger("waypost.accesslog")
+access_log = logging.getLogger("waypost.access")
+
+LEVELS = ("debug", "info", "warning", "error")
+_LOGGED = "waypost.accesslog.logged"
+_MITM_CHATTER = "mitmproxy.proxy.server"
+
+# Query parameter names containing any of these are secrets (case-insensitive substrings:
+# `x-api-key`, `client_secret`, `id_token` all match). Over-redacting beats leaking.
+SECRET_WORDS = (
+    "token",
+    "key",
+    "secret",
+    "password",
+    "passwd",
+    "auth",
+    "signature",
+    "sig",
+    "access_token",
+    "api_key",
+)
+_SECRET_NAME = re.compile("|".join(re.escape(w) for w in SECRET_WORDS), re.IGNORECASE)
+REDACTED = "REDACTED"
+
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "waypost",
+}
+
+
+# --- pure helpers --------------------------------------------------------------------------------
+
+
+def redact_url(url: str) -> str:
+    """The URL with secret-looking query values and any userinfo password replaced by REDACTED."""
+    if "?" not in url and "@" not in url:
+        return url
+    scheme_sep = url.find("://")
+    if scheme_sep != -1 and "@" in url:
+        start = scheme_sep + 3
+        end = len(url)
+        for c in "/?#":
+            i = url.find(c, start)
+            if i != -1 and i < end:
+                end = i
+        at = url.rfind("@", start, end)
+        if at != -1:
+            user, sep, _ = url[start:at].partition(":")
+            url = f"{url[:start]}{user}{':' + REDACTED if sep else ''}{url[at:]}"
+    if "?" not in url:
+        return url
+    base, _, query = url.partition("?")
+    query, hash_sep, fragment = query.partition("#")
+    parts = query.split("&")
+    changed = False
+    for i, part in enumerate(parts):
+        name, eq, value = part.partition("=")
+        if eq and value and _SECRET_NAME.search(_unquote_name(name)):
+            parts[i] = f"{name}={REDACTED}"
+            changed = True
+    if not changed:
+        return url
+    return f"{base}?{'&'.join(parts)}{hash_sep}{fragment}"
+
+
+def _unquote_name(name: str) -> str:
+    if "%" not in name and "+" not in name:
+        return name
+    from urllib.parse import unquote_plus
+
+    return unquote_plus(name)
+
+
+def iso_timestamp(created: float) -> str:
+    """ISO 8601 UTC with milliseconds and Z, as in error bodies."""
+    ms = int(created * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{ms:03d}Z"
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+def to_json(obj: dict[str, Any]) -> str:
+    # ensure_ascii escapes every non-ASCII character, so no raw bidi/control code point from a
+    # client reaches a terminal; json escapes C0 controls, and DEL is done by hand.
+    s = json.dumps(obj, ensure_ascii=True, default=_json_default)
+    return s.replace("\x7f", "\\u007f") if "\x7f" in s else s
+
+
+def text_value(value: object) -> str:
+    """A field value for text lines: bare when plainly printable, else a JSON string."""
+    s = value if isinstance(value, str) else str(value)
+    if s and s.isascii() and s.isprintable() and " " not in s and '"' not in s:
+        return s
+    return to_json(s)  # type: ignore[arg-type]
+
+
+def _extra(record: logging.LogRecord) -> dict[str, Any]:
+    fields = record.__dict__.get("waypost")
+    out: dict[str, Any] = dict(fields) if fields else {}
+    for k in record.__dict__.keys() - _RECORD_ATTRS:
+        v = record.__dict__[k]
+        if k == "client" and isinstance(v, tuple) and len(v) >= 2:
+            v = f"{v[0]}:{v[1]}"
+        out.setdefault(k, v)
+    return out
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: timestamp, level, logger, message, then extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "timestamp": iso_timestamp(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = record.__dict__.get("waypost")
+        if fields is not None and len(record.__dict__) <= _plain_record_size:
+            out.update(fields)  # the access-line fast path: nothing else to look for
+        else:
+            for k, v in _extra(record).items():
+                out.setdefault(k, v)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = record.stack_info
+        return to_json(out)
+
+
+# A record made with only extra={"waypost": ...} has this many attributes.
+_plain_record_size = len(vars(logging.LogRecord("", 0, "", 0, "", (), None))) + 1
+
+
+class TextFormatter(logging.Formatter):
+    """A human line (mitmproxy's format when wrapping its formatter) plus escaped `k=v` fields."""
+
+    def __init__(self, inner: logging.Formatter | None = None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = self.inner.format(record)
+        if record.__dict__.get("waypost") is None and not record.name.startswith("waypost"):
+            return line
+        fields = _extra(record)
+        fields.pop("client", None)
+        if not fields:
+            return line
+        return line + " " + " ".join(f"{k}={text_value(v)}" for k, v in fields.items())
+
+
+class _Gate(logging.Filter):
+    """On the terminal handler: waypost records by their own threshold, others by verbosity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.others = logging.INFO
+        self.waypost_min = logging.NOTSET
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("waypost"):
+            return record.levelno >= self.waypost_min
+        return record.levelno >= self.others
+
+
+# --- access lines --------------------------------------------------------------------------------
+
+
+def _body_len(message: http.Message | None) -> int | None:
+    if message is None:
+        return 0
+    raw = message.raw_content
+    if raw is not None:
+        return len(raw)
+    cl = message.headers.get("content-length")  # streamed: what was announced
+    return int(cl) if cl and cl.isdigit() else None
+
+
+def access_fields(flow: http.HTTPFlow, now: float) -> dict[str, Any]:
+    """The access line's fields for a finished (or failed) request or CONNECT."""
+    meta = errors.waypost(flow)
+    req = flow.request
+    resp = flow.response
+    client = meta.get("client_ip")
+    if client is None and flow.client_conn.peername:
+        client = flow.client_conn.peername[0]
+        if client.startswith("::ffff:") and "." in client:
+            client = client[7:]
+    if resp is not None:
+        status: int | None = resp.status_code
+        end = resp.timestamp_end or now
+    else:
+        code = meta.get("error_code")
+        status = errors.STATUS.get(code) if code else None
+        end = now
+    backend = meta.get("backend")
+    if backend is None:
+        server = flow.server_conn
+        if server.address and server.timestamp_start is not None:
+            backend = f"{server.address[0]}:{server.address[1]}"
+    cache_hit = meta.get("cache_hit")
+    if cache_hit is None:
+        cache_hit = str(meta.get("cache", "")).upper() == "HIT"
+    method = req.method
+    tunnel = method == "CONNECT"
+    fields: dict[str, Any] = {
+        "request_id": errors.request_id(flow),
+        "client_ip": client,
+        "method": method,
+        "url": redact_url(req.pretty_url),
+        "status": status,
+        "duration_ms": round((end - req.timestamp_start) * 1000, 2),
+        "bytes_sent": 0 if tunnel else _body_len(resp),
+        "bytes_received": 0 if tunnel else _body_len(req),
+        "cache_hit": bool(cache_hit),
+        "backend": backend,
+    }
+    for k, v in meta.items():
+        fields.setdefault(k, v)
+    if flow.error is not None:
+        fields["error"] = flow.error.msg
+    return fields
+
+
+# --- addon ---------------------------------------------------------------------------------------
+
+
+class AccessLog:
+    def __init__(self) -> None:
+        self.gate = _Gate()
+        self.termlog: logging.Handler | None = None
+        self.termlog_formatter: logging.Formatter | None = None
+        self.stdout_handler: logging.Handler | None = None
+        self.file_handler: logging.Handler | None = None
+        self.listener: logging.handlers.QueueListener | None = None
+        self.chatter_level: int | None = None
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "log_level",
+            str,
+            "info",
+            "Level of Waypost's own log records: debug, info, warning or error. Access lines "
+            "are INFO, so `warning` turns them off. In JSON mode, `debug` also lets mitmproxy's "
+            "per-connection lines through.",
+            choices=LEVELS,
+        )
+        loader.add_option(
+            "log_format",
+            str,
+            "json",
+            "`json`: every log line (mitmproxy's too) is one JSON object with timestamp, level, "
+            "logger, message and extra fields. `text`: mitmproxy's human lines, with key=value "
+            "fields appended to Waypost's records.",
+            choices=("json", "text"),
+        )
+        loader.add_option(
+            "log_output",
+            str,
+            "stdout",
+            "`stdout`: all lines on standard output. `file`: Waypost's records and access lines "
+            "go to log_file (written off the event loop, reopened after logrotate moves it); "
+            "mitmproxy's own lines and Waypost errors stay on standard output.",
+            choices=("stdout", "file"),
+        )
+        loader.add_option(
+            "log_file",
+            str,
+            "",
+            "Path of the log file when log_output is `file`. Its directory must exist and be "
+            "writable; the file is appended to.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if not updated & {"log_level", "log_format", "log_output", "log_file", "termlog_verbosity"}:
+            return
+        opts = ctx.options
+        if opts.log_output == "file":
+            if not opts.log_file:
+                raise exceptions.OptionsError(
+                    "log_file: empty while log_output is file (set log_file=/path/to/waypost.log)"
+                )
+            if updated & {"log_output", "log_file"} or self.file_handler is None:
+                problem = _unwritable(opts.log_file)
+                if problem:
+                    raise exceptions.OptionsError(
+                        f"log_file: cannot write {opts.log_file!r}: {problem} "
+                        "(create the directory or fix its permissions)"
+                    )
+        level = logging.getLevelName(opts.log_level.upper())
+        logging.getLogger("waypost").setLevel(level)
+
+        termlog = self._termlog_handler()
+        if termlog is not None and termlog is not self.termlog:
+            self._restore()
+            self.termlog = termlog
+            self.termlog_formatter = termlog.formatter
+            termlog.addFilter(self.gate)
+        json_mode = opts.log_format == "json"
+        formatter = JsonFormatter() if json_mode else TextFormatter(self.termlog_formatter)
+
+        # The terminal handler's level is termlog_verbosity; our records have their own.
+        name = opts.termlog_verbosity if "termlog_verbosity" in opts else "info"
+        verbosity = logging.getLevelName(name.upper())
+        self.gate.others = verbosity if isinstance(verbosity, int) else logging.INFO
+        self.gate.waypost_min = logging.ERROR if opts.log_output == "file" else logging.NOTSET
+        out: logging.Handler
+        if termlog is not None:
+            termlog.setFormatter(formatter)
+            termlog.setLevel(min(self.gate.others, level))
+            out = termlog
+        else:
+            if self.stdout_handler is None:
+                self.stdout_handler = logging.StreamHandler(sys.stdout)
+                self.stdout_handler.addFilter(self.gate)
+                logging.getLogger("waypost").addHandler(self.stdout_handler)
+            self.stdout_handler.setFormatter(formatter)
+            out = self.stdout_handler
+
+        if opts.log_output == "file":
+            if updated & {"log_output", "log_file"} or self.file_handler is None:
+                self._close_file()
+                out = self._open_file(opts.log_file)
+            else:
+                out = self.file_handler
+            # Files get full dates; mitmproxy's terminal format has only the time of day.
+            out.setFormatter(JsonFormatter() if json_mode else TextFormatter())
+        else:
+            self._close_file()
+
+        # Access lines skip the root logger (see the module docstring).
+        access_log.propagate = False
+        for h in list(access_log.handlers):
+            access_log.removeHandler(h)
+        if out is not self.stdout_handler:
+            access_log.addHandler(out)
+        else:
+            access_log.propagate = True  # reaches stdout_handler on "waypost" once
+
+        chatter = logging.getLogger(_MITM_CHATTER)
+        if self.chatter_level is None:
+            self.chatter_level = chatter.level
+        if opts.log_format == "json" and level > logging.DEBUG:
+            chatter.setLevel(logging.WARNING)
+        else:
+            chatter.setLevel(self.chatter_level)
+
+    @staticmethod
+    def _termlog_handler() -> logging.Handler | None:
+        try:
+            addon = ctx.master.addons.get("termlog")
+        except AttributeError:
+            return None
+        handler = getattr(addon, "logger", None)
+        return handler if isinstance(handler, logging.Handler) else None
+
+    def _open_file(self, path: str) -> logging.Handler:
+        try:
+            target = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+        except OSError as e:
+            raise exceptions.OptionsError(
+                f"log_file: cannot open {path!r}: {e.strerror} (check the path and permissions)"
+            ) from None
+        q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        # QueueHandler formats in the caller (with our formatter); the thread only writes.
+        self.file_handler = logging.handlers.QueueHandler(q)
+        self.listener = logging.handlers.QueueListener(q, target)
+        self.listener.start()
+        logging.getLogger("waypost").addHandler(self.file_handler)
+        return self.file_handler
+
+    def _close_file(self) -> None:
+        if self.file_handler is not None:
+            logging.getLogger("waypost").removeHandler(self.file_handler)
+            access_log.removeHandler(self.file_handler)
+            self.file_handler = None
+        if self.listener is not None:
+            self.listener.stop()
+            for h in self.listener.handlers:
+                h.close()
+            self.listener = None
+
+    def _restore(self) -> None:
+        if self.termlog is not None:
+            self.termlog.removeFilter(self.gate)
+            if self.termlog_formatter is not None:
+                self.termlog.setFormatter(self.termlog_formatter)
+            self.termlog = None
+
+    def done(self) -> None:
+        for h in list(access_log.handlers):
+            access_log.removeHandler(h)
+        access_log.propagate = True
+        self._close_file()
+        if self.stdout_handler is not None:
+            logging.getLogger("waypost").removeHandler(self.stdout_handler)
+            self.stdout_handler = None
+        self._restore()
+        if self.chatter_level is not None:
+            logging.getLogger(_MITM_CHATTER).setLevel(self.chatter_level)
+            self.chatter_level = None
+        logging.getLogger("waypost").setLevel(logging.NOTSET)
+
+    # -- hooks --
+
+    def _log(self, flow: http.HTTPFlow, message: str) -> None:
+        if not access_log.isEnabledFor(logging.INFO) or flow.metadata.get(_LOGGED):
+            return
+        flow.metadata[_LOGGED] = True
+        access_log.info(message, extra={"waypost": access_fields(flow, time.time())})
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._log(flow, "request")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._log(flow, "request")
+
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        self._log(flow, "connect")
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        self._log(flow, "connect")
+
+
+def _unwritable(path: str) -> str | None:
+    """Why `path` cannot be appended to, or None. Only stat/access calls: nothing that blocks."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "it is a directory"
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else "the file is not writable"
+    if not os.path.isdir(directory):
+        return f"directory {directory!r} does not exist"
+    return None if os.access(directory, os.W_OK) else f"directory {directory!r} is not writable"
+
+
+addons = [AccessLog()]
