@@ -353,3 +353,9 @@ def test_slowloris_connections_are_closed(proxy: Proxy, backend: Backend) -> Non
     assert not open_socks, f"{len(open_socks)} slowloris connections still open"
     assert elapsed < 4
     assert sum(status_of(a) == 408 for a in answers.values() if a) >= 18
+
+
+def test_pipelined_flood_while_waiting_is_bounded(proxy: Proxy, backend: Backend) -> None:
+    flood = b"a" * 64 * 1024
+    resp = raw_request(proxy.port, _get(backend, path="/slow/1500") + flood, timeout=5)
+    _assert_error(resp, 431, "HEADERS_TOO_LARGE")
