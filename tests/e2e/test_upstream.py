@@ -168,3 +168,18 @@ def test_stalled_body_is_json_504(proxy_factory, backend) -> None:
     resp = _get(p.port, f"{backend.url}/stream?n=3&ms=2000")
     assert time.monotonic() - t0 < 1.8
     _assert_json_error(resp, 504, "BACKEND_TIMEOUT")
+
+
+def test_stalled_streamed_body_closes_the_connection(proxy_factory, backend) -> None:
+    # Streamed (stream_large_bodies): headers and chunk 0 already reached the client, so no
+    # error response is possible any more; the connection is closed mid-body instead.
+    p = proxy_factory(
+        scripts=SCRIPTS, options={"upstream_read_timeout": "1s", "stream_large_bodies": "1"}
+    )
+    t0 = time.monotonic()
+    resp = _get(p.port, f"{backend.url}/stream?n=3&ms=2000")
+    assert time.monotonic() - t0 < 1.8
+    assert status_of(resp) == 200
+    assert b"chunk 0" in resp and b"chunk 1" not in resp
+    assert not resp.endswith(b"0\r\n\r\n")
+    p.wait_for(r"failed: read_timeout")

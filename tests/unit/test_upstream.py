@@ -1,0 +1,274 @@
+"""Unit tests: the mitmproxy error -> Waypost error table, the patch, and the hooks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mitmproxy import exceptions, http, version
+from mitmproxy.connection import ConnectionState
+from mitmproxy.proxy import commands
+from mitmproxy.proxy.layers.http import ResponseProtocolError, _http1
+from mitmproxy.test import taddons, tflow
+
+from addons import upstream
+from addons.upstream import Failure, classify, event_status, reason_of
+
+# What mitmproxy says (status it would send, message), and what the client must get.
+CASES = [
+    (
+        502,
+        "[Errno 111] Connect call failed ('127.0.0.1', 9)",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "connection_refused",
+    ),
+    (502, "[Errno -2] Name or service not known", None, "BACKEND_UNREACHABLE", 502, "dns_failure"),
+    (
+        502,
+        "[Errno -3] Temporary failure in name resolution",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "dns_failure",
+    ),
+    (502, "[Errno 101] Network is unreachable", None, "BACKEND_UNREACHABLE", 502, "unreachable"),
+    (502, "[Errno 113] No route to host", None, "BACKEND_UNREACHABLE", 502, "unreachable"),
+    (
+        502,
+        "[Errno 110] Connect call failed ('10.0.0.1', 80)",
+        None,
+        "BACKEND_TIMEOUT",
+        504,
+        "connect_timeout",
+    ),
+    (502, "upstream connect timeout (1s)", None, "BACKEND_TIMEOUT", 504, "connect_timeout"),
+    (502, "server closed connection", "read_timeout", "BACKEND_TIMEOUT", 504, "read_timeout"),
+    (502, "server closed connection", None, "BACKEND_UNREACHABLE", 502, "closed"),
+    (
+        502,
+        "Cannot parse HTTP response: bad status",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "invalid_response",
+    ),
+    (
+        502,
+        "Response body exceeds mitmproxy's body_size_limit.",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "response_too_large",
+    ),
+    (
+        502,
+        "Connection killed: Request destination unknown. Unable to figure out where this request "
+        "should be forwarded to.",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "self_connect",
+    ),
+    (
+        502,
+        "Connection killed: blocked by egress policy",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "connection_killed",
+    ),
+    (
+        413,
+        "Request body exceeds mitmproxy's body_size_limit.",
+        None,
+        "PAYLOAD_TOO_LARGE",
+        413,
+        "request_too_large",
+    ),
+    (
+        400,
+        "HTTP request has no host header, destination unknown.",
+        None,
+        "BAD_REQUEST",
+        400,
+        "bad_request",
+    ),
+    (400, "Bad HTTP request line: b'x'", None, "BAD_REQUEST", 400, "bad_request"),
+    (504, "gateway timeout", None, "BACKEND_TIMEOUT", 504, "error"),
+    (503, "whatever", None, "CIRCUIT_OPEN", 503, "error"),
+    (499, "client closed", None, "INTERNAL_ERROR", 499, "error"),
+    # status unknown (the `error` hook only has the message): inferred
+    (
+        None,
+        "[Errno 111] Connect call failed ('127.0.0.1', 9)",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "connection_refused",
+    ),
+    (None, "upstream connect timeout (10s)", None, "BACKEND_TIMEOUT", 504, "connect_timeout"),
+    (None, "server closed connection", "read_timeout", "BACKEND_TIMEOUT", 504, "read_timeout"),
+    (
+        None,
+        "Request body exceeds mitmproxy's body_size_limit.",
+        None,
+        "PAYLOAD_TOO_LARGE",
+        413,
+        "request_too_large",
+    ),
+    (None, "HTTP/1 protocol error: bad chunk", None, "BAD_REQUEST", 400, "bad_request"),
+]
+
+
+@pytest.mark.parametrize(("status", "message", "timed_out", "code", "out_status", "reason"), CASES)
+def test_classify(
+    status: int | None, message: str, timed_out: str | None, code: str, out_status: int, reason: str
+) -> None:
+    f = classify(status, message, timed_out)
+    assert (f.code, f.status, f.reason) == (code, out_status, reason)
+    assert f.message
+
+
+def test_a_timeout_never_hides_a_client_error() -> None:
+    assert classify(400, "bad", "read_timeout").code == "BAD_REQUEST"
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [("", "error"), ("something odd", "error"), ("Cannot connect to x:1: boom", "connect_failed")],
+)
+def test_reason_of(message: str, reason: str) -> None:
+    assert reason_of(message) == reason
+
+
+def test_event_status_int_codes_of_mitmproxy_11() -> None:
+    assert event_status(502) == 502
+    assert event_status(413) == 413
+    assert event_status(444) is None  # NO_RESPONSE
+
+
+@pytest.mark.skipif(not version.VERSION.startswith("12."), reason="ErrorCode is mitmproxy 12")
+def test_event_status_error_codes_of_mitmproxy_12() -> None:
+    from mitmproxy.proxy.layers.http import ErrorCode  # type: ignore[attr-defined]
+
+    assert event_status(ErrorCode.CONNECT_FAILED) == 502
+    assert event_status(ErrorCode.REQUEST_TOO_LARGE) == 413
+    assert event_status(ErrorCode.DESTINATION_UNKNOWN) == 400
+    assert event_status(ErrorCode.KILL) is None
+
+
+def _protocol_error(message: str, status: int) -> ResponseProtocolError:
+    if version.VERSION.startswith("11."):
+        return ResponseProtocolError(1, message, status)
+    from mitmproxy.proxy.layers.http import ErrorCode  # type: ignore[attr-defined]
+
+    code = {502: ErrorCode.CONNECT_FAILED, 413: ErrorCode.REQUEST_TOO_LARGE}[status]
+    return ResponseProtocolError(1, message, code)
+
+
+def test_patch_is_idempotent_and_undone() -> None:
+    original_send = _http1.Http1Server.send
+    original_make = _http1.make_error_response
+    addon = upstream.Upstream()
+    with taddons.context(addon):
+        assert upstream.install_patch()
+        assert upstream.install_patch()  # a script reload installs again: no double wrapper
+        assert _http1.Http1Server.send is upstream._send
+        assert upstream._send.__waypost_original__ is original_send  # type: ignore[attr-defined]
+        body = _http1.make_error_response(400, "bad")
+        assert b"application/json" in body and b'"BAD_REQUEST"' in body
+        addon.done()
+    assert _http1.Http1Server.send is original_send
+    assert _http1.make_error_response is original_make
+
+
+def test_unchecked_version_is_left_alone(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    monkeypatch.setattr(upstream.version, "VERSION", "99.0.0")
+    original = _http1.Http1Server.send
+    assert not upstream.install_patch()
+    assert _http1.Http1Server.send is original
+    assert "not a version Waypost checked" in caplog.text
+
+
+def test_http1_server_sends_json_with_the_flows_request_id() -> None:
+    addon = upstream.Upstream()
+    with taddons.context(addon):
+        upstream.install_patch()
+        try:
+            f = tflow.tflow()
+            f.request.headers["X-Request-ID"] = "rid-42"
+            f.error = tflow.terr("[Errno 111] Connect call failed ('127.0.0.1', 9)")
+            addon.error(f)
+            assert f.metadata["waypost"]["backend_error"] == "connection_refused"
+
+            server = _http1.Http1Server.__new__(_http1.Http1Server)
+            server.conn = f.client_conn
+            server.conn.state = ConnectionState.OPEN
+            server.request = f.request
+            server.response = None
+            cmds = list(server.send(_protocol_error("[Errno 111] refused", 502)))
+            assert isinstance(cmds[0], commands.SendData)
+            assert isinstance(cmds[1], commands.CloseConnection)
+            head, _, body = cmds[0].data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 502 Bad Gateway")
+            assert b"X-Request-ID: rid-42" in head
+            err = json.loads(body)["error"]
+            assert (err["code"], err["request_id"]) == ("BACKEND_UNREACHABLE", "rid-42")
+            assert f.metadata["waypost"]["error_code"] == "BACKEND_UNREACHABLE"
+        finally:
+            addon.done()
+
+
+def test_error_hook_ignores_killed_flows() -> None:
+    addon = upstream.Upstream()
+    with taddons.context(addon):
+        f = tflow.tflow()
+        f.kill()
+        addon.error(f)
+        assert "backend_error" not in f.metadata.get("waypost", {})
+        addon.done()
+
+
+def test_connect_error_response_becomes_json() -> None:
+    addon = upstream.Upstream()
+    with taddons.context(addon):
+        f = tflow.tflow(
+            req=tflow.treq(
+                method=b"CONNECT", host="127.0.0.1", port=9, path=b"", authority=b"127.0.0.1:9"
+            ),
+            resp=False,
+        )
+        f.server_conn.error = "upstream connect timeout (1s)"
+        f.response = http.Response.make(502, b"Cannot connect to 127.0.0.1:9: ...")
+        addon.http_connect_error(f)
+        assert f.response.status_code == 504
+        assert json.loads(f.response.content)["error"]["code"] == "BACKEND_TIMEOUT"
+        assert f.metadata["waypost"]["backend_error"] == "connect_timeout"
+        addon.done()
+
+
+def test_connect_error_from_another_addon_is_kept() -> None:
+    addon = upstream.Upstream()
+    with taddons.context(addon):
+        f = tflow.tflow(resp=False)
+        f.response = http.Response.make(403, b"no")
+        addon.http_connect_error(f)
+        assert f.response.status_code == 403
+        addon.done()
+
+
+@pytest.mark.parametrize("name", ["upstream_connect_timeout", "upstream_read_timeout"])
+def test_configure_rejects_bad_durations(name: str) -> None:
+    addon = upstream.Upstream()
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError, match=name):
+            tctx.configure(addon, **{name: "soon"})
+        tctx.configure(addon, **{name: "250ms"})
+        assert getattr(addon, name.removeprefix("upstream_")) == 0.25
+        addon.done()
+
+
+def test_failure_is_a_plain_tuple() -> None:
+    assert Failure("BAD_REQUEST", 400, "bad_request", "x")._asdict()["status"] == 400
