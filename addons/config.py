@@ -44,11 +44,11 @@ class Config:
             "waypost_profile",
             str,
             "",
-            """
-            Path of the YAML profile to run with. Empty: the WAYPOST_PROFILE environment
-            variable, else profiles/default.yaml. The file is re-read when it changes, on SIGHUP
-            and on POST /admin/reload; a bad new version is refused and the old one stays.
-            """,
+            # One line: mitmproxy compares a reloaded script's help with the stored, flattened
+            # text, and a multi-line help resets the option on every script reload.
+            "Path of the YAML profile to run with. Empty: the WAYPOST_PROFILE environment "
+            "variable, else profiles/default.yaml. The file is re-read when it changes, on SIGHUP "
+            "and on POST /admin/reload; a bad new version is refused and the old one stays.",
         )
 
     def configure(self, updated: set[str]) -> None:
