@@ -44,6 +44,7 @@ DNS_CACHE_SECONDS = 30.0
 DNS_FAILURE_CACHE_SECONDS = 5.0
 DNS_TIMEOUT_SECONDS = 10.0
 DNS_CACHE_SIZE = 4096
+LITERAL_CACHE_SIZE = 4096
 
 # The marker in `server.error` that tells `http_connect_error` the kill was ours.
 KILL_PREFIX = "Waypost egress policy refused the connection"
@@ -289,6 +290,7 @@ class Egress:
             DNS_CACHE_SIZE, DNS_CACHE_SECONDS
         )
         self._dns_failures: TTLCache[str, str] = TTLCache(DNS_CACHE_SIZE, DNS_FAILURE_CACHE_SECONDS)
+        self._literals: dict[str, tuple[IPAddress]] = {}
         self._inflight: dict[str, asyncio.Future[tuple[IPAddress, ...]]] = {}
         self._local: LRUCache[IPAddress, bool] = LRUCache(256)
         # server.id -> the (host, port) the connection was asked for, while it is pinned to an IP
@@ -350,12 +352,19 @@ class Egress:
 
     async def resolve(self, host: str) -> tuple[IPAddress, ...]:
         """The addresses `host` (normalised) stands for: itself if an IP literal, else DNS."""
-        ip = parse_ip(host)
-        if ip is not None:
-            return (ip,)
+        literal = self._literals.get(host)
+        if literal is not None:
+            return literal
         cached = self._dns.get(host)
         if cached is not None:
             return cached
+        ip = parse_ip(host)
+        if ip is not None:
+            # ipaddress parsing costs several µs; remember the literals seen (bounded).
+            if len(self._literals) >= LITERAL_CACHE_SIZE:
+                self._literals.clear()
+            literal = self._literals[host] = (ip,)
+            return literal
         failure = self._dns_failures.get(host)
         if failure is not None:
             raise ResolveError(failure)
