@@ -496,6 +496,7 @@ class Row:
     rss_mb: float
     peak_rss_mb: float
     cpu_ms_per_req: float | None
+    cpu_pct: float
     ratio: float | None = None
     reps: list[float] = field(default_factory=list)
 
@@ -514,7 +515,9 @@ def measure(
     settle(pid, baseline_fds)
     check_loopback(setup)
     before, served0, drops0 = proc_stat(pid), origin.served(), listen_drops()
+    t0 = time.monotonic()
     w = run_wrk(wrk, lua, setup.port, conns, args.threads, args.duration, args.timeout)
+    wall = time.monotonic() - t0
     if not setup.child.alive():
         raise BenchError(
             f"{setup.name} died during the run at {conns} connections:\n{setup.child.tail()}"
@@ -538,6 +541,7 @@ def measure(
         rss_mb=after["rss_mb"],
         peak_rss_mb=after["hwm_mb"],
         cpu_ms_per_req=cpu * 1000 / n if n else None,
+        cpu_pct=100 * cpu / wall if wall else 0.0,
     )
 
 
@@ -564,6 +568,7 @@ def render(rows: list[Row], meta: dict) -> str:
         "origin",
         "RSS MB",
         "CPU ms/req",
+        "CPU %",
         "vs bare",
     ]
     body = []
@@ -583,6 +588,7 @@ def render(rows: list[Row], meta: dict) -> str:
                 str(r.origin_served),
                 f"{r.rss_mb:.0f}",
                 "-" if r.cpu_ms_per_req is None else f"{r.cpu_ms_per_req:.2f}",
+                f"{r.cpu_pct:.0f}",
                 "-" if r.ratio is None else f"{r.ratio:.2f}x",
             ]
         )
@@ -614,7 +620,9 @@ def render(rows: list[Row], meta: dict) -> str:
         "(+t: timeouts); origin: requests nginx served in the run (fewer than requests: the proxy",
         "answered some itself); SYN drops: connections the kernel dropped at a full accept queue",
         "(machine-wide TcpExt ListenDrops during the run);",
-        "RSS: proxy VmRSS after the run; CPU: proxy utime+stime / requests completed.",
+        "RSS: proxy VmRSS after the run; CPU ms/req: proxy utime+stime / requests completed;",
+        "CPU %: proxy CPU time / wall time of the run (well under 100 with a saturated proxy:",
+        "something else had the core).",
     ]
     for name, s in meta["setups"].items():
         out.append(f"{name}: {s}")
@@ -820,6 +828,12 @@ def main(argv: list[str]) -> int:
         print()
     else:
         print(table)
+    for r in rows:
+        if r.requests == 0:
+            log(
+                f"note: {r.setup} c={r.connections}: no request completed within the run "
+                "(connection setup took it all): lengthen --duration"
+            )
     short = [r for r in rows if r.origin_served < r.requests - r.non_2xx - 1]
     for r in short:
         log(
