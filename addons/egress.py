@@ -477,7 +477,8 @@ class Egress:
             return
         verdict = self._verdict(ips, port)
         if verdict is not None:
-            server.error = f"{KILL_PREFIX} ({verdict.rule}: {verdict.reason})"
+            # mitmproxy shows this text to the client (in its 502 page): the rule, not the IP.
+            server.error = f"{KILL_PREFIX} ({verdict.rule})"
             self._killed[server.id] = verdict
             log.warning(
                 "egress killed connection rule=%s client=%s target=%r reason=%s",
