@@ -1,0 +1,148 @@
+"""JSON logs and access lines through a real mitmdump with forwarding + accesslog loaded."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import raw_request, status_of
+
+SCRIPTS = ("addons/forwarding.py", "addons/accesslog.py")
+FIELDS = (
+    "timestamp",
+    "level",
+    "logger",
+    "message",
+    "request_id",
+    "client_ip",
+    "method",
+    "url",
+    "status",
+    "duration_ms",
+    "bytes_sent",
+    "bytes_received",
+    "cache_hit",
+    "backend",
+)
+
+
+def wait_lines(get, count: int, timeout: float = 10) -> list[dict]:
+    """Poll `get()` until it returns at least `count` items; then give stragglers a moment."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = get()
+        if len(found) >= count:
+            time.sleep(0.3)  # a duplicate line would show up now, not later
+            return get()
+        time.sleep(0.05)
+    raise TimeoutError(f"expected {count} lines, have {get()}")
+
+
+def access(p, message: str = "request") -> list[dict]:
+    return [
+        j for j in p.json_lines() if j.get("logger") == "waypost.access" and j["message"] == message
+    ]
+
+
+def unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_one_json_access_line_per_request(proxy_factory, backend) -> None:
+    p = proxy_factory(scripts=SCRIPTS, options={"flow_detail": 0})
+    dead = unused_port()
+    with httpx.Client(proxy=p.url, timeout=10, trust_env=False) as c:
+        ok = c.post(f"{backend.url}/echo?token=s3cret&page=2", content=b"x" * 10)
+        missing = c.get(f"{backend.url}/status/404", headers={"X-Request-ID": "abc-1"})
+        failed = c.get(f"http://127.0.0.1:{dead}/nothing?api_key=k")
+    assert (ok.status_code, missing.status_code, failed.status_code) == (200, 404, 502)
+
+    lines = wait_lines(lambda: access(p), 3)
+    assert len(lines) == 3
+    for line in lines:
+        assert set(FIELDS) <= set(line), line
+        assert line["level"] == "INFO" and line["client_ip"] == "127.0.0.1"
+        assert line["timestamp"].endswith("Z") and len(line["timestamp"]) == 24
+        assert line["cache_hit"] is False
+    first, second, third = lines
+    assert first["method"] == "POST" and first["status"] == 200
+    assert first["url"] == f"{backend.url}/echo?token=REDACTED&page=2"
+    assert first["bytes_received"] == 10 and first["bytes_sent"] == len(ok.content)
+    assert first["backend"] == f"127.0.0.1:{backend.port}"
+    assert first["request_id"] == ok.headers["x-request-id"]
+    assert first["duration_ms"] >= 0
+    assert second["status"] == 404 and second["request_id"] == "abc-1"
+    assert third["status"] is None and "error" in third
+    assert third["url"] == f"http://127.0.0.1:{dead}/nothing?api_key=REDACTED"
+    assert "s3cret" not in "\n".join(p.lines)
+
+    # every line after the scripts loaded is JSON, mitmproxy's own included
+    listening = next(i for i, line in enumerate(p.lines) if "proxy listening at" in line)
+    assert json.loads(p.lines[listening])["logger"] == "mitmproxy.proxy.mode_servers"
+    for line in p.lines[listening:]:
+        assert line.startswith("{") and json.loads(line), line
+    # mitmproxy's per-connection chatter is off in JSON mode at info
+    assert not any("client connect" in line for line in p.lines)
+
+
+def test_connect_lines(proxy_factory, backend) -> None:
+    p = proxy_factory(scripts=SCRIPTS, options={"flow_detail": 0})
+    dead = unused_port()
+    ok = raw_request(
+        p.port, f"CONNECT 127.0.0.1:{backend.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
+    refused = raw_request(p.port, f"CONNECT 127.0.0.1:{dead} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status_of(ok) == 200 and status_of(refused) == 502
+    lines = wait_lines(lambda: access(p, "connect"), 2)
+    assert [(x["method"], x["status"]) for x in lines] == [("CONNECT", 200), ("CONNECT", 502)]
+    assert lines[0]["url"] == f"127.0.0.1:{backend.port}"
+    assert lines[0]["backend"] == f"127.0.0.1:{backend.port}"
+    assert all(x["request_id"] for x in lines)
+
+
+def test_text_format(proxy_factory, backend) -> None:
+    p = proxy_factory(scripts=SCRIPTS, options={"flow_detail": 0, "log_format": "text"})
+    with httpx.Client(proxy=p.url, timeout=10, trust_env=False) as c:
+        r = c.get(f"{backend.url}/echo?password=hunter2")
+    line = p.wait_for(r"request request_id=").string
+    assert not line.startswith("{")
+    assert f"request_id={r.headers['x-request-id']}" in line
+    assert "status=200" in line and "password=REDACTED" in line and "hunter2" not in line
+    assert not p.lines[-1].startswith("{")
+
+
+def test_file_output(proxy_factory, backend, tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "waypost.log"
+    path.parent.mkdir()
+    p = proxy_factory(
+        scripts=SCRIPTS,
+        options={"flow_detail": 0, "log_output": "file", "log_file": str(path)},
+    )
+    with httpx.Client(proxy=p.url, timeout=10, trust_env=False) as c:
+        r = c.get(f"{backend.url}/echo?sig=abc")
+
+    def in_file() -> list[dict]:
+        if not path.exists():
+            return []
+        return [json.loads(x) for x in path.read_text().splitlines() if x]
+
+    (line,) = wait_lines(in_file, 1)
+    assert line["message"] == "request" and line["request_id"] == r.headers["x-request-id"]
+    assert line["url"].endswith("?sig=REDACTED")
+    assert access(p) == []  # stdout keeps mitmproxy's lines only
+
+
+def test_unwritable_log_file_refuses_to_start(proxy_factory, tmp_path: Path) -> None:
+    p = proxy_factory(
+        scripts=SCRIPTS,
+        options={"log_output": "file", "log_file": str(tmp_path / "missing" / "x.log")},
+        wait=False,
+    )
+    assert p.proc.wait(20) != 0
+    p.wait_for("log_file: cannot write", timeout=5)
