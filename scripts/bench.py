@@ -747,9 +747,14 @@ def build_setups(a: argparse.Namespace) -> list[Setup]:
     return setups
 
 
+def _on_sigterm(*_: object) -> None:
+    log("SIGTERM: stopping everything started here")
+    sys.exit(143)  # SystemExit unwinds through the finally blocks that stop the processes
+
+
 def main(argv: list[str]) -> int:
     a = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
+    signal.signal(signal.SIGTERM, _on_sigterm)
     setups = build_setups(a)
     wrk, nginx = ensure_tools()
     nofile = raise_nofile()
