@@ -408,11 +408,18 @@ def check_loopback(setup: Setup) -> None:
 
 
 def settle(pid: int, baseline: int, timeout: float = 10) -> None:
-    """Wait until the proxy has closed the previous run's connections (fd count near baseline)."""
+    """Wait until the proxy has closed the previous run's connections: its fd count is back
+    near the count it started with, or has stopped falling for half a second."""
     deadline = time.monotonic() + timeout
+    last, stable = -1, 0
     while time.monotonic() < deadline:
-        if proc_stat(pid)["fds"] <= baseline + 4:
+        fds = proc_stat(pid)["fds"]
+        if fds <= baseline + 4:
             return
+        stable = stable + 1 if fds >= last >= 0 else 0
+        if stable >= 5:
+            return
+        last = fds
         time.sleep(0.1)
 
 
