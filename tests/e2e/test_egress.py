@@ -197,3 +197,22 @@ def test_invalid_options_stop_mitmdump(proxy_factory):
     )
     p.wait_for(r"egress_allowed_networks: '10.0.0.0/33' is not a CIDR")
     assert p.proc.wait(15) != 0
+
+
+def test_rebinding_after_the_early_check_is_killed_at_connect(proxy_factory):
+    # example.invalid never resolves, so the early checks let it pass; fake_rebind then points
+    # it at 10.9.9.9 before mitmproxy connects. server_connect must refuse to dial it.
+    p = proxy_factory(
+        scripts=(EGRESS, "tests/e2e/fake_rebind.py"), options={"egress_connect_ports": "443"}
+    )
+    # CONNECT: the kill is turned into the same 403 JSON as an early refusal.
+    resp = _connect(p.port, "example.invalid:443")
+    _assert_denied(resp)
+    # Plain HTTP: mitmproxy answers 502 with the kill reason (no hook can set a response there).
+    resp = raw_request(
+        p.port, b"GET http://other.invalid:81/x HTTP/1.1\r\nHost: other.invalid:81\r\n\r\n"
+    )
+    assert status_of(resp) == 502
+    assert b"Waypost egress policy refused the connection (block_private)" in resp
+    assert b"10.9.9.9" not in resp
+    p.wait_for(r"egress killed connection rule=block_private .* reason=10\.9\.9\.9 is private")
