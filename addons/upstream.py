@@ -18,8 +18,9 @@ Each failure is recorded in `errors.waypost(flow)` (`error_code`, `backend_error
 reason such as `connection_refused`, `dns_failure`, `connect_timeout`, `read_timeout`,
 `closed`, `invalid_response`, `self_connect`) and logged once at WARNING with host:port.
 
-Hooks: `server_connect`/`server_connected`/`server_connect_error` (connect timer), `request`
-(arms the read timer), `response`/`error` (disarm; `error` records and logs the failure),
+Hooks: `server_connect`/`server_connected`/`server_connect_error` (connect timer), `running`
+(read-timeout sweep), `request` (starts the read timeout), `response`/`error` (end it; `error`
+records and logs the failure),
 `http_connect_error` (CONNECT failures).
 
 Options:
@@ -35,7 +36,8 @@ How the timeouts work, without patching:
   and answers the flow. We cancel only inside the connect window: after
   `Server.timestamp_start` is set (mitmproxy holds a per-address semaphore before that) and
   before `timestamp_tcp_setup` is.
-- Read: when the request is complete we arm a timer; on expiry we close the flow's server
+- Read: when the request is complete (`request` hook) the flow joins a table that a task
+  sweeps every read_timeout/10 (50 ms to 1 s); on expiry we close the flow's server
   connection through the client's `ConnectionHandler` (`Proxyserver.connections[client.id]`,
   `close_connection`, exactly what the layer's own `CloseConnection` command does). mitmproxy
   then raises its own "server closed connection" error, which the rewrite below answers
@@ -94,6 +96,7 @@ class Failure(NamedTuple):
 _REASONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(p, re.IGNORECASE), r)
     for p, r in (
+        (r"Client disconnected|reset by client", "client_disconnected"),
         (re.escape(CONNECT_TIMEOUT_MARK), "connect_timeout"),
         (r"Request destination unknown", "self_connect"),
         (r"\[Errno 110\]|timed out", "connect_timeout"),
@@ -147,6 +150,8 @@ def classify(status: int | None, message: str, timed_out: str | None = None) -> 
     `timed_out` is "connect_timeout"/"read_timeout" when one of our timers fired.
     """
     reason = timed_out or reason_of(message)
+    if reason == "client_disconnected":  # nobody is left to answer
+        return Failure("BAD_REQUEST", 400, reason, "The client disconnected.")
     if reason in ("connect_timeout", "read_timeout") and (status is None or status >= 500):
         return Failure("BACKEND_TIMEOUT", 504, reason, _MESSAGES[reason])
     if status is None:
@@ -169,6 +174,25 @@ def classify(status: int | None, message: str, timed_out: str | None = None) -> 
         if code_status == status:
             return Failure(code, status, reason, message)
     return Failure("INTERNAL_ERROR", status, reason, message)
+
+
+def read_deadline(
+    timeout: float,
+    request_end: float,
+    tcp_setup: float | None,
+    headers_received: bool,
+    last_activity: float,
+) -> float | None:
+    """When a flow's read timeout expires (epoch seconds); None while it is still connecting.
+
+    Before the response headers: `timeout` after the request was complete and the connection
+    up. During the body: `timeout` after the connection's last activity.
+    """
+    if headers_received:
+        return last_activity + timeout
+    if tcp_setup is None:
+        return None
+    return max(request_end, tcp_setup) + timeout
 
 
 def event_status(code: Any) -> int | None:
@@ -247,7 +271,8 @@ class Upstream:
         self.connect_timeout = 10.0
         self.read_timeout = 60.0
         self._connect_timers: dict[str, asyncio.TimerHandle] = {}
-        self._read_timers: dict[str, asyncio.TimerHandle] = {}
+        self._reading: dict[str, http.HTTPFlow] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -280,10 +305,13 @@ class Upstream:
 
     def done(self) -> None:
         uninstall_patch()
-        for timer in [*self._connect_timers.values(), *self._read_timers.values()]:
+        for timer in self._connect_timers.values():
             timer.cancel()
         self._connect_timers.clear()
-        self._read_timers.clear()
+        self._reading.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     # connect timeout
 
@@ -324,44 +352,54 @@ class Upstream:
             return
         task.cancel(f"{CONNECT_TIMEOUT_MARK} ({units.format_duration(self.connect_timeout)})")
 
-    # read timeout
+    # read timeout: one sweep over the waiting flows instead of a timer per request, which
+    # costs ~3-5 us per request in asyncio's timer heap against ~0.2 us for two dict operations.
+
+    def running(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.read_timeout <= 0:
             return
-        self._arm_read(flow, self.read_timeout)
+        self._reading[flow.id] = flow
 
-    def _arm_read(self, flow: http.HTTPFlow, delay: float) -> None:
-        self._read_timers[flow.id] = asyncio.get_running_loop().call_later(
-            delay, self._read_expired, flow
-        )
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(max(self.read_timeout / 10, 0.05), 1.0))
+            if not self._reading:
+                continue
+            try:
+                self._check_reads(time.time())
+            except Exception:
+                log.warning("read timeout check failed", exc_info=True)
 
-    def _read_expired(self, flow: http.HTTPFlow) -> None:
-        self._read_timers.pop(flow.id, None)
-        if flow.error or not flow.live or (flow.response and flow.response.timestamp_end):
-            return
-        handler = self._handler(flow)
-        server = flow.server_conn
-        if handler is None:
-            return
-        now = time.time()
-        if flow.response is None:
-            if server.timestamp_tcp_setup is None:  # still connecting: the connect timeout rules
-                self._arm_read(flow, self.read_timeout)
-                return
-            since = max(flow.request.timestamp_end or now, server.timestamp_tcp_setup)
-        else:
-            since = handler.timeout_watchdog.last_activity
-        left = since + self.read_timeout - now
-        if left > 0.001:
-            self._arm_read(flow, left)
-            return
-        if server not in handler.transports:
-            return
-        meta = errors.waypost(flow)
-        meta["timed_out"] = "read_timeout"
-        meta["backend_error"] = "read_timeout"
-        handler.close_connection(server)
+    def _check_reads(self, now: float) -> None:
+        for flow in list(self._reading.values()):
+            if flow.error or not flow.live or (flow.response and flow.response.timestamp_end):
+                del self._reading[flow.id]
+                continue
+            handler = self._handler(flow)
+            if handler is None:
+                del self._reading[flow.id]
+                continue
+            server = flow.server_conn
+            deadline = read_deadline(
+                self.read_timeout,
+                flow.request.timestamp_end or now,
+                server.timestamp_tcp_setup,
+                flow.response is not None,
+                handler.timeout_watchdog.last_activity,
+            )
+            if deadline is None or deadline > now:
+                continue
+            del self._reading[flow.id]
+            if server in handler.transports:
+                meta = errors.waypost(flow)
+                meta["timed_out"] = "read_timeout"
+                meta["backend_error"] = "read_timeout"
+                handler.close_connection(server)
 
     @staticmethod
     def _handler(flow: http.HTTPFlow) -> Any:
@@ -370,21 +408,26 @@ class Upstream:
         return connections.get(flow.client_conn.id) if connections is not None else None
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if timer := self._read_timers.pop(flow.id, None):
-            timer.cancel()
+        self._reading.pop(flow.id, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        if timer := self._read_timers.pop(flow.id, None):
-            timer.cancel()
+        self._reading.pop(flow.id, None)
         if flow.error is None or flow.error.msg == mflow.Error.KILLED_MESSAGE:
             return
+        _ERRORED[flow.client_conn.id] = flow
         meta = errors.waypost(flow)
-        failure = classify(None, flow.error.msg, meta.get("timed_out"))
+        timed_out = meta.get("timed_out")
+        failure = classify(None, flow.error.msg, timed_out)
+        if failure.reason == "client_disconnected":
+            return
         if failure.status >= 500:
+            # Upstream failures come once the request is complete (the connection opens after
+            # the `request` hook); before that, "peer closed" & co. are about the client.
+            if not timed_out and flow.request.timestamp_end is None:
+                return
             meta["backend_error"] = failure.reason
             self._log(flow, failure, flow.error.msg)
         meta.setdefault("error_code", failure.code)
-        _ERRORED[flow.client_conn.id] = flow
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         resp, server = flow.response, flow.server_conn

@@ -272,3 +272,53 @@ def test_configure_rejects_bad_durations(name: str) -> None:
 
 def test_failure_is_a_plain_tuple() -> None:
     assert Failure("BAD_REQUEST", 400, "bad_request", "x")._asdict()["status"] == 400
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Client disconnected.",
+        "HTTP/1 protocol error: peer closed connection without sending complete message body",
+    ],
+)
+def test_client_side_errors_are_not_upstream_failures(message: str, caplog) -> None:
+    addon = upstream.Upstream()
+    with taddons.context(addon):
+        f = tflow.tflow()
+        f.request.timestamp_end = None  # the client went away before its request was complete
+        f.error = tflow.terr(message)
+        addon.error(f)
+        meta = f.metadata.get("waypost", {})
+        assert "backend_error" not in meta and "error_code" not in meta
+        assert "upstream" not in caplog.text
+        addon.done()
+
+
+def test_upstream_failure_is_logged_once_with_host(caplog) -> None:
+    addon = upstream.Upstream()
+    with taddons.context(addon):
+        f = tflow.tflow()
+        f.error = tflow.terr("server closed connection")
+        addon.error(f)
+        assert f.metadata["waypost"]["backend_error"] == "closed"
+        assert caplog.text.count("upstream 'address:22' failed: closed") == 1
+        addon.done()
+
+
+@pytest.mark.parametrize(
+    ("request_end", "tcp_setup", "headers", "last_activity", "deadline"),
+    [
+        (100.0, None, False, 0.0, None),  # still connecting: the connect timeout rules
+        (100.0, 90.0, False, 0.0, 110.0),  # reused connection: from the end of the request
+        (100.0, 105.0, False, 0.0, 115.0),  # new connection: from the connect
+        (100.0, 105.0, True, 120.0, 130.0),  # body: from the last byte
+    ],
+)
+def test_read_deadline(
+    request_end: float,
+    tcp_setup: float | None,
+    headers: bool,
+    last_activity: float,
+    deadline: float | None,
+) -> None:
+    assert upstream.read_deadline(10.0, request_end, tcp_setup, headers, last_activity) == deadline
