@@ -20,15 +20,12 @@ forwarding_request_id, forwarding_proxy_id.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import re
 from collections.abc import Iterable, Sequence
 
 from mitmproxy import ctx, exceptions, http
 
 from addons import errors
-
-log = logging.getLogger("waypost.forwarding")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -43,8 +40,6 @@ _RESPONSE_DONE = "waypost.forwarding.response"
 # Always hop-by-hop, whether or not `Connection` names them (RFC 9110 §7.6.1; Proxy-Connection
 # is the legacy pre-RFC form that browsers still send).
 _ALWAYS_HOP = frozenset({b"proxy-authorization", b"proxy-connection", b"keep-alive"})
-# `Connection` options mitmproxy itself reads on the same Request object to decide whether to
-# keep the client connection open (`http1.connection_close`), so they stay.
 # Fields this addon writes itself; incoming copies are pulled out and rewritten.
 _X_FORWARDED = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"}
@@ -52,6 +47,8 @@ _X_FORWARDED = frozenset(
 _VIA = frozenset({b"via"})
 _REQUEST_ID = frozenset({b"x-request-id"})
 _PROXY_ID = frozenset({b"x-proxy-id"})
+# `Connection` options mitmproxy itself reads on the same Request object to decide whether to
+# keep the client connection open (`http1.connection_close`), so they stay.
 _KEPT_OPTIONS = frozenset({b"close", b"keep-alive"})
 # Naming these in `Connection` would change the message's framing or target, not a hop's
 # options: a client must not be able to strip them (request smuggling through our own hand).
@@ -174,13 +171,6 @@ def via_value(http_version: str, proxy_id: str) -> str:
     return f"{version} {proxy_id}"
 
 
-def append_via(headers: http.Headers, value: str) -> None:
-    if "via" in headers:
-        headers["Via"] = ", ".join([*headers.get_all("via"), value])
-    else:
-        headers["Via"] = value
-
-
 Fields = tuple[tuple[bytes, bytes], ...]
 
 
@@ -244,11 +234,6 @@ def split_fields(
         else:
             del kept[connection_at]
     return kept, pulled
-
-
-def strip_hop_by_hop(headers: http.Headers) -> None:
-    """Remove hop-by-hop fields in place (see split_fields)."""
-    headers.fields = tuple(split_fields(headers.fields)[0])
 
 
 # --- addon ---------------------------------------------------------------------------------------
@@ -352,36 +337,52 @@ class Forwarding:
             value = self.via_values[http_version] = via_value(version, self.proxy_id).encode()
         return value
 
+    def _client_ip(
+        self, flow: http.HTTPFlow, fields: Iterable[tuple[bytes, bytes]], pulled: dict
+    ) -> tuple[str, bool]:
+        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
+        if not self.trusted:
+            return normalize_peer(peer), False
+        xff = pulled.get(b"x-forwarded-for") or _get(fields, b"x-forwarded-for")
+        real = pulled.get(b"x-real-ip") or _get(fields, b"x-real-ip")
+        return client_ip(
+            peer,
+            b", ".join(xff).decode("latin-1") if xff else None,
+            real[0].decode("latin-1") if real else None,
+            self.trusted,
+            self.hop_cache,
+        )
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live or flow.websocket:
+        if flow.error or not flow.live or flow.websocket:
             return
         req = flow.request
         data = req.data
         if data.method == b"CONNECT":
             return
+        if flow.response:
+            # Answered by an earlier addon: nothing goes upstream, but its log line still
+            # wants the client behind our trusted proxies.
+            if self.trusted:
+                ip = self._client_ip(flow, data.headers.fields, {})[0]
+                errors.waypost(flow)["client_ip"] = ip
+            return
         if self.request_id:
             rid = errors.request_id(flow)  # reads an incoming X-Request-ID, so before the rewrite
         fields, pulled = split_fields(data.headers.fields, self.pull)
-        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
-        hop = normalize_peer(peer)
-        ip, from_trusted = hop, False
-        if self.trusted:
-            xff = pulled.get(b"x-forwarded-for") or _get(fields, b"x-forwarded-for")
-            real = pulled.get(b"x-real-ip") or _get(fields, b"x-real-ip")
-            ip, from_trusted = client_ip(
-                peer,
-                b", ".join(xff).decode("latin-1") if xff else None,
-                real[0].decode("latin-1") if real else None,
-                self.trusted,
-                self.hop_cache,
-            )
+        hop = normalize_peer(flow.client_conn.peername[0] if flow.client_conn.peername else "")
+        ip, from_trusted = self._client_ip(flow, fields, pulled)
         errors.waypost(flow)["client_ip"] = ip
         if self.x_forwarded:
             incoming = pulled.get(b"x-forwarded-for") if from_trusted else None
             ours = hop.encode()
             fields.append((b"X-Forwarded-For", b", ".join([*incoming, ours]) if incoming else ours))
             proto = pulled.get(b"x-forwarded-proto") if from_trusted else None
-            fields.append((b"X-Forwarded-Proto", proto[-1] if proto else data.scheme))
+            if not proto:
+                # The scheme the client spoke, not the request's: in reverse mode mitmproxy has
+                # already rewritten that to the backend's before this hook.
+                proto = [b"https" if flow.client_conn.tls else b"http"]
+            fields.append((b"X-Forwarded-Proto", proto[-1]))
             fwd_host = pulled.get(b"x-forwarded-host") if from_trusted else None
             if not fwd_host:
                 # HTTP/2 has :authority instead of a Host field
@@ -438,7 +439,7 @@ class Forwarding:
         resp.headers.fields = tuple(fields)
 
 
-def _get(fields: list[tuple[bytes, bytes]], lname: bytes) -> list[bytes]:
+def _get(fields: Iterable[tuple[bytes, bytes]], lname: bytes) -> list[bytes]:
     return [v for k, v in fields if k.lower() == lname]
 
 

@@ -9,7 +9,7 @@ from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons import errors, forwarding
-from addons.forwarding import Forwarding, client_ip, parse_hop, parse_trusted, strip_hop_by_hop
+from addons.forwarding import Forwarding, client_ip, parse_hop, parse_trusted, split_fields
 
 TRUSTED = parse_trusted(["10.0.0.0/8", "2001:db8::/32", "::ffff:192.168.1.0/120"])
 
@@ -97,15 +97,6 @@ def test_via_value(version: str, expected: str) -> None:
     assert forwarding.via_value(version, "waypost") == expected
 
 
-def test_append_via() -> None:
-    h = http.Headers(via="1.0 fred")
-    forwarding.append_via(h, "1.1 waypost")
-    assert h.get_all("via") == ["1.0 fred, 1.1 waypost"]
-    h = http.Headers()
-    forwarding.append_via(h, "1.1 waypost")
-    assert h["via"] == "1.1 waypost"
-
-
 @pytest.mark.parametrize(
     ("before", "after"),
     [
@@ -147,10 +138,18 @@ def test_append_via() -> None:
         ([("Accept", "*/*")], [("Accept", "*/*")]),
     ],
 )
-def test_strip_hop_by_hop(before, after) -> None:
-    h = http.Headers([(k.encode(), v.encode()) for k, v in before])
-    strip_hop_by_hop(h)
-    assert [(k.decode(), v.decode()) for k, v in h.fields] == after
+def test_split_fields_strips_hop_by_hop(before, after) -> None:
+    fields = tuple((k.encode(), v.encode()) for k, v in before)
+    kept, pulled = split_fields(fields)
+    assert [(k.decode(), v.decode()) for k, v in kept] == after
+    assert pulled == {}
+
+
+def test_split_fields_pulls_what_we_rewrite() -> None:
+    fields = ((b"Via", b"1.0 a"), (b"Accept", b"*/*"), (b"via", b"1.1 b"), (b"X-Real-IP", b"1"))
+    kept, pulled = split_fields(fields, frozenset({b"via", b"x-real-ip"}))
+    assert kept == [(b"Accept", b"*/*")]
+    assert pulled == {b"via": [b"1.0 a", b"1.1 b"], b"x-real-ip": [b"1"]}
 
 
 # --- addon -----------------------------------------------------------------------------------------
@@ -193,6 +192,16 @@ def test_request_headers_untrusted_peer() -> None:
         assert errors.waypost(f)["client_ip"] == "198.51.100.20"
 
 
+def test_forwarded_proto_is_the_clients_scheme() -> None:
+    fw = Forwarding()
+    with taddons.context(fw):
+        f = make_flow()
+        f.client_conn.tls = True  # intercepted HTTPS, or a reverse https:// listener
+        f.request.scheme = "http"  # what the backend is spoken to with
+        fw.requestheaders(f)
+        assert f.request.headers["X-Forwarded-Proto"] == "https"
+
+
 def test_request_headers_trusted_chain() -> None:
     fw = Forwarding()
     with taddons.context(fw) as tctx:
@@ -214,6 +223,17 @@ def test_request_headers_trusted_chain() -> None:
         assert h["X-Forwarded-Host"] == "public.example"
         assert h["X-Request-ID"] != "bad id with spaces"
         assert len(h["X-Request-ID"]) == 36
+
+
+def test_answered_request_still_records_client_ip() -> None:
+    fw = Forwarding()
+    with taddons.context(fw) as tctx:
+        tctx.configure(fw, forwarding_trusted_proxies=["10.0.0.0/8"])
+        f = make_flow(peer="10.0.0.2", headers={"X-Forwarded-For": "203.0.113.9"})
+        f.response = errors.make("DOMAIN_BLOCKED", "no", f)
+        fw.requestheaders(f)
+        assert errors.waypost(f)["client_ip"] == "203.0.113.9"
+        assert "Via" not in f.request.headers
 
 
 def test_options_off() -> None:
