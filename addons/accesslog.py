@@ -32,6 +32,7 @@ import re
 import sys
 import time
 from typing import Any
+from urllib.parse import unquote_plus
 
 from mitmproxy import ctx, exceptions, http
 
@@ -105,11 +106,7 @@ def redact_url(url: str) -> str:
 
 
 def _unquote_name(name: str) -> str:
-    if "%" not in name and "+" not in name:
-        return name
-    from urllib.parse import unquote_plus
-
-    return unquote_plus(name)
+    return unquote_plus(name) if "%" in name or "+" in name else name
 
 
 def iso_timestamp(created: float) -> str:
