@@ -215,6 +215,19 @@ def test_mitmproxy_records_become_json(term) -> None:
     assert line["message"] == "HTTP(S) proxy listening at 127.0.0.1:8080."
 
 
+def test_debug_level(term) -> None:
+    addon, out, tctx = term
+    tctx.configure(addon, log_level="debug")
+    logging.getLogger("waypost.test").debug("waypost detail")
+    logging.getLogger("mitmproxy.proxy.server").info("client connect")
+    logging.getLogger("mitmproxy.proxy.layers").debug("mitmproxy detail")  # termlog_verbosity
+    assert [x["message"] for x in lines(out)] == ["waypost detail", "client connect"]
+    tctx.configure(addon, log_level="info")
+    logging.getLogger("waypost.test").debug("hidden")
+    logging.getLogger("mitmproxy.proxy.server").info("hidden")
+    assert len(lines(out)) == 2
+
+
 def test_file_output(term, tmp_path) -> None:
     addon, out, tctx = term
     path = tmp_path / "access.log"
