@@ -105,7 +105,10 @@ class Drain:
             units.format_duration(self.timeout),
             len(self.inflight),
         )
-        ctx.options.update(server=False)
+        try:
+            ctx.options.update(server=False)
+        except Exception:  # an addon refusing the option change must not stop the drain
+            log.warning("could not close the listeners; draining anyway", exc_info=True)
         self._task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:

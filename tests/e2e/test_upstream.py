@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -183,3 +184,37 @@ def test_stalled_streamed_body_closes_the_connection(proxy_factory, backend) -> 
     assert b"chunk 0" in resp and b"chunk 1" not in resp
     assert not resp.endswith(b"0\r\n\r\n")
     p.wait_for(r"failed: read_timeout")
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"), [(b"", "closed"), (b"NOT HTTP AT ALL\r\n\r\n", "invalid_response")]
+)
+def test_backend_that_closes_or_sends_garbage_is_json_502(
+    proxy_factory, answer: bytes, reason: str
+) -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.settimeout(10)
+    port = srv.getsockname()[1]
+
+    def serve() -> None:
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(5)
+            conn.recv(65536)
+            conn.sendall(answer)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        p = proxy_factory(scripts=SCRIPTS)
+        resp = _get(p.port, f"http://127.0.0.1:{port}/x")
+        _assert_json_error(resp, 502, "BACKEND_UNREACHABLE")
+        p.wait_for(rf"upstream '127.0.0.1:{port}' failed: {reason}")
+    finally:
+        srv.close()
+        t.join(5)
