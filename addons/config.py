@@ -28,6 +28,7 @@ log = logging.getLogger("waypost.config")
 
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "default.yaml"
 WATCH_INTERVAL = 1.0
+_LISTEN = {"listen_host", "listen_port"}
 
 
 class Config:
@@ -38,6 +39,7 @@ class Config:
         self._applied: dict[str, Any] = {}
         self._mtime: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._rebind = False
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -66,6 +68,9 @@ class Config:
 
     def running(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._rebind:
+            self._rebind = False
+            _restart_listeners()
         self._spawn(self._watch())
         try:
             loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload_async()))
@@ -147,10 +152,26 @@ class Config:
             ctx.options.update(**updates)
         except exceptions.OptionsError as e:
             raise exceptions.OptionsError(self._locate(loaded, str(e))) from None
+        if _LISTEN & updates.keys():
+            self._rebind_listeners()
         self._applied = updates
         self.current = loaded
         self.loaded = True
         self.error = None
+
+    def _rebind_listeners(self) -> None:
+        """Make a changed listen_host/listen_port take effect: proxyserver only rebinds when
+        `mode` or `server` change."""
+        ps = ctx.master.addons.get("proxyserver")
+        if ps is None:
+            return
+        if getattr(ps, "is_running", False):
+            _restart_listeners()
+        elif ps.listen_addrs() or ps.servers.is_updating:
+            # On Python 3.12 (mitmproxy 12) the -s script is loaded by a task that runs after
+            # proxyserver has begun binding the command line's (or default) address: rebind
+            # as soon as we are running.
+            self._rebind = True
 
     def _set_by_user(self, key: str) -> bool:
         """True when someone other than this addon set the option (command line, mitmweb)."""
@@ -168,6 +189,11 @@ class Config:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _restart_listeners() -> None:
+    ctx.options.update(server=False)
+    ctx.options.update(server=True)
 
 
 def _mtime(path: str | None) -> float | None:
