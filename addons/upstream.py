@@ -20,8 +20,7 @@ reason such as `connection_refused`, `dns_failure`, `connect_timeout`, `read_tim
 
 Hooks: `server_connect`/`server_connected`/`server_connect_error` (connect timer), `running`
 (read-timeout sweep), `request` (starts the read timeout), `response`/`error` (end it; `error`
-records and logs the failure),
-`http_connect_error` (CONNECT failures).
+records and logs the failure), `http_connect_error` (CONNECT failures).
 
 Options:
 - `upstream_connect_timeout` (str, "10s"): TCP connect (DNS included) to the origin.
@@ -44,7 +43,8 @@ How the timeouts work, without patching:
   with 504 because the flow's metadata says it timed out. While a response body is being
   received, "no byte for this long" uses the client connection's activity clock
   (`timeout_watchdog.last_activity`): on an HTTP/2 client connection with several streams
-  another stream's traffic can delay the timeout, never cause one.
+  another stream's traffic can delay the timeout, never cause one. With an HTTP/2 upstream
+  (only over intercepted TLS) closing the connection ends every stream on it.
 
 The one patch (version-guarded for mitmproxy 11.0.2 and 12.3.1, a WARNING and no patch on any
 other version; undone in `done`, so a script reload never stacks wrappers):
@@ -57,7 +57,7 @@ other version; undone in `done`, so a script reload never stacks wrappers):
   with `.http_status_code()` (None = no response).
 Not rewritten: HTTP/2 and HTTP/3 *client* connections (only with TLS interception or an
 h2/h3 reverse listener) still get mitmproxy's HTML error page (`_http2.py`/`_http3.py` inline
-it in `_handle_event`); the status codes are the same.
+it in `_handle_event`) with mitmproxy's status, so a read timeout there shows as 502.
 """
 
 from __future__ import annotations
