@@ -10,6 +10,7 @@ from addons.drain import Drain
 from addons.egress import Egress
 from addons.forwarding import Forwarding
 from addons.hygiene import Hygiene
+from addons.leanchain import LeanChain
 from addons.management import Management
 from addons.metrics import Metrics
 from addons.tlspolicy import TlsPolicy
@@ -17,6 +18,7 @@ from addons.upstream import Upstream
 
 addons = [
     Config(),
+    LeanChain(),
     Drain(),
     Hygiene(),
     Management(),

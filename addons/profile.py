@@ -270,9 +270,10 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
 }
 
 # Core mitmproxy options the bundle sets unless the profile's `mitmproxy:` section or the
-# command line says otherwise: bodies over 1 MiB are streamed, never held whole in memory, and
-# the flow dumper stays quiet because the access log says the same thing as JSON.
-CORE_DEFAULTS: dict[str, Any] = {"stream_large_bodies": "1m", "flow_detail": 0}
+# command line says otherwise: bodies over 1 MiB are streamed, never held whole in memory; the
+# flow dumper stays quiet because the access log says the same thing as JSON; and the mitm.it
+# onboarding app (a CA download page for interception debugging) is not served to clients.
+CORE_DEFAULTS: dict[str, Any] = {"stream_large_bodies": "1m", "flow_detail": 0, "onboarding": False}
 
 
 def to_options(profile: Profile) -> dict[str, Any]:
