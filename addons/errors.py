@@ -12,8 +12,8 @@ import functools
 import inspect
 import json
 import logging
+import random
 import re
-import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -62,9 +62,23 @@ def request_id(flow: http.HTTPFlow) -> str:
     rid = meta.get("request_id")
     if rid is None:
         incoming = flow.request.headers.get("x-request-id", "")
-        rid = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else str(uuid.uuid4())
+        rid = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else new_request_id()
         meta["request_id"] = rid
     return rid
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID string.
+
+    Request ids need uniqueness, not secrecy: `random` is 3x cheaper than uuid.uuid4()'s
+    os.urandom per request, and the random module reseeds itself in forked workers.
+    """
+    h = "%032x" % (random.getrandbits(128) & _UUID_CLEAR | _UUID_V4)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_UUID_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_UUID_V4 = (4 << 76) | (2 << 62)
 
 
 def timestamp() -> str:
@@ -86,7 +100,7 @@ def make(
 ) -> http.Response:
     """A JSON error response for `code` (one of STATUS); records the code on the flow."""
     status = status or STATUS[code]
-    rid = request_id(flow) if flow is not None else str(uuid.uuid4())
+    rid = request_id(flow) if flow is not None else new_request_id()
     resp = http.Response.make(
         status,
         body(code, message, rid),

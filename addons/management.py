@@ -28,7 +28,6 @@ import ipaddress
 import json
 import logging
 import socket
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
@@ -169,7 +168,7 @@ def _json(status: int, payload: dict[str, Any]) -> web.Response:
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     code = APP_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
-    rid = str(uuid.uuid4())
+    rid = errors.new_request_id()
     return web.Response(
         status=status,
         body=errors.body(code, message, rid),

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -103,7 +102,7 @@ def supported(version: str) -> bool:
 
 def error_bytes(status: int, message: str) -> bytes:
     """A complete HTTP/1 JSON error response for `status`, closing the connection."""
-    rid = str(uuid.uuid4())
+    rid = errors.new_request_id()
     resp = http.Response.make(
         status,
         errors.body(CODES.get(status, "BAD_REQUEST"), message, rid),
