@@ -166,7 +166,9 @@ class Config:
         if ps is None:
             return
         if getattr(ps, "is_running", False):
-            _restart_listeners()
+            drain = ctx.master.addons.get("drain")
+            if not getattr(drain, "draining", False):  # shutting down: listeners stay closed
+                _restart_listeners()
         elif ps.listen_addrs() or ps.servers.is_updating:
             # On Python 3.12 (mitmproxy 12) the -s script is loaded by a task that runs after
             # proxyserver has begun binding the command line's (or default) address: rebind
