@@ -164,10 +164,26 @@ def _state() -> _Installed | None:
     return getattr(_http1, "_waypost_wire", None)
 
 
+def h11_vulnerable(version: str) -> bool:
+    """h11 before 0.16.0 is affected by CVE-2025-43859."""
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) < (0, 16)
+
+
 def install() -> bool:
     """Apply the patches once per process; returns whether the wire guards are active."""
     if _state() is not None:
         return True
+    if h11_vulnerable(h11.__version__):
+        log.warning(
+            "h11 %s accepts any two bytes as a chunk's line ending (CVE-2025-43859, request "
+            "smuggling): install h11>=0.16 (mitmproxy 11 pins an older one; scripts/setup "
+            "upgrades it)",
+            h11.__version__,
+        )
     version = mitmproxy_version.VERSION
     server = _http1.Http1Server
     if (

@@ -263,3 +263,18 @@ def test_sigterm_drains_in_flight_request(bundle, backend: Backend) -> None:
     t.join(10)
     assert result.get("status") == 200
     assert p.proc.wait(10) == 0
+
+
+def test_malformed_chunk_ending_is_refused(bundle, backend: Backend) -> None:
+    """CVE-2025-43859: h11 < 0.16 took any two bytes as a chunk's CRLF, hiding a request."""
+    p = bundle()
+    smuggled = f"GET {backend.url}/echo/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    body = f"5\r\nhelloXX{len(smuggled):x}\r\n{smuggled}\r\n0\r\n\r\n"
+    resp = raw_request(
+        p.port,
+        f"POST {backend.url}/echo/chunked HTTP/1.1\r\nHost: 127.0.0.1:{backend.port}\r\n"
+        f"Transfer-Encoding: chunked\r\n\r\n{body}".encode(),
+    )
+    # mitmproxy closes the connection on a body framing error before it could answer.
+    assert resp == b"" or status_of(resp) == 400
+    assert backend.hits.get("/echo/chunked") is None

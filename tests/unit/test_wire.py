@@ -263,3 +263,22 @@ def test_first_data_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
             assert _closes(cmds)
     finally:
         wire.configure(max_head=None, header_timeout=0, max_body=None)
+
+
+@pytest.mark.parametrize(
+    "version, vulnerable",
+    [
+        ("0.14.0", True),
+        ("0.15.0", True),
+        ("0.16.0", False),
+        ("0.17.1", False),
+        ("1.0", False),
+        ("odd", False),
+    ],
+)
+def test_h11_cve_2025_43859_check(version: str, vulnerable: bool) -> None:
+    assert wire.h11_vulnerable(version) is vulnerable
+
+
+def test_installed_h11_is_fixed() -> None:
+    assert not wire.h11_vulnerable(h11.__version__)
