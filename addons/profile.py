@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,19 @@ def _port_spec(value: Any) -> str:
 
 
 PortSpec = Annotated[str, BeforeValidator(_port_spec)]
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _method(value: Any) -> str:
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise ValueError(
+            "an HTTP method is a token such as TRACE (letters, digits, !#$%&'*+.^_`|~-)"
+        )
+    return value.upper()
+
+
+Method = Annotated[str, BeforeValidator(_method)]
 
 
 class _Section(BaseModel):
@@ -108,6 +122,7 @@ class Limits(_Section):
     max_headers_count: Annotated[int, Field(gt=0)] = 100
     max_body_size: Size = 10 * 1024 * 1024
     header_timeout: Duration = 10.0
+    blocked_methods: list[Method] = ["TRACE", "TRACK"]
 
 
 class Egress(_Section):
@@ -257,6 +272,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "limits_max_headers_count": (("limits", "max_headers_count"), _same),
     "limits_max_body_size": (("limits", "max_body_size"), str),
     "limits_header_timeout": (("limits", "header_timeout"), format_duration),
+    "limits_blocked_methods": (("limits", "blocked_methods"), list),
     "forwarding_trusted_proxies": (("security", "trusted_proxies"), list),
     "forwarding_x_forwarded": (("headers", "x_forwarded"), _same),
     "forwarding_via": (("headers", "via"), _same),
