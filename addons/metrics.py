@@ -45,7 +45,8 @@ BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 # Bound on distinct (decision, rule) pairs: rules are config ids, but a misbehaving addon must
 # not be able to grow the registry without limit.
 MAX_DECISION_SERIES = 1000
-_COUNTED = "metrics_counted"
+# Kept beside, not in, the waypost decisions dict: it is bookkeeping, not something to log.
+_COUNTED = "waypost_metrics_counted"
 
 
 def method_label(method: str) -> str:
@@ -130,9 +131,9 @@ else:
 
 def _record(flow: http.HTTPFlow, status: int | str, end: float) -> None:
     meta = errors.waypost(flow)
-    if _COUNTED in meta or "local" in meta:  # counted already / a probe the proxy answered
-        return
-    meta[_COUNTED] = True
+    if _COUNTED in flow.metadata or "local" in meta:
+        return  # counted already / a probe the proxy answered
+    flow.metadata[_COUNTED] = True
     st = STORE
     req = flow.request
     method = req.method

@@ -183,7 +183,7 @@ def test_benchmark_response_hook(capsys: pytest.CaptureFixture[str]) -> None:
         f.response.content = b"y" * 1000
         errors.waypost(f).update(decision="allowed", rule="default")
         n = 20000
-        meta = f.metadata["waypost"]
+        meta = f.metadata
         m.response(f)
         t0 = time.perf_counter()
         for _ in range(n):
