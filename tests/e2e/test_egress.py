@@ -3,43 +3,21 @@
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.conftest import json_body, raw_request, status_of
+from tests.conftest import ThreadedServer, json_body, raw_request, status_of
 
 EGRESS = "addons/egress.py"
 FAKE_MANAGEMENT = "tests/e2e/fake_management.py"
 
 
-class CountingOrigin:
+class CountingOrigin(ThreadedServer):
     """A keep-alive HTTP/1.1 origin on 127.0.0.1 that counts the TCP connections it accepts."""
 
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.accepts = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepts += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _handle(conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         conn.settimeout(5)
         buf = b""
         with conn:
@@ -54,11 +32,6 @@ class CountingOrigin:
                         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             except OSError:
                 return
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,12 +13,12 @@ import pytest
 import trustme
 from cryptography import x509
 
-from tests.conftest import status_of
+from tests.conftest import ThreadedServer, status_of
 
 SCRIPTS = ("addons/egress.py", "addons/tlspolicy.py")
 
 
-class TlsOrigin:
+class TlsOrigin(ThreadedServer):
     """An HTTPS origin on 127.0.0.1 with a trustme certificate for localhost and 127.0.0.1."""
 
     def __init__(self, ca: trustme.CA, names: tuple[str, ...] = ("localhost", "127.0.0.1")) -> None:
@@ -28,24 +27,9 @@ class TlsOrigin:
         cert.configure_cert(self.ctx)
         self.snis: list[str | None] = []
         self.ctx.sni_callback = lambda _sock, name, _ctx: self.snis.append(name)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         conn.settimeout(5)
         try:
             with self.ctx.wrap_socket(conn, server_side=True) as tls:
@@ -60,11 +44,6 @@ class TlsOrigin:
                 )
         except (OSError, ssl.SSLError):
             return
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
