@@ -126,14 +126,20 @@ class LimitedChunkedReader(ChunkedReader):
         self.limit: int | None = None
         self.total = 0
         self.over = False
+        self.malformed: str | None = None
 
     def __call__(self, buf: Any) -> h11.Data | h11.EndOfMessage | None:
         if self.over:
             return None
-        ev = super().__call__(buf)
-        if ev is None:
-            if self.max_line is not None and len(buf) > self.max_line:
+        try:
+            ev = super().__call__(buf)
+            if ev is None and self.max_line is not None and len(buf) > self.max_line:
                 raise h11.LocalProtocolError("chunk size line or trailer section too long")
+        except h11.ProtocolError as e:
+            # read_body closes the connection without an answer; the server side answers 400.
+            self.malformed = str(e)
+            raise
+        if ev is None:
             return None
         if isinstance(ev, h11.Data):
             self.total += len(ev.data)
@@ -327,7 +333,15 @@ def _server_handle_event(self: Any, event: events.Event) -> Gen:
                 self.state = self.done
     elif state == self.read_body:
         reader = self.__dict__.get("body_reader")
-        if isinstance(reader, LimitedChunkedReader) and reader.over:
+        if isinstance(reader, LimitedChunkedReader) and reader.malformed is not None:
+            log.warning("rule=chunked_framing peer=%s: %s", _peer(self.conn), reader.malformed)
+            if self.response is None:
+                # read_body has yielded CloseConnection already; the client's writer is still
+                # open until the connection task unwinds, so these bytes go out first.
+                message = f"Malformed chunked request body: {reader.malformed}"
+                yield commands.SendData(self.conn, error_bytes(400, message))
+            self.state = self.done
+        elif isinstance(reader, LimitedChunkedReader) and reader.over:
             log.warning(
                 "rule=max_body_size peer=%s: chunked request body over %s bytes",
                 _peer(self.conn),
