@@ -5,6 +5,7 @@ observers (metrics, access log) come last so they see every decision.
 """
 
 from addons.accesslog import AccessLog
+from addons.backlog import Backlog
 from addons.config import Config
 from addons.drain import Drain
 from addons.egress import Egress
@@ -19,6 +20,7 @@ from addons.upstream import Upstream
 addons = [
     Config(),
     LeanChain(),
+    Backlog(),
     Drain(),
     Hygiene(),
     Management(),

@@ -1,0 +1,112 @@
+"""Backlog: a deeper listen queue for the proxy's TCP listeners.
+
+mitmproxy opens its listeners with asyncio's default backlog of 100. When many clients connect
+at once (1,000 measured, shared/performance-notes.md) the kernel drops thousands of SYNs and
+the clients wait out seconds of retransmission; a backlog of 4,096 removed the drops. Calling
+listen() again on a listening socket only changes its queue length (Linux), so this wraps
+mitmproxy's `ServerInstance.start` and re-listens every TCP socket it opened, including
+listeners restarted later by a mode or listen-address change. The kernel caps the value at
+net.core.somaxconn.
+
+Patched only on mitmproxy 11.0.x and 12.x (whose `mode_servers` was read); elsewhere a WARNING
+says the backlog stays mitmproxy's.
+
+Hooks: load, configure, running. Options: listen_backlog.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from mitmproxy import ctx, exceptions
+from mitmproxy import version as mitmproxy_version
+from mitmproxy.proxy import mode_servers
+
+log = logging.getLogger("waypost.backlog")
+
+_ORIGINAL = "__waypost_original__"
+
+
+def supported(version: str) -> bool:
+    parts = version.split(".")
+    return parts[0] == "12" or parts[:2] == ["11", "0"]
+
+
+def relisten(servers: list[Any], backlog: int) -> int:
+    """listen(backlog) on every TCP socket of these asyncio servers; returns how many."""
+    count = 0
+    for server in servers:
+        for sock in getattr(server, "sockets", ()):
+            if sock.type != socket.SOCK_STREAM:
+                continue
+            # asyncio hands out TransportSocket wrappers without listen(); a duplicate of the
+            # descriptor reaches the same kernel socket.
+            dup = socket.fromfd(sock.fileno(), sock.family, sock.type)
+            try:
+                dup.listen(backlog)
+            finally:
+                dup.close()
+            count += 1
+    return count
+
+
+async def _start(self: Any) -> None:
+    installed = mode_servers.ServerInstance.start  # after a script reload, not this module's
+    await getattr(installed, _ORIGINAL)(self)
+    backlog = getattr(installed, "backlog", 0)
+    if backlog > 0:
+        relisten(getattr(self, "_servers", []), backlog)
+
+
+class Backlog:
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "listen_backlog",
+            int,
+            4096,
+            "Length of the kernel's queue of not-yet-accepted connections for the proxy's "
+            "listeners (mitmproxy's own is 100, which drops connections when many clients "
+            "connect at once); capped by net.core.somaxconn. 0 leaves mitmproxy's.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "listen_backlog" not in updated:
+            return
+        backlog = ctx.options.listen_backlog
+        if backlog < 0:
+            raise exceptions.OptionsError(f"listen_backlog: must be 0 or more, got {backlog}")
+        if not install():
+            return
+        mode_servers.ServerInstance.start.backlog = backlog  # type: ignore[attr-defined]
+        self._relisten_running()
+
+    def running(self) -> None:
+        # On mitmproxy 12 the listeners start binding before `-s` scripts load, so they missed
+        # the wrapper; by `running` they are up.
+        self._relisten_running()
+
+    def _relisten_running(self) -> None:
+        backlog = ctx.options.listen_backlog
+        ps = ctx.master.addons.get("proxyserver")
+        if ps is not None and backlog > 0 and hasattr(mode_servers.ServerInstance.start, _ORIGINAL):
+            for instance in ps.servers:
+                relisten(getattr(instance, "_servers", []), backlog)
+
+
+def install() -> bool:
+    """Wrap ServerInstance.start once per process; False on an unchecked mitmproxy version."""
+    start = mode_servers.ServerInstance.start
+    if hasattr(start, _ORIGINAL):
+        return True
+    version = mitmproxy_version.VERSION
+    if not supported(version):
+        log.warning("listen_backlog is not applied: mitmproxy %s was not checked", version)
+        return False
+    setattr(_start, _ORIGINAL, start)
+    mode_servers.ServerInstance.start = _start  # type: ignore[method-assign]
+    return True
+
+
+addons = [Backlog()]

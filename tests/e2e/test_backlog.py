@@ -1,0 +1,66 @@
+"""The listen queue of a real mitmdump's proxy port, read back from the kernel with `ss`."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MITMDUMP, ROOT
+
+
+def listen_queue(port: int) -> int:
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout
+    m = re.search(r"LISTEN\s+\d+\s+(\d+)", out)
+    assert m, out
+    return int(m.group(1))
+
+
+def somaxconn() -> int:
+    return int(Path("/proc/sys/net/core/somaxconn").read_text())
+
+
+@pytest.mark.parametrize(
+    "backlog, expected",
+    # 0 keeps mitmproxy's own queue: asyncio's default of 100.
+    [(None, lambda: min(4096, somaxconn())), (512, lambda: 512), (0, lambda: 100)],
+)
+def test_listen_backlog(proxy_factory, backlog, expected) -> None:
+    options = {} if backlog is None else {"listen_backlog": backlog}
+    p = proxy_factory(scripts=("addons/backlog.py",), options=options)
+    p.wait_for("proxy listening")
+    assert listen_queue(p.port) == expected()
+
+
+def test_bundle_listeners_get_the_deep_queue(proxy_factory, tmp_path: Path) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text("metrics: {port: 0}\n")
+    p = proxy_factory(options={"waypost_profile": str(profile)})
+    p.wait_for("management listening")
+    assert listen_queue(p.port) == min(4096, somaxconn())
+
+
+def test_negative_backlog_refused(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            MITMDUMP,
+            "-p",
+            "0",
+            "--set",
+            f"confdir={tmp_path}",
+            "-s",
+            str(ROOT / "addons/backlog.py"),
+            "--set",
+            "listen_backlog=-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1
+    assert "listen_backlog: must be 0 or more" in proc.stdout + proc.stderr
