@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MITMDUMP, ROOT
-
 
 def listen_queue(port: int) -> int:
     out = subprocess.run(
@@ -44,23 +42,8 @@ def test_bundle_listeners_get_the_deep_queue(proxy_factory, tmp_path: Path) -> N
     assert listen_queue(p.port) == min(4096, somaxconn())
 
 
-def test_negative_backlog_refused(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            MITMDUMP,
-            "-p",
-            "0",
-            "--set",
-            f"confdir={tmp_path}",
-            "-s",
-            str(ROOT / "addons/backlog.py"),
-            "--set",
-            "listen_backlog=-1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 1
-    assert "listen_backlog: must be 0 or more" in proc.stdout + proc.stderr
+def test_negative_backlog_refused(proxy_factory) -> None:
+    p = proxy_factory(scripts=("addons/backlog.py",), options={"listen_backlog": -1}, wait=False)
+    assert p.proc.wait(60) == 1
+    p.stop()
+    assert "listen_backlog: must be 0 or more" in "\n".join(p.lines)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import MITMDUMP, ROOT, Backend, json_body, raw_request, status_of
+from tests.conftest import Backend, json_body, raw_request, status_of
 
 MANAGEMENT = r"management (?:app )?listening at https?://[0-9.]+:(\d+)"
 
@@ -219,29 +218,14 @@ def test_profile_reload_swaps_and_bad_edit_keeps_old(bundle, backend: Backend) -
         assert c.get(f"{backend.url}/echo").status_code == 200
 
 
-def test_bad_profile_refuses_to_start(tmp_path: Path) -> None:
+def test_bad_profile_refuses_to_start(proxy_factory, tmp_path: Path) -> None:
     path = write_profile(
         tmp_path, "server: {port: 8080}\nlimits:\n  max_body_size: lots\n  bogus: 1\n"
     )
-    proc = subprocess.run(
-        [
-            MITMDUMP,
-            "-p",
-            "0",
-            "--set",
-            f"confdir={tmp_path}",
-            "-s",
-            str(ROOT / "addons/bundle.py"),
-            "--set",
-            f"waypost_profile={path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    p = proxy_factory(options={"waypost_profile": str(path)}, wait=False)
+    assert p.proc.wait(60) != 0
+    p.stop()
+    out = "\n".join(p.lines)
     assert f"{path}:3: limits.max_body_size" in out
     assert f"{path}:4: limits.bogus: unknown key" in out
 

@@ -85,21 +85,11 @@ def _issuer_through_tunnel(proxy_port: int, host: str, port: int) -> x509.Name:
     return x509.load_der_x509_certificate(der).issuer
 
 
-def _ca_subject(ca: trustme.CA) -> x509.Name:
-    return x509.load_pem_x509_certificate(ca.cert_pem.bytes()).subject
-
-
-def test_passthrough_by_default_client_sees_origin_certificate(
-    proxy_factory, origin, ca, tmp_path: Path
-):
-    p = proxy_factory(scripts=SCRIPTS, options=_options(origin))
-    assert _issuer_through_tunnel(p.port, "localhost", origin.port) == _ca_subject(ca)
-
+def _curl(p, ca_file: Path, port: int) -> subprocess.CompletedProcess[str]:
+    """curl https://localhost:<port>/ through the proxy, trusting `ca_file`."""
     if shutil.which("curl") is None:
         pytest.skip("curl not installed")
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    out = subprocess.run(
+    return subprocess.run(
         [
             "curl",
             "-sS",
@@ -111,12 +101,27 @@ def test_passthrough_by_default_client_sees_origin_certificate(
             p.url,
             "--cacert",
             str(ca_file),
-            f"https://localhost:{origin.port}/",
+            f"https://localhost:{port}/",
         ],
         capture_output=True,
         text=True,
         timeout=20,
     )
+
+
+def _ca_subject(ca: trustme.CA) -> x509.Name:
+    return x509.load_pem_x509_certificate(ca.cert_pem.bytes()).subject
+
+
+def test_passthrough_by_default_client_sees_origin_certificate(
+    proxy_factory, origin, ca, tmp_path: Path
+):
+    p = proxy_factory(scripts=SCRIPTS, options=_options(origin))
+    assert _issuer_through_tunnel(p.port, "localhost", origin.port) == _ca_subject(ca)
+
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    out = _curl(p, ca_file, origin.port)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "origin\n"
 
@@ -147,26 +152,7 @@ def test_intercepted_upstream_is_verified_against_the_hostname_not_the_pinned_ip
                 origin, tls_intercept_hosts="localhost", ssl_verify_upstream_trusted_ca=ca_file
             ),
         )
-        if shutil.which("curl") is None:
-            pytest.skip("curl not installed")
-        out = subprocess.run(
-            [
-                "curl",
-                "-sS",
-                "--max-time",
-                "10",
-                "--noproxy",
-                "",
-                "--proxy",
-                p.url,
-                "--cacert",
-                str(tmp_path / "confdir" / "mitmproxy-ca-cert.pem"),
-                f"https://localhost:{origin.port}/",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
+        out = _curl(p, tmp_path / "confdir" / "mitmproxy-ca-cert.pem", origin.port)
         assert out.returncode == 0, out.stderr + "\n".join(p.lines[-20:])
         assert out.stdout == "origin\n"
         assert origin.snis == ["localhost"]
