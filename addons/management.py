@@ -9,6 +9,16 @@ An aiohttp app inside mitmproxy's event loop on its own listener (`metrics_host`
     GET  <metrics_path>      Prometheus text exposition of `addons.metrics.REGISTRY`
     POST /admin/reload       reload the config addon; `Authorization: Bearer <admin_token>`
 
+Other addons extend the app without importing it, by duck typing (any loaded addon, found on
+each request, so script reloads and late loads just work):
+
+    management_routes() -> {path: async handler(aiohttp.web.Request) -> StreamResponse}
+        Exact paths served by that addon. Paths under /admin/ get the admin bearer-token check
+        (and 404 while admin_token is empty) before the handler runs; any other path (e.g.
+        /cli/execute) does its own authentication.
+    readiness_check() -> (name, {"ok": bool, ...})
+        One more entry in /health/readiness's `checks`; not ok makes readiness answer 503.
+
 Errors use the JSON shape of `addons/errors.py`. With `admin_token` empty, `/admin/*` answers
 404 (the admin API is off). The proxy port also answers origin-form `GET /health/*` requests
 addressed to the proxy itself (Kubernetes probes), in `requestheaders`; `/metrics` and
@@ -162,11 +172,13 @@ def bind(host: str, port: int) -> socket.socket:
 # --- the addon -------------------------------------------------------------------------------
 
 
-def _json(status: int, payload: dict[str, Any]) -> web.Response:
+def json_response(status: int, payload: dict[str, Any]) -> web.Response:
     return web.Response(status=status, body=json.dumps(payload), content_type="application/json")
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
     code = APP_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
     rid = errors.new_request_id()
     return web.Response(
@@ -344,6 +356,9 @@ class Management:
             if cfg is not None:
                 config = (bool(getattr(cfg, "loaded", False)), getattr(cfg, "error", None))
             ok, checks = readiness(addrs, config)
+            for name, check in self._readiness_checks():
+                checks[name] = check
+                ok = ok and bool(check.get("ok"))
             status = "ready" if ok else "not_ready"
         elif path == "/health/startup":
             ok, checks = startup(self.is_running, addrs)
@@ -354,47 +369,88 @@ class Management:
 
     async def _health(self, request: web.Request) -> web.Response:
         if request.method not in ("GET", "HEAD"):
-            return _error(405, "Use GET.", {"Allow": "GET, HEAD"})
+            return error_response(405, "Use GET.", {"Allow": "GET, HEAD"})
         status, payload = self.health(request.path)
         if status == 404:
-            return _error(404, "Unknown health endpoint.")
-        return _json(status, payload)
+            return error_response(404, "Unknown health endpoint.")
+        return json_response(status, payload)
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        if request.path == ctx.options.metrics_path:
+            return await self._metrics(request)
+        handler = self._extension_route(request.path)
+        if handler is None:
+            return error_response(404, "Not found.")
+        if request.path.startswith("/admin/"):
+            refusal = self._admin_refusal(request)
+            if refusal is not None:
+                return refusal
+        return await handler(request)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        if request.path != ctx.options.metrics_path:
-            return _error(404, "Not found.")
         if request.method not in ("GET", "HEAD"):
-            return _error(405, "Use GET.", {"Allow": "GET, HEAD"})
+            return error_response(405, "Use GET.", {"Allow": "GET, HEAD"})
         resp = web.Response(body=generate_latest(REGISTRY))
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
-    async def _reload(self, request: web.Request) -> web.Response:
-        if request.method != "POST":
-            return _error(405, "Use POST.", {"Allow": "POST"})
+    def _admin_refusal(self, request: web.Request) -> web.Response | None:
+        """The error answer for an /admin/* request without the right token, else None."""
         token = ctx.options.admin_token
         if not token:
-            return _error(404, "The admin API is off (admin_token is not set).")
+            return error_response(404, "The admin API is off (admin_token is not set).")
         auth = bearer_status(request.headers.get("Authorization"), token)
         if auth == 401:
-            return _error(401, "Missing or malformed bearer token.", {"WWW-Authenticate": "Bearer"})
+            return error_response(
+                401, "Missing or malformed bearer token.", {"WWW-Authenticate": "Bearer"}
+            )
         if auth == 403:
-            log.warning("admin reload refused: wrong bearer token from %s", request.remote)
-            return _error(403, "Wrong bearer token.")
+            log.warning(
+                "admin %s refused: wrong bearer token from %s", request.path, request.remote
+            )
+            return error_response(403, "Wrong bearer token.")
+        return None
+
+    def _extension_route(
+        self, path: str
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]] | None:
+        for addon in list(ctx.master.addons.lookup.values()):
+            routes = getattr(addon, "management_routes", None)
+            if routes is None or addon is self:
+                continue
+            handler = routes().get(path)
+            if handler is not None:
+                return handler
+        return None
+
+    def _readiness_checks(self) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for addon in list(ctx.master.addons.lookup.values()):
+            check = getattr(addon, "readiness_check", None)
+            if check is not None and addon is not self:
+                out.append(check())
+        return out
+
+    async def _reload(self, request: web.Request) -> web.Response:
+        if request.method != "POST":
+            return error_response(405, "Use POST.", {"Allow": "POST"})
+        refusal = self._admin_refusal(request)
+        if refusal is not None:
+            return refusal
         cfg = ctx.master.addons.get("config")
         reload: Callable[[], tuple[bool, str] | Awaitable[tuple[bool, str]]] | None
         reload = getattr(cfg, "reload", None) if cfg is not None else None
         if reload is None:
-            return _error(404, "No config addon is loaded; nothing to reload.")
+            return error_response(404, "No config addon is loaded; nothing to reload.")
         result = reload()
         if isinstance(result, Awaitable):
             result = await result
         ok, message = result
         if not ok:
             log.warning("admin reload failed: %s", message)
-            return _error(422, message)
+            return error_response(422, message)
         log.info("admin reload done: %s", message)
-        return _json(200, {"reloaded": True, "message": message})
+        return json_response(200, {"reloaded": True, "message": message})
 
     @web.middleware
     async def _errors(
@@ -403,17 +459,17 @@ class Management:
         try:
             return await handler(request)
         except web.HTTPException as e:
-            return _error(e.status, e.reason)
+            return error_response(e.status, e.reason)
         except Exception:
             log.exception("management endpoint %s failed", request.path)
-            return _error(500, "The management app could not process this request.")
+            return error_response(500, "The management app could not process this request.")
 
     def _make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024)
         for name in ("liveness", "readiness", "startup"):
             app.router.add_route("*", f"/health/{name}", self._health)
         app.router.add_route("*", "/admin/reload", self._reload)
-        app.router.add_route("*", "/{tail:.*}", self._metrics)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
         return app
 
     # --- listener lifecycle ----------------------------------------------------------------

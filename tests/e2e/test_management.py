@@ -183,3 +183,22 @@ def test_script_reload_rebinds_the_same_port(
     with direct() as c:
         poll(lambda: c.get(f"http://127.0.0.1:{port}/health/liveness").status_code, 200)
     assert not any("ERROR" in line or "Traceback" in line for line in p.lines)
+
+
+@pytest.mark.parametrize("ready", [True, False])
+def test_addons_extend_the_app(proxy_factory: Callable[..., Proxy], ready: bool) -> None:
+    p = proxy_factory(
+        scripts=(*SCRIPTS, "tests/e2e/fake_extension.py"),
+        options={"metrics_port": 0, "admin_token": "s3cret", "fake_extension_ready": ready},
+    )
+    mport = int(p.wait_for(MANAGEMENT).group(1))
+    base = f"http://127.0.0.1:{mport}"
+    with direct() as c:
+        r = c.get(f"{base}/health/readiness")
+        assert r.status_code == (200 if ready else 503)
+        assert r.json()["checks"]["fake"] == {"ok": ready}
+        assert c.get(f"{base}/fake/public").json() == {"public": True}
+        assert c.delete(f"{base}/admin/fake").status_code == 401  # the admin check runs first
+        r = c.delete(f"{base}/admin/fake", headers={"Authorization": "Bearer s3cret"})
+        assert r.json() == {"admin": True, "method": "DELETE"}
+        assert c.get(f"{base}/nothing/here").status_code == 404
