@@ -440,6 +440,7 @@ class Egress:
     def _deny(self, flow: http.HTTPFlow, rule: str, reason: str, what: str) -> None:
         meta = errors.waypost(flow)
         meta["decision"] = "blocked"
+        meta["blocked_by"] = "egress"
         meta["rule"] = rule
         flow.response = errors.make(
             "ACCESS_DENIED", f"The proxy's egress policy does not allow {what}.", flow

@@ -11,7 +11,9 @@ Metrics:
     http_request_duration_seconds             request start to response end (histogram)
     http_request_bytes_total{direction}       body bytes, "in" from clients, "out" to clients
     proxy_active_connections                  open client connections
-    policy_decisions_total{decision,rule}     flows with a recorded policy decision
+    policy_decisions_total{policy,decision,rule}
+                                              policy decisions: counted by `addons/policy.py`
+                                              when made, or from a flow's recorded decision
 
 Hooks: response, error, http_connected, http_connect_error, client_connected,
 client_disconnected. Options: none. Add it last in the chain so it sees every decision.
@@ -67,7 +69,7 @@ class Store:
         self.buckets = [0] * (len(BUCKETS) + 1)  # per bucket, not cumulative; last is +Inf
         self.duration_sum = 0.0
         self.bytes = [0, 0]  # in, out
-        self.decisions: dict[tuple[str, str], int] = {}
+        self.decisions: dict[tuple[str, str, str], int] = {}
         self.open_clients: set[str] = set()
 
     def collect(self) -> Iterator[Metric]:
@@ -102,8 +104,8 @@ class Store:
         )
         decisions = CounterMetricFamily(
             "policy_decisions_total",
-            "Flows with a policy decision, by decision and the rule id that made it.",
-            labels=["decision", "rule"],
+            "Policy decisions, by policy, decision and the rule id that made it.",
+            labels=["policy", "decision", "rule"],
         )
         for labels, n in self.decisions.items():
             decisions.add_metric(list(labels), n)
@@ -154,12 +156,18 @@ def _record(flow: http.HTTPFlow, status: int | str, end: float) -> None:
             if body:
                 st.bytes[1] += len(body)
     decision = meta.get("decision")
-    if decision:
-        dkey = (str(decision), str(meta.get("rule") or ""))
-        counts = st.decisions
-        if dkey not in counts and len(counts) >= MAX_DECISION_SERIES:
-            dkey = (dkey[0], "_other")
-        counts[dkey] = counts.get(dkey, 0) + 1
+    if decision and "policy" not in meta:  # policy.decide counted it when it was made
+        count_decision(meta.get("blocked_by", "core"), str(decision), str(meta.get("rule") or ""))
+
+
+def count_decision(policy: str, decision: str, rule: str) -> None:
+    """One more policy_decisions_total{policy,decision,rule}; series beyond the cap share
+    rule "_other"."""
+    key = (policy, decision, rule)
+    counts = STORE.decisions
+    if key not in counts and len(counts) >= MAX_DECISION_SERIES:
+        key = (policy, decision, "_other")
+    counts[key] = counts.get(key, 0) + 1
 
 
 class Metrics:

@@ -110,9 +110,12 @@ def test_policy_decisions_from_waypost_metadata() -> None:
     with taddons.context(m):
         f = tflow.tflow(resp=True)
         errors.waypost(f).update(decision="blocked", rule="ads")
-        before = value("policy_decisions_total", decision="blocked", rule="ads")
+        before = value("policy_decisions_total", policy="core", decision="blocked", rule="ads")
         m.response(f)
-        assert value("policy_decisions_total", decision="blocked", rule="ads") == before + 1
+        assert (
+            value("policy_decisions_total", policy="core", decision="blocked", rule="ads")
+            == before + 1
+        )
         plain = tflow.tflow(resp=True)  # no decision recorded: no decision series
         n = len(metrics.STORE.decisions)
         m.response(plain)
@@ -125,10 +128,21 @@ def test_decision_series_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     with taddons.context(m):
         f = tflow.tflow(resp=True)
         errors.waypost(f).update(decision="blocked", rule="a-rule-never-seen")
-        before = value("policy_decisions_total", decision="blocked", rule="_other")
+        before = value("policy_decisions_total", policy="core", decision="blocked", rule="_other")
         m.response(f)
-        assert value("policy_decisions_total", decision="blocked", rule="_other") == before + 1
-        assert value("policy_decisions_total", decision="blocked", rule="a-rule-never-seen") == 0
+        assert (
+            value("policy_decisions_total", policy="core", decision="blocked", rule="_other")
+            == before + 1
+        )
+        assert (
+            value(
+                "policy_decisions_total",
+                policy="core",
+                decision="blocked",
+                rule="a-rule-never-seen",
+            )
+            == 0
+        )
 
 
 def test_locally_answered_flows_are_not_counted() -> None:
