@@ -14,6 +14,7 @@ from addons.hygiene import Hygiene
 from addons.leanchain import LeanChain
 from addons.management import Management
 from addons.metrics import Metrics
+from addons.tlslistener import TlsListener
 from addons.tlspolicy import TlsPolicy
 from addons.upstream import Upstream
 
@@ -26,6 +27,7 @@ addons = [
     Management(),
     Egress(),
     TlsPolicy(),
+    TlsListener(),
     Forwarding(),
     Upstream(),
     Metrics(),

@@ -28,7 +28,9 @@ log = logging.getLogger("waypost.config")
 
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "default.yaml"
 WATCH_INTERVAL = 1.0
-_LISTEN = {"listen_host", "listen_port"}
+# Options that change the listeners; a profile's `mitmproxy: {mode: [...]}` (reverse
+# listeners) needs the same late rebind on mitmproxy 12 as the listen address.
+_LISTEN = {"listen_host", "listen_port", "mode"}
 
 
 class Config:
@@ -160,8 +162,8 @@ class Config:
         self.error = None
 
     def _rebind_listeners(self) -> None:
-        """Make a changed listen_host/listen_port take effect: proxyserver only rebinds when
-        `mode` or `server` change."""
+        """Make a changed listen_host/listen_port/mode take effect: proxyserver only rebinds
+        when `mode` or `server` change, and not before it runs."""
         ps = ctx.master.addons.get("proxyserver")
         if ps is None:
             return

@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -82,11 +83,61 @@ class Timeouts(_Section):
     read: Duration = 60.0
 
 
+class Tls(_Section):
+    """The certificate reverse listeners serve to TLS clients (addons/tlslistener.py).
+
+    The files are checked here too (readable, PEM, the key belongs to the certificate), so
+    validate-config and a reload point at the line of the file that is wrong.
+    """
+
+    cert: str | None = None
+    key: str | None = None
+    chain: str | None = None
+
+    @field_validator("cert")
+    @classmethod
+    def _cert(cls, v: str | None) -> str | None:
+        if v:
+            _tls().load_certificates(v, "cert")
+        return v
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v:
+            tls = _tls()
+            tls.load_private_key(v)
+            if info.data.get("cert"):
+                tls.load_keypair(info.data["cert"], v)
+        return v
+
+    @field_validator("chain")
+    @classmethod
+    def _chain(cls, v: str | None) -> str | None:
+        if v:
+            _tls().load_certificates(v, "chain")
+        return v
+
+    @model_validator(mode="after")
+    def _both(self) -> Tls:
+        if (self.cert or self.key or self.chain) and not (self.cert and self.key):
+            raise ValueError("a TLS listener needs both cert and key")
+        return self
+
+
+def _tls() -> Any:
+    # Imported when used: it pulls in OpenSSL, which profiles without TLS never need.
+    from addons import tlslistener
+
+    return tlslistener
+
+
 class Server(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
     shutdown_timeout: Duration = 30.0
     timeouts: Timeouts = Timeouts()
+    tls: Tls = Tls()
 
 
 class Logging(_Section):
@@ -259,6 +310,9 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "server_shutdown_timeout": (("server", "shutdown_timeout"), format_duration),
     "upstream_connect_timeout": (("server", "timeouts", "connect"), format_duration),
     "upstream_read_timeout": (("server", "timeouts", "read"), format_duration),
+    "tls_listener_cert": (("server", "tls", "cert"), lambda v: v or ""),
+    "tls_listener_key": (("server", "tls", "key"), lambda v: v or ""),
+    "tls_listener_chain": (("server", "tls", "chain"), lambda v: v or ""),
     "log_level": (("logging", "level"), _same),
     "log_format": (("logging", "format"), _same),
     "log_output": (("logging", "output"), _same),

@@ -8,7 +8,8 @@ Hooks:
 - `http_connect`: remembers the CONNECT flow of the tunnel, so the decision can be recorded on it
   (`flow.metadata["waypost"]["tls"] = "passthrough" | "intercept"`).
 - `tls_clienthello`: matches the SNI (falling back to the CONNECT host) against the patterns and
-  sets `ignore_connection` for every host that is not intercepted.
+  sets `ignore_connection` for every host that is not intercepted. Not on reverse listeners,
+  which terminate TLS themselves.
 
 Options: `tls_intercept_hosts`.
 """
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from mitmproxy import ctx, exceptions, http, tls
+from mitmproxy.proxy import mode_specs
 
 from addons import errors
 
@@ -105,6 +107,10 @@ class TlsPolicy:
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         if data.ignore_connection:
+            return
+        if isinstance(data.context.client.proxy_mode, mode_specs.ReverseMode):
+            # A reverse listener is the TLS endpoint itself (addons/tlslistener.py): passing
+            # its TLS through would hand the raw handshake to the backend.
             return
         flow = self._connects.pop(data.context.server.id, None)
         host = data.client_hello.sni

@@ -1,0 +1,318 @@
+"""TLS listener: reverse-proxy listeners terminate TLS with the operator's certificate.
+
+mitmproxy already terminates TLS on a reverse listener whenever a client's first bytes are a
+ClientHello (`reverse:http://...` and `reverse:https://...` alike), but with a certificate it
+mints from its own CA. With a certificate and key configured here, every reverse listener
+serves that certificate instead, and forward-proxy interception keeps mitmproxy's CA. The
+mechanism is mitmproxy's own extension point: an addon's `tls_start_client` that provides the
+OpenSSL connection, which mitmproxy's TlsConfig then leaves alone (same in 11 and 12). The
+`certs` option (`*=fullchain+key.pem`) was the alternative: it wants key and chain in one
+file and would hand the certificate to intercepted forward-proxy hosts as well.
+
+ALPN: HTTP/2 (`h2`) when the client offers it and mitmproxy's `http2` option is on, else
+HTTP/1.1 (server preference, as nginx does; mitmproxy's own callback follows the client's
+order, which gives HTTP/1.1 to clients such as httpx that list it first). Backends: mitmproxy offers the
+client's ALPN list upstream on TLS connections, so a backend that speaks h2 gets h2; a
+plaintext `http://` backend gets HTTP/1.1, and then mitmproxy opens one upstream connection per
+request of an h2 client (`_http1.py`: it never reuses an upstream HTTP/1 connection for h2).
+
+The certificate files are checked when set (readable, PEM, the key belongs to the leaf
+certificate) and watched: a renewed certificate is loaded within `RELOAD_INTERVAL` seconds
+without a restart (new handshakes get it; a renewal that does not validate is logged and the
+old certificate stays).
+
+Hooks: configure (load and check), running (file watcher), done, tls_start_client.
+Options: tls_listener_cert, tls_listener_key, tls_listener_chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from mitmproxy import ctx, exceptions, tls
+from mitmproxy.proxy import mode_specs
+from OpenSSL import SSL, crypto
+
+log = logging.getLogger("waypost.tlslistener")
+
+RELOAD_INTERVAL = 10.0
+_OPTIONS = ("tls_listener_cert", "tls_listener_key", "tls_listener_chain")
+
+# Mozilla's "intermediate" configuration (TLS 1.2 suites; TLS 1.3 suites are OpenSSL's own).
+CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+)
+H2 = b"h2"
+HTTP1 = (b"http/1.1", b"http/1.0")
+
+
+class KeypairError(ValueError):
+    """A certificate, key or chain file that cannot serve; `which` names the file's role."""
+
+    def __init__(self, which: str, message: str) -> None:
+        super().__init__(message)
+        self.which = which  # "cert", "key" or "chain"
+
+
+class Keypair(NamedTuple):
+    cert: x509.Certificate
+    key: Any  # a cryptography private key
+    chain: tuple[x509.Certificate, ...]
+    paths: tuple[str, str, str]  # cert, key, chain ("" when none)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(p for p in self.paths if p)
+
+    @property
+    def subject(self) -> str:
+        return self.cert.subject.rfc4514_string()
+
+    @property
+    def not_after(self) -> datetime.datetime:
+        return self.cert.not_valid_after_utc
+
+
+_ROLE = {"cert": "certificate", "key": "private key", "chain": "chain"}
+
+
+def _read(path: str, which: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise KeypairError(
+            which, f"cannot read the {_ROLE[which]} file {path!r}: {e.strerror}"
+        ) from None
+
+
+def load_certificates(path: str, which: str) -> list[x509.Certificate]:
+    """Every PEM certificate in the file (a leaf, or a leaf followed by its chain)."""
+    data = _read(path, which)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise KeypairError(
+            which, f"{path!r} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        )
+    return certs
+
+
+def load_private_key(path: str) -> Any:
+    data = _read(path, "key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:  # cryptography's way of saying "this one needs a password"
+        raise KeypairError(
+            "key",
+            f"{path!r} is an encrypted private key; give it unencrypted "
+            "(and protect the file with its permissions)",
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise KeypairError(
+            "key", f"{path!r} holds no PEM private key (-----BEGIN PRIVATE KEY-----)"
+        ) from None
+    return key
+
+
+def _spki(public_key: Any) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_keypair(cert: str, key: str, chain: str = "") -> Keypair:
+    """Read and check the files; KeypairError says which file is wrong and why."""
+    certs = load_certificates(cert, "cert")
+    private = load_private_key(key)
+    if _spki(private.public_key()) != _spki(certs[0].public_key()):
+        raise KeypairError(
+            "key",
+            f"the key {key!r} does not belong to the certificate {cert!r} "
+            f"({certs[0].subject.rfc4514_string()}): their public keys differ",
+        )
+    extra = load_certificates(chain, "chain") if chain else []
+    return Keypair(certs[0], private, tuple(certs[1:] + extra), (cert, key, chain))
+
+
+def validity_problem(pair: Keypair, now: datetime.datetime) -> str | None:
+    """Why the certificate would be refused by clients today, or None."""
+    if now < pair.cert.not_valid_before_utc:
+        return f"not valid before {pair.cert.not_valid_before_utc.isoformat()}"
+    if now > pair.not_after:
+        return f"expired on {pair.not_after.isoformat()}"
+    return None
+
+
+def select_alpn(offers: Sequence[bytes], http2: bool) -> bytes | None:
+    """The protocol to answer a client's ALPN offer with, or None (no overlap).
+
+    Server preference, as nginx and Go do: h2 whenever offered (and enabled), whatever the
+    client's order (httpx lists http/1.1 first), then HTTP/1.1, then HTTP/1.0.
+    """
+    for proto in ((H2,) if http2 else ()) + HTTP1:
+        if proto in offers:
+            return proto
+    return None
+
+
+def _alpn_callback(conn: SSL.Connection, offers: list[bytes]) -> Any:
+    chosen = select_alpn(offers, bool(conn.get_app_data()))
+    return SSL.NO_OVERLAPPING_PROTOCOLS if chosen is None else chosen
+
+
+def _ossl_cert(cert: x509.Certificate) -> Any:
+    return crypto.X509.from_cryptography(cert)
+
+
+def make_context(pair: Keypair) -> SSL.Context:
+    """One server context per certificate: shared by all handshakes, so sessions resume."""
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    context.set_cipher_list(CIPHERS.encode())
+    context.use_certificate(_ossl_cert(pair.cert))
+    context.use_privatekey(crypto.PKey.from_cryptography_key(pair.key))
+    for cert in pair.chain:
+        context.add_extra_chain_cert(_ossl_cert(cert))
+    context.check_privatekey()
+    context.set_session_id(b"waypost-tls-listener")
+    context.set_alpn_select_callback(_alpn_callback)
+    return context
+
+
+def _mtimes(files: tuple[str, ...]) -> tuple[float | None, ...]:
+    out: list[float | None] = []
+    for f in files:
+        try:
+            out.append(os.stat(f).st_mtime)
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+class TlsListener:
+    def __init__(self) -> None:
+        self.pair: Keypair | None = None
+        self.context: SSL.Context | None = None
+        self.http2 = True
+        self._mtimes: tuple[float | None, ...] = ()
+        self._task: asyncio.Task[None] | None = None
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "tls_listener_cert",
+            str,
+            "",
+            "PEM certificate (leaf first; the chain may follow) that reverse-proxy listeners "
+            "serve to TLS clients, with HTTP/2 and HTTP/1.1 by ALPN. Empty: mitmproxy's "
+            "generated certificate. Needs tls_listener_key.",
+        )
+        loader.add_option(
+            "tls_listener_key",
+            str,
+            "",
+            "PEM private key (unencrypted) of tls_listener_cert.",
+        )
+        loader.add_option(
+            "tls_listener_chain",
+            str,
+            "",
+            "Optional PEM file of intermediate certificates sent after tls_listener_cert.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "http2" in updated:
+            self.http2 = bool(ctx.options.http2)
+        if not updated & set(_OPTIONS):
+            return
+        cert, key, chain = (getattr(ctx.options, o) for o in _OPTIONS)
+        if not cert and not key and not chain:
+            self.pair, self.context, self._mtimes = None, None, ()
+            return
+        if not cert or not key:
+            missing = "tls_listener_cert" if not cert else "tls_listener_key"
+            raise exceptions.OptionsError(
+                f"{missing}: a TLS listener needs both a certificate and its key"
+            )
+        try:
+            # Small local files, read once per config change (as mitmproxy's `certs` option).
+            pair = load_keypair(cert, key, chain)
+            context = make_context(pair)
+        except KeypairError as e:
+            raise exceptions.OptionsError(f"tls_listener_{e.which}: {e}") from None
+        except SSL.Error as e:  # OpenSSL refused what cryptography accepted (rare)
+            raise exceptions.OptionsError(f"tls_listener_cert: OpenSSL refused it: {e}") from None
+        self._swap(pair, context)
+
+    def _swap(self, pair: Keypair, context: SSL.Context) -> None:
+        self.pair, self.context = pair, context
+        self._mtimes = _mtimes(pair.files)
+        problem = validity_problem(pair, datetime.datetime.now(datetime.UTC))
+        log.log(
+            logging.WARNING if problem else logging.INFO,
+            "TLS listener certificate %s, valid until %s%s",
+            pair.subject,
+            pair.not_after.isoformat(),
+            f" ({problem}: clients will refuse it)" if problem else "",
+            extra={"waypost": {"tls_subject": pair.subject, "files": list(pair.files)}},
+        )
+
+    def running(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL)
+            pair = self.pair
+            if pair is None:
+                continue
+            mtimes = await asyncio.to_thread(_mtimes, pair.files)
+            if mtimes == self._mtimes:
+                continue
+            # A renewal writes cert and key one after the other: check again once both settled.
+            await asyncio.sleep(1.0)
+            try:
+                new = await asyncio.to_thread(load_keypair, *pair.paths)
+                context = await asyncio.to_thread(make_context, new)
+            except (ValueError, SSL.Error) as e:
+                self._mtimes = mtimes  # do not retry the same broken files every interval
+                log.warning("TLS listener certificate not reloaded, keeping the old one: %s", e)
+                continue
+            if self.pair is pair:  # no option change meanwhile
+                self._swap(new, context)
+
+    def tls_start_client(self, data: tls.TlsData) -> None:
+        context = self.context
+        if (
+            context is None
+            or data.ssl_conn is not None
+            or data.is_dtls
+            or not isinstance(data.context.client.proxy_mode, mode_specs.ReverseMode)
+        ):
+            return
+        conn = SSL.Connection(context)
+        conn.set_app_data(self.http2)  # read by the ALPN callback
+        conn.set_accept_state()
+        data.ssl_conn = conn
+
+
+addons = [TlsListener()]
