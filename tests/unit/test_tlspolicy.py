@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 from mitmproxy import connection, exceptions
+from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow
 
 from addons.tlspolicy import TlsPolicy, matches, parse_patterns
@@ -61,10 +62,11 @@ def test_configure_error_names_the_option() -> None:
             tctx.configure(addon, tls_intercept_hosts=["a*b"])
 
 
-def _hello(sni: str | None, server: connection.Server) -> SimpleNamespace:
+def _hello(sni: str | None, server: connection.Server, mode: str = "regular") -> SimpleNamespace:
+    client = SimpleNamespace(proxy_mode=mode_specs.ProxyMode.parse(mode))
     return SimpleNamespace(
         client_hello=SimpleNamespace(sni=sni),
-        context=SimpleNamespace(server=server),
+        context=SimpleNamespace(server=server, client=client),
         ignore_connection=False,
     )
 
@@ -106,3 +108,15 @@ def test_clienthello_without_connect_flow_uses_server_address() -> None:
         data = _hello(None, connection.Server(address=None))
         addon.tls_clienthello(data)  # type: ignore[arg-type]
         assert data.ignore_connection is True
+
+
+def test_reverse_listener_tls_is_never_passed_through() -> None:
+    """A reverse listener terminates TLS itself (tlslistener.py); passing it through would
+    relay the client's handshake to the backend."""
+    addon = TlsPolicy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, tls_intercept_hosts=[])
+        server = connection.Server(address=("127.0.0.1", 8443))
+        data = _hello("www.example.com", server, mode="reverse:https://127.0.0.1:8443")
+        addon.tls_clienthello(data)  # type: ignore[arg-type]
+        assert data.ignore_connection is False
