@@ -21,7 +21,8 @@ certificate) and watched: a renewed certificate is loaded within `RELOAD_INTERVA
 without a restart (new handshakes get it; a renewal that does not validate is logged and the
 old certificate stays).
 
-Hooks: configure (load and check), running (file watcher), done, tls_start_client.
+Hooks: configure (load and check), running (file watcher), done, tls_start_client,
+quic_start_client (HTTP/3 on `reverse:https://` listeners gets the same certificate).
 Options: tls_listener_cert, tls_listener_key, tls_listener_chain.
 """
 
@@ -40,6 +41,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from mitmproxy import ctx, exceptions, tls
 from mitmproxy.proxy import mode_specs
+from mitmproxy.proxy.layers import quic
 from OpenSSL import SSL, crypto
 
 log = logging.getLogger("waypost.tlslistener")
@@ -313,6 +315,28 @@ class TlsListener:
         conn.set_app_data(self.http2)  # read by the ALPN callback
         conn.set_accept_state()
         data.ssl_conn = conn
+
+    def quic_start_client(self, data: quic.QuicTlsData) -> None:
+        """HTTP/3: a `reverse:https://` listener also listens on UDP (mitmproxy's `http3`
+        option, on by default); QUIC clients get the same certificate."""
+        pair = self.pair
+        if (
+            pair is None
+            or data.settings is not None
+            or not isinstance(data.context.client.proxy_mode, mode_specs.ReverseMode)
+        ):
+            return
+        client, server = data.context.client, data.context.server
+        data.settings = quic.QuicTlsSettings(
+            # As mitmproxy's TlsConfig: the negotiated protocol if known, else the offers.
+            alpn_protocols=[
+                a.decode("ascii")
+                for a in [a for a in (client.alpn, server.alpn) if a] or client.alpn_offers
+            ],
+            certificate=pair.cert,
+            certificate_chain=list(pair.chain),
+            certificate_private_key=pair.key,
+        )
 
 
 addons = [TlsListener()]

@@ -169,6 +169,28 @@ def test_serves_the_configured_certificate_not_mitmproxys(
     assert served == ours
 
 
+async def _quic_peer(port: int, ca: Path) -> x509.Certificate:
+    """Complete a QUIC (HTTP/3) handshake that verifies against `ca`; the served leaf."""
+    import asyncio
+
+    from aioquic.asyncio.client import connect
+    from aioquic.quic.configuration import QuicConfiguration
+
+    config = QuicConfiguration(is_client=True, alpn_protocols=["h3"], server_name="localhost")
+    config.load_verify_locations(str(ca))
+    async with asyncio.timeout(15):
+        async with connect("127.0.0.1", port, configuration=config) as client:
+            return client._quic.tls._peer_certificate
+
+
+async def test_http3_gets_the_same_certificate(proxy_factory, server_files, backend) -> None:
+    """`reverse:https://` also listens on UDP for HTTP/3: QUIC clients get our certificate
+    (the handshake verifies against our CA only)."""
+    _, port = start_listener(proxy_factory, server_files, f"https://127.0.0.1:{backend.port}")
+    served = await _quic_peer(port, server_files["ca"])
+    assert served == x509.load_pem_x509_certificate(server_files["cert"].read_bytes())
+
+
 def test_http2_off_gives_http11(proxy_factory, server_files, h2_origin: Hypercorn) -> None:
     _, port = start_listener(
         proxy_factory,
