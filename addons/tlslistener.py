@@ -11,10 +11,10 @@ file and would hand the certificate to intercepted forward-proxy hosts as well.
 
 ALPN: HTTP/2 (`h2`) when the client offers it and mitmproxy's `http2` option is on, else
 HTTP/1.1 (server preference, as nginx does; mitmproxy's own callback follows the client's
-order, which gives HTTP/1.1 to clients such as httpx that list it first). Backends: mitmproxy offers the
-client's ALPN list upstream on TLS connections, so a backend that speaks h2 gets h2; a
-plaintext `http://` backend gets HTTP/1.1, and then mitmproxy opens one upstream connection per
-request of an h2 client (`_http1.py`: it never reuses an upstream HTTP/1 connection for h2).
+order, which gives HTTP/1.1 to clients such as httpx that list it first). Backends: mitmproxy
+offers the client's ALPN list upstream on TLS connections, so a backend that speaks h2 gets
+h2; a plaintext `http://` backend gets HTTP/1.1, and then mitmproxy opens one upstream
+connection per request of an h2 client (`_http1.py`: no upstream HTTP/1 reuse for h2).
 
 The certificate files are checked when set (readable, PEM, the key belongs to the leaf
 certificate) and watched: a renewed certificate is loaded within `RELOAD_INTERVAL` seconds
@@ -47,6 +47,7 @@ from OpenSSL import SSL, crypto
 log = logging.getLogger("waypost.tlslistener")
 
 RELOAD_INTERVAL = 10.0
+SETTLE = 1.0  # after a change, wait this long: a renewal writes cert and key one by one
 _OPTIONS = ("tls_listener_cert", "tls_listener_key", "tls_listener_chain")
 
 # Mozilla's "intermediate" configuration (TLS 1.2 suites; TLS 1.3 suites are OpenSSL's own).
@@ -290,8 +291,7 @@ class TlsListener:
             mtimes = await asyncio.to_thread(_mtimes, pair.files)
             if mtimes == self._mtimes:
                 continue
-            # A renewal writes cert and key one after the other: check again once both settled.
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(SETTLE)
             try:
                 new = await asyncio.to_thread(load_keypair, *pair.paths)
                 context = await asyncio.to_thread(make_context, new)

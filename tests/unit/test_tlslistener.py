@@ -233,3 +233,41 @@ def test_profile_errors_point_at_the_line(
     with pytest.raises(profile.ProfileError) as e:
         profile.load(p, {})
     assert any(problem in x for x in e.value.problems), e.value.problems
+
+
+async def test_renewed_certificate_is_picked_up(
+    files: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import os
+    import shutil
+
+    from addons import tlslistener
+
+    monkeypatch.setattr(tlslistener, "RELOAD_INTERVAL", 0.02)
+    monkeypatch.setattr(tlslistener, "SETTLE", 0.0)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(files["cert"], cert)
+    shutil.copy(files["key"], key)
+    addon = TlsListener()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, tls_listener_cert=str(cert), tls_listener_key=str(key))
+        first = addon.pair
+        assert first is not None
+        task = asyncio.get_running_loop().create_task(addon._watch())
+        try:
+            # A half-done renewal (new certificate, old key) is refused; the old one stays.
+            shutil.copy(files["old_cert"], cert)
+            os.utime(cert, (1e9, 2e9))
+            await asyncio.sleep(0.3)
+            assert addon.pair is first
+            shutil.copy(files["old_key"], key)
+            os.utime(key, (1e9, 2e9))
+            for _ in range(100):
+                if addon.pair is not first:
+                    break
+                await asyncio.sleep(0.02)
+            assert addon.pair is not None and addon.pair.subject != first.subject
+            assert addon.context is not None
+        finally:
+            task.cancel()
