@@ -497,6 +497,8 @@ def main(argv: list[str]) -> int:
         f"{' except ' + ', '.join(egress.allowed_networks) if egress.allowed_networks else ''}\n"
         f"  tls          "
         f"{'intercept ' + ', '.join(p.security.tls_interception.hosts) if p.security.tls_interception.hosts else 'pass every tunnel through'}\n"
+        f"  tls listener "
+        f"{p.server.tls.cert + ' (key ' + str(p.server.tls.key) + ')' if p.server.tls.cert else 'mitmproxy certificate'}\n"
         f"  mitmproxy    {', '.join(f'{k}={v}' for k, v in p.mitmproxy.items()) or '(defaults)'}"
     )
     return 0
