@@ -50,14 +50,15 @@ def test_sigterm_drains_in_flight_request(proxy_factory, backend) -> None:
 def test_shutdown_timeout_cuts_the_wait(proxy_factory, backend) -> None:
     p = proxy_factory(scripts=SCRIPTS, options={"server_shutdown_timeout": "1s"})
     with ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(_get, p.port, f"{backend.url}/slow/5000")
+        slow = pool.submit(_get, p.port, f"{backend.url}/slow/8000")
         p.wait_for(r"server connect 127\.0\.0\.1")
         t0 = time.monotonic()
         p.proc.send_signal(signal.SIGTERM)
-        assert _wait_exit(p, 5) == 0
+        assert _wait_exit(p, 7) == 0
         elapsed = time.monotonic() - t0
-        slow.result(10)
-    assert 0.9 < elapsed < 2.5, elapsed
+        slow.result(12)
+    # The cut (1 s) is far from the request's 8 s; the margin absorbs a loaded machine.
+    assert 0.9 < elapsed < 4.5, elapsed
     p.wait_for(r"drain finished: 1 requests left")
 
 
