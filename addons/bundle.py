@@ -6,6 +6,7 @@ observers (metrics, access log) come last so they see every decision.
 
 from addons.accesslog import AccessLog
 from addons.backlog import Backlog
+from addons.cli import Cli
 from addons.config import Config
 from addons.drain import Drain
 from addons.egress import Egress
@@ -25,6 +26,7 @@ addons = [
     Drain(),
     Hygiene(),
     Management(),
+    Cli(),
     Egress(),
     TlsPolicy(),
     TlsListener(),

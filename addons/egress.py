@@ -16,6 +16,12 @@ Hooks:
   connection reuse (which matches on `address`) keeps working.
 - `http_connect_error`: a CONNECT killed in `server_connect` answers 403 JSON instead of 502.
 
+Flows the proxy reroutes to itself (the CLI addon sends `POST /cli/execute` on the proxy port to
+its own loopback listener, marking the flow `errors.waypost(flow)["local"] = "cli"`) pass, but only
+to exactly that listener: `requestheaders` skips them and remembers (client, address), which
+`server_connect` then lets through. Every other flow still finds the management port and the CLI
+listener unreachable.
+
 Options: `egress_connect_ports`, `egress_block_private`, `egress_allowed_networks`.
 """
 
@@ -297,6 +303,8 @@ class Egress:
         self._pinned: dict[str, tuple[str, int]] = {}
         # server.id -> verdict, for CONNECTs killed in server_connect (read by http_connect_error)
         self._killed: TTLCache[str, Verdict] = TTLCache(1024, 60)
+        # (client.id, (host, port)) a CLI-marked flow was rerouted to, for server_connect
+        self._local: TTLCache[tuple[str, tuple[str, int]], bool] = TTLCache(1024, 60)
 
     def load(self, loader: object) -> None:
         loader.add_option(  # type: ignore[attr-defined]
@@ -425,6 +433,10 @@ class Egress:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or flow.request.method == "CONNECT":
             return
+        target = (flow.request.host, flow.request.port)
+        if errors.waypost(flow).get("local") == "cli" and target in _cli_addrs():
+            self._local[(flow.client_conn.id, target)] = True
+            return
         await self._check_flow(flow)
 
     async def _check_flow(self, flow: http.HTTPFlow) -> None:
@@ -469,6 +481,8 @@ class Egress:
         server = data.server
         assert server.address is not None
         host, port = server.address[0], server.address[1]
+        if (data.client.id, (host, port)) in self._local and (host, port) in _cli_addrs():
+            return  # the CLI reroute of this client's own marked flow
         name = normalise_host(host)
         try:
             ips = await self.resolve(name)
@@ -514,11 +528,22 @@ class Egress:
 
 
 def _management_addrs() -> Sequence[tuple[str, int]]:
+    """The management app's listen addresses and the CLI's internal one: never reachable
+    through the proxy (except by the CLI's own marked flows)."""
     try:
         management = ctx.master.addons.get("management")
     except AttributeError:  # no master outside a running proxy
         return ()
-    return getattr(management, "listen_addrs", None) or ()
+    addrs = getattr(management, "listen_addrs", None) or []
+    return [*addrs, *_cli_addrs()]
+
+
+def _cli_addrs() -> Sequence[tuple[str, int]]:
+    try:
+        cli = ctx.master.addons.get("cli")
+    except AttributeError:
+        return ()
+    return getattr(cli, "listen_addrs", None) or ()
 
 
 def _client_ip(peername: tuple[str, int] | None) -> str:
