@@ -94,13 +94,16 @@ REQUEST_KEYS = frozenset({"command", "args", "stdin", "stdin_base64", "stdin_str
 OUTCOMES = ("ok", "failed", "signaled", "timeout", "output_limit", "disconnected", "error")
 
 # The reaper (see the module docstring). argv: SPEC PATH ARG...; SPEC is
-# "fd,uid,gid,as,cpu,fsize,nproc" with "-" for unset. Reports on fd `fd`, one line each:
+# "fd,uid,gid,as,cpu,fsize,nproc,lc" with "-" for unset (lc: 1 when the request set LC_CTYPE). Reports on fd `fd`, one line each:
 # "pid N", "error MESSAGE" (the child could not exec), "exit STATUS MAXRSS_KB CPU_MS".
 REAPER = r"""
 import os, resource, signal, sys
 R = resource
-fd, uid, gid, mem, cpu, fsize, nproc = [None if v == "-" else int(v) for v in sys.argv[1].split(",")]
+fd, uid, gid, mem, cpu, fsize, nproc, lc = [None if v == "-" else int(v) for v in sys.argv[1].split(",")]
 argv = sys.argv[2:]
+env = dict(os.environ)
+if not lc:
+    env.pop("LC_CTYPE", None)  # Python's own C-locale coercion (PEP 538) set it, not the request
 for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     signal.signal(s, signal.SIG_IGN)
 os.set_inheritable(fd, False)
@@ -124,7 +127,7 @@ if pid == 0:
             R.setrlimit(R.RLIMIT_FSIZE, (fsize, fsize))
         if nproc:
             R.setrlimit(R.RLIMIT_NPROC, (nproc, nproc))
-        os.execv(argv[0], argv)
+        os.execve(argv[0], argv, env)
     except BaseException as e:
         try:
             os.write(fd, ("error %s: %s\n" % (type(e).__name__, e)).replace("\n", " ").encode() + b"\n")
@@ -428,13 +431,14 @@ def parse_request(obj: Any, s: Settings) -> Plan:
     return Plan(path, argv, env, stdin, flags["stdin_stream"], flags["stream"], timeout)
 
 
-def reaper_spec(fd: int, s: Settings) -> str:
-    """The reaper's first argument: report fd, user, and the limits ("-": none)."""
+def reaper_spec(fd: int, s: Settings, keep_lc_ctype: bool = False) -> str:
+    """The reaper's first argument: report fd, user, the limits ("-": none), LC_CTYPE flag."""
     uid, gid = s.user if s.user else (None, None)
     limits = (s.max_memory, s.max_cpu_time, s.max_file_size, s.max_processes)
     return ",".join(
         [str(fd), *("-" if v is None else str(v) for v in (uid, gid))]
         + [str(v) if v else "-" for v in limits]
+        + ["1" if keep_lc_ctype else "0"]
     )
 
 
@@ -538,7 +542,7 @@ class Execution:
         try:
             # The command's argv goes to exec as a list: no shell, no PATH search.
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-S", "-c", REAPER, reaper_spec(w, self.settings),
+                sys.executable, "-I", "-S", "-c", REAPER, reaper_spec(w, self.settings, "LC_CTYPE" in self.plan.env),
                 self.plan.path, *self.plan.argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
@@ -959,6 +963,8 @@ class Cli:
             app.router.add_route("*", PATH, self._internal)
             self._listener = _Listener(bind("127.0.0.1", 0), app)
             self.listen_addrs = [self._listener.addr]
+            log.info("cli listening at %s:%d (proxy-port requests are rerouted here)",
+                     *self._listener.addr)  # fmt: skip
         elif not self.settings.active and self._listener is not None:
             self._listener.stop()
             self._listener = None

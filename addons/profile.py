@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -203,6 +205,69 @@ class Admin(_Section):
     token: str = ""
 
 
+def _command_path(value: Any) -> str:
+    text = str(value)
+    if not text.startswith("/") or text != os.path.normpath(text):
+        raise ValueError("must be a normalised absolute path such as /usr/bin/uptime")
+    return text
+
+
+def _env_name(value: Any) -> str:
+    text = str(value)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text):
+        raise ValueError("not an environment variable name")
+    return text
+
+
+class CliArgumentRule(_Section):
+    prefix: list[str] = []  # fixed arguments always placed before the client's
+    patterns: list[str] = []  # every client argument must fully match one of these
+    max_args: Annotated[int, Field(ge=0)] | None = None
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"{p!r} is not a regular expression: {e}") from None
+        return v
+
+
+class Cli(_Section):
+    enabled: bool = False
+    token: str = ""
+    allowed_commands: list[Annotated[str, BeforeValidator(_command_path)]] = []
+    argument_rules: dict[str, CliArgumentRule] = {}
+    env_allowlist: list[Annotated[str, BeforeValidator(_env_name)]] = []
+    max_concurrent: Annotated[int, Field(ge=1)] = 10
+    process_timeout: Duration = 30.0
+    grace_period: Duration = 5.0
+    max_memory_per_process: Size = 512 * 1024 * 1024
+    max_cpu_time: Duration = 60.0
+    max_file_size: Size = 64 * 1024 * 1024
+    max_processes: Annotated[int, Field(ge=0)] = 64
+    max_output_bytes: Size = 10 * 1024 * 1024
+    working_directory: str = "/"
+    run_as_user: str = "nobody"
+    heartbeat_interval: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _rules_name_commands(self) -> Cli:
+        names = {c for p in self.allowed_commands for c in (p, p.rsplit("/", 1)[-1])}
+        for name in self.argument_rules:
+            if name not in names:
+                raise ValueError(f"argument_rules: {name!r} is not in allowed_commands")
+        if self.process_timeout <= 0 or self.heartbeat_interval <= 0:
+            raise ValueError("process_timeout and heartbeat_interval must be more than 0s")
+        return self
+
+
+def _rules_json(rules: dict[str, CliArgumentRule]) -> str:
+    return json.dumps({k: v.model_dump() for k, v in rules.items()}) if rules else ""
+
+
 class Profile(_Section):
     server: Server = Server()
     logging: Logging = Logging()
@@ -211,6 +276,7 @@ class Profile(_Section):
     security: Security = Security()
     headers: Headers = Headers()
     admin: Admin = Admin()
+    cli: Cli = Cli()
     # Core mitmproxy options by their own names (block_global, connection_strategy, ...);
     # checked against the running mitmproxy's options when applied.
     mitmproxy: dict[str, Any] = {}
@@ -234,6 +300,8 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "MAX_BODY_SIZE": ("limits", "max_body_size"),
     "TRUSTED_PROXIES": ("security", "trusted_proxies"),
     "ADMIN_TOKEN": ("admin", "token"),
+    "CLI_TOKEN": ("cli", "token"),
+    "CLI_TIMEOUT": ("cli", "process_timeout"),
 }
 _LIST_ENV = {"TRUSTED_PROXIES"}
 
@@ -337,6 +405,22 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "egress_allowed_networks": (("security", "egress", "allowed_networks"), list),
     "tls_intercept_hosts": (("security", "tls_interception", "hosts"), list),
     "admin_token": (("admin", "token"), _same),
+    "cli_enabled": (("cli", "enabled"), _same),
+    "cli_token": (("cli", "token"), _same),
+    "cli_allowed_commands": (("cli", "allowed_commands"), list),
+    "cli_argument_rules": (("cli", "argument_rules"), _rules_json),
+    "cli_env_allowlist": (("cli", "env_allowlist"), list),
+    "cli_max_concurrent": (("cli", "max_concurrent"), _same),
+    "cli_process_timeout": (("cli", "process_timeout"), format_duration),
+    "cli_grace_period": (("cli", "grace_period"), format_duration),
+    "cli_max_memory_per_process": (("cli", "max_memory_per_process"), str),
+    "cli_max_cpu_time": (("cli", "max_cpu_time"), format_duration),
+    "cli_max_file_size": (("cli", "max_file_size"), str),
+    "cli_max_processes": (("cli", "max_processes"), _same),
+    "cli_max_output_bytes": (("cli", "max_output_bytes"), str),
+    "cli_working_directory": (("cli", "working_directory"), _same),
+    "cli_run_as_user": (("cli", "run_as_user"), _same),
+    "cli_heartbeat_interval": (("cli", "heartbeat_interval"), format_duration),
 }
 
 # Core mitmproxy options the bundle sets unless the profile's `mitmproxy:` section or the
