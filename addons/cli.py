@@ -595,15 +595,18 @@ class Execution:
             pass
 
     def abort(self, reason: str) -> None:
-        """Kill at once (client gone): SIGKILL the group, and the reaper if still starting."""
+        """Kill at once (client gone): SIGKILL the group (once its pid is known)."""
         if self.ended is None:
             self.reason = self.reason or reason
         self.kill(signal.SIGKILL)
-        if self.pid is None and self.proc is not None and self.proc.returncode is None:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
+
+    def fail(self, error: str) -> None:
+        """No process: end with this error."""
+        if not self.done.is_set():
+            self.error = error
+            self.ended = time.monotonic()
+            self._put(None)
+            self.done.set()
 
     def take_output(self, chunk: bytes) -> bytes:
         """The part of `chunk` within the output cap; over it: truncate and stop the command."""
@@ -1101,33 +1104,28 @@ class Cli:
         rid: str,
     ) -> web.StreamResponse:
         ex = Execution(plan, s)
+        kind = "application/x-ndjson" if plan.stream else "application/json"
+        resp = web.StreamResponse(headers=self._headers(kind, rid))
+        resp.enable_chunked_encoding()
+        start = asyncio.ensure_future(ex.start())
+        runner: asyncio.Future[None] | None = None
+        feeder: asyncio.Future[None] | None = None
         try:
-            await ex.start()
-        except OSError as e:
-            self._release()
-            STATS.count(plan.path, "error")
-            log.warning(
-                "cli could not start %s: %s", plan.path, e, extra={"waypost": {"request_id": rid}}
-            )
-            return _error("INTERNAL_ERROR", "The command could not be started.", rid)
-        except BaseException:
-            self._release()
-            ex.abort("disconnected")
-            raise
-        self._executions.add(ex)
-        runner = asyncio.ensure_future(ex.run())
-        feeder = asyncio.ensure_future(self._feed(ex, request, rest))
-        resp: web.StreamResponse | None = None
-        try:
+            # The head leaves at once (aiohttp sends a StreamResponse's head in prepare): the
+            # client knows it was accepted while the process is being spawned.
+            await resp.prepare(request)
+            try:
+                # Shielded: if the client leaves meanwhile, _finish still gets the pid to kill.
+                await asyncio.shield(start)
+            except OSError as e:
+                ex.fail(f"the process could not be started: {e.strerror or e}")
+            else:
+                self._executions.add(ex)
+                runner = asyncio.ensure_future(ex.run())
+                feeder = asyncio.ensure_future(self._feed(ex, request, rest))
             if plan.stream:
-                resp = web.StreamResponse(headers=self._headers("application/x-ndjson", rid))
-                resp.enable_chunked_encoding()
-                await resp.prepare(request)
                 await self._relay(request, ex, resp)
             else:
-                resp = web.StreamResponse(headers=self._headers("application/json", rid))
-                resp.enable_chunked_encoding()
-                await resp.prepare(request)
                 await self._collect(request, ex, resp)
             await resp.write_eof()
         except ConnectionError:
@@ -1135,8 +1133,9 @@ class Cli:
         finally:
             if not ex.done.is_set():
                 ex.abort("disconnected")  # also when aiohttp cancelled us on disconnect
-            feeder.cancel()
-            _spawn(self._finish(ex, runner, client, rid))
+            if feeder is not None:
+                feeder.cancel()
+            _spawn(self._finish(ex, start, runner, client, rid))
         return resp
 
     @staticmethod
@@ -1176,8 +1175,9 @@ class Cli:
             seq += 1
             await resp.write(json.dumps(event, ensure_ascii=False).encode() + b"\n")
 
-        await emit({"type": "start", "pid": ex.pid, "command": ex.plan.path,
-                    "timeout": ex.plan.timeout})  # fmt: skip
+        if ex.pid is not None:
+            await emit({"type": "start", "pid": ex.pid, "command": ex.plan.path,
+                        "timeout": ex.plan.timeout})  # fmt: skip
         decoders = {"stdout": Utf8Chunks(), "stderr": Utf8Chunks()}
         while (
             item := await self._next(request, ex, lambda: emit({"type": "heartbeat"}))
@@ -1248,11 +1248,27 @@ class Cli:
         STATS.in_flight -= 1
 
     async def _finish(
-        self, ex: Execution, runner: asyncio.Future[None], client: str, rid: str
+        self,
+        ex: Execution,
+        start: asyncio.Future[None],
+        runner: asyncio.Future[None] | None,
+        client: str,
+        rid: str,
     ) -> None:
         """Once the process group is gone: free the slot, count, and log one event."""
         try:
-            await runner
+            try:
+                await start
+            except OSError as e:
+                ex.fail(f"the process could not be started: {e.strerror or e}")
+            if runner is None and ex.proc is not None:
+                # The client left while the process was being spawned: kill it now that the
+                # pid is known, and reap it.
+                ex.abort("disconnected")
+                self._executions.add(ex)
+                runner = asyncio.ensure_future(ex.run())
+            if runner is not None:
+                await runner
         except Exception:
             log.exception("cli execution of %s failed", ex.plan.path)
         finally:
