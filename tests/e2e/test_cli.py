@@ -98,6 +98,7 @@ def test_output_arrives_line_by_line_in_real_time(cli: Cli, where: str) -> None:
     assert all(g > 0.15 for g in gaps), gaps
     assert times[-1] - times[0] > 0.9, times
     assert r.exit["code"] == 0 and r.exit["outcome"] == "ok"
+    assert r.exit["max_rss_kb"] > 0 and r.exit["cpu_ms"] >= 0  # sampled while it ran
     print(f"{where}: start {start_t * 1000:.0f} ms, first line {times[0] * 1000:.0f} ms")
 
 
@@ -118,7 +119,9 @@ def test_stderr_is_separate_and_exit_code_is_reported(cli: Cli) -> None:
     assert r.text("stderr") == "err\n"
     e = r.exit
     assert (e["code"], e["signal"], e["outcome"], e["timed_out"]) == (7, None, "failed", False)
-    assert e["max_rss_kb"] > 0 and e["cpu_ms"] >= 0 and e["duration_ms"] > 0
+    assert e["duration_ms"] > 0
+    # sampled from /proc: a command this short may end before a sample sees its memory
+    assert e["max_rss_kb"] is None or e["max_rss_kb"] > 0
 
 
 def test_death_by_signal_is_reported(cli: Cli) -> None:
@@ -449,5 +452,6 @@ def test_ten_concurrent_streams_all_stream_in_real_time(cli: Cli) -> None:
     for r in results[:10]:
         assert r is not None and r.status == 200
         times = [t for t, e in r.events if e["type"] == "stdout"]
-        assert len(times) == 4 and times[-1] - times[0] > 0.6, times
+        # 0.9 s apart when printed; bunched into one read they would be ~0 apart
+        assert len(times) == 4 and times[-1] - times[0] > 0.45, times
         assert r.exit["code"] == 0

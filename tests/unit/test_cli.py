@@ -21,12 +21,13 @@ from addons.cli import (
     Utf8Chunks,
     env_refusal,
     exit_fields,
+    limit_argv,
     outcome_of,
     parse_commands,
     parse_input_line,
     parse_request,
     parse_rules,
-    reaper_spec,
+    read_usage,
 )
 from addons.egress import Egress
 
@@ -163,12 +164,25 @@ def test_parse_request_plans() -> None:
     assert parse_request({"command": "echo", "timeout": 0.5}, S).timeout == 0.5
 
 
-def test_reaper_spec() -> None:
-    assert reaper_spec(7, S) == "7,-,-,536870912,60,67108864,64,0"
-    none = Settings(
-        max_memory=0, max_cpu_time=0, max_file_size=0, max_processes=0, user=(65534, 65534)
-    )
-    assert reaper_spec(3, none, True) == "3,65534,65534,-,-,-,-,1"
+def test_limit_argv() -> None:
+    assert limit_argv("/usr/bin/prlimit", S) == [
+        "/usr/bin/prlimit", "--core=0", "--as=536870912", "--cpu=60:61", "--fsize=67108864",
+        "--nproc=64", "--",
+    ]  # fmt: skip
+    none = Settings(max_memory=0, max_cpu_time=0, max_file_size=0, max_processes=0)
+    assert limit_argv("/bin/prlimit", none) == ["/bin/prlimit", "--core=0", "--"]
+    drop = Settings(max_memory=0, max_cpu_time=0, max_file_size=0, max_processes=0,
+                    user=(65534, 65534), setpriv="/usr/bin/setpriv")  # fmt: skip
+    assert limit_argv("/bin/prlimit", drop) == [
+        "/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+        "/bin/prlimit", "--core=0", "--",
+    ]  # fmt: skip
+
+
+def test_read_usage_of_this_process_and_of_nothing() -> None:
+    rss, cpu = read_usage(os.getpid())
+    assert rss is not None and rss > 1000 and cpu is not None and cpu >= 0
+    assert read_usage(2**22 + 12345) == (None, None)
 
 
 def test_input_lines() -> None:
@@ -196,8 +210,8 @@ def test_utf8_chunks_are_exact_and_never_split_a_character() -> None:
 
 def test_exit_fields_and_outcomes() -> None:
     assert exit_fields(None) == (None, None)
-    assert exit_fields(3 << 8) == (3, None)
-    assert exit_fields(signal.SIGKILL) == (None, "SIGKILL")
+    assert exit_fields(3) == (3, None)
+    assert exit_fields(-signal.SIGKILL) == (None, "SIGKILL")
     assert outcome_of(0, None, None, None) == "ok"
     assert outcome_of(2, None, None, None) == "failed"
     assert outcome_of(None, "SIGSEGV", None, None) == "signaled"
