@@ -54,7 +54,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from aiohttp import web
@@ -187,12 +187,14 @@ class Rule(NamedTuple):
     max_args: int | None
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
+    """The parsed options, swapped in one assignment. (A NamedTuple, not a dataclass: a
+    dataclass fails in a module loaded with -s, which is not in sys.modules.)"""
+
     enabled: bool = False
     token: str = ""
-    commands: Mapping[str, str] = field(default_factory=dict)  # name or path -> path
-    rules: Mapping[str, Rule] = field(default_factory=dict)  # path -> rule
+    commands: Mapping[str, str] = MappingProxyType({})  # name or path -> path
+    rules: Mapping[str, Rule] = MappingProxyType({})  # path -> rule
     env_allowlist: frozenset[str] = frozenset()
     max_concurrent: int = 10
     process_timeout: float = 30.0

@@ -392,6 +392,12 @@ def test_cli_token_from_the_environment(proxy_factory: Callable[..., Proxy]) -> 
     assert execute(p.port, sh("echo ok"), token="from-env").text("stdout") == "ok\n"
 
 
+def test_loads_alone_with_flat_options(proxy_factory: Callable[..., Proxy]) -> None:
+    options = {k: v for k, v in BASE.items() if k.startswith("cli_")}
+    p = proxy_factory(scripts=("addons/cli.py",), options=options)
+    assert execute(p.port, sh("echo alone")).text("stdout") == "alone\n"
+
+
 def test_works_without_the_management_app(proxy_factory: Callable[..., Proxy]) -> None:
     p = proxy_factory(options={**BASE, "metrics_enabled": False})
     assert execute(p.port, sh("echo standalone")).text("stdout") == "standalone\n"
