@@ -7,7 +7,9 @@ streams are open together; every request is timed from its first byte sent to:
     start  the first NDJSON line ({"type": "start"}: the process exists)
     first  the first stdout line (the command has run and its output crossed the proxy)
 The same command spawned directly with asyncio.create_subprocess_exec in this process, with
-the same concurrency, is the floor any process-spawning endpoint pays ("direct spawn").
+the same concurrency, is the floor any process-spawning endpoint pays ("direct spawn"); a GET
+through a bare mitmdump (no addons) to a local origin that answers at once, with the same
+concurrency and fresh connections, is the floor of the proxy hop ("bare mitmdump").
 Percentiles over all requests of all rounds. Numbers from a shared machine are noisy: compare
 the rows of one run, not runs.
 """
@@ -62,6 +64,33 @@ async def one(port: int, hold: float) -> tuple[float, float, float]:
     return t_head, t_start or t_first, t_first
 
 
+async def bare_get(port: int, origin: int) -> float:
+    t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"GET http://127.0.0.1:{origin}/ HTTP/1.1\r\nHost: 127.0.0.1:{origin}\r\n"
+        "Connection: close\r\n\r\n".encode()
+    )
+    await writer.drain()
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    t = time.perf_counter() - t0
+    writer.close()
+    return t
+
+
+async def origin_server() -> tuple[asyncio.Server, int]:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
 async def direct(hold: float) -> float:
     t0 = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
@@ -87,9 +116,12 @@ def row(name: str, values: list[float]) -> str:
     )
 
 
-async def bench(args: argparse.Namespace, port: int, mport: int) -> None:
+async def bench(args: argparse.Namespace, port: int, mport: int, bare: int) -> None:
     results: dict[str, list[float]] = {}
+    server, origin = await origin_server()
     for _ in range(args.rounds):
+        got_b = await asyncio.gather(*(bare_get(bare, origin) for _ in range(args.concurrency)))
+        results.setdefault("bare mitmdump: GET head", []).extend(got_b)
         for where, p in (("proxy port", port), ("management port", mport)):
             got = await asyncio.gather(*(one(p, args.hold) for _ in range(args.concurrency)))
             for i, label in enumerate(("head", "start", "first stdout line")):
@@ -121,7 +153,21 @@ def main() -> int:
         env = {k: v for k, v in os.environ.items() if not k.startswith("WAYPOST_")}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, cwd=ROOT)  # fmt: skip
+        bare_cmd = [MITMDUMP, "--listen-host", "127.0.0.1", "-p", "0", "--set", f"confdir={tmp}",
+                    "--set", "flow_detail=0"]  # fmt: skip
+        bare = subprocess.Popen(bare_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env)  # fmt: skip
         try:
+            assert bare.stdout is not None
+            bare_port = 0
+            while not bare_port:
+                line = bare.stdout.readline()
+                if not line:
+                    print("bare mitmdump did not start", file=sys.stderr)
+                    return 1
+                if m := re.search(r"proxy listening at [0-9.]+:(\d+)", line):
+                    bare_port = int(m.group(1))
+            threading.Thread(target=bare.stdout.read, daemon=True).start()
             port = mport = 0
             deadline = time.monotonic() + 60
             assert proc.stdout is not None
@@ -136,10 +182,11 @@ def main() -> int:
                     mport = int(m.group(1))
             # Keep reading mitmdump's output (access lines), or it blocks on a full pipe.
             threading.Thread(target=proc.stdout.read, daemon=True).start()
-            asyncio.run(bench(args, port, mport))
+            asyncio.run(bench(args, port, mport, bare_port))
         finally:
-            proc.terminate()
-            proc.wait(15)
+            for p in (proc, bare):
+                p.terminate()
+                p.wait(15)
     return 0
 
 
