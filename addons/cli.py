@@ -14,14 +14,15 @@ Where it answers:
   `errors.waypost(flow)["local"] = "cli"`, which Egress lets through to exactly that listener.
 
 How a process runs (no `preexec_fn`: it is unsafe in mitmproxy's threaded process):
-`asyncio.create_subprocess_exec` gets the argv `prlimit --core=0 --as=.. --cpu=.. --fsize=..
---nproc=.. -- /allow-listed/path ARG...` (util-linux prlimit sets the limits on itself, then
-execs the command: no fork, no shell, no PATH search), with `start_new_session` (its own
-session and process group), `close_fds`, the fixed working directory, the scrubbed
-environment, and, when the proxy is root, subprocess's own `user`/`group`/`extra_groups=[]`
-privilege drop. Timeout: SIGTERM to the process group, SIGKILL after the grace period; client
-disconnect: SIGKILL at once; when the command exits, what is left of its group is killed (no
-orphans; a program that calls setsid()/setpgid() itself leaves the group and is not tracked).
+`asyncio.create_subprocess_exec` gets the argv `[setpriv --reuid --regid --clear-groups --]
+prlimit --core=0 --as=.. --cpu=.. --fsize=.. --nproc=.. -- /allow-listed/path ARG...`
+(util-linux: setpriv drops to `cli_run_as_user` when the proxy is root, prlimit sets the limits
+on itself, each then execs the next: no shell, no PATH search, and no fork of the proxy, since
+Python can vfork without user=/preexec_fn), with `start_new_session` (its own session and
+process group), `close_fds`, the fixed working directory and the scrubbed environment.
+Timeout: SIGTERM to the process group, SIGKILL after the grace period; client disconnect:
+SIGKILL at once; when the command exits, what is left of its group is killed (no orphans; a
+program that calls setsid()/setpgid() itself leaves the group and is not tracked).
 The exit record's max_rss_kb and cpu_ms are sampled from /proc while the process runs (peak
 RSS is a high-water mark; CPU includes reaped children): asyncio reaps the child itself, so
 wait4's exact rusage is not available without a helper process per command, which cost 40 ms
