@@ -7,6 +7,7 @@ observers (metrics, access log) come last so they see every decision.
 from addons.accesslog import AccessLog
 from addons.backlog import Backlog
 from addons.cli import Cli
+from addons.compress import Compress
 from addons.config import Config
 from addons.drain import Drain
 from addons.egress import Egress
@@ -32,6 +33,7 @@ addons = [
     TlsListener(),
     Forwarding(),
     Upstream(),
+    Compress(),
     Metrics(),
     AccessLog(),
 ]

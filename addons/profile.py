@@ -268,6 +268,50 @@ def _rules_json(rules: dict[str, CliArgumentRule]) -> str:
     return json.dumps({k: v.model_dump() for k, v in rules.items()}) if rules else ""
 
 
+class CompressionLevels(_Section):
+    gzip: Annotated[int, Field(ge=1, le=9)] = 6
+    br: Annotated[int, Field(ge=0, le=11)] = 4
+    zstd: Annotated[int, Field(ge=1, le=19)] = 3
+
+
+class Compression(_Section):
+    enabled: bool = True
+    algorithms: list[Literal["zstd", "br", "gzip"]] = ["zstd", "br", "gzip"]
+    levels: CompressionLevels = CompressionLevels()
+    min_size: Size = 1024
+    content_types: list[str] = [
+        "text/html",
+        "text/plain",
+        "text/css",
+        "text/javascript",
+        "text/xml",
+        "text/csv",
+        "text/markdown",
+        "application/json",
+        "application/javascript",
+        "application/xml",
+        "application/xhtml+xml",
+        "application/rss+xml",
+        "application/atom+xml",
+        "application/ld+json",
+        "application/manifest+json",
+        "application/problem+json",
+        "application/wasm",
+        "image/svg+xml",
+        "*/*+json",
+        "*/*+xml",
+    ]
+    offload_threshold: Size = 32 * 1024
+    memo_size: Size = 16 * 1024 * 1024
+
+    @field_validator("algorithms")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a coding is listed twice")
+        return v
+
+
 class Profile(_Section):
     server: Server = Server()
     logging: Logging = Logging()
@@ -277,6 +321,7 @@ class Profile(_Section):
     headers: Headers = Headers()
     admin: Admin = Admin()
     cli: Cli = Cli()
+    compression: Compression = Compression()
     # Core mitmproxy options by their own names (block_global, connection_strategy, ...);
     # checked against the running mitmproxy's options when applied.
     mitmproxy: dict[str, Any] = {}
@@ -421,6 +466,15 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "cli_working_directory": (("cli", "working_directory"), _same),
     "cli_run_as_user": (("cli", "run_as_user"), _same),
     "cli_heartbeat_interval": (("cli", "heartbeat_interval"), format_duration),
+    "compress_enabled": (("compression", "enabled"), _same),
+    "compress_algorithms": (("compression", "algorithms"), list),
+    "compress_gzip_level": (("compression", "levels", "gzip"), _same),
+    "compress_br_level": (("compression", "levels", "br"), _same),
+    "compress_zstd_level": (("compression", "levels", "zstd"), _same),
+    "compress_min_size": (("compression", "min_size"), str),
+    "compress_content_types": (("compression", "content_types"), list),
+    "compress_offload_threshold": (("compression", "offload_threshold"), str),
+    "compress_memo_size": (("compression", "memo_size"), str),
 }
 
 # Core mitmproxy options the bundle sets unless the profile's `mitmproxy:` section or the
