@@ -66,7 +66,7 @@ DEFAULT_ALGORITHMS = ["zstd", "br", "gzip"]
 # Level ranges each library accepts. zstd stops at 19: levels 20-22 use windows over 8 MB, which
 # browsers refuse to decode (RFC 8878 §3.1.1.1.2 recommends at most 8 MB for HTTP).
 LEVEL_RANGES = {"gzip": (1, 9), "br": (0, 11), "zstd": (1, 19)}
-DEFAULT_LEVELS = {"gzip": 6, "br": 4, "zstd": 3}
+DEFAULT_LEVELS = {"gzip": 4, "br": 3, "zstd": 3}
 DEFAULT_MIN_SIZE = "1KB"
 DEFAULT_OFFLOAD_THRESHOLD = "32KB"
 DEFAULT_MEMO_SIZE = "16MB"
@@ -509,7 +509,7 @@ class Compress:
         if alg is None:
             vary = merge_vary(resp.headers.get_all("vary"))
             if vary is not None:
-                resp.headers["Vary"] = vary
+                resp.headers[_names(resp)[2].decode()] = vary
             return None
         key = (alg, body)
         if self.s.memo_size:
@@ -557,11 +557,12 @@ class Compress:
             elif lname == b"transfer-encoding" and b"chunked" in value.lower():
                 chunked = True
             fields.append((name, value))
-        fields.append((b"Content-Encoding", alg.encode()))
+        ce_name, cl_name, vary_name = _names(resp)
+        fields.append((ce_name, alg.encode()))
         if not chunked:  # chunked framing carries the length (RFC 9112 §6.3)
-            fields.append((b"Content-Length", str(len(encoded)).encode()))
+            fields.append((cl_name, str(len(encoded)).encode()))
         merged = merge_vary(vary)
-        fields.append((b"Vary", (merged if merged is not None else ", ".join(vary)).encode()))
+        fields.append((vary_name, (merged if merged is not None else ", ".join(vary)).encode()))
         resp.headers.fields = tuple(fields)
         resp.raw_content = encoded
         st = STORE
@@ -569,6 +570,16 @@ class Compress:
         st.bytes_out += len(encoded)
         st.responses[alg] = st.responses.get(alg, 0) + 1
         errors.waypost(flow)["compression"] = alg
+
+
+_H1_NAMES = (b"Content-Encoding", b"Content-Length", b"Vary")
+_H2_NAMES = (b"content-encoding", b"content-length", b"vary")
+
+
+def _names(resp: http.Response) -> tuple[bytes, bytes, bytes]:
+    # HTTP/2 and 3 field names are lowercase; mitmproxy would lowercase them itself, logging a
+    # line per response.
+    return _H1_NAMES if resp.data.http_version.startswith(b"HTTP/1") else _H2_NAMES
 
 
 addons = [Compress()]

@@ -269,8 +269,8 @@ def _rules_json(rules: dict[str, CliArgumentRule]) -> str:
 
 
 class CompressionLevels(_Section):
-    gzip: Annotated[int, Field(ge=1, le=9)] = 6
-    br: Annotated[int, Field(ge=0, le=11)] = 4
+    gzip: Annotated[int, Field(ge=1, le=9)] = 4
+    br: Annotated[int, Field(ge=0, le=11)] = 3
     zstd: Annotated[int, Field(ge=1, le=19)] = 3
 
 

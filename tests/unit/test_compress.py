@@ -421,3 +421,17 @@ def test_profile_section_errors(tmp_path) -> None:  # type: ignore[no-untyped-de
     assert "compression.algorithms.1" in text
     assert "compression.levels.br" in text
     assert "compression.min_size" in text
+
+
+def test_http2_responses_get_lowercase_field_names() -> None:
+    addon = Compress()
+    with taddons.context(addon):
+        f = flow(accept="gzip")
+        f.response.http_version = "HTTP/2.0"  # type: ignore[union-attr]
+        run(addon, f)
+        names = [k for k, _ in f.response.headers.fields]  # type: ignore[union-attr]
+        assert b"content-encoding" in names and b"vary" in names and b"content-length" in names
+        f = flow(accept=None)
+        f.response.http_version = "HTTP/2.0"  # type: ignore[union-attr]
+        run(addon, f)
+        assert (b"vary", b"Accept-Encoding") in f.response.headers.fields  # type: ignore[union-attr]
