@@ -48,7 +48,7 @@ import logging
 import re
 import threading
 import zlib
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import brotli
@@ -99,7 +99,11 @@ _MEDIA_RANGE = re.compile(r"[a-z0-9*!#$&^_.+-]+/[a-z0-9*!#$&^_.+-]+")
 # RFC 9110 §12.4.2 qvalue; anything else makes the entry void.
 _QVALUE = re.compile(r"0(\.\d{0,3})?|1(\.0{0,3})?")
 _NO_COMPRESS_STATUS = frozenset({204, 206, 304})
-_DIGESTS = ("content-digest", "repr-digest", "digest", "content-md5")
+_DIGESTS = (b"content-digest", b"repr-digest", b"digest", b"content-md5")
+RESPONSE_FIELDS = frozenset(
+    {b"content-encoding", b"content-type", b"content-range", b"cache-control", b"vary", *_DIGESTS}
+)
+REQUEST_FIELDS = frozenset({b"accept-encoding", b"cache-control"})
 _MEMO_MAX_KEYS = 4096  # per-header-value memos (Accept-Encoding, Content-Type)
 _NO_TRANSFORM = re.compile(r"(?:^|,)\s*no-transform\s*(?:,|$|=)", re.IGNORECASE)
 
@@ -183,20 +187,33 @@ def no_transform(cache_control: str | None) -> bool:
     return bool(cache_control) and _NO_TRANSFORM.search(cache_control) is not None
 
 
-def skip_reason(
-    method: str,
-    status: int,
-    request_headers: http.Headers,
-    response_headers: http.Headers,
-    body: bytes | None,
-    streamed: bool,
-    min_size: int,
-    type_allowed: Callable[[str], bool],
-) -> str | None:
-    """Why this response must not be compressed, or None if it may be (for some client).
+Fields = dict[bytes, list[bytes]]
 
-    Cheap checks first: most responses a proxy relays fail on size or type.
-    """
+
+def scan(fields: Iterable[tuple[bytes, bytes]], wanted: frozenset[bytes]) -> Fields:
+    """The values of the `wanted` (lowercase) fields, in one pass over the raw header fields:
+    mitmproxy's `Headers.get` walks and lowercases every field on each call."""
+    found: Fields = {}
+    for name, value in fields:
+        lname = name.lower()
+        if lname in wanted:
+            if lname in found:
+                found[lname].append(value)
+            else:
+                found[lname] = [value]
+    return found
+
+
+def joined(found: Fields, name: bytes) -> str | None:
+    """A field's values as one string (RFC 9110 §5.3 list combination), or None."""
+    values = found.get(name)
+    return None if values is None else b", ".join(values).decode("latin-1")
+
+
+def precheck(
+    method: str, status: int, body: bytes | None, streamed: bool, min_size: int
+) -> str | None:
+    """The skip reasons that need no header: most relayed responses stop here."""
     if streamed or body is None:
         return "streamed"
     if method == "HEAD":
@@ -205,21 +222,44 @@ def skip_reason(
         return "status"
     if len(body) < min_size:
         return "small"
-    ce = response_headers.get("content-encoding")
+    return None
+
+
+def header_check(
+    response: Fields, request_cache_control: str | None, type_allowed: Callable[[bytes], bool]
+) -> str | None:
+    """The skip reasons read from the headers (`response` from `scan(..., RESPONSE_FIELDS)`)."""
+    ce = joined(response, b"content-encoding")
     if ce and ce.strip().lower() != "identity":
         return "encoded"
-    ct = response_headers.get("content-type")
-    if not ct or not type_allowed(ct):
+    ct = response.get(b"content-type")
+    if not ct or not type_allowed(ct[0]):
         return "type"
-    if "content-range" in response_headers:
+    if b"content-range" in response:
         return "range"
-    if no_transform(response_headers.get("cache-control")) or no_transform(
-        request_headers.get("cache-control")
-    ):
+    if no_transform(joined(response, b"cache-control")) or no_transform(request_cache_control):
         return "no-transform"
-    if any(d in response_headers for d in _DIGESTS):
+    if any(d in response for d in _DIGESTS):
         return "digest"
     return None
+
+
+def skip_reason(
+    method: str,
+    status: int,
+    request_headers: http.Headers,
+    response_headers: http.Headers,
+    body: bytes | None,
+    streamed: bool,
+    min_size: int,
+    type_allowed: Callable[[bytes], bool],
+) -> str | None:
+    """Why this response must not be compressed, or None if it may be (for some client)."""
+    return precheck(method, status, body, streamed, min_size) or header_check(
+        scan(response_headers.fields, RESPONSE_FIELDS),
+        joined(scan(request_headers.fields, REQUEST_FIELDS), b"cache-control"),
+        type_allowed,
+    )
 
 
 def merge_vary(values: Sequence[str]) -> str | None:
@@ -463,14 +503,13 @@ class Compress:
         self._types = {}
         self.memo = self._new_memo()
 
-    def _type_allowed(self, content_type: str) -> bool:
+    def _type_allowed(self, content_type: bytes) -> bool:
         ok = self._types.get(content_type)
         if ok is None:
             if len(self._types) >= _MEMO_MAX_KEYS:
                 self._types.clear()
-            ok = self._types[content_type] = (
-                self.s.content_types.fullmatch(media_type(content_type)) is not None
-            )
+            mt = media_type(content_type.decode("latin-1"))
+            ok = self._types[content_type] = self.s.content_types.fullmatch(mt) is not None
         return ok
 
     def _negotiate(self, accept: str | None) -> str | None:
@@ -493,30 +532,31 @@ class Compress:
             return None
         req = flow.request
         body = resp.raw_content
-        reason = skip_reason(
-            req.method,
-            resp.status_code,
-            req.headers,
-            resp.headers,
-            body,
-            bool(resp.stream),
-            self.s.min_size,
-            self._type_allowed,
-        )
-        if reason is not None or body is None:
+        if (
+            precheck(req.method, resp.status_code, body, bool(resp.stream), self.s.min_size)
+            or body is None
+        ):
             return None
-        alg = self._negotiate(req.headers.get("accept-encoding"))
+        found = scan(resp.headers.fields, RESPONSE_FIELDS)
+        asked = scan(req.headers.fields, REQUEST_FIELDS)
+        if header_check(found, joined(asked, b"cache-control"), self._type_allowed):
+            return None
+        alg = self._negotiate(joined(asked, b"accept-encoding"))
         if alg is None:
-            vary = merge_vary(resp.headers.get_all("vary"))
-            if vary is not None:
-                resp.headers[_names(resp)[2].decode()] = vary
+            before = found.get(b"vary")
+            if before is None:
+                resp.headers.fields = (*resp.headers.fields, (_names(resp)[2], b"Accept-Encoding"))
+            else:
+                vary = merge_vary([v.decode("latin-1") for v in before])
+                if vary is not None:
+                    resp.headers[_names(resp)[2].decode()] = vary
             return None
         key = (alg, body)
         if self.s.memo_size:
-            found = self.memo.get(key)
-            if found is not None:
+            hit = self.memo.get(key)
+            if hit is not None:
                 STORE.memo["hit"] += 1
-                self._apply(flow, resp, body, found.encoded, alg)
+                self._apply(flow, resp, body, hit.encoded, alg)
                 return None
             STORE.memo["miss"] += 1
         if len(body) >= self.s.offload_threshold:

@@ -96,8 +96,8 @@ def test_negotiate(header: str | None, algorithms: tuple[str, ...], expected: st
 ALLOWED = compress.compile_content_types(compress.DEFAULT_CONTENT_TYPES)
 
 
-def allowed(ct: str) -> bool:
-    return ALLOWED.fullmatch(compress.media_type(ct)) is not None
+def allowed(ct: bytes) -> bool:
+    return ALLOWED.fullmatch(compress.media_type(ct.decode())) is not None
 
 
 def H(**fields: str) -> http.Headers:
