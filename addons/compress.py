@@ -499,6 +499,11 @@ class Compress:
         except ValueError as e:
             raise exceptions.OptionsError(str(e)) from None
         self.s = s
+        log.debug(
+            "compression %s: %s",
+            "on" if s.enabled else "off",
+            ", ".join(f"{a} {s.levels[a]}" for a in s.algorithms),
+        )
         self._negotiated = {}
         self._types = {}
         self.memo = self._new_memo()
