@@ -14,7 +14,9 @@ Every response that qualifies gets `Vary: Accept-Encoding` (merged into an exist
 also when this client did not ask for compression, so caches downstream keep the variants
 apart. A compressed response gets `Content-Encoding`, a correct `Content-Length` (none when it
 is sent chunked), its strong `ETag` weakened (`W/"..."`: the bytes differ from the origin's,
-RFC 9110 §8.8.1) and no `Accept-Ranges` (ranges of the encoded body are not served).
+RFC 9110 §8.8.1) and no `Accept-Ranges` (ranges of the encoded body are not served). A 304
+answering a client that validated the compressed variant (`If-None-Match: W/"x"`) gets the
+same weak ETag and Vary (RFC 9110 §15.4.5).
 
 Levels are explicit (`compress_gzip_level`, `compress_br_level`, `compress_zstd_level`): the
 libraries are called directly, not `Message.encode()`, whose mitmproxy 11 defaults (gzip 9,
@@ -104,6 +106,8 @@ RESPONSE_FIELDS = frozenset(
     {b"content-encoding", b"content-type", b"content-range", b"cache-control", b"vary", *_DIGESTS}
 )
 REQUEST_FIELDS = frozenset({b"accept-encoding", b"cache-control"})
+_ETAG = frozenset({b"etag"})
+_IF_NONE_MATCH = frozenset({b"if-none-match"})
 _MEMO_MAX_KEYS = 4096  # per-header-value memos (Accept-Encoding, Content-Type)
 _NO_TRANSFORM = re.compile(r"(?:^|,)\s*no-transform\s*(?:,|$|=)", re.IGNORECASE)
 
@@ -270,6 +274,23 @@ def merge_vary(values: Sequence[str]) -> str | None:
     if "*" in lowered or "accept-encoding" in lowered:
         return None
     return ", ".join([*tokens, "Accept-Encoding"])
+
+
+def etag_for_304(etag: str | None, if_none_match: str | None) -> str | None:
+    """The weakened ETag for a 304 whose client validated the compressed variant (its
+    If-None-Match holds `W/` + the origin's strong tag, as this addon sent it), else None.
+
+    RFC 9110 §15.4.5: a 304 carries the ETag and Vary the 200 would have carried.
+    """
+    if not etag or not if_none_match:
+        return None
+    tag = etag.strip()
+    if not tag.startswith('"'):
+        return None
+    weak = "W/" + tag
+    if any(t.strip() == weak for t in if_none_match.split(",")):
+        return weak
+    return None
 
 
 def weaken_etag(value: str) -> str:
@@ -536,6 +557,9 @@ class Compress:
         if resp is None or flow.error or not flow.live or flow.websocket or not self.s.enabled:
             return None
         req = flow.request
+        if resp.status_code == 304:
+            self._not_modified(req, resp)
+            return None
         body = resp.raw_content
         if (
             precheck(req.method, resp.status_code, body, bool(resp.stream), self.s.min_size)
@@ -568,6 +592,21 @@ class Compress:
             return self._offload(flow, resp, body, alg)
         self._finish(flow, resp, body, compress(alg, self.s.levels[alg], body), alg)
         return None
+
+    def _not_modified(self, req: http.Request, resp: http.Response) -> None:
+        found = scan(resp.headers.fields, _ETAG)
+        if b"etag" not in found:
+            return
+        inm = joined(scan(req.headers.fields, _IF_NONE_MATCH), b"if-none-match")
+        weak = etag_for_304(joined(found, b"etag"), inm)
+        if weak is None:
+            return
+        fields = [(k, v) for k, v in resp.headers.fields if k.lower() != b"etag"]
+        fields.append((b"ETag" if _names(resp) is _H1_NAMES else b"etag", weak.encode("latin-1")))
+        resp.headers.fields = tuple(fields)
+        vary = merge_vary(resp.headers.get_all("vary"))
+        if vary is not None:
+            resp.headers[_names(resp)[2].decode()] = vary
 
     async def _offload(
         self, flow: http.HTTPFlow, resp: http.Response, body: bytes, alg: str

@@ -239,6 +239,16 @@ def test_skipped_responses_pass_unchanged(
         assert r.headers["content-range"] == "bytes 0-1999/20000"
 
 
+def test_304_for_the_compressed_variant_keeps_its_weak_etag(proxy: Proxy, origin: str) -> None:
+    url = f'{origin}/page?status=304&h=ETag:"v1"'
+    r = get(proxy, url, accept="gzip", if_none_match='W/"v1"')
+    assert r.status == 304
+    assert r.headers["etag"] == 'W/"v1"'
+    assert r.headers["vary"] == "Accept-Encoding"
+    r = get(proxy, url, accept="gzip", if_none_match='"v1"')  # the identity variant
+    assert r.headers["etag"] == '"v1"'
+
+
 def test_already_encoded_body_is_not_touched(proxy: Proxy, origin: str) -> None:
     r = get(proxy, f"{origin}/page?gz=1", accept="br, zstd")
     assert r.coding == "gzip"  # the origin's own, though the client did not offer it

@@ -192,6 +192,40 @@ def test_weaken_etag(value: str, expected: str) -> None:
     assert weaken_etag(value) == expected
 
 
+@pytest.mark.parametrize(
+    ("etag", "inm", "expected"),
+    [
+        ('"v1"', 'W/"v1"', 'W/"v1"'),  # client holds the compressed variant
+        ('"v1"', '"x", W/"v1"', 'W/"v1"'),
+        ('"v1"', '"v1"', None),  # the identity variant: the strong tag stays
+        ('"v1"', 'W/"v2"', None),
+        ('W/"v1"', 'W/"v1"', None),  # already weak from the origin
+        (None, 'W/"v1"', None),
+        ('"v1"', None, None),
+        ('"v1"', "*", None),
+    ],
+)
+def test_etag_for_304(etag: str | None, inm: str | None, expected: str | None) -> None:
+    assert compress.etag_for_304(etag, inm) == expected
+
+
+def test_addon_304_for_the_compressed_variant() -> None:
+    addon = Compress()
+    with taddons.context(addon):
+        f = flow(body=b"", accept="gzip", etag='"v1"')
+        f.request.headers["If-None-Match"] = 'W/"v1"'
+        f.response.status_code = 304  # type: ignore[union-attr]
+        run(addon, f)
+        assert f.response.headers["etag"] == 'W/"v1"'  # type: ignore[union-attr]
+        assert f.response.headers["vary"] == "Accept-Encoding"  # type: ignore[union-attr]
+        f = flow(body=b"", accept="gzip", etag='"v1"')
+        f.request.headers["If-None-Match"] = '"v1"'
+        f.response.status_code = 304  # type: ignore[union-attr]
+        run(addon, f)
+        assert f.response.headers["etag"] == '"v1"'  # type: ignore[union-attr]
+        assert "vary" not in f.response.headers  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("pattern", ["text", "text/", "/html", "text/html x", ""])
 def test_bad_content_type_patterns(pattern: str) -> None:
     with pytest.raises(ValueError, match="media type pattern"):
