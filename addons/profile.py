@@ -637,6 +637,9 @@ def main(argv: list[str]) -> int:
         f"{'intercept ' + ', '.join(p.security.tls_interception.hosts) if p.security.tls_interception.hosts else 'pass every tunnel through'}\n"
         f"  tls listener "
         f"{p.server.tls.cert + ' (key ' + str(p.server.tls.key) + ')' if p.server.tls.cert else 'mitmproxy certificate'}\n"
+        f"  compression  "
+        f"{', '.join(f'{a} {getattr(p.compression.levels, a)}' for a in p.compression.algorithms) if p.compression.enabled else 'off'}"
+        f" (bodies of {p.compression.min_size} B or more)\n"
         f"  mitmproxy    {', '.join(f'{k}={v}' for k, v in p.mitmproxy.items()) or '(defaults)'}"
     )
     return 0
