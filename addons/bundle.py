@@ -6,6 +6,7 @@ observers (metrics, access log) come last so they see every decision.
 
 from addons.accesslog import AccessLog
 from addons.backlog import Backlog
+from addons.cache import Cache
 from addons.cli import Cli
 from addons.compress import Compress
 from addons.config import Config
@@ -32,6 +33,7 @@ addons = [
     TlsPolicy(),
     TlsListener(),
     Forwarding(),
+    Cache(),
     Upstream(),
     Compress(),
     Metrics(),

@@ -312,6 +312,24 @@ class Compression(_Section):
         return v
 
 
+class Cache(_Section):
+    enabled: bool = True
+    max_memory: Annotated[int, BeforeValidator(parse_size), Field(gt=0)] = 256 * 1024 * 1024
+    max_entries: Annotated[int, Field(gt=0)] = 10000
+    max_object_size: Annotated[int, BeforeValidator(parse_size), Field(gt=0)] = 1024 * 1024
+    default_ttl: Duration = 300.0
+    mode: Literal["rfc", "default_ttl"] = "rfc"
+    patterns: list[str] = []
+    coalesce_timeout: Duration = 5.0
+    max_waiters: Annotated[int, Field(ge=0)] = 100
+
+    @model_validator(mode="after")
+    def _object_fits(self) -> Cache:
+        if self.max_object_size > self.max_memory:
+            raise ValueError("max_object_size must not be larger than max_memory")
+        return self
+
+
 class Profile(_Section):
     server: Server = Server()
     logging: Logging = Logging()
@@ -322,6 +340,7 @@ class Profile(_Section):
     admin: Admin = Admin()
     cli: Cli = Cli()
     compression: Compression = Compression()
+    cache: Cache = Cache()
     # Core mitmproxy options by their own names (block_global, connection_strategy, ...);
     # checked against the running mitmproxy's options when applied.
     mitmproxy: dict[str, Any] = {}
@@ -347,6 +366,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "ADMIN_TOKEN": ("admin", "token"),
     "CLI_TOKEN": ("cli", "token"),
     "CLI_TIMEOUT": ("cli", "process_timeout"),
+    "CACHE_MAX_MEMORY": ("cache", "max_memory"),
 }
 _LIST_ENV = {"TRUSTED_PROXIES"}
 
@@ -475,6 +495,15 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "compress_content_types": (("compression", "content_types"), list),
     "compress_offload_threshold": (("compression", "offload_threshold"), str),
     "compress_memo_size": (("compression", "memo_size"), str),
+    "cache_enabled": (("cache", "enabled"), _same),
+    "cache_max_memory": (("cache", "max_memory"), str),
+    "cache_max_entries": (("cache", "max_entries"), _same),
+    "cache_max_object_size": (("cache", "max_object_size"), str),
+    "cache_default_ttl": (("cache", "default_ttl"), format_duration),
+    "cache_mode": (("cache", "mode"), _same),
+    "cache_patterns": (("cache", "patterns"), list),
+    "cache_coalesce_timeout": (("cache", "coalesce_timeout"), format_duration),
+    "cache_max_waiters": (("cache", "max_waiters"), _same),
 }
 
 # Core mitmproxy options the bundle sets unless the profile's `mitmproxy:` section or the
@@ -640,6 +669,7 @@ def main(argv: list[str]) -> int:
         f"  compression  "
         f"{', '.join(f'{a} {getattr(p.compression.levels, a)}' for a in p.compression.algorithms) if p.compression.enabled else 'off'}"
         f" (bodies of {p.compression.min_size} B or more)\n"
+        f"  cache        {'off' if not p.cache.enabled else f'{p.cache.max_memory} B, {p.cache.max_entries} entries, mode {p.cache.mode}'}\n"
         f"  mitmproxy    {', '.join(f'{k}={v}' for k, v in p.mitmproxy.items()) or '(defaults)'}"
     )
     return 0

@@ -1,0 +1,1179 @@
+"""An RFC 9111 shared HTTP cache in memory: hits answered in `request`, stores in `response`.
+
+Decisions (freshness, Cache-Control, HTTP-dates, storability, Vary, 304 merging) are the pure
+functions of `addons/rfc9111.py`; this module is storage, eligibility and the hooks.
+
+- Storage: a cachetools `TLRUCache` (LRU order, a per-entry expiry, a byte budget through
+  `getsizeof`), plus an entry-count limit. An entry is dropped when it can no longer be
+  used: after its freshness lifetime plus what stale-while-revalidate / stale-if-error allow,
+  or one hour more when it has a validator (so it can be revalidated with a 304).
+- Key (PRD §4.4.1): SHA-256 over the method, the normalised URL (scheme and host lower case,
+  default port dropped, percent-encoding normalised, query parameters sorted) and the
+  request's values of the fields the response's `Vary` names. A URL's Vary field names are
+  kept in a small index, so a lookup costs one index read and one hash.
+- Eligible: GET and HEAD (HEAD is answered from a stored GET) when `cache_enabled`, no
+  `Range`, and: the router's `errors.waypost(flow)["route_cache"]` is True, or it is None
+  (no routing opinion) and `cache_patterns` is empty or one glob matches the URL, its host or
+  its path. False means bypass. Other methods pass through; unsafe ones with a 2xx/3xx
+  answer invalidate the URL and its same-origin `Location` / `Content-Location` (§4.4).
+- Not stored: streamed bodies (`flow.response.stream`, `stream_large_bodies`), bodies over
+  `cache_max_object_size`, responses with `Set-Cookie` (a shared cache must not hand one
+  client's cookie to another), and whatever RFC 9111 §3 forbids.
+- Coalescing: one origin fetch per key; concurrent misses wait (at most
+  `cache_coalesce_timeout`, at most `cache_max_waiters` of them), then answer from the
+  cache or go upstream themselves. A key whose answer was not storable is remembered for
+  a minute so its requests are not serialised behind each other.
+- stale-while-revalidate: the stale entry answers at once and a background task revalidates
+  it with aiohttp, connecting to the very IP address the stored response came from (so the
+  Egress decision and its DNS pinning hold) with the request headers that went upstream.
+  Behind an upstream proxy (no direct peer) the next request revalidates in the foreground.
+  stale-if-error answers for an origin 500/502/503/504 (not for connection failures: those
+  never reach the `response` hook).
+- Headers on every cacheable answer: `X-Cache-Status` (HIT, MISS, STALE, REVALIDATED, BYPASS,
+  EXPIRED), RFC 9211 `Cache-Status` (`waypost; hit; ttl=...` / `waypost; fwd=...`), and `Age`
+  on stored answers. `errors.waypost(flow)["cache"]` records the same word and
+  `["cache_hit"]` whether the body came from the cache (access log, metrics).
+- Contract with `addons/compress.py`, which runs after this addon in `response`: the cache
+  stores the body exactly as the origin sent it (identity unless the origin encoded it) and
+  hands hits on as `flow.response`, so compression applies to hits and misses alike and
+  the cache never holds a body the compressor made.
+
+Management (duck-typed `management_routes`, admin bearer token): `DELETE /admin/cache` with
+`pattern=<glob over URL or host>` and/or `tag=<Surrogate-Key / Cache-Tag>`, `soft=true` to
+mark stale instead of dropping -> `{"invalidated": n, "remaining": m}`;
+`GET /admin/cache/stats`.
+Metrics (own collector on `addons.metrics.REGISTRY`): `cache_requests_total{result}`,
+`cache_bytes`, `cache_entries`, `cache_evictions_total`.
+
+Hooks: load, configure, running, done, request, response, error.
+Options: cache_enabled, cache_max_memory, cache_max_entries, cache_max_object_size,
+cache_default_ttl, cache_mode, cache_patterns, cache_coalesce_timeout, cache_max_waiters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+from aiohttp import web
+from cachetools import LRUCache, TLRUCache, TTLCache
+from mitmproxy import ctx, exceptions, http
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from addons import errors
+from addons import rfc9111 as rfc
+from addons.units import parse_duration, parse_size
+
+log = logging.getLogger("waypost.cache")
+
+RESULTS = ("HIT", "MISS", "STALE", "REVALIDATED", "BYPASS", "EXPIRED")
+SERVED_FROM_CACHE = frozenset({"HIT", "STALE", "REVALIDATED"})
+CACHE_NAME = "waypost"
+# How long past its usable life an entry with a validator is kept for a 304 revalidation.
+KEEP_VALIDATABLE = 3600.0
+# Per-entry bookkeeping beyond body and fields (object, key, URL), for the byte budget.
+ENTRY_OVERHEAD = 512
+UNCACHEABLE_TTL = 60.0
+BACKGROUND_TIMEOUT = 30.0
+_STATE = "waypost_cache"
+_EMPTY = rfc.Directives()
+
+
+# --- keys and patterns (pure) ----------------------------------------------------------------
+
+_PCT = re.compile(r"%[0-9A-Fa-f]{2}")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _pct(m: re.Match[str]) -> str:
+    byte = int(m.group()[1:], 16)
+    return chr(byte) if byte in _UNRESERVED else m.group().upper()
+
+
+@lru_cache(maxsize=8192)
+def normalise_target(target: str) -> str:
+    """Path and query of a request target, normalised: percent-encoding of unreserved
+    characters decoded and the rest upper-cased (RFC 3986 §6.2.2), query parameters sorted
+    (PRD §4.4.1), empty parameters dropped."""
+    path, sep, query = target.partition("?")
+    path = _PCT.sub(_pct, path) or "/"
+    if not sep:
+        return path
+    params = sorted(_PCT.sub(_pct, p) for p in query.split("&") if p)
+    return f"{path}?{'&'.join(params)}" if params else path
+
+
+def normalise_url(scheme: str, host: str, port: int, target: str) -> str:
+    scheme = scheme.lower()
+    host = host.lower().rstrip(".")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    default = (scheme == "http" and port == 80) or (scheme == "https" and port == 443)
+    authority = host if default else f"{host}:{port}"
+    return f"{scheme}://{authority}{normalise_target(target)}"
+
+
+def cache_key(method: str, url: str, vary: Sequence[tuple[str, str]]) -> str:
+    """SHA-256 over method, normalised URL and the Vary fields' request values."""
+    h = hashlib.sha256(f"{method}\n{url}".encode("utf-8", "surrogateescape"))
+    for name, value in vary:
+        h.update(f"\n{name}:{value}".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def compile_globs(patterns: Sequence[str]) -> re.Pattern[str] | None:
+    """One regex for a list of globs (`*`, `?`, `[...]`), case-insensitive; None if empty."""
+    if not patterns:
+        return None
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns), re.IGNORECASE)
+
+
+def pattern_matches(rx: re.Pattern[str] | None, url: str) -> bool:
+    """Eligibility: the glob matches the whole URL, its host or its path (with query)."""
+    if rx is None:
+        return True
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return bool(rx.match(url) or rx.match(parts.hostname or "") or rx.match(path))
+
+
+def cache_status(result: str, ttl: float | None = None, fwd_status: int | None = None) -> str:
+    """The RFC 9211 Cache-Status member for one answer."""
+    parts = [CACHE_NAME]
+    if result in ("HIT", "STALE") and fwd_status is None:
+        parts.append("hit")
+    elif result == "BYPASS":
+        parts.append("fwd=bypass")
+    elif result == "MISS":
+        parts.append("fwd=uri-miss")
+    elif result in ("REVALIDATED", "EXPIRED", "STALE"):
+        parts.append("fwd=stale")
+    if fwd_status is not None:
+        parts.append(f"fwd-status={fwd_status}")
+    if ttl is not None:
+        parts.append(f"ttl={int(ttl)}")
+    return "; ".join(parts)
+
+
+# --- entries and storage ---------------------------------------------------------------------
+
+
+class Origin:
+    """Where a stored response came from, for background revalidation."""
+
+    __slots__ = ("scheme", "peer", "sni", "target", "fields")
+
+    def __init__(
+        self,
+        scheme: str,
+        peer: tuple[str, int],
+        sni: str | None,
+        target: str,
+        fields: list[tuple[str, str]],
+    ) -> None:
+        self.scheme, self.peer, self.sni, self.target, self.fields = (
+            scheme,
+            peer,
+            sni,
+            target,
+            fields,
+        )
+
+
+class Entry:
+    """One stored response with everything the hit path needs already computed."""
+
+    __slots__ = (
+        "key",
+        "primary",
+        "url",
+        "host",
+        "status",
+        "reason",
+        "fields",
+        "raw",
+        "body",
+        "cc",
+        "etag",
+        "last_modified",
+        "response_time",
+        "initial_age",
+        "lifetime",
+        "no_cache",
+        "must_revalidate",
+        "swr",
+        "sie",
+        "tags",
+        "stale",
+        "size",
+        "expires_at",
+        "origin",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        primary: str,
+        url: str,
+        status: int,
+        reason: str,
+        fields: list[tuple[str, str]],
+        body: bytes,
+        request_time: float,
+        response_time: float,
+        settings: Settings,
+        origin: Origin | None,
+        age_value: int = 0,
+    ) -> None:
+        self.key, self.primary, self.url = key, primary, url
+        self.host = urlsplit(url).hostname or ""
+        self.status, self.reason, self.body = status, reason, body
+        self.origin = origin
+        self.stale = False
+        self.set_fields(fields, request_time, response_time, settings, age_value)
+
+    def set_fields(
+        self,
+        fields: list[tuple[str, str]],
+        request_time: float,
+        response_time: float,
+        settings: Settings,
+        age_value: int = 0,
+    ) -> None:
+        self.fields = fields
+        self.raw = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in fields)
+        get = _getter(fields)
+        cc = self.cc = rfc.parse_cache_control(get("cache-control"))
+        date = _date(get("date"))
+        lm = get("last-modified")
+        self.last_modified = rfc.parse_http_date(lm[0]) if lm else None
+        etag = get("etag")
+        self.etag = etag[0].strip() if etag else None
+        self.response_time = response_time
+        self.initial_age = rfc.initial_age(age_value, date, request_time, response_time)
+        self.lifetime, _ = rfc.freshness_lifetime(
+            cc,
+            self.status,
+            date,
+            get("expires"),
+            self.last_modified,
+            response_time,
+            settings.default_ttl,
+            settings.default_ttl if settings.mode == "default_ttl" else None,
+        )
+        self.no_cache = "no-cache" in cc and not cc.fields("no-cache")
+        self.must_revalidate = (
+            "must-revalidate" in cc or "proxy-revalidate" in cc or "s-maxage" in cc
+        )
+        self.swr = cc.seconds("stale-while-revalidate") or 0
+        self.sie = cc.seconds("stale-if-error") or 0
+        self.tags = frozenset(
+            t for v in get("surrogate-key") + get("cache-tag") for t in re.split(r"[\s,]+", v) if t
+        )
+        self.size = (
+            len(self.body)
+            + sum(len(n) + len(v) for n, v in fields)
+            + len(self.url)
+            + ENTRY_OVERHEAD
+        )
+        keep = max(self.swr, self.sie)
+        if self.etag or self.last_modified is not None:
+            keep = max(keep, KEEP_VALIDATABLE)
+        self.expires_at = response_time + max(0.0, self.lifetime - self.initial_age) + keep
+
+    def age(self, now: float) -> float:
+        return self.initial_age + (now - self.response_time)
+
+
+def _getter(fields: Sequence[tuple[str, str]]) -> Callable[[str], list[str]]:
+    def get(name: str) -> list[str]:
+        return [v for n, v in fields if n.lower() == name]
+
+    return get
+
+
+def _date(values: list[str]) -> float | None:
+    return rfc.parse_http_date(values[0]) if len(values) == 1 else None
+
+
+class Settings:
+    __slots__ = ("default_ttl", "mode")
+
+    def __init__(self, default_ttl: float = 300.0, mode: str = "rfc") -> None:
+        self.default_ttl, self.mode = default_ttl, mode
+
+
+class Store(TLRUCache):
+    """LRU + per-entry expiry + byte budget (cachetools), plus an entry-count limit."""
+
+    def __init__(self, max_memory: int, max_entries: int) -> None:
+        super().__init__(
+            maxsize=max_memory,
+            ttu=lambda _k, e, _now: e.expires_at,
+            timer=time.time,
+            getsizeof=lambda e: e.size,
+        )
+        self.max_entries = max_entries
+        self.evictions = 0
+        # primary (method + URL) -> (Vary field names, keys of its stored variants)
+        self.index: LRUCache[str, tuple[tuple[str, ...], set[str]]] = LRUCache(
+            maxsize=max(1, max_entries)
+        )
+
+    def popitem(self) -> tuple[str, Entry]:
+        key, entry = super().popitem()
+        self.evictions += 1
+        self._unindex(entry)
+        return key, entry
+
+    def put(self, entry: Entry, vary: tuple[str, ...]) -> None:
+        info = self.index.get(entry.primary)
+        if info is None or info[0] != vary:
+            # A new Vary replaces the old variants (they can no longer be selected).
+            if info is not None:
+                for k in info[1]:
+                    self.pop(k, None)
+            info = (vary, set())
+            self.index[entry.primary] = info
+        info[1].add(entry.key)
+        self[entry.key] = entry
+        while len(self) > self.max_entries:
+            self.popitem()
+
+    def drop(self, key: str) -> Entry | None:
+        entry = self.pop(key, None)
+        if entry is not None:
+            self._unindex(entry)
+        return entry
+
+    def drop_url(self, primary: str) -> int:
+        info = self.index.pop(primary, None)
+        if info is None:
+            return 0
+        return sum(self.pop(k, None) is not None for k in info[1])
+
+    def _unindex(self, entry: Entry) -> None:
+        info = self.index.get(entry.primary)
+        if info is not None:
+            info[1].discard(entry.key)
+
+    def entries(self) -> Iterator[Entry]:
+        for key in list(self):
+            entry = self.get(key)
+            if entry is not None:
+                yield entry
+
+
+class Flight:
+    """One origin fetch in progress for a key, and how many requests wait for it."""
+
+    __slots__ = ("done", "waiters")
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+        self.waiters = 0
+
+
+class State:
+    """Per-flow cache bookkeeping between `request` and `response`."""
+
+    __slots__ = (
+        "primary",
+        "url",
+        "key",
+        "vary",
+        "req_cc",
+        "entry",
+        "result",
+        "served",
+        "leader",
+        "client_inm",
+        "client_ims",
+        "request_time",
+        "conditional",
+    )
+
+    def __init__(self, primary: str, url: str, req_cc: rfc.Directives) -> None:
+        self.primary, self.url, self.req_cc = primary, url, req_cc
+        self.key: str | None = None
+        self.vary: tuple[str, ...] | None = None
+        self.entry: Entry | None = None
+        self.result = "MISS"
+        self.served = False
+        self.leader: str | None = None
+        self.client_inm: str | None = None
+        self.client_ims: str | None = None
+        self.request_time = 0.0
+        self.conditional = False
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+class Collector:
+    """cache_* families at scrape time from the live addon's plain counters."""
+
+    def __init__(self) -> None:
+        self.source: Cache | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self.source
+        requests = CounterMetricFamily(
+            "cache_requests_total", "Cache lookups by result.", labels=["result"]
+        )
+        counts = cache.counts if cache else {}
+        for result in RESULTS:
+            requests.add_metric([result], counts.get(result, 0))
+        yield requests
+        store = cache.store if cache else None
+        yield GaugeMetricFamily(
+            "cache_bytes", "Bytes held by the cache.", store.currsize if store else 0
+        )
+        yield GaugeMetricFamily("cache_entries", "Stored responses.", len(store) if store else 0)
+        yield CounterMetricFamily(
+            "cache_evictions_total",
+            "Entries evicted to stay within max_memory / max_entries.",
+            (cache.evictions_before + store.evictions) if cache and store else 0,
+        )
+
+
+def _define_collector() -> Collector:
+    from addons.metrics import REGISTRY
+
+    collector = Collector()
+    REGISTRY.register(collector)
+    return collector
+
+
+if __name__ == "addons.cache":
+    COLLECTOR = _define_collector()
+else:
+    # Loaded as a script (`-s addons/cache.py`, re-executed on reload): reuse the package
+    # module's collector instead of registering a second one.
+    try:
+        from addons.cache import COLLECTOR
+    except ImportError:
+        COLLECTOR = _define_collector()
+
+
+# --- the addon -------------------------------------------------------------------------------
+
+_tasks: set[asyncio.Task[Any]] = set()
+
+
+def _spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    task = asyncio.get_running_loop().create_task(coro)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return task
+
+
+class Cache:
+    def __init__(self) -> None:
+        self.enabled = True
+        self.settings = Settings()
+        self.store = Store(256 * 1024 * 1024, 10000)
+        self.max_object_size = 1024 * 1024
+        self.patterns: re.Pattern[str] | None = None
+        self.coalesce_timeout = 5.0
+        self.max_waiters = 100
+        self.counts: dict[str, int] = {}
+        self.evictions_before = 0
+        self.inflight: dict[str, Flight] = {}
+        self.uncacheable: TTLCache[str, bool] = TTLCache(maxsize=10000, ttl=UNCACHEABLE_TTL)
+        self.session: Any = None
+        COLLECTOR.source = self
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "cache_enabled", bool, True, "Answer cacheable GET/HEAD requests from memory."
+        )
+        loader.add_option(
+            "cache_max_memory",
+            str,
+            "256MB",
+            "Byte budget of the cache (bodies, headers, bookkeeping), e.g. 256MB; least "
+            "recently used entries are evicted beyond it. Changing it empties the cache.",
+        )
+        loader.add_option(
+            "cache_max_entries",
+            int,
+            10000,
+            "Most responses kept (all Vary variants count). Changing it empties the cache.",
+        )
+        loader.add_option(
+            "cache_max_object_size",
+            str,
+            "1MB",
+            "Largest body stored, e.g. 1MB (bodies streamed by stream_large_bodies are never "
+            "stored).",
+        )
+        loader.add_option(
+            "cache_default_ttl",
+            str,
+            "300s",
+            "Upper bound of heuristic freshness (10% of the time since Last-Modified); in mode "
+            "default_ttl also the lifetime of heuristically cacheable responses without one.",
+        )
+        loader.add_option(
+            "cache_mode",
+            str,
+            "rfc",
+            "rfc: freshness only from the origin's headers and the Last-Modified heuristic; "
+            "default_ttl: as rfc, and responses without any get cache_default_ttl.",
+            choices=["rfc", "default_ttl"],
+        )
+        loader.add_option(
+            "cache_patterns",
+            Sequence[str],
+            [],
+            "Globs over URL, host or path that may be cached (e.g. *.css, /static/*); empty: "
+            "any URL. A router rule's cache setting overrides them.",
+        )
+        loader.add_option(
+            "cache_coalesce_timeout",
+            str,
+            "5s",
+            "How long concurrent misses for one URL wait for the first one's answer before "
+            "going upstream themselves.",
+        )
+        loader.add_option(
+            "cache_max_waiters",
+            int,
+            100,
+            "Most requests waiting for one URL's origin fetch; more go upstream at once.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        if "cache_enabled" in updated:
+            self.enabled = opts.cache_enabled
+        if updated & {"cache_max_memory", "cache_max_entries", "cache_max_object_size"}:
+            max_memory = _size("cache_max_memory", opts.cache_max_memory)
+            max_object = _size("cache_max_object_size", opts.cache_max_object_size)
+            if opts.cache_max_entries < 1:
+                raise exceptions.OptionsError(
+                    f"cache_max_entries: {opts.cache_max_entries} must be at least 1"
+                )
+            if max_object > max_memory:
+                raise exceptions.OptionsError(
+                    f"cache_max_object_size: {opts.cache_max_object_size} is larger than "
+                    f"cache_max_memory ({opts.cache_max_memory})"
+                )
+            self.max_object_size = max_object
+            store = self.store
+            if store.maxsize != max_memory or store.max_entries != opts.cache_max_entries:
+                self.evictions_before += store.evictions
+                self.store = Store(max_memory, opts.cache_max_entries)
+        if updated & {"cache_default_ttl", "cache_mode"}:
+            ttl = _duration("cache_default_ttl", opts.cache_default_ttl)
+            self.settings = Settings(ttl, opts.cache_mode)
+        if "cache_patterns" in updated:
+            try:
+                self.patterns = compile_globs(list(opts.cache_patterns))
+            except re.error as e:
+                raise exceptions.OptionsError(f"cache_patterns: not a valid glob: {e}") from e
+        if "cache_coalesce_timeout" in updated:
+            self.coalesce_timeout = _duration("cache_coalesce_timeout", opts.cache_coalesce_timeout)
+        if "cache_max_waiters" in updated:
+            if opts.cache_max_waiters < 0:
+                raise exceptions.OptionsError("cache_max_waiters: must be 0 or more")
+            self.max_waiters = opts.cache_max_waiters
+        COLLECTOR.source = self
+
+    def running(self) -> None:
+        COLLECTOR.source = self
+
+    def done(self) -> None:
+        for task in list(_tasks):
+            task.cancel()
+        if self.session is not None:
+            session, self.session = self.session, None
+            _spawn(session.close())
+
+    # --- request: lookup -------------------------------------------------------------------
+
+    def request(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        if flow.response or flow.error or not flow.live or flow.websocket or not self.enabled:
+            return None
+        req = flow.request
+        method = req.method
+        if method != "GET" and method != "HEAD":
+            return None
+        meta = errors.waypost(flow)
+        if "local" in meta:
+            return None
+        url = normalise_url(req.scheme, req.pretty_host, req.port, req.path)
+        route = meta.get("route_cache")
+        headers = req.headers
+        if (
+            route is False
+            or (
+                route is None
+                and self.patterns is not None
+                and not pattern_matches(self.patterns, url)
+            )
+            or "range" in headers
+            or "upgrade" in headers
+        ):
+            state = State("", url, _EMPTY)
+            state.result = "BYPASS"
+            flow.metadata[_STATE] = state
+            return None
+        cc = headers.get_all("cache-control")
+        state = State(f"GET\n{url}", url, rfc.parse_cache_control(cc) if cc else _EMPTY)
+        state.request_time = time.time()
+        flow.metadata[_STATE] = state
+        return self._lookup(flow, state, coalesce=True)
+
+    def _lookup(
+        self, flow: http.HTTPFlow, state: State, coalesce: bool
+    ) -> Coroutine[Any, Any, None] | None:
+        store = self.store
+        info = store.index.get(state.primary)
+        entry: Entry | None = None
+        if info is not None:
+            vary = state.vary = info[0]
+            state.key = cache_key("GET", state.url, self._vary_values(flow, vary))
+            entry = store.get(state.key)
+        flight_key = state.key or state.primary
+        now = time.time()
+        if entry is not None:
+            age = entry.age(now)
+            decision = rfc.reuse(
+                age,
+                entry.lifetime,
+                state.req_cc,
+                entry.no_cache,
+                entry.must_revalidate,
+                entry.swr,
+                entry.stale,
+            )
+            if decision.action == "fresh":
+                self._serve(flow, state, entry, "HIT", age)
+                return None
+            if decision.action == "stale":
+                if decision.swr and flight_key not in self.inflight:
+                    if not self._revalidate_in_background(flight_key, entry):
+                        return self._go_upstream(flow, state, entry, flight_key, coalesce)
+                self._serve(flow, state, entry, "STALE", age)
+                return None
+            return self._go_upstream(flow, state, entry, flight_key, coalesce)
+        if "only-if-cached" in state.req_cc:
+            state.result = "MISS"
+            flow.response = errors.make(
+                "BACKEND_TIMEOUT", "only-if-cached: no stored response can answer.", flow
+            )
+            return None
+        return self._go_upstream(flow, state, None, flight_key, coalesce)
+
+    def _go_upstream(
+        self,
+        flow: http.HTTPFlow,
+        state: State,
+        entry: Entry | None,
+        flight_key: str,
+        coalesce: bool,
+    ) -> Coroutine[Any, Any, None] | None:
+        flight = self.inflight.get(flight_key)
+        if (
+            coalesce
+            and flight is not None
+            and flight.waiters < self.max_waiters
+            and state.primary not in self.uncacheable
+        ):
+            flight.waiters += 1  # counted now: the coroutine starts only when awaited
+            return self._wait(flow, state, flight)
+        if (
+            flight is None
+            and state.primary not in self.uncacheable
+            and flow.request.method == "GET"
+        ):
+            self.inflight[flight_key] = Flight()
+            state.leader = flight_key
+        state.entry = entry
+        state.result = "EXPIRED" if entry is not None else "MISS"
+        if entry is not None and (entry.etag or entry.last_modified is not None):
+            self._make_conditional(flow, state, entry)
+        return None
+
+    async def _wait(self, flow: http.HTTPFlow, state: State, flight: Flight) -> None:
+        try:
+            await asyncio.wait_for(flight.done.wait(), self.coalesce_timeout)
+        except TimeoutError:
+            pass
+        finally:
+            flight.waiters -= 1
+        if flow.response or flow.error or not flow.live:
+            return
+        await_again = self._lookup(flow, state, coalesce=False)
+        if await_again is not None:  # never: coalesce=False does not wait
+            await await_again
+
+    def _make_conditional(self, flow: http.HTTPFlow, state: State, entry: Entry) -> None:
+        headers = flow.request.headers
+        state.conditional = True
+        state.client_inm = headers.get("if-none-match")
+        state.client_ims = headers.get("if-modified-since")
+        for name in ("if-none-match", "if-modified-since", "if-match", "if-unmodified-since"):
+            headers.pop(name, None)
+        if entry.etag:
+            headers["If-None-Match"] = entry.etag
+        lm = _getter(entry.fields)("last-modified")
+        if lm:
+            headers["If-Modified-Since"] = lm[0]
+
+    def _vary_values(self, flow: http.HTTPFlow, vary: tuple[str, ...]) -> list[tuple[str, str]]:
+        headers = flow.request.headers
+        return [(name, rfc.normalise_vary_value(headers.get_all(name))) for name in vary]
+
+    def _serve(
+        self,
+        flow: http.HTTPFlow,
+        state: State,
+        entry: Entry,
+        result: str,
+        age: float,
+        fwd_status: int | None = None,
+    ) -> None:
+        """Answer the flow from `entry` (a 304 when the client's own conditions hold)."""
+        state.served = True
+        state.result = result
+        req = flow.request
+        if state.conditional:
+            inm, ims = state.client_inm, state.client_ims
+        else:
+            inm, ims = req.headers.get("if-none-match"), req.headers.get("if-modified-since")
+        ttl = entry.lifetime - age
+        extra = [
+            (b"Age", str(int(age)).encode()),
+            (b"X-Cache-Status", result.encode()),
+            (b"Cache-Status", cache_status(result, ttl, fwd_status).encode()),
+        ]
+        if (inm is not None or ims is not None) and rfc.not_modified(
+            inm, ims, entry.etag, entry.last_modified
+        ):
+            fields = tuple(
+                (n.encode("latin-1"), v.encode("latin-1"))
+                for n, v in rfc.fields_of_304(entry.fields)
+            )
+            status, reason, body = 304, b"Not Modified", b""
+        else:
+            fields = entry.raw + ((b"Content-Length", str(len(entry.body)).encode()),)
+            status, reason = entry.status, entry.reason.encode("latin-1")
+            body = b"" if req.method == "HEAD" else entry.body
+        now = time.time()
+        flow.response = http.Response(
+            b"HTTP/1.1", status, reason, http.Headers(fields + tuple(extra)), body, None, now, now
+        )
+        self._record(flow, result)
+
+    def _record(self, flow: http.HTTPFlow, result: str) -> None:
+        self.counts[result] = self.counts.get(result, 0) + 1
+        meta = errors.waypost(flow)
+        meta["cache"] = result
+        meta["cache_hit"] = result in SERVED_FROM_CACHE
+
+    # --- response: store, revalidate, invalidate -------------------------------------------
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        state: State | None = flow.metadata.get(_STATE)
+        resp = flow.response
+        if resp is None:
+            return
+        if state is None:
+            method = flow.request.method
+            if self.enabled and method not in rfc.SAFE_METHODS and 200 <= resp.status_code < 400:
+                self._invalidate_unsafe(flow)
+            return
+        if state.served:
+            return
+        try:
+            if state.result == "BYPASS":
+                self._mark(flow, resp, "BYPASS")
+                return
+            entry = state.entry
+            if flow.request.method == "HEAD":
+                self._mark(flow, resp, state.result)
+                return
+            if entry is not None and resp.status_code == 304 and state.conditional:
+                self._revalidated(flow, state, entry, resp)
+                return
+            if (
+                entry is not None
+                and resp.status_code in rfc.ERROR_STATUSES
+                and rfc.stale_if_error(
+                    entry.age(time.time()),
+                    entry.lifetime,
+                    entry.cc,
+                    state.req_cc,
+                    entry.must_revalidate,
+                )
+            ):
+                self._serve(flow, state, entry, "STALE", entry.age(time.time()), resp.status_code)
+                return
+            stored = self._store(flow, state, resp)
+            if not stored and state.primary:
+                self.uncacheable[state.primary] = True
+            self._mark(flow, resp, state.result)
+        finally:
+            self._release(state)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        state: State | None = flow.metadata.get(_STATE)
+        if state is not None:
+            self._release(state)
+
+    def _release(self, state: State) -> None:
+        if state.leader:
+            flight = self.inflight.pop(state.leader, None)
+            state.leader = None
+            if flight is not None:
+                flight.done.set()
+
+    def _mark(self, flow: http.HTTPFlow, resp: http.Response, result: str) -> None:
+        resp.headers["X-Cache-Status"] = result
+        resp.headers.add("Cache-Status", cache_status(result, fwd_status=resp.status_code))
+        self._record(flow, result)
+
+    def _revalidated(
+        self, flow: http.HTTPFlow, state: State, entry: Entry, resp: http.Response
+    ) -> None:
+        """A 304 for our conditional request: freshen the entry and answer from it."""
+        fresh = [(k, v) for k, v in resp.headers.items(multi=True)]
+        new_etag = resp.headers.get("etag")
+        if new_etag and entry.etag and new_etag.strip() != entry.etag:
+            # §4.3.4: a 304 for another representation does not update this one.
+            self.store.drop(entry.key)
+            if state.client_inm is None and state.client_ims is None:
+                # Our validator, not the client's: pass nothing half-updated on.
+                flow.response = errors.make(
+                    "BACKEND_UNREACHABLE", "The origin answered 304 for another entity.", flow
+                )
+            self._mark(flow, flow.response, "EXPIRED")
+            return
+        age_value = rfc.parse_age(resp.headers.get_all("age"))
+        entry.set_fields(
+            rfc.merge_304(entry.fields, fresh),
+            state.request_time,
+            resp.timestamp_start or time.time(),
+            self.settings,
+            age_value,
+        )
+        entry.stale = False
+        self._reinsert(entry)
+        now = time.time()
+        self._serve(flow, state, entry, "REVALIDATED", entry.age(now), 304)
+
+    def _reinsert(self, entry: Entry) -> None:
+        # Size and expiry changed: insert again so the budget and the expiry heap see them.
+        store = self.store
+        vary = store.index.get(entry.primary)
+        store.drop(entry.key)
+        if entry.size <= store.maxsize:
+            store.put(entry, vary[0] if vary else ())
+
+    def _store(self, flow: http.HTTPFlow, state: State, resp: http.Response) -> bool:
+        if resp.stream or resp.raw_content is None:
+            return False
+        body = resp.raw_content
+        if len(body) > self.max_object_size:
+            return False
+        headers = resp.headers
+        if "set-cookie" in headers:
+            return False
+        req = flow.request
+        resp_cc = rfc.parse_cache_control(headers.get_all("cache-control"))
+        vary_names = rfc.vary_names(headers.get_all("vary"))
+        if req.method == "HEAD":
+            return False  # §4.3.5 freshening from HEAD is optional; not done
+        reason = rfc.storable(
+            req.method,
+            resp.status_code,
+            state.req_cc,
+            resp_cc,
+            "authorization" in req.headers,
+            "expires" in headers,
+            vary_names,
+            heuristic_allowed=True,
+        )
+        if reason is not None:
+            if state.entry is not None:
+                self.store.drop(state.entry.key)
+            return False
+        fields = rfc.stored_fields(list(headers.items(multi=True)), resp_cc)
+        vary = tuple(sorted(vary_names))
+        # The client's original conditional headers were replaced by ours when revalidating;
+        # the Vary values are those of the request as the client sent it otherwise.
+        key = cache_key("GET", state.url, self._vary_values(flow, vary))
+        response_time = resp.timestamp_start or time.time()
+        entry = Entry(
+            key,
+            state.primary,
+            state.url,
+            resp.status_code,
+            resp.reason,
+            fields,
+            body,
+            state.request_time or req.timestamp_start,
+            response_time,
+            self.settings,
+            self._origin(flow),
+            rfc.parse_age(headers.get_all("age")),
+        )
+        if entry.expires_at <= time.time():
+            return False  # stale at once and nothing to revalidate with
+        if entry.size > self.store.maxsize:
+            return False
+        if state.entry is not None and state.entry.key != key:
+            self.store.drop(state.entry.key)
+        self.store.put(entry, vary)
+        return True
+
+    def _origin(self, flow: http.HTTPFlow) -> Origin | None:
+        server = flow.server_conn
+        peer = server.peername
+        if not peer or getattr(server, "via", None) is not None:
+            return None
+        fields = [
+            (n, v)
+            for n, v in flow.request.headers.items(multi=True)
+            if n.lower() not in rfc.HOP_BY_HOP
+            and n.lower() not in ("if-none-match", "if-modified-since", "content-length")
+        ]
+        return Origin(flow.request.scheme, peer[:2], server.sni, flow.request.path, fields)
+
+    def _invalidate_unsafe(self, flow: http.HTTPFlow) -> None:
+        """RFC 9111 §4.4: the target URI and same-origin Location/Content-Location."""
+        req = flow.request
+        url = normalise_url(req.scheme, req.pretty_host, req.port, req.path)
+        targets = {url}
+        base = urlsplit(url)
+        for name in ("location", "content-location"):
+            value = flow.response.headers.get(name) if flow.response else None
+            if not value:
+                continue
+            other = urlsplit(urljoin(url, value.strip()))
+            if (other.scheme, other.netloc) == (base.scheme, base.netloc):
+                target = other.path + (f"?{other.query}" if other.query else "")
+                targets.add(normalise_url(other.scheme, other.hostname or "", _port(other), target))
+        for target in targets:
+            self.store.drop_url(f"GET\n{target}")
+
+    # --- stale-while-revalidate in the background -----------------------------------------
+
+    def _revalidate_in_background(self, flight_key: str, entry: Entry) -> bool:
+        origin = entry.origin
+        if origin is None or origin.scheme not in ("http", "https"):
+            return False
+        self.inflight[flight_key] = flight = Flight()
+        _spawn(self._background(flight_key, flight, entry, origin))
+        return True
+
+    async def _background(
+        self, flight_key: str, flight: Flight, entry: Entry, origin: Origin
+    ) -> None:
+        import aiohttp
+
+        try:
+            if self.session is None:
+                self.session = aiohttp.ClientSession(auto_decompress=False)
+            headers = [(n, v) for n, v in origin.fields]
+            if entry.etag:
+                headers.append(("If-None-Match", entry.etag))
+            lm = _getter(entry.fields)("last-modified")
+            if lm:
+                headers.append(("If-Modified-Since", lm[0]))
+            host, port = origin.peer
+            if ":" in host:
+                host = f"[{host}]"
+            request_time = time.time()
+            insecure = bool(getattr(ctx.options, "ssl_insecure", False))
+            async with self.session.get(
+                f"{origin.scheme}://{host}:{port}{origin.target}",
+                headers=headers,
+                skip_auto_headers=("Accept-Encoding", "User-Agent"),
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=BACKGROUND_TIMEOUT),
+                server_hostname=origin.sni if origin.scheme == "https" else None,
+                ssl=False if insecure else True,
+            ) as r:
+                body = await r.read()
+                response_time = time.time()
+                fields = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in r.raw_headers]
+                self._background_result(
+                    entry, r.status, r.reason or "", fields, body, request_time, response_time
+                )
+        except Exception as e:  # an unreachable origin leaves the stale entry as it was
+            log.debug("background revalidation of %s failed: %r", entry.url, e)
+        finally:
+            if self.inflight.get(flight_key) is flight:
+                del self.inflight[flight_key]
+            flight.done.set()
+
+    def _background_result(
+        self,
+        entry: Entry,
+        status: int,
+        reason: str,
+        fields: list[tuple[str, str]],
+        body: bytes,
+        request_time: float,
+        response_time: float,
+    ) -> None:
+        if status == 304:
+            get = _getter(fields)
+            new_etag = get("etag")
+            if new_etag and entry.etag and new_etag[0].strip() != entry.etag:
+                self.store.drop(entry.key)
+                return
+            entry.set_fields(
+                rfc.merge_304(entry.fields, fields),
+                request_time,
+                response_time,
+                self.settings,
+                rfc.parse_age(get("age")),
+            )
+            entry.stale = False
+            self._reinsert(entry)
+            return
+        if status in rfc.ERROR_STATUSES:
+            return  # keep serving stale while the windows allow
+        get = _getter(fields)
+        resp_cc = rfc.parse_cache_control(get("cache-control"))
+        vary_names = rfc.vary_names(get("vary"))
+        if (
+            len(body) > self.max_object_size
+            or get("set-cookie")
+            or tuple(sorted(vary_names)) != (self.store.index.get(entry.primary) or ((),))[0]
+            or rfc.storable("GET", status, _EMPTY, resp_cc, False, bool(get("expires")), vary_names)
+        ):
+            self.store.drop(entry.key)
+            return
+        new = Entry(
+            entry.key,
+            entry.primary,
+            entry.url,
+            status,
+            reason,
+            rfc.stored_fields(fields, resp_cc),
+            body,
+            request_time,
+            response_time,
+            self.settings,
+            entry.origin,
+            rfc.parse_age(get("age")),
+        )
+        self.store.drop(entry.key)
+        if new.expires_at > time.time() and new.size <= self.store.maxsize:
+            self.store.put(new, tuple(sorted(vary_names)))
+
+    # --- management ------------------------------------------------------------------------
+
+    def purge(self, pattern: str | None = None, tag: str | None = None, soft: bool = False) -> int:
+        """Drop (or with soft, mark stale) the entries whose URL or host match the glob and/or
+        that carry the tag. Returns how many."""
+        rx = compile_globs([pattern]) if pattern else None
+        n = 0
+        for entry in list(self.store.entries()):
+            if rx is not None and not (rx.match(entry.url) or rx.match(entry.host)):
+                continue
+            if tag is not None and tag not in entry.tags:
+                continue
+            if soft:
+                entry.stale = True
+            else:
+                self.store.drop(entry.key)
+            n += 1
+        return n
+
+    def stats(self) -> dict[str, Any]:
+        counts = self.counts
+        lookups = sum(counts.get(r, 0) for r in RESULTS if r != "BYPASS")
+        hits = sum(counts.get(r, 0) for r in SERVED_FROM_CACHE)
+        misses = counts.get("MISS", 0) + counts.get("EXPIRED", 0)
+        store = self.store
+        return {
+            "enabled": self.enabled,
+            "size": store.currsize,
+            "max_memory": store.maxsize,
+            "entries": len(store),
+            "max_entries": store.max_entries,
+            "hit_rate": round(hits / lookups, 4) if lookups else 0.0,
+            "miss_rate": round(misses / lookups, 4) if lookups else 0.0,
+            "evictions": self.evictions_before + store.evictions,
+            "results": {r: counts.get(r, 0) for r in RESULTS},
+        }
+
+    def management_routes(self) -> dict[str, Callable[[web.Request], Any]]:
+        return {"/admin/cache": self._admin_purge, "/admin/cache/stats": self._admin_stats}
+
+    async def _admin_purge(self, request: web.Request) -> web.Response:
+        if request.method != "DELETE":
+            return _error(405, "METHOD_NOT_ALLOWED", "Use DELETE.", {"Allow": "DELETE"})
+        pattern = request.query.get("pattern") or None
+        tag = request.query.get("tag") or None
+        if pattern is None and tag is None:
+            return _error(400, "BAD_REQUEST", "Give pattern=<glob over URL or host> or tag=<tag>.")
+        soft = request.query.get("soft", "").lower() in ("1", "true", "yes")
+        n = self.purge(pattern, tag, soft)
+        log.info(
+            "cache purge",
+            extra={"waypost": {"pattern": pattern, "tag": tag, "soft": soft, "invalidated": n}},
+        )
+        return web.json_response({"invalidated": n, "remaining": len(self.store)})
+
+    async def _admin_stats(self, request: web.Request) -> web.Response:
+        if request.method not in ("GET", "HEAD"):
+            return _error(405, "METHOD_NOT_ALLOWED", "Use GET.", {"Allow": "GET, HEAD"})
+        return web.json_response(self.stats())
+
+
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    rid = errors.new_request_id()
+    return web.Response(
+        status=status,
+        body=errors.body(code, message, rid),
+        content_type="application/json",
+        headers={"X-Request-ID": rid, **(headers or {})},
+    )
+
+
+def _port(parts: Any) -> int:
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return port or (443 if parts.scheme == "https" else 80)
+
+
+def _size(option: str, value: str) -> int:
+    try:
+        size = parse_size(value)
+    except ValueError as e:
+        raise exceptions.OptionsError(f"{option}: {value!r} is not a size (e.g. 256MB): {e}") from e
+    if size <= 0:
+        raise exceptions.OptionsError(f"{option}: {value!r} must be more than 0")
+    return size
+
+
+def _duration(option: str, value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise exceptions.OptionsError(
+            f"{option}: {value!r} is not a duration (e.g. 30s): {e}"
+        ) from e
+
+
+addons = [Cache()]

@@ -1,0 +1,90 @@
+"""A scripted origin for the cache tests: each path answers with what the test set for it.
+
+origin.set("/a", lambda req: (200, {"Cache-Control": "max-age=60"}, b"body"))
+origin.hits["/a"]         # requests that reached the origin for /a
+origin.requests["/a"]     # their headers, as a list of lower-cased dicts
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.utils import formatdate
+
+from aiohttp import web
+
+Answer = tuple[int, dict[str, str] | list[tuple[str, str]], bytes]
+Handler = Callable[[web.Request], Answer]
+
+
+def http_date(offset: float = 0.0) -> str:
+    import time
+
+    return formatdate(time.time() + offset, usegmt=True)
+
+
+@dataclass
+class Origin:
+    host: str = "127.0.0.1"
+    port: int = 0
+    handlers: dict[str, Handler] = field(default_factory=dict)
+    hits: dict[str, int] = field(default_factory=dict)
+    requests: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    delay: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def set(self, path: str, handler: Handler | Answer, delay: float = 0.0) -> None:
+        self.handlers[path] = handler if callable(handler) else (lambda _r, a=handler: a)
+        self.delay[path] = delay
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        self.hits[path] = self.hits.get(path, 0) + 1
+        self.requests.setdefault(path, []).append(
+            {k.lower(): v for k, v in request.headers.items()}
+        )
+        handler = self.handlers.get(path)
+        if handler is None:
+            return web.Response(status=404, text="no handler\n")
+        if self.delay.get(path):
+            await asyncio.sleep(self.delay[path])
+        status, headers, body = handler(request)
+        items = list(headers.items()) if isinstance(headers, dict) else list(headers)
+        resp = web.Response(status=status, body=body if status not in (204, 304) else None)
+        for k, v in items:
+            resp.headers.add(k, v)
+        return resp
+
+
+def start_origin() -> Iterator[Origin]:
+    state = Origin()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", state._handle)
+    runner = web.AppRunner(app, access_log=None)
+
+    async def start() -> None:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        ready.set()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(start())
+        loop.run_forever()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert ready.wait(10)
+    yield state
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    t.join(10)

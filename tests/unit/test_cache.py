@@ -1,0 +1,347 @@
+"""The cache addon through taddons/tflow: keys, eligibility, storage limits, purge, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from mitmproxy import exceptions, http
+from mitmproxy.test import taddons, tflow, tutils
+from prometheus_client import generate_latest
+
+from addons import cache as cache_mod
+from addons import errors
+from addons.cache import Cache, cache_key, cache_status, normalise_url, pattern_matches
+from addons.metrics import REGISTRY
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (("http", "Example.COM", 80, "/a"), "http://example.com/a"),  # case, default port
+        (("https", "example.com", 443, "/a"), "https://example.com/a"),
+        (("http", "example.com", 8080, "/a"), "http://example.com:8080/a"),
+        (("http", "example.com", 80, "/a?b=2&a=1"), "http://example.com/a?a=1&b=2"),  # sorted
+        (("http", "example.com", 80, "/a?b=2&&a=1&"), "http://example.com/a?a=1&b=2"),
+        (("http", "example.com", 80, "/%7euser/%2f%41"), "http://example.com/~user/%2FA"),
+        (("http", "example.com", 80, "/a?"), "http://example.com/a"),
+        (("http", "::1", 80, "/"), "http://[::1]/"),
+        (("http", "example.com.", 80, "/"), "http://example.com/"),
+    ],
+)
+def test_normalise_url(args: tuple, expected: str) -> None:
+    assert normalise_url(*args) == expected
+
+
+def test_cache_key_is_sha256_over_method_url_and_vary() -> None:
+    k1 = cache_key("GET", "http://a/x", [])
+    assert len(k1) == 64
+    assert k1 != cache_key("HEAD", "http://a/x", [])
+    assert cache_key("GET", "http://a/x", [("accept-language", "en")]) != cache_key(
+        "GET", "http://a/x", [("accept-language", "de")]
+    )
+
+
+@pytest.mark.parametrize(
+    "patterns,url,expected",
+    [
+        ([], "http://a.example/x", True),
+        (["*.css"], "http://a.example/s/site.css", True),
+        (["*.css"], "http://a.example/s/site.js", False),
+        (["/static/*"], "http://a.example/static/x.png", True),
+        (["/static/*"], "http://a.example/api/x", False),
+        (["*.example.com"], "http://img.example.com/x", True),
+        (["http://a.example/api/*"], "http://a.example/api/v1", True),
+    ],
+)
+def test_patterns(patterns: list[str], url: str, expected: bool) -> None:
+    assert pattern_matches(cache_mod.compile_globs(patterns), url) is expected
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (("HIT", 30), "waypost; hit; ttl=30"),
+        (("MISS", None, 200), "waypost; fwd=uri-miss; fwd-status=200"),
+        (("BYPASS", None, 200), "waypost; fwd=bypass; fwd-status=200"),
+        (("REVALIDATED", 60, 304), "waypost; fwd=stale; fwd-status=304; ttl=60"),
+        (("STALE", -5, 503), "waypost; fwd=stale; fwd-status=503; ttl=-5"),
+        (("STALE", -5), "waypost; hit; ttl=-5"),
+    ],
+)
+def test_cache_status(args: tuple, expected: str) -> None:
+    assert cache_status(*args) == expected  # RFC 9211
+
+
+# --- the addon -------------------------------------------------------------------------------
+
+
+def _flow(
+    path: str = "/a", method: str = "GET", headers: dict[str, str] | None = None
+) -> http.HTTPFlow:
+    f = tflow.tflow(
+        req=tutils.treq(method=method.encode(), host="origin.example", port=80, path=path.encode())
+    )
+    for k, v in (headers or {}).items():
+        f.request.headers[k] = v
+    f.request.timestamp_start = time.time()
+    return f
+
+
+def _respond(
+    c: Cache,
+    f: http.HTTPFlow,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"hello",
+) -> None:
+    f.response = http.Response.make(status, body, headers or {})
+    f.response.timestamp_start = time.time()
+    c.response(f)
+
+
+def _fetch(
+    c: Cache,
+    path: str = "/a",
+    resp_headers: dict[str, str] | None = None,
+    req_headers: dict[str, str] | None = None,
+    method: str = "GET",
+    status: int = 200,
+    body: bytes = b"hello",
+) -> http.HTTPFlow:
+    """One request through the addon; the origin answers only when the cache did not."""
+    f = _flow(path, method, req_headers)
+    waiting = c.request(f)
+    assert waiting is None
+    if f.response is None:
+        _respond(
+            c,
+            f,
+            status,
+            resp_headers if resp_headers is not None else {"Cache-Control": "max-age=60"},
+            body,
+        )
+    else:
+        c.response(f)
+    return f
+
+
+def test_miss_then_hit_then_head() -> None:
+    c = Cache()
+    with taddons.context(c):
+        f1 = _fetch(c)
+        assert f1.response.headers["X-Cache-Status"] == "MISS"
+        assert errors.waypost(f1)["cache"] == "MISS"
+        f2 = _fetch(c)
+        assert f2.response.headers["X-Cache-Status"] == "HIT"
+        assert f2.response.content == b"hello"
+        assert f2.response.headers["Age"] == "0"
+        assert errors.waypost(f2)["cache_hit"] is True
+        f3 = _fetch(c, method="HEAD")
+        assert f3.response.headers["X-Cache-Status"] == "HIT"
+        assert f3.response.raw_content == b""
+        assert f3.response.headers["Content-Length"] == "5"
+
+
+def test_route_cache_and_patterns_decide_eligibility() -> None:
+    c = Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_patterns=["/static/*"])
+        assert _fetch(c, "/api").response.headers["X-Cache-Status"] == "BYPASS"
+        assert _fetch(c, "/api").response.headers["X-Cache-Status"] == "BYPASS"
+        _fetch(c, "/static/x")
+        assert _fetch(c, "/static/x").response.headers["X-Cache-Status"] == "HIT"
+        # the router's per-route setting wins over the patterns, both ways
+        for route, path, expected in ((True, "/api/r", "HIT"), (False, "/static/y", "BYPASS")):
+            for _ in range(2):
+                f = _flow(path)
+                errors.waypost(f)["route_cache"] = route
+                c.request(f)
+                if f.response is None:
+                    _respond(c, f, headers={"Cache-Control": "max-age=60"})
+                else:
+                    c.response(f)
+            assert f.response.headers["X-Cache-Status"] == expected
+
+
+def test_never_stores_streamed_or_large_or_cookie_responses() -> None:
+    c = Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_max_object_size="10")
+        _fetch(c, "/big", body=b"x" * 11)
+        assert _fetch(c, "/big").response.headers["X-Cache-Status"] == "MISS"
+        _fetch(c, "/cookie", {"Cache-Control": "max-age=60", "Set-Cookie": "a=b"})
+        assert _fetch(c, "/cookie").response.headers["X-Cache-Status"] == "MISS"
+        f = _flow("/stream")
+        c.request(f)
+        f.response = http.Response.make(200, b"", {"Cache-Control": "max-age=60"})
+        f.response.stream = True
+        c.response(f)
+        assert _fetch(c, "/stream").response.headers["X-Cache-Status"] == "MISS"
+
+
+def test_memory_stays_within_max_memory_under_a_flood_of_unique_urls() -> None:
+    c = Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_max_memory="256KB", cache_max_object_size="8KB")
+        for i in range(3000):
+            _fetch(c, f"/flood/{i}", body=b"x" * 1024)
+            assert c.store.currsize <= 256 * 1024
+        assert c.store.evictions > 2000
+        assert len(c.store) < 256
+        # the newest are still there, the oldest are gone
+        assert _fetch(c, "/flood/2999").response.headers["X-Cache-Status"] == "HIT"
+        assert _fetch(c, "/flood/0").response.headers["X-Cache-Status"] == "MISS"
+
+
+def test_max_entries() -> None:
+    c = Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_max_entries=10)
+        for i in range(50):
+            _fetch(c, f"/n/{i}")
+        assert len(c.store) == 10
+
+
+def test_vary_selects_variants() -> None:
+    c = Cache()
+    with taddons.context(c):
+        h = {"Cache-Control": "max-age=60", "Vary": "Accept-Language"}
+        _fetch(c, "/v", h, {"Accept-Language": "en"}, body=b"en")
+        _fetch(c, "/v", h, {"Accept-Language": "de"}, body=b"de")
+        en = _fetch(c, "/v", h, {"Accept-Language": "en"})
+        de = _fetch(c, "/v", h, {"Accept-Language": "de"})
+        assert (en.response.content, de.response.content) == (b"en", b"de")
+        assert (
+            en.response.headers["X-Cache-Status"] == de.response.headers["X-Cache-Status"] == "HIT"
+        )
+        fr = _fetch(c, "/v", h, {"Accept-Language": "fr"})
+        assert fr.response.headers["X-Cache-Status"] == "MISS"
+
+
+def test_unsafe_methods_invalidate_target_and_location() -> None:
+    c = Cache()
+    with taddons.context(c):
+        for p in ("/item", "/list", "/elsewhere"):
+            _fetch(c, p)
+        f = _flow("/item", "POST")
+        c.request(f)
+        _respond(
+            c, f, 201, {"Location": "/list", "Content-Location": "http://other.example/elsewhere"}
+        )
+        assert _fetch(c, "/item").response.headers["X-Cache-Status"] == "MISS"
+        assert _fetch(c, "/list").response.headers["X-Cache-Status"] == "MISS"
+        # another origin's URL is not touched (§4.4)
+        assert _fetch(c, "/elsewhere").response.headers["X-Cache-Status"] == "HIT"
+        # an error answer does not invalidate
+        f = _flow("/item", "DELETE")
+        c.request(f)
+        _respond(c, f, 500)
+        assert _fetch(c, "/item").response.headers["X-Cache-Status"] == "HIT"
+
+
+def test_purge_by_pattern_tag_and_soft() -> None:
+    c = Cache()
+    with taddons.context(c):
+        _fetch(c, "/p/1", {"Cache-Control": "max-age=60", "Surrogate-Key": "red blue"})
+        _fetch(c, "/p/2", {"Cache-Control": "max-age=60", "Cache-Tag": "blue,green", "ETag": '"e"'})
+        _fetch(c, "/q/1")
+        assert c.purge(tag="red") == 1
+        assert c.purge(pattern="http://origin.example/q/*") == 1
+        assert c.purge(tag="blue", soft=True) == 1
+        f = _flow("/p/2")
+        c.request(f)
+        assert f.response is None  # soft-purged: revalidated with the origin
+        assert f.request.headers["If-None-Match"] == '"e"'
+        _respond(c, f, 304, {"Cache-Control": "max-age=60", "ETag": '"e"'}, b"")
+        assert f.response.headers["X-Cache-Status"] == "REVALIDATED"
+        assert f.response.content == b"hello"
+        assert c.purge(pattern="origin.example") == 1  # a glob over the host
+        assert len(c.store) == 0
+
+
+async def test_concurrent_misses_are_coalesced() -> None:
+    c = Cache()
+    with taddons.context(c):
+        leader = _flow("/slow")
+        assert c.request(leader) is None and leader.response is None
+        followers = [_flow("/slow") for _ in range(3)]
+        waits = [c.request(f) for f in followers]
+        assert all(w is not None for w in waits)
+        tasks = [asyncio.ensure_future(w) for w in waits]
+        await asyncio.sleep(0)
+        _respond(c, leader, headers={"Cache-Control": "max-age=60"})
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert [f.response.headers["X-Cache-Status"] for f in followers] == ["HIT"] * 3
+
+
+async def test_waiters_are_bounded_in_time_and_number() -> None:
+    c = Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_coalesce_timeout="100ms", cache_max_waiters=1)
+        leader = _flow("/hang")
+        c.request(leader)
+        w1 = c.request(_flow("/hang"))
+        assert w1 is not None
+        second = _flow("/hang")
+        assert c.request(second) is None and second.response is None  # over the bound: upstream
+        t0 = time.monotonic()
+        await asyncio.wait_for(w1, 5)
+        assert 0.05 < time.monotonic() - t0 < 2
+
+
+def test_uncacheable_answers_are_not_coalesced_again() -> None:
+    c = Cache()
+    with taddons.context(c):
+        _fetch(c, "/private", {"Cache-Control": "private"})
+        f1, f2 = _flow("/private"), _flow("/private")
+        assert c.request(f1) is None and c.request(f2) is None  # both go upstream
+
+
+def test_configure_errors() -> None:
+    c = Cache()
+    with taddons.context(c) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="cache_max_memory"):
+            tctx.configure(c, cache_max_memory="lots")
+        with pytest.raises(exceptions.OptionsError, match="larger than cache_max_memory"):
+            tctx.configure(c, cache_max_memory="1KB", cache_max_object_size="1MB")
+        with pytest.raises(exceptions.OptionsError, match="cache_default_ttl"):
+            tctx.configure(c, cache_default_ttl="soon")
+        with pytest.raises(exceptions.OptionsError, match="cache_max_entries"):
+            tctx.configure(c, cache_max_entries=0)
+
+
+def test_same_values_keep_the_store() -> None:
+    c = Cache()
+    with taddons.context(c) as tctx:
+        _fetch(c)
+        tctx.configure(c, cache_max_memory="256MB", cache_max_entries=10000)
+        assert len(c.store) == 1
+        tctx.configure(c, cache_max_memory="128MB")
+        assert len(c.store) == 0
+
+
+def test_metrics_and_stats() -> None:
+    c = Cache()
+    with taddons.context(c):
+        _fetch(c, "/m")
+        _fetch(c, "/m")
+        text = generate_latest(REGISTRY).decode()
+        assert 'cache_requests_total{result="HIT"} 1.0' in text
+        assert 'cache_requests_total{result="MISS"} 1.0' in text
+        assert "cache_entries 1.0" in text
+        assert "cache_evictions_total 0.0" in text
+        stats = c.stats()
+        assert stats["entries"] == 1 and stats["hit_rate"] == 0.5 and stats["miss_rate"] == 0.5
+
+
+def test_disabled_and_other_methods_pass_through() -> None:
+    c = Cache()
+    with taddons.context(c) as tctx:
+        f = _flow("/x", "POST")
+        assert c.request(f) is None and f.response is None
+        tctx.configure(c, cache_enabled=False)
+        _fetch(c, "/d")
+        f = _fetch(c, "/d")
+        assert "X-Cache-Status" not in f.response.headers
