@@ -177,7 +177,7 @@ class Origin:
         peer: tuple[str, int],
         sni: str | None,
         target: str,
-        fields: list[tuple[str, str]],
+        fields: tuple[tuple[bytes, bytes], ...],
     ) -> None:
         self.scheme, self.peer, self.sni, self.target, self.fields = (
             scheme,
@@ -195,7 +195,6 @@ class Entry:
         "key",
         "primary",
         "url",
-        "host",
         "status",
         "reason",
         "fields",
@@ -234,7 +233,6 @@ class Entry:
         age_value: int = 0,
     ) -> None:
         self.key, self.primary, self.url = key, primary, url
-        self.host = urlsplit(url).hostname or ""
         self.status, self.reason, self.body = status, reason, body
         self.origin = origin
         self.stale = False
@@ -294,10 +292,65 @@ class Entry:
 
 
 def _getter(fields: Sequence[tuple[str, str]]) -> Callable[[str], list[str]]:
+    """Values by lower-cased field name, from one pass over the fields."""
+    by_name: dict[str, list[str]] = {}
+    for n, v in fields:
+        by_name.setdefault(n.lower(), []).append(v)
+
     def get(name: str) -> list[str]:
-        return [v for n, v in fields if n.lower() == name]
+        return by_name.get(name, [])
 
     return get
+
+
+# Request fields the cache looks at, found in one pass over the raw fields.
+_REQUEST_FIELDS = frozenset(
+    {
+        b"host",
+        b"cache-control",
+        b"if-none-match",
+        b"if-modified-since",
+        b"range",
+        b"upgrade",
+        b"authorization",
+    }
+)
+
+
+def scan_request(fields: Sequence[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
+    found: dict[bytes, list[bytes]] = {}
+    for k, v in fields:
+        lk = k.lower()
+        if lk in _REQUEST_FIELDS:
+            found.setdefault(lk, []).append(v)
+    return found
+
+
+@lru_cache(maxsize=8192)
+def request_url(scheme: bytes, host: bytes, port: int, target: bytes) -> str:
+    """The normalised URL of a request from its raw parts (`host` from Host/:authority, a
+    port in it ignored: `port` is the request's)."""
+    name = host.decode("utf-8", "surrogateescape")
+    if name.startswith("["):
+        name = name[: name.find("]") + 1]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    return normalise_url(
+        scheme.decode("ascii", "replace"),
+        name,
+        port,
+        target.decode("utf-8", "surrogateescape"),
+    )
+
+
+def vary_values(
+    fields: Sequence[tuple[bytes, bytes]], vary: tuple[str, ...]
+) -> list[tuple[str, str]]:
+    """(name, normalised request value) for each field a response varies on."""
+    if not vary:
+        return []
+    get = _getter([(k.decode("latin-1"), v.decode("latin-1")) for k, v in fields])
+    return [(name, rfc.normalise_vary_value(get(name))) for name in vary]
 
 
 def _date(values: list[str]) -> float | None:
@@ -399,6 +452,8 @@ class State:
         "client_ims",
         "request_time",
         "conditional",
+        "fields",
+        "authorization",
     )
 
     def __init__(self, primary: str, url: str, req_cc: rfc.Directives) -> None:
@@ -413,6 +468,10 @@ class State:
         self.client_ims: str | None = None
         self.request_time = 0.0
         self.conditional = False
+        # The request's fields as the client sent them (a tuple: later edits by other addons
+        # replace it, never change it), for the Vary values at lookup and store alike.
+        self.fields: tuple[tuple[bytes, bytes], ...] = ()
+        self.authorization = False
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -604,16 +663,24 @@ class Cache:
     def request(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         if flow.response or flow.error or not flow.live or flow.websocket or not self.enabled:
             return None
-        req = flow.request
-        method = req.method
-        if method != "GET" and method != "HEAD":
+        data = flow.request.data
+        method = data.method
+        if method != b"GET" and method != b"HEAD":
             return None
         meta = errors.waypost(flow)
         if "local" in meta:
             return None
-        url = normalise_url(req.scheme, req.pretty_host, req.port, req.path)
+        # One pass over the raw fields instead of a multidict lookup per field: the hit path
+        # is what a cache is for, and each lookup costs a scan.
+        found = scan_request(data.headers.fields)
+        host = found.get(b"host")
+        url = request_url(
+            data.scheme,
+            host[0] if host else (data.authority or data.host.encode()),
+            data.port,
+            data.path,
+        )
         route = meta.get("route_cache")
-        headers = req.headers
         if (
             route is False
             or (
@@ -621,16 +688,28 @@ class Cache:
                 and self.patterns is not None
                 and not pattern_matches(self.patterns, url)
             )
-            or "range" in headers
-            or "upgrade" in headers
+            or b"range" in found
+            or b"upgrade" in found
         ):
             state = State("", url, _EMPTY)
             state.result = "BYPASS"
             flow.metadata[_STATE] = state
             return None
-        cc = headers.get_all("cache-control")
-        state = State(f"GET\n{url}", url, rfc.parse_cache_control(cc) if cc else _EMPTY)
+        cc = found.get(b"cache-control")
+        state = State(
+            f"GET\n{url}",
+            url,
+            rfc.parse_cache_control(v.decode("latin-1") for v in cc) if cc else _EMPTY,
+        )
+        inm = found.get(b"if-none-match")
+        ims = found.get(b"if-modified-since")
+        if inm:
+            state.client_inm = ", ".join(v.decode("latin-1") for v in inm)
+        if ims:
+            state.client_ims = ims[0].decode("latin-1")
         state.request_time = time.time()
+        state.fields = data.headers.fields
+        state.authorization = b"authorization" in found
         flow.metadata[_STATE] = state
         return self._lookup(flow, state, coalesce=True)
 
@@ -642,7 +721,7 @@ class Cache:
         entry: Entry | None = None
         if info is not None:
             vary = state.vary = info[0]
-            state.key = cache_key("GET", state.url, self._vary_values(flow, vary))
+            state.key = cache_key("GET", state.url, vary_values(state.fields, vary))
             entry = store.get(state.key)
         flight_key = state.key or state.primary
         now = time.time()
@@ -667,12 +746,6 @@ class Cache:
                 self._serve(flow, state, entry, "STALE", age)
                 return None
             return self._go_upstream(flow, state, entry, flight_key, coalesce)
-        if "only-if-cached" in state.req_cc:
-            state.result = "MISS"
-            flow.response = errors.make(
-                "BACKEND_TIMEOUT", "only-if-cached: no stored response can answer.", flow
-            )
-            return None
         return self._go_upstream(flow, state, None, flight_key, coalesce)
 
     def _go_upstream(
@@ -683,6 +756,17 @@ class Cache:
         flight_key: str,
         coalesce: bool,
     ) -> Coroutine[Any, Any, None] | None:
+        if "only-if-cached" in state.req_cc:
+            # RFC 9111 §5.2.1.7: nothing stored can answer: 504 without asking the origin
+            state.served = True
+            flow.response = errors.make(
+                "BACKEND_TIMEOUT",
+                "only-if-cached: no stored response can answer.",
+                flow,
+                headers={"X-Cache-Status": "MISS", "Cache-Status": cache_status("MISS")},
+            )
+            self._record(flow, "MISS")
+            return None
         flight = self.inflight.get(flight_key)
         if (
             coalesce
@@ -721,8 +805,6 @@ class Cache:
     def _make_conditional(self, flow: http.HTTPFlow, state: State, entry: Entry) -> None:
         headers = flow.request.headers
         state.conditional = True
-        state.client_inm = headers.get("if-none-match")
-        state.client_ims = headers.get("if-modified-since")
         for name in ("if-none-match", "if-modified-since", "if-match", "if-unmodified-since"):
             headers.pop(name, None)
         if entry.etag:
@@ -730,10 +812,6 @@ class Cache:
         lm = _getter(entry.fields)("last-modified")
         if lm:
             headers["If-Modified-Since"] = lm[0]
-
-    def _vary_values(self, flow: http.HTTPFlow, vary: tuple[str, ...]) -> list[tuple[str, str]]:
-        headers = flow.request.headers
-        return [(name, rfc.normalise_vary_value(headers.get_all(name))) for name in vary]
 
     def _serve(
         self,
@@ -748,13 +826,11 @@ class Cache:
         state.served = True
         state.result = result
         req = flow.request
-        if state.conditional:
-            inm, ims = state.client_inm, state.client_ims
-        else:
-            inm, ims = req.headers.get("if-none-match"), req.headers.get("if-modified-since")
-        ttl = entry.lifetime - age
+        inm, ims = state.client_inm, state.client_ims
+        whole_age = int(age)
+        ttl = entry.lifetime - whole_age
         extra = [
-            (b"Age", str(int(age)).encode()),
+            (b"Age", str(whole_age).encode()),
             (b"X-Cache-Status", result.encode()),
             (b"Cache-Status", cache_status(result, ttl, fwd_status).encode()),
         ]
@@ -840,8 +916,11 @@ class Cache:
                 flight.done.set()
 
     def _mark(self, flow: http.HTTPFlow, resp: http.Response, result: str) -> None:
-        resp.headers["X-Cache-Status"] = result
-        resp.headers.add("Cache-Status", cache_status(result, fwd_status=resp.status_code))
+        headers = resp.headers
+        headers.fields = tuple(f for f in headers.fields if f[0].lower() != b"x-cache-status") + (
+            (b"X-Cache-Status", result.encode()),
+            (b"Cache-Status", cache_status(result, fwd_status=resp.status_code).encode()),
+        )
         self._record(flow, result)
 
     def _revalidated(
@@ -884,36 +963,34 @@ class Cache:
     def _store(self, flow: http.HTTPFlow, state: State, resp: http.Response) -> bool:
         if resp.stream or resp.raw_content is None:
             return False
+        if "error_code" in errors.waypost(flow):
+            return False  # the proxy's own answer (errors.make), never the origin's
         body = resp.raw_content
         if len(body) > self.max_object_size:
             return False
-        headers = resp.headers
-        if "set-cookie" in headers:
+        all_fields = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.headers.fields]
+        get = _getter(all_fields)
+        if get("set-cookie"):
             return False
-        req = flow.request
-        resp_cc = rfc.parse_cache_control(headers.get_all("cache-control"))
-        vary_names = rfc.vary_names(headers.get_all("vary"))
-        if req.method == "HEAD":
-            return False  # §4.3.5 freshening from HEAD is optional; not done
+        resp_cc = rfc.parse_cache_control(get("cache-control"))
+        vary_names = rfc.vary_names(get("vary"))
         reason = rfc.storable(
-            req.method,
+            "GET",
             resp.status_code,
             state.req_cc,
             resp_cc,
-            "authorization" in req.headers,
-            "expires" in headers,
+            state.authorization,
+            bool(get("expires")),
             vary_names,
-            heuristic_allowed=True,
         )
         if reason is not None:
             if state.entry is not None:
                 self.store.drop(state.entry.key)
             return False
-        fields = rfc.stored_fields(list(headers.items(multi=True)), resp_cc)
+        fields = rfc.stored_fields(all_fields, resp_cc)
         vary = tuple(sorted(vary_names))
-        # The client's original conditional headers were replaced by ours when revalidating;
-        # the Vary values are those of the request as the client sent it otherwise.
-        key = cache_key("GET", state.url, self._vary_values(flow, vary))
+        key = cache_key("GET", state.url, vary_values(state.fields, vary))
+        req = flow.request
         response_time = resp.timestamp_start or time.time()
         entry = Entry(
             key,
@@ -927,7 +1004,7 @@ class Cache:
             response_time,
             self.settings,
             self._origin(flow),
-            rfc.parse_age(headers.get_all("age")),
+            rfc.parse_age(get("age")),
         )
         if entry.expires_at <= time.time():
             return False  # stale at once and nothing to revalidate with
@@ -943,13 +1020,9 @@ class Cache:
         peer = server.peername
         if not peer or getattr(server, "via", None) is not None:
             return None
-        fields = [
-            (n, v)
-            for n, v in flow.request.headers.items(multi=True)
-            if n.lower() not in rfc.HOP_BY_HOP
-            and n.lower() not in ("if-none-match", "if-modified-since", "content-length")
-        ]
-        return Origin(flow.request.scheme, peer[:2], server.sni, flow.request.path, fields)
+        # The request as it went upstream (after the router's rewrite); filtered when used.
+        req = flow.request
+        return Origin(req.scheme, peer[:2], server.sni, req.path, req.headers.fields)
 
     def _invalidate_unsafe(self, flow: http.HTTPFlow) -> None:
         """RFC 9111 §4.4: the target URI and same-origin Location/Content-Location."""
@@ -986,7 +1059,12 @@ class Cache:
         try:
             if self.session is None:
                 self.session = aiohttp.ClientSession(auto_decompress=False)
-            headers = [(n, v) for n, v in origin.fields]
+            skip = rfc.HOP_BY_HOP | {"if-none-match", "if-modified-since", "content-length"}
+            headers = [
+                (n.decode("latin-1"), v.decode("latin-1"))
+                for n, v in origin.fields
+                if n.decode("latin-1").lower() not in skip
+            ]
             if entry.etag:
                 headers.append(("If-None-Match", entry.etag))
             lm = _getter(entry.fields)("last-modified")
@@ -1084,7 +1162,9 @@ class Cache:
         rx = compile_globs([pattern]) if pattern else None
         n = 0
         for entry in list(self.store.entries()):
-            if rx is not None and not (rx.match(entry.url) or rx.match(entry.host)):
+            if rx is not None and not (
+                rx.match(entry.url) or rx.match(urlsplit(entry.url).hostname or "")
+            ):
                 continue
             if tag is not None and tag not in entry.tags:
                 continue

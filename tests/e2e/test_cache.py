@@ -1,0 +1,588 @@
+"""The cache through a real mitmdump: RFC 9111 cases against a scripted origin, the PRD §9.2
+test through the bundle, the purge API and the cache metrics.
+
+The table runs against one `mitmdump -s addons/cache.py --mode reverse:<origin>` (the addon
+alone, defaults only); each case uses its own path, so cases do not see each other's entries.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Backend, Proxy, start_proxy
+from tests.e2e.cache_helpers import Origin, http_date, start_origin
+
+MANAGEMENT = r"management (?:app )?listening at https?://[0-9.]+:(\d+)"
+Get = Callable[..., httpx.Response]
+
+
+@pytest.fixture(scope="module")
+def origin() -> Iterator[Origin]:
+    yield from start_origin()
+
+
+def start_reverse(tmp: Path, origin: Origin, scripts: tuple[str, ...], **options: object) -> Proxy:
+    """mitmdump in reverse mode to the origin (conftest's start_proxy waits for the forward
+    mode's startup line)."""
+    p = start_proxy(
+        tmp,
+        scripts=scripts,
+        options=options,
+        extra_args=("--mode", f"reverse:{origin.url}"),
+        wait=False,
+    )
+    try:
+        p.port = int(p.wait_for(r"reverse proxy to \S+ listening at [0-9.]+:(\d+)").group(1))
+    except TimeoutError:
+        p.stop()
+        raise
+    return p
+
+
+@pytest.fixture(scope="module")
+def reverse(origin: Origin, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    p = start_reverse(tmp_path_factory.mktemp("cache"), origin, ("addons/cache.py",))
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def get(reverse: Proxy) -> Iterator[Get]:
+    with httpx.Client(base_url=reverse.url, timeout=10, trust_env=False) as c:
+
+        def do(
+            path: str, headers: dict[str, str] | None = None, method: str = "GET"
+        ) -> httpx.Response:
+            return c.request(method, path, headers=headers or {})
+
+        yield do
+
+
+def status(r: httpx.Response) -> str:
+    return r.headers.get("x-cache-status", "")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+# --- the RFC 9111 table: (id, origin headers, request sequence expectations) ------------------
+# Each case: the origin's answer for the path, then requests as (request headers, expected
+# X-Cache-Status, expected origin hits after it).
+
+LONG_AGO = "Sun, 06 Nov 1994 08:49:37 GMT"
+CASES: list[tuple[str, int, dict[str, str], list[tuple[dict[str, str], str, int]]]] = [
+    # §4.2.1 explicit freshness
+    ("max-age", 200, {"Cache-Control": "max-age=60"}, [({}, "MISS", 1), ({}, "HIT", 1)]),
+    (
+        "s-maxage-first",
+        200,
+        {"Cache-Control": "max-age=0, s-maxage=60"},
+        [({}, "MISS", 1), ({}, "HIT", 1)],
+    ),
+    (
+        "s-maxage-zero",
+        200,
+        {"Cache-Control": "max-age=60, s-maxage=0"},
+        [({}, "MISS", 1), ({}, "MISS", 2)],
+    ),
+    ("expires", 200, {"Expires": "@+60", "Date": "@0"}, [({}, "MISS", 1), ({}, "HIT", 1)]),
+    ("expires-invalid", 200, {"Expires": "0"}, [({}, "MISS", 1), ({}, "MISS", 2)]),
+    # strict HTTP-date: a form email.utils accepts is invalid, so the response is stale
+    (
+        "expires-not-http-date",
+        200,
+        {"Expires": "Sun, 06 Nov 2094 08:49:37 +0000"},
+        [({}, "MISS", 1), ({}, "MISS", 2)],
+    ),
+    ("max-age-quoted", 200, {"Cache-Control": 'max-age="60"'}, [({}, "MISS", 1), ({}, "HIT", 1)]),
+    (
+        "cc-duplicate-lines",
+        200,
+        [("Cache-Control", "max-age=60"), ("Cache-Control", "max-age=0")],
+        [({}, "MISS", 1), ({}, "HIT", 1)],
+    ),  # type: ignore[list-item]
+    (
+        "cc-unknown-directive",
+        200,
+        {"Cache-Control": 'foo="a, b", max-age=60, bar'},
+        [({}, "MISS", 1), ({}, "HIT", 1)],
+    ),
+    # §4.2.2 heuristic freshness: Last-Modified, heuristically cacheable statuses only
+    ("heuristic-200", 200, {"Last-Modified": LONG_AGO}, [({}, "MISS", 1), ({}, "HIT", 1)]),
+    ("heuristic-404", 404, {"Last-Modified": LONG_AGO}, [({}, "MISS", 1), ({}, "HIT", 1)]),
+    (
+        "heuristic-not-302",
+        302,
+        {"Last-Modified": LONG_AGO, "Location": "/x"},
+        [({}, "MISS", 1), ({}, "MISS", 2)],
+    ),
+    ("heuristic-not-500", 500, {"Last-Modified": LONG_AGO}, [({}, "MISS", 1), ({}, "MISS", 2)]),
+    ("no-freshness", 200, {}, [({}, "MISS", 1), ({}, "MISS", 2)]),
+    (
+        "explicit-any-status",
+        500,
+        {"Cache-Control": "max-age=60"},
+        [({}, "MISS", 1), ({}, "HIT", 1)],
+    ),
+    (
+        "explicit-302",
+        302,
+        {"Cache-Control": "max-age=60", "Location": "/x"},
+        [({}, "MISS", 1), ({}, "HIT", 1)],
+    ),
+    # §4.2.3 Age received counts against freshness
+    (
+        "age-received",
+        200,
+        {"Cache-Control": "max-age=60", "Age": "100"},
+        [({}, "MISS", 1), ({}, "MISS", 2)],
+    ),
+    # §5.2.2 response directives
+    (
+        "no-store",
+        200,
+        {"Cache-Control": "max-age=60, no-store"},
+        [({}, "MISS", 1), ({}, "MISS", 2)],
+    ),
+    ("private", 200, {"Cache-Control": "max-age=60, private"}, [({}, "MISS", 1), ({}, "MISS", 2)]),
+    (
+        "private-qualified",
+        200,
+        {"Cache-Control": 'max-age=60, private="x-user"', "X-User": "a"},
+        [({}, "MISS", 1), ({}, "HIT", 1)],
+    ),
+    (
+        "no-cache",
+        200,
+        {"Cache-Control": "max-age=60, no-cache", "ETag": '"v1"'},
+        [({}, "MISS", 1), ({}, "REVALIDATED", 2)],
+    ),
+    (
+        "must-understand",
+        200,
+        {"Cache-Control": "max-age=60, no-store, must-understand"},
+        [({}, "MISS", 1), ({}, "HIT", 1)],
+    ),
+    (
+        "set-cookie",
+        200,
+        {"Cache-Control": "max-age=60", "Set-Cookie": "s=1"},
+        [({}, "MISS", 1), ({}, "MISS", 2)],
+    ),
+    (
+        "vary-star",
+        200,
+        {"Cache-Control": "max-age=60", "Vary": "*"},
+        [({}, "MISS", 1), ({}, "MISS", 2)],
+    ),
+    # stale on arrival (Age > max-age), with a validator: revalidated, or served stale when allowed
+    (
+        "must-revalidate",
+        200,
+        {"Cache-Control": "max-age=10, must-revalidate", "Age": "20", "ETag": '"v1"'},
+        [({}, "MISS", 1), ({"Cache-Control": "max-stale=1000"}, "REVALIDATED", 2)],
+    ),
+    (
+        "proxy-revalidate",
+        200,
+        {"Cache-Control": "max-age=10, proxy-revalidate", "Age": "20", "ETag": '"v1"'},
+        [({}, "MISS", 1), ({"Cache-Control": "max-stale=1000"}, "REVALIDATED", 2)],
+    ),
+    (
+        "max-stale",
+        200,
+        {"Cache-Control": "max-age=10", "Age": "20", "ETag": '"v1"'},
+        [({}, "MISS", 1), ({"Cache-Control": "max-stale=1000"}, "STALE", 1)],
+    ),
+    (
+        "last-modified-validator",
+        200,
+        {"Cache-Control": "max-age=10", "Age": "20", "Last-Modified": LONG_AGO},
+        [({}, "MISS", 1), ({}, "REVALIDATED", 2)],
+    ),
+    # §5.2.1 request directives; unknown ones are ignored
+    (
+        "req-no-cache",
+        200,
+        {"Cache-Control": "max-age=60", "ETag": '"v1"'},
+        [({}, "MISS", 1), ({"Cache-Control": "no-cache"}, "REVALIDATED", 2), ({}, "HIT", 2)],
+    ),
+    (
+        "req-max-age",
+        200,
+        {"Cache-Control": "max-age=60", "Age": "5", "ETag": '"v1"'},
+        [({}, "MISS", 1), ({"Cache-Control": "max-age=1"}, "REVALIDATED", 2)],
+    ),
+    (
+        "req-min-fresh",
+        200,
+        {"Cache-Control": "max-age=60", "ETag": '"v1"'},
+        [({}, "MISS", 1), ({"Cache-Control": "min-fresh=120"}, "REVALIDATED", 2)],
+    ),
+    (
+        "req-unknown",
+        200,
+        {"Cache-Control": "max-age=60"},
+        [({}, "MISS", 1), ({"Cache-Control": 'foo, bar="x,y"'}, "HIT", 1)],
+    ),
+    (
+        "req-no-store",
+        200,
+        {"Cache-Control": "max-age=60"},
+        [({"Cache-Control": "no-store"}, "MISS", 1), ({}, "MISS", 2)],
+    ),
+    # §3.5 Authorization
+    (
+        "authorization",
+        200,
+        {"Cache-Control": "max-age=60"},
+        [({"Authorization": "Bearer a"}, "MISS", 1), ({"Authorization": "Bearer a"}, "MISS", 2)],
+    ),
+    (
+        "authorization-public",
+        200,
+        {"Cache-Control": "max-age=60, public"},
+        [({"Authorization": "Bearer a"}, "MISS", 1), ({"Authorization": "Bearer b"}, "HIT", 1)],
+    ),
+    # §4.1 Vary
+    (
+        "vary",
+        200,
+        {"Cache-Control": "max-age=60", "Vary": "Accept-Language"},
+        [
+            ({"Accept-Language": "en"}, "MISS", 1),
+            ({"Accept-Language": "de"}, "MISS", 2),
+            ({"Accept-Language": "en"}, "HIT", 2),
+            ({"Accept-Language": "de"}, "HIT", 2),
+        ],
+    ),
+    # §4.3.2 client conditionals answered from the cache
+    (
+        "client-inm",
+        200,
+        {"Cache-Control": "max-age=60", "ETag": '"v1"'},
+        [({}, "MISS", 1), ({"If-None-Match": '"v1"'}, "HIT", 1)],
+    ),
+    (
+        "client-ims",
+        200,
+        {"Cache-Control": "max-age=60", "Last-Modified": LONG_AGO},
+        [({}, "MISS", 1), ({"If-Modified-Since": LONG_AGO}, "HIT", 1)],
+    ),
+    # PRD: Range requests are not served from the cache
+    (
+        "range",
+        200,
+        {"Cache-Control": "max-age=60"},
+        [({}, "MISS", 1), ({"Range": "bytes=0-1"}, "BYPASS", 2)],
+    ),
+    # only-if-cached with nothing stored: 504 without asking the origin
+    (
+        "only-if-cached",
+        200,
+        {"Cache-Control": "max-age=60"},
+        [({"Cache-Control": "only-if-cached"}, "MISS", 0)],
+    ),
+    (
+        "only-if-cached-stale",
+        200,
+        {"Cache-Control": "max-age=10", "Age": "20", "ETag": '"v"'},
+        [({}, "MISS", 1), ({"Cache-Control": "only-if-cached"}, "MISS", 1)],
+    ),
+    (
+        "only-if-cached-fresh",
+        200,
+        {"Cache-Control": "max-age=60"},
+        [({}, "MISS", 1), ({"Cache-Control": "only-if-cached"}, "HIT", 1)],
+    ),
+]
+
+
+def _headers(spec: dict[str, str] | list[tuple[str, str]]) -> list[tuple[str, str]]:
+    items = list(spec.items()) if isinstance(spec, dict) else list(spec)
+    out = []
+    for k, v in items:
+        if v.startswith("@"):  # "@+60": an HTTP-date 60 s from now
+            v = http_date(float(v[1:]))
+        out.append((k, v))
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_rfc9111(case: tuple, origin: Origin, get: Get) -> None:
+    name, code, headers, steps = case
+    path = f"/rfc/{name}"
+    fixed = _headers(headers)
+
+    def answer(request):  # a 304 for a matching If-None-Match / If-Modified-Since
+        etag = dict((k.lower(), v) for k, v in fixed).get("etag")
+        lm = dict((k.lower(), v) for k, v in fixed).get("last-modified")
+        inm = request.headers.get("If-None-Match")
+        if (etag and inm == etag) or (
+            lm and not inm and request.headers.get("If-Modified-Since") == lm
+        ):
+            return 304, [(k, v) for k, v in fixed if k.lower() != "age"], b""
+        return code, fixed, f"body of {name}".encode()
+
+    origin.set(path, answer)
+    for i, (req_headers, expected, hits) in enumerate(steps):
+        r = get(path, req_headers)
+        assert status(r) == expected, f"step {i}: {r.status_code} {dict(r.headers)}"
+        assert origin.hits.get(path, 0) == hits, f"step {i}"
+        if expected in ("HIT", "REVALIDATED", "STALE"):
+            assert "age" in r.headers
+            if "If-None-Match" in req_headers or "If-Modified-Since" in req_headers:
+                assert r.status_code == 304 and r.content == b""
+            else:
+                assert r.content == f"body of {name}".encode()
+    if name in ("only-if-cached", "only-if-cached-stale"):
+        assert r.status_code == 504  # §5.2.1.7
+    if name == "private-qualified":
+        assert "x-user" not in r.headers  # §5.2.2.7: the named field is not stored
+    if name in ("no-cache", "must-revalidate", "req-no-cache"):
+        assert (
+            origin.requests[path][-1 if name != "req-no-cache" else 1].get("if-none-match")
+            == '"v1"'
+        )
+    if name == "last-modified-validator":
+        assert origin.requests[path][1].get("if-modified-since") == LONG_AGO
+
+
+def test_age_is_generated_on_hits(origin: Origin, get: Get) -> None:
+    origin.set("/age", (200, {"Cache-Control": "max-age=600", "Age": "30"}, b"a"))
+    get("/age")
+    r = get("/age")
+    assert status(r) == "HIT" and int(r.headers["age"]) >= 30  # §4.2.3, §5.1
+    assert r.headers["cache-status"] == f"waypost; hit; ttl={600 - int(r.headers['age'])}"
+
+
+def test_hop_by_hop_and_connection_listed_fields_are_not_stored(origin: Origin, get: Get) -> None:
+    origin.set(
+        "/hop",
+        (
+            200,
+            [
+                ("Cache-Control", "max-age=60"),
+                ("Connection", "X-Secret"),
+                ("X-Secret", "1"),
+                ("X-Kept", "1"),
+            ],
+            b"h",
+        ),
+    )
+    get("/hop")
+    r = get("/hop")
+    assert status(r) == "HIT" and "x-secret" not in r.headers and r.headers["x-kept"] == "1"
+
+
+def test_304_updates_stored_headers_except_content_length(origin: Origin, get: Get) -> None:
+    version = {"n": 1}
+
+    def answer(request):
+        h = [
+            ("Cache-Control", "max-age=10"),
+            ("Age", "20"),
+            ("ETag", '"e"'),
+            ("X-Version", str(version["n"])),
+        ]
+        if request.headers.get("If-None-Match") == '"e"':
+            return 304, h + [("Content-Length", "999")], b""
+        return 200, h, b"twelve bytes"
+
+    origin.set("/merge", answer)
+    get("/merge")
+    version["n"] = 2
+    r = get("/merge")
+    assert status(r) == "REVALIDATED" and r.headers["x-version"] == "2"  # §3.2, §4.3.4
+    assert r.content == b"twelve bytes" and r.headers["content-length"] == "12"
+
+
+def test_head_is_answered_from_a_stored_get(origin: Origin, get: Get) -> None:
+    origin.set("/head", (200, {"Cache-Control": "max-age=60"}, b"0123456789"))
+    get("/head")
+    r = get("/head", method="HEAD")
+    assert status(r) == "HIT" and r.headers["content-length"] == "10" and r.content == b""
+    assert origin.hits["/head"] == 1
+
+
+def test_unsafe_methods_pass_through_and_invalidate(origin: Origin, get: Get) -> None:
+    origin.set("/inv", (200, {"Cache-Control": "max-age=60"}, b"i"))
+    origin.set("/inv/other", (200, {"Cache-Control": "max-age=60"}, b"o"))
+    get("/inv")
+    get("/inv/other")
+    for method in ("POST", "PUT", "DELETE"):
+        origin.handlers["/inv"] = lambda r, m=method: (
+            (201, {"Location": "/inv/other", "Cache-Control": "max-age=60"}, b"c")
+            if r.method == m
+            else (200, {"Cache-Control": "max-age=60"}, b"i")
+        )
+        before = origin.hits["/inv"]
+        r = get("/inv", method=method)
+        assert status(r) == "" and origin.hits["/inv"] == before + 1  # never cached
+        assert status(get("/inv")) == "MISS"  # §4.4 target invalidated
+        assert status(get("/inv/other")) == "MISS"  # and the Location target
+        assert status(get("/inv")) == "HIT"
+
+
+def test_stale_while_revalidate_answers_at_once_and_revalidates_in_background(
+    origin: Origin, get: Get
+) -> None:
+    def answer(request):
+        h = {"Cache-Control": "max-age=1, stale-while-revalidate=60", "ETag": '"s"'}
+        if request.headers.get("If-None-Match") == '"s"':
+            return 304, h | {"Cache-Control": "max-age=600"}, b""
+        return 200, h, b"swr"
+
+    origin.set("/swr", answer, delay=0.0)
+    get("/swr")
+    time.sleep(1.1)  # the entry must age past max-age=1; nothing to poll for
+    origin.delay["/swr"] = 1.0  # a slow origin: the stale answer must not wait for it
+    t0 = time.monotonic()
+    r = get("/swr")
+    assert status(r) == "STALE" and r.content == b"swr" and time.monotonic() - t0 < 0.8
+    wait_until(lambda: origin.hits["/swr"] == 2)
+    assert origin.requests["/swr"][-1].get("if-none-match") == '"s"'
+    wait_until(lambda: status(get("/swr")) == "HIT")
+
+
+def test_stale_if_error_serves_the_stored_response(origin: Origin, get: Get) -> None:
+    state = {"down": False}
+
+    def answer(request):
+        if state["down"]:
+            return 503, {}, b"down"
+        return (
+            200,
+            {"Cache-Control": "max-age=10, stale-if-error=600", "Age": "20", "ETag": '"x"'},
+            b"ok",
+        )
+
+    origin.set("/sie", answer)
+    get("/sie")
+    state["down"] = True
+    r = get("/sie")
+    assert r.status_code == 200 and r.content == b"ok" and status(r) == "STALE"
+    assert "fwd-status=503" in r.headers["cache-status"]
+
+
+def test_concurrent_misses_make_one_origin_fetch(origin: Origin, reverse: Proxy) -> None:
+    origin.set("/coalesce", (200, {"Cache-Control": "max-age=60"}, b"c"), delay=0.5)
+    results: list[str] = []
+
+    def one() -> None:
+        with httpx.Client(base_url=reverse.url, timeout=10, trust_env=False) as c:
+            results.append(c.get("/coalesce").headers.get("x-cache-status", ""))
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert origin.hits["/coalesce"] == 1
+    assert sorted(results) == ["HIT"] * 5 + ["MISS"]
+
+
+# --- the bundle: PRD §9.2, purge API, metrics, access log -------------------------------------
+
+PROFILE = """\
+server: {host: 127.0.0.1, port: 8080, timeouts: {connect: 2s, read: 3s}}
+logging: {level: info, format: json, output: stdout}
+metrics: {enabled: true, host: 127.0.0.1, port: 0}
+security:
+  egress: {block_private: true, allowed_networks: [127.0.0.1/32]}
+admin: {token: s3cret}
+cache: {mode: default_ttl, default_ttl: 60s, max_memory: 8MB}
+"""
+
+
+@pytest.fixture
+def bundle(proxy_factory, tmp_path: Path) -> Proxy:
+    path = tmp_path / "profile.yaml"
+    path.write_text(PROFILE)
+    p = proxy_factory(options={"waypost_profile": str(path)})
+    p.mgmt_port = int(p.wait_for(MANAGEMENT).group(1))  # type: ignore[attr-defined]
+    return p
+
+
+def test_prd_9_2_second_request_is_a_hit(bundle: Proxy, backend: Backend) -> None:
+    url = f"{backend.url}/bytes/100?prd=9.2"
+    with httpx.Client(proxy=bundle.url, timeout=10, trust_env=False) as c:
+        r1 = c.get(url)
+        hits = backend.hits["/bytes/100"]
+        r2 = c.get(url)
+    assert r1.headers["x-cache-status"] == "MISS"
+    assert r2.headers["x-cache-status"] == "HIT" and r2.content == b"x" * 100
+    assert backend.hits["/bytes/100"] == hits  # backend count unchanged
+    wait_until(lambda: len([j for j in bundle.json_lines() if j.get("message") == "request"]) >= 2)
+    lines = [j for j in bundle.json_lines() if j.get("message") == "request"]
+    assert [j["cache_hit"] for j in lines[-2:]] == [False, True]
+    assert lines[-1]["cache"] == "HIT"
+
+
+def test_purge_api_and_stats(bundle: Proxy, backend: Backend) -> None:
+    admin = f"http://127.0.0.1:{bundle.mgmt_port}"  # type: ignore[attr-defined]
+    auth = {"Authorization": "Bearer s3cret"}
+    with httpx.Client(proxy=bundle.url, timeout=10, trust_env=False) as c:
+        for i in range(3):
+            c.get(f"{backend.url}/echo/purge/{i}")
+        c.get(f"{backend.url}/bytes/7")
+        assert c.get(f"{backend.url}/echo/purge/0").headers["x-cache-status"] == "HIT"
+    with httpx.Client(base_url=admin, timeout=10, trust_env=False) as m:
+        assert m.delete("/admin/cache", params={"pattern": "*"}).status_code == 401
+        assert m.delete("/admin/cache", headers=auth).status_code == 400
+        r = m.delete("/admin/cache", params={"pattern": "*/echo/purge/*"}, headers=auth)
+        assert r.status_code == 200 and r.json() == {"invalidated": 3, "remaining": 1}
+        r = m.delete("/admin/cache", params={"pattern": "127.0.0.1", "soft": "true"}, headers=auth)
+        assert r.json() == {"invalidated": 1, "remaining": 1}
+        stats = m.get("/admin/cache/stats", headers=auth).json()
+        assert stats["entries"] == 1 and stats["size"] > 0 and 0 < stats["hit_rate"] < 1
+        assert {"miss_rate", "evictions", "max_memory"} <= set(stats)
+        metrics = m.get("/metrics").text
+    assert re.search(r'cache_requests_total\{result="HIT"\} 1\.0', metrics)
+    assert re.search(r"^cache_entries 1\.0$", metrics, re.M)
+    assert "cache_evictions_total" in metrics and "cache_bytes" in metrics
+    with httpx.Client(proxy=bundle.url, timeout=10, trust_env=False) as c:
+        # the soft-purged entry has no validator: the next request refetches it
+        assert c.get(f"{backend.url}/echo/purge/0").headers["x-cache-status"] == "MISS"
+
+
+def test_purge_by_tag(origin: Origin, tmp_path: Path) -> None:
+    p = start_reverse(
+        tmp_path,
+        origin,
+        ("addons/cache.py", "addons/management.py"),
+        metrics_port=0,
+        admin_token="t",
+    )
+    try:
+        _purge_by_tag(p, origin)
+    finally:
+        p.stop()
+
+
+def _purge_by_tag(p: Proxy, origin: Origin) -> None:
+    mport = int(p.wait_for(MANAGEMENT).group(1))
+    origin.set("/tag/a", (200, {"Cache-Control": "max-age=60", "Surrogate-Key": "red blue"}, b"a"))
+    origin.set("/tag/b", (200, {"Cache-Control": "max-age=60", "Cache-Tag": "blue"}, b"b"))
+    with httpx.Client(base_url=p.url, timeout=10, trust_env=False) as c:
+        c.get("/tag/a")
+        c.get("/tag/b")
+        with httpx.Client(base_url=f"http://127.0.0.1:{mport}", timeout=10, trust_env=False) as m:
+            r = m.delete(
+                "/admin/cache", params={"tag": "red"}, headers={"Authorization": "Bearer t"}
+            )
+        assert r.json() == {"invalidated": 1, "remaining": 1}
+        assert c.get("/tag/a").headers["x-cache-status"] == "MISS"
+        assert c.get("/tag/b").headers["x-cache-status"] == "HIT"
