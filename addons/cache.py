@@ -877,9 +877,6 @@ class Cache:
                 self._mark(flow, resp, "BYPASS")
                 return
             entry = state.entry
-            if flow.request.method == "HEAD":
-                self._mark(flow, resp, state.result)
-                return
             if entry is not None and resp.status_code == 304 and state.conditional:
                 self._revalidated(flow, state, entry, resp)
                 return
@@ -895,6 +892,9 @@ class Cache:
                 )
             ):
                 self._serve(flow, state, entry, "STALE", entry.age(time.time()), resp.status_code)
+                return
+            if flow.request.data.method == b"HEAD":
+                self._mark(flow, resp, state.result)  # §4.3.5 (HEAD freshening) not done
                 return
             stored = self._store(flow, state, resp)
             if not stored and state.primary:

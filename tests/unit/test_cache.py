@@ -345,3 +345,29 @@ def test_disabled_and_other_methods_pass_through() -> None:
         _fetch(c, "/d")
         f = _fetch(c, "/d")
         assert "X-Cache-Status" not in f.response.headers
+
+
+def test_head_revalidation_304_is_answered_from_the_entry() -> None:
+    c = Cache()
+    with taddons.context(c):
+        _fetch(c, "/hr", {"Cache-Control": "max-age=10", "Age": "20", "ETag": '"h"'}, body=b"12345")
+        f = _flow("/hr", "HEAD")
+        c.request(f)
+        assert f.request.headers["If-None-Match"] == '"h"'
+        _respond(c, f, 304, {"Cache-Control": "max-age=60", "ETag": '"h"'}, b"")
+        assert f.response.status_code == 200 and f.response.raw_content == b""
+        assert f.response.headers["X-Cache-Status"] == "REVALIDATED"
+        assert f.response.headers["Content-Length"] == "5"
+        assert _fetch(c, "/hr").response.headers["X-Cache-Status"] == "HIT"
+
+
+def test_proxy_made_errors_are_never_stored() -> None:
+    c = Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_mode="default_ttl")
+        f = _flow("/err")
+        c.request(f)
+        f.response = errors.make("NOT_FOUND", "nope", f, status=404)
+        c.response(f)
+        assert _fetch(c, "/err", {}).response.headers["X-Cache-Status"] == "MISS"
+        assert _fetch(c, "/err", {}).response.headers["X-Cache-Status"] == "HIT"  # the origin's
