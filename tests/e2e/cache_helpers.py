@@ -49,6 +49,15 @@ class Origin:
             {k.lower(): v for k, v in request.headers.items()}
         )
         handler = self.handlers.get(path)
+        if handler is None:  # "/prefix/*" answers every path under /prefix/
+            handler = next(
+                (
+                    h
+                    for k, h in self.handlers.items()
+                    if k.endswith("*") and path.startswith(k[:-1])
+                ),
+                None,
+            )
         if handler is None:
             return web.Response(status=404, text="no handler\n")
         if self.delay.get(path):

@@ -586,3 +586,33 @@ def _purge_by_tag(p: Proxy, origin: Origin) -> None:
         assert r.json() == {"invalidated": 1, "remaining": 1}
         assert c.get("/tag/a").headers["x-cache-status"] == "MISS"
         assert c.get("/tag/b").headers["x-cache-status"] == "HIT"
+
+
+def test_memory_stays_within_max_memory_under_a_flood(origin: Origin, tmp_path: Path) -> None:
+    p = start_reverse(
+        tmp_path,
+        origin,
+        ("addons/cache.py", "addons/management.py"),
+        metrics_port=0,
+        admin_token="t",
+        cache_max_memory="64KB",
+        cache_max_object_size="8KB",
+    )
+    try:
+        mport = int(p.wait_for(MANAGEMENT).group(1))
+        origin.set("/flood/*", (200, {"Cache-Control": "max-age=600"}, b"f" * 2048))
+        auth = {"Authorization": "Bearer t"}
+        with (
+            httpx.Client(base_url=p.url, timeout=10, trust_env=False) as c,
+            httpx.Client(base_url=f"http://127.0.0.1:{mport}", timeout=10, trust_env=False) as m,
+        ):
+            for i in range(200):
+                assert c.get(f"/flood/{i}").headers["x-cache-status"] == "MISS"
+                if i % 50 == 49:
+                    stats = m.get("/admin/cache/stats", headers=auth).json()
+                    assert stats["size"] <= 64 * 1024 == stats["max_memory"]
+            stats = m.get("/admin/cache/stats", headers=auth).json()
+            assert stats["evictions"] > 150 and 0 < stats["entries"] < 32
+            assert c.get("/flood/199").headers["x-cache-status"] == "HIT"
+    finally:
+        p.stop()
