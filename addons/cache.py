@@ -428,11 +428,12 @@ class Store(TLRUCache):
 class Flight:
     """One origin fetch in progress for a key, and how many requests wait for it."""
 
-    __slots__ = ("done", "waiters")
+    __slots__ = ("done", "waiters", "started")
 
     def __init__(self) -> None:
         self.done = asyncio.Event()
         self.waiters = 0
+        self.started = time.monotonic()
 
 
 class State:
@@ -768,6 +769,12 @@ class Cache:
             self._record(flow, "MISS")
             return None
         flight = self.inflight.get(flight_key)
+        if flight is not None and time.monotonic() - flight.started > self.coalesce_timeout:
+            # A fetch that outlived the wait bound (its flow may never report back, e.g. an
+            # intercepted or abandoned one): stop making requests wait for it.
+            del self.inflight[flight_key]
+            flight.done.set()
+            flight = None
         if (
             coalesce
             and flight is not None

@@ -371,3 +371,16 @@ def test_proxy_made_errors_are_never_stored() -> None:
         c.response(f)
         assert _fetch(c, "/err", {}).response.headers["X-Cache-Status"] == "MISS"
         assert _fetch(c, "/err", {}).response.headers["X-Cache-Status"] == "HIT"  # the origin's
+
+
+async def test_a_fetch_that_never_reports_back_stops_blocking() -> None:
+    c = Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_coalesce_timeout="50ms")
+        c.request(_flow("/lost"))  # the leader's flow never gets a response or error
+        await asyncio.wait_for(c.request(_flow("/lost")), 5)  # waits once, bounded
+        await asyncio.sleep(0.06)
+        f = _flow("/lost")
+        assert c.request(f) is None  # no more waiting: this one leads a new fetch
+        _respond(c, f, headers={"Cache-Control": "max-age=60"})
+        assert _fetch(c, "/lost").response.headers["X-Cache-Status"] == "HIT"
