@@ -136,6 +136,7 @@ def compile_globs(patterns: Sequence[str]) -> re.Pattern[str] | None:
     return re.compile("|".join(fnmatch.translate(p) for p in patterns), re.IGNORECASE)
 
 
+@lru_cache(maxsize=8192)
 def pattern_matches(rx: re.Pattern[str] | None, url: str) -> bool:
     """Eligibility: the glob matches the whole URL, its host or its path (with query)."""
     if rx is None:
@@ -936,14 +937,13 @@ class Cache:
         """A 304 for our conditional request: freshen the entry and answer from it."""
         fresh = [(k, v) for k, v in resp.headers.items(multi=True)]
         new_etag = resp.headers.get("etag")
-        if new_etag and entry.etag and new_etag.strip() != entry.etag:
-            # §4.3.4: a 304 for another representation does not update this one.
+        if new_etag and entry.etag and not rfc.weak_match(new_etag.strip(), entry.etag):
+            # §4.3.4: a 304 for another representation does not update this one, and the
+            # 304 answered our validator, not the client's: nothing sound to pass on.
             self.store.drop(entry.key)
-            if state.client_inm is None and state.client_ims is None:
-                # Our validator, not the client's: pass nothing half-updated on.
-                flow.response = errors.make(
-                    "BACKEND_UNREACHABLE", "The origin answered 304 for another entity.", flow
-                )
+            flow.response = errors.make(
+                "BACKEND_UNREACHABLE", "The origin answered 304 for another entity.", flow
+            )
             self._mark(flow, flow.response, "EXPIRED")
             return
         age_value = rfc.parse_age(resp.headers.get_all("age"))
@@ -1117,7 +1117,7 @@ class Cache:
         if status == 304:
             get = _getter(fields)
             new_etag = get("etag")
-            if new_etag and entry.etag and new_etag[0].strip() != entry.etag:
+            if new_etag and entry.etag and not rfc.weak_match(new_etag[0].strip(), entry.etag):
                 self.store.drop(entry.key)
                 return
             entry.set_fields(

@@ -384,3 +384,18 @@ async def test_a_fetch_that_never_reports_back_stops_blocking() -> None:
         assert c.request(f) is None  # no more waiting: this one leads a new fetch
         _respond(c, f, headers={"Cache-Control": "max-age=60"})
         assert _fetch(c, "/lost").response.headers["X-Cache-Status"] == "HIT"
+
+
+@pytest.mark.parametrize(
+    "etag_304,expected", [('W/"e"', "REVALIDATED"), ('"e"', "REVALIDATED"), ('"other"', "EXPIRED")]
+)
+def test_304_selects_the_stored_response_by_validator(etag_304: str, expected: str) -> None:
+    c = Cache()
+    with taddons.context(c):
+        _fetch(c, "/sel", {"Cache-Control": "max-age=10", "Age": "20", "ETag": '"e"'})
+        f = _flow("/sel")
+        c.request(f)
+        _respond(c, f, 304, {"Cache-Control": "max-age=60", "ETag": etag_304}, b"")
+        assert f.response.headers["X-Cache-Status"] == expected  # RFC 9111 §4.3.4
+        if expected == "EXPIRED":
+            assert f.response.status_code == 502 and len(c.store) == 0
