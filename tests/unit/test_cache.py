@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 from mitmproxy import exceptions, http
@@ -399,3 +400,12 @@ def test_304_selects_the_stored_response_by_validator(etag_304: str, expected: s
         assert f.response.headers["X-Cache-Status"] == expected  # RFC 9111 §4.3.4
         if expected == "EXPIRED":
             assert f.response.status_code == 502 and len(c.store) == 0
+
+
+def test_script_loads_twice_without_registering_metrics_twice() -> None:
+    with taddons.context() as tctx:
+        script = str(Path(__file__).resolve().parents[2] / "addons" / "cache.py")
+        a = tctx.script(script)
+        b = tctx.script(script)
+        assert a is not b
+    assert generate_latest(REGISTRY).decode().count("# TYPE cache_entries gauge") == 1
