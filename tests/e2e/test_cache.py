@@ -420,11 +420,20 @@ def test_head_is_answered_from_a_stored_get(origin: Origin, get: Get) -> None:
 def test_unsafe_methods_pass_through_and_invalidate(origin: Origin, get: Get) -> None:
     origin.set("/inv", (200, {"Cache-Control": "max-age=60"}, b"i"))
     origin.set("/inv/other", (200, {"Cache-Control": "max-age=60"}, b"o"))
-    get("/inv")
-    get("/inv/other")
+    origin.set("/inv/cl", (200, {"Cache-Control": "max-age=60"}, b"l"))
     for method in ("POST", "PUT", "DELETE"):
+        for path in ("/inv", "/inv/other", "/inv/cl"):
+            get(path)
         origin.handlers["/inv"] = lambda r, m=method: (
-            (201, {"Location": "/inv/other", "Cache-Control": "max-age=60"}, b"c")
+            (
+                201,
+                {
+                    "Location": "/inv/other",
+                    "Content-Location": "/inv/cl",
+                    "Cache-Control": "max-age=60",
+                },
+                b"c",
+            )
             if r.method == m
             else (200, {"Cache-Control": "max-age=60"}, b"i")
         )
@@ -433,6 +442,7 @@ def test_unsafe_methods_pass_through_and_invalidate(origin: Origin, get: Get) ->
         assert status(r) == "" and origin.hits["/inv"] == before + 1  # never cached
         assert status(get("/inv")) == "MISS"  # §4.4 target invalidated
         assert status(get("/inv/other")) == "MISS"  # and the Location target
+        assert status(get("/inv/cl")) == "MISS"  # and the Content-Location target
         assert status(get("/inv")) == "HIT"
 
 
