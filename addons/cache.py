@@ -1091,7 +1091,15 @@ class Cache:
                 server_hostname=origin.sni if origin.scheme == "https" else None,
                 ssl=False if insecure else True,
             ) as r:
-                body = await r.read()
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in r.content.iter_chunked(65536):
+                    size += len(chunk)
+                    if size > self.max_object_size:  # never hold more than one object's worth
+                        self.store.drop(entry.key)
+                        return
+                    chunks.append(chunk)
+                body = b"".join(chunks)
                 response_time = time.time()
                 fields = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in r.raw_headers]
                 self._background_result(
@@ -1114,6 +1122,8 @@ class Cache:
         request_time: float,
         response_time: float,
     ) -> None:
+        if self.store.get(entry.key) is not entry:
+            return  # purged or replaced while the revalidation ran
         if status == 304:
             get = _getter(fields)
             new_etag = get("etag")

@@ -409,3 +409,23 @@ def test_script_loads_twice_without_registering_metrics_twice() -> None:
         b = tctx.script(script)
         assert a is not b
     assert generate_latest(REGISTRY).decode().count("# TYPE cache_entries gauge") == 1
+
+
+def test_background_revalidation_results() -> None:
+    c = Cache()
+    with taddons.context(c):
+        h = {"Cache-Control": "max-age=1, stale-while-revalidate=60", "ETag": '"b"'}
+        _fetch(c, "/bg", h)
+        entry = next(iter(c.store.entries()))
+        now = time.time()
+        fresh = [("Cache-Control", "max-age=600"), ("ETag", '"b"')]
+        c._background_result(entry, 304, "Not Modified", fresh, b"", now, now)
+        assert entry.lifetime == 600 and c.store.get(entry.key) is entry
+        c._background_result(entry, 503, "Unavailable", [], b"", now, now)
+        assert c.store.get(entry.key) is entry  # an error keeps the stale entry
+        c._background_result(entry, 200, "OK", [("Cache-Control", "max-age=60")], b"new", now, now)
+        new = c.store.get(entry.key)
+        assert new is not entry and new.body == b"new"
+        c.purge(pattern="*")
+        c._background_result(new, 304, "Not Modified", fresh, b"", now, now)
+        assert len(c.store) == 0  # purged while revalidating: not put back
