@@ -351,7 +351,12 @@ def vary_values(
     if not vary:
         return []
     get = _getter([(k.decode("latin-1"), v.decode("latin-1")) for k, v in fields])
-    return [(name, rfc.normalise_vary_value(get(name))) for name in vary]
+    # §4.1: an absent field matches only an absent one (not an empty one); NUL cannot occur
+    # in a field value, so it marks absence.
+    return [
+        (name, rfc.normalise_vary_value(values) if (values := get(name)) else "\x00")
+        for name in vary
+    ]
 
 
 def _date(values: list[str]) -> float | None:

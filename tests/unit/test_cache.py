@@ -429,3 +429,13 @@ def test_background_revalidation_results() -> None:
         c.purge(pattern="*")
         c._background_result(new, 304, "Not Modified", fresh, b"", now, now)
         assert len(c.store) == 0  # purged while revalidating: not put back
+
+
+def test_vary_absent_field_matches_only_absent() -> None:
+    c = Cache()
+    with taddons.context(c):
+        h = {"Cache-Control": "max-age=60", "Vary": "X-Mode"}
+        _fetch(c, "/va", h, {}, body=b"absent")
+        assert _fetch(c, "/va", h, {"X-Mode": ""}).response.headers["X-Cache-Status"] == "MISS"
+        assert _fetch(c, "/va", h, {}).response.content == b"absent"
+        assert _fetch(c, "/va", h, {}).response.headers["X-Cache-Status"] == "HIT"
