@@ -116,6 +116,20 @@ def classify(value: str, trusted: Sequence[Network]) -> Classified:
     return (None, False) if ip is None else (str(ip), is_trusted(ip, trusted))
 
 
+def cached_classify(
+    value: str, trusted: Sequence[Network], cache: dict[str, Classified] | None
+) -> Classified:
+    """`classify` memoised in `cache` (bounded: cleared when full)."""
+    if cache is None:
+        return classify(value, trusted)
+    found = cache.get(value)
+    if found is None:
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()
+        found = cache[value] = classify(value, trusted)
+    return found
+
+
 def client_ip(
     peer: str,
     xff: str | None,
@@ -136,14 +150,7 @@ def client_ip(
         return peer, False
 
     def lookup(value: str) -> Classified:
-        if cache is None:
-            return classify(value, trusted)
-        found = cache.get(value)
-        if found is None:
-            if len(cache) >= _CACHE_MAX:
-                cache.clear()
-            found = cache[value] = classify(value, trusted)
-        return found
+        return cached_classify(value, trusted, cache)
 
     peer_ip, peer_trusted = lookup(peer)
     if peer_ip is None or not peer_trusted:
@@ -161,6 +168,28 @@ def client_ip(
     if real_ip and (ip := lookup(real_ip.strip())[0]) is not None:
         return ip, True
     return peer, True
+
+
+def flow_client_ip(
+    flow: http.HTTPFlow, trusted: Sequence[Network], cache: dict[str, Classified] | None = None
+) -> str:
+    """The flow's client IP as Forwarding derives it, for policies that decide before Forwarding
+    runs (ACL, rate limiting): the peer, or through trusted proxies the X-Forwarded-For /
+    X-Real-IP client. Recorded as `waypost(flow)["client_ip"]` (read by the access log)."""
+    meta = errors.waypost(flow)
+    ip = meta.get("client_ip")
+    if ip is None:
+        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
+        if trusted:
+            headers = flow.request.headers
+            xff = headers.get_all("x-forwarded-for")
+            ip = client_ip(
+                peer, ", ".join(xff) if xff else None, headers.get("x-real-ip"), trusted, cache
+            )[0]
+        else:
+            ip = normalize_peer(peer)
+        meta["client_ip"] = ip
+    return ip
 
 
 def via_value(http_version: str, proxy_id: str) -> str:
