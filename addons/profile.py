@@ -188,10 +188,97 @@ class TlsInterception(_Section):
     hosts: list[str] = []
 
 
+Mode = Literal["enforce", "shadow"]
+# Rule ids become metric labels and quoted policy names in RateLimit headers.
+RuleId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+
+
+class Acl(_Section):
+    allowed_ips: list[Network] = []
+    denied_ips: list[Network] = []
+    mode: Mode = "enforce"
+
+
+class RateLimitRule(_Section):
+    id: RuleId
+    host: str | None = None
+    path: str | None = None
+    requests_per_second: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    burst: Annotated[int, Field(ge=0)] = 0
+    mode: Mode | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"(\*\.)?[A-Za-z0-9_.-]+", v):
+            raise ValueError("a host name, or *.example.com for every subdomain")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError("a path prefix starting with /")
+        return v
+
+    @model_validator(mode="after")
+    def _matches_something(self) -> RateLimitRule:
+        if self.host is None and self.path is None:
+            raise ValueError("a rule needs a host or a path (or both)")
+        return self
+
+
+class RateLimiting(_Section):
+    requests_per_second: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0
+    burst: Annotated[int, Field(ge=0)] = 0
+    mode: Mode = "enforce"
+    exempt: list[Network] = []
+    max_connections_per_ip: Annotated[int, Field(ge=0)] = 0
+    max_clients: Annotated[int, Field(ge=1)] = 100_000
+    rules: list[RateLimitRule] = []
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_ids(cls, v: list[RateLimitRule]) -> list[RateLimitRule]:
+        ids = [r.id for r in v]
+        dup = sorted({i for i in ids if ids.count(i) > 1 or i == "default"})
+        if dup:
+            raise ValueError(f"rule ids must be unique and not 'default': {', '.join(dup)}")
+        return v
+
+
+def _header_value(value: Any) -> str:
+    if not isinstance(value, str) or any(c < " " or c == "\x7f" for c in value):
+        raise ValueError("a header value: text without control characters (empty turns it off)")
+    return value.strip()
+
+
+HeaderValue = Annotated[str, BeforeValidator(_header_value)]
+
+
+class SecurityHeaders(_Section):
+    enabled: bool = False
+    hsts: HeaderValue = "max-age=31536000; includeSubDomains"
+    content_type_options: Literal["nosniff", ""] = "nosniff"
+    frame_options: Literal["DENY", "SAMEORIGIN", ""] = "DENY"
+    content_security_policy: HeaderValue = ""
+    override: bool = False
+
+    @field_validator("hsts")
+    @classmethod
+    def _hsts(cls, v: str) -> str:
+        if v and not re.match(r"(?i)\s*max-age=\d+\s*(;|$)", v):
+            raise ValueError("HSTS starts with max-age=<seconds> (RFC 6797 §6.1)")
+        return v
+
+
 class Security(_Section):
     trusted_proxies: list[Network] = []
     egress: Egress = Egress()
     tls_interception: TlsInterception = TlsInterception()
+    acl: Acl = Acl()
+    rate_limiting: RateLimiting = RateLimiting()
+    headers: SecurityHeaders = SecurityHeaders()
 
 
 class Headers(_Section):
@@ -367,6 +454,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "CLI_TOKEN": ("cli", "token"),
     "CLI_TIMEOUT": ("cli", "process_timeout"),
     "CACHE_MAX_MEMORY": ("cache", "max_memory"),
+    "RATE_LIMIT_RPS": ("security", "rate_limiting", "requests_per_second"),
 }
 _LIST_ENV = {"TRUSTED_PROXIES"}
 
@@ -504,6 +592,34 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "cache_patterns": (("cache", "patterns"), list),
     "cache_coalesce_timeout": (("cache", "coalesce_timeout"), format_duration),
     "cache_max_waiters": (("cache", "max_waiters"), _same),
+    "acl_allowed_ips": (("security", "acl", "allowed_ips"), list),
+    "acl_denied_ips": (("security", "acl", "denied_ips"), list),
+    "acl_mode": (("security", "acl", "mode"), _same),
+    "ratelimit_requests_per_second": (
+        ("security", "rate_limiting", "requests_per_second"),
+        lambda v: f"{v:g}",
+    ),
+    "ratelimit_burst": (("security", "rate_limiting", "burst"), _same),
+    "ratelimit_mode": (("security", "rate_limiting", "mode"), _same),
+    "ratelimit_exempt": (("security", "rate_limiting", "exempt"), list),
+    "ratelimit_max_connections_per_ip": (
+        ("security", "rate_limiting", "max_connections_per_ip"),
+        _same,
+    ),
+    "ratelimit_max_clients": (("security", "rate_limiting", "max_clients"), _same),
+    "ratelimit_rules": (
+        ("security", "rate_limiting", "rules"),
+        lambda rules: json.dumps([r.model_dump(exclude_none=True) for r in rules]) if rules else "",
+    ),
+    "secheaders_enabled": (("security", "headers", "enabled"), _same),
+    "secheaders_hsts": (("security", "headers", "hsts"), _same),
+    "secheaders_content_type_options": (("security", "headers", "content_type_options"), _same),
+    "secheaders_frame_options": (("security", "headers", "frame_options"), _same),
+    "secheaders_content_security_policy": (
+        ("security", "headers", "content_security_policy"),
+        _same,
+    ),
+    "secheaders_override": (("security", "headers", "override"), _same),
 }
 
 # Core mitmproxy options the bundle sets unless the profile's `mitmproxy:` section or the
