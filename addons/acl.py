@@ -1,0 +1,264 @@
+"""IP access control lists: which clients may use the proxy at all, decided on their address.
+
+The decision is made once per client connection, in `client_connected`, on the socket peer's
+address (IPv4-mapped IPv6 such as `::ffff:10.0.0.1` counts as `10.0.0.1`, for addresses and
+for the configured CIDRs alike):
+
+- `acl_denied_ips` wins: a client in any of these networks is refused.
+- `acl_allowed_ips`, when not empty, is an allowlist: a client in none of them is refused.
+
+How a refused client is answered: its first request or CONNECT gets 403 ACCESS_DENIED (JSON,
+with the request id and `Connection: close`) and the connection closes after it. That gives
+the client and the operator something to read (and one audit event with a request id) at the
+cost of parsing one request head, which the hygiene limits bound. Listeners that do not speak
+HTTP (reverse `tcp`/`tls`/`udp`/`dns` modes, SOCKS, transparent, WireGuard) have nothing to
+answer, so there the connection is closed at once.
+
+Behind trusted proxies (`forwarding_trusted_proxies`, the profile's `security.trusted_proxies`)
+one connection carries many clients: for a trusted peer the ACL is decided per request on the
+client address that `addons/forwarding.py` derives from X-Forwarded-For / X-Real-IP, and a
+refusal answers that request only. From any other peer those headers are ignored.
+
+`acl_mode` `shadow` lets refused clients through; every request they make is logged as
+`would_block` and counted (`addons/policy.py`). Rule ids: `deny:<cidr>` (the matching entry
+of acl_denied_ips) and `allowlist` (in none of acl_allowed_ips).
+
+mitmproxy's `block_global` (on by default: clients with public addresses are refused before any
+addon sees them) stays the coarse default while no allowlist is configured. A non-empty
+`acl_allowed_ips` takes over: the addon turns `block_global` off, unless it was set
+explicitly (to a non-default value) on the command line or in the profile's `mitmproxy:`
+section, and turns it back on when the allowlist is emptied again.
+
+Hooks: client_connected, client_disconnected, http_connect, requestheaders.
+Options: acl_allowed_ips, acl_denied_ips, acl_mode.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.proxy import mode_specs
+
+from addons import errors, forwarding, policy
+
+log = logging.getLogger("waypost.acl")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Answers cached per client address (peer or X-Forwarded-For derived); cleared when full.
+_CACHE_MAX = 4096
+_HTTP_REVERSE_SCHEMES = frozenset({"http", "https", "http3"})
+
+
+class Networks(NamedTuple):
+    """CIDRs indexed for a lookup whose cost depends on the number of distinct prefix lengths
+    (at most 33 or 129), not on the number of entries: per (version, prefix length) the set of
+    network addresses as integers, and the configured text of each entry (the rule id)."""
+
+    v4: tuple[tuple[int, dict[int, str]], ...]
+    v6: tuple[tuple[int, dict[int, str]], ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.v4 or self.v6)
+
+
+def index(nets: Iterable[Network]) -> Networks:
+    tables: dict[tuple[int, int], dict[int, str]] = {}
+    for net in nets:
+        bits = net.max_prefixlen - net.prefixlen
+        key = (net.version, bits)
+        tables.setdefault(key, {}).setdefault(int(net.network_address) >> bits, str(net))
+    # Longest prefix first: the most specific entry names the rule.
+    v4 = tuple(sorted(((b, t) for (v, b), t in tables.items() if v == 4), key=lambda x: x[0]))
+    v6 = tuple(sorted(((b, t) for (v, b), t in tables.items() if v == 6), key=lambda x: x[0]))
+    return Networks(v4, v6)
+
+
+def parse_networks(entries: Sequence[str]) -> Networks:
+    """CIDRs (or addresses) to an index; IPv4-mapped IPv6 networks become IPv4 ones.
+    Raises ValueError naming the bad entry."""
+    return index(forwarding.parse_trusted(entries))
+
+
+def lookup(nets: Networks, ip: forwarding.IPAddress) -> str | None:
+    """The entry (as configured) of the most specific network containing `ip`, or None."""
+    value = int(ip)
+    for bits, table in nets.v4 if ip.version == 4 else nets.v6:
+        found = table.get(value >> bits)
+        if found is not None:
+            return found
+    return None
+
+
+def parse_ip(text: str) -> forwarding.IPAddress | None:
+    """A client address as text (peer or derived) to an address; IPv4-mapped IPv6 unmapped."""
+    return forwarding.parse_hop(text) if text else None
+
+
+def verdict(ip: forwarding.IPAddress | None, allowed: Networks, denied: Networks) -> str | None:
+    """The rule refusing this client, or None if it may connect. Unparseable: refused when an
+    allowlist exists (it cannot be shown to be in it), else allowed."""
+    if ip is None:
+        return "allowlist" if allowed else None
+    if denied:
+        hit = lookup(denied, ip)
+        if hit is not None:
+            return f"deny:{hit}"
+    if allowed and lookup(allowed, ip) is None:
+        return "allowlist"
+    return None
+
+
+def speaks_http(mode: mode_specs.ProxyMode) -> bool:
+    """Can a refusal be answered with an HTTP response on a connection to this listener?"""
+    if isinstance(mode, mode_specs.RegularMode | mode_specs.UpstreamMode):
+        return True
+    return isinstance(mode, mode_specs.ReverseMode) and mode.scheme in _HTTP_REVERSE_SCHEMES
+
+
+class Acl:
+    def __init__(self) -> None:
+        self.allowed = Networks((), ())
+        self.denied = Networks((), ())
+        self.mode = "enforce"
+        self.trusted: tuple[forwarding.Network, ...] = ()
+        self.hop_cache: dict[str, forwarding.Classified] = {}
+        self._cache: dict[str, str | None] = {}
+        # client.id -> the refusing rule, for connections whose requests must be refused (or,
+        # in shadow mode, reported); client ids of trusted proxies, decided per request.
+        self.refused: dict[str, str] = {}
+        self.proxied: set[str] = set()
+        self._block_global_set: bool | None = None
+
+    def load(self, loader: object) -> None:
+        add = loader.add_option  # type: ignore[attr-defined]
+        add(
+            "acl_allowed_ips",
+            Sequence[str],
+            [],
+            "Client networks (CIDRs such as 10.0.0.0/8 or 2001:db8::/32) allowed to use the proxy; empty allows every client not in acl_denied_ips. A non-empty list also turns mitmproxy's block_global off unless that was set explicitly.",
+        )
+        add(
+            "acl_denied_ips",
+            Sequence[str],
+            [],
+            "Client networks (CIDRs) refused even when acl_allowed_ips contains them: the first request or CONNECT gets 403 ACCESS_DENIED and the connection closes (non-HTTP listeners: closed at once).",
+        )
+        add(
+            "acl_mode",
+            str,
+            "enforce",
+            "enforce: refuse clients outside the ACL. shadow: let them through, logging every request as would_block and counting it in policy_decisions_total.",
+            choices=policy.MODES,
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        for name, attr in (("acl_allowed_ips", "allowed"), ("acl_denied_ips", "denied")):
+            if name in updated:
+                try:
+                    nets = parse_networks(getattr(opts, name))
+                except ValueError as e:
+                    raise exceptions.OptionsError(
+                        f"{name}: {e} (use CIDRs such as 10.0.0.0/8 or 2001:db8::/32)"
+                    ) from None
+                setattr(self, attr, nets)
+                self._cache = {}
+        if "acl_mode" in updated:
+            self.mode = opts.acl_mode
+        if "forwarding_trusted_proxies" in updated:
+            # Forwarding has validated the same option already (it raises on bad entries).
+            try:
+                self.trusted = forwarding.parse_trusted(opts.forwarding_trusted_proxies)
+            except ValueError:
+                self.trusted = ()
+            self.hop_cache = {}
+        if "acl_allowed_ips" in updated and "block_global" in opts:
+            self._hand_over_block_global(bool(self.allowed))
+
+    def _hand_over_block_global(self, acl_has_allowlist: bool) -> None:
+        opts = ctx.options
+        ours = self._block_global_set
+        explicit = opts.has_changed("block_global") and opts.block_global != ours
+        if explicit:
+            return
+        want = not acl_has_allowlist
+        if opts.block_global != want and (ours is not None or not want):
+            self._block_global_set = want
+            opts.update(block_global=want)
+            log.info(
+                "block_global set to %s: acl_allowed_ips %s",
+                want,
+                "decides" if not want else "is empty",
+            )
+
+    def _rule_for(self, text: str) -> str | None:
+        cache = self._cache
+        if text in cache:
+            return cache[text]
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()
+        rule = cache[text] = verdict(parse_ip(text), self.allowed, self.denied)
+        return rule
+
+    # --- connection: decide once ---
+
+    def client_connected(self, client: connection.Client) -> None:
+        if client.error or not (self.allowed or self.denied):
+            return
+        peer = forwarding.normalize_peer(client.peername[0] if client.peername else "")
+        if self.trusted and forwarding.cached_classify(peer, self.trusted, self.hop_cache)[1]:
+            self.proxied.add(client.id)
+            return
+        rule = self._rule_for(peer)
+        if rule is None:
+            return
+        if self.mode == "enforce" and not speaks_http(client.proxy_mode):
+            policy.decide("acl", rule, peer, self.mode, decision="deny")
+            client.error = "Connection refused by the Waypost IP ACL."
+            return
+        self.refused[client.id] = rule
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.refused.pop(client.id, None)
+        self.proxied.discard(client.id)
+
+    # --- requests: answer what the connection decided ---
+
+    @errors.fail_closed
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        self._check(flow)
+
+    @errors.fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._check(flow)
+
+    def _check(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        cid = flow.client_conn.id
+        rule = self.refused.get(cid)
+        if rule is not None:
+            peer = forwarding.normalize_peer(flow.client_conn.peername[0])
+            if policy.decide("acl", rule, peer, self.mode, flow, decision="deny"):
+                flow.response = errors.make(
+                    "ACCESS_DENIED",
+                    "Your address is not allowed to use this proxy.",
+                    flow,
+                    {"Connection": "close"},
+                )
+        elif cid in self.proxied:
+            ip = forwarding.flow_client_ip(flow, self.trusted, self.hop_cache)
+            rule = self._rule_for(ip)
+            if rule is not None and policy.decide(
+                "acl", rule, ip, self.mode, flow, decision="deny"
+            ):
+                flow.response = errors.make(
+                    "ACCESS_DENIED", "Your address is not allowed to use this proxy.", flow
+                )
+
+
+addons = [Acl()]
