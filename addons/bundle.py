@@ -5,6 +5,7 @@ observers (metrics, access log) come last so they see every decision.
 """
 
 from addons.accesslog import AccessLog
+from addons.acl import Acl
 from addons.backlog import Backlog
 from addons.cache import Cache
 from addons.cli import Cli
@@ -17,6 +18,8 @@ from addons.hygiene import Hygiene
 from addons.leanchain import LeanChain
 from addons.management import Management
 from addons.metrics import Metrics
+from addons.ratelimit import RateLimit
+from addons.secheaders import SecHeaders
 from addons.tlslistener import TlsListener
 from addons.tlspolicy import TlsPolicy
 from addons.upstream import Upstream
@@ -27,7 +30,9 @@ addons = [
     Backlog(),
     Drain(),
     Hygiene(),
+    Acl(),
     Management(),
+    RateLimit(),
     Cli(),
     Egress(),
     TlsPolicy(),
@@ -36,6 +41,7 @@ addons = [
     Cache(),
     Upstream(),
     Compress(),
+    SecHeaders(),
     Metrics(),
     AccessLog(),
 ]
