@@ -181,10 +181,20 @@ def flow_client_ip(
     if ip is None:
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
         if trusted:
-            headers = flow.request.headers
-            xff = headers.get_all("x-forwarded-for")
+            xff: list[bytes] = []
+            real: bytes | None = None
+            for name, value in flow.request.data.headers.fields:  # one pass, no Headers lookups
+                lname = name.lower()
+                if lname == b"x-forwarded-for":
+                    xff.append(value)
+                elif lname == b"x-real-ip" and real is None:
+                    real = value
             ip = client_ip(
-                peer, ", ".join(xff) if xff else None, headers.get("x-real-ip"), trusted, cache
+                peer,
+                b", ".join(xff).decode("latin-1") if xff else None,
+                real.decode("latin-1") if real is not None else None,
+                trusted,
+                cache,
             )[0]
         else:
             ip = normalize_peer(peer)

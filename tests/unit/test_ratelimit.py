@@ -138,13 +138,32 @@ def test_bad_rules(text: str, problem: str) -> None:
 
 def test_table_drops_full_buckets_and_sweeps_idle_ones() -> None:
     b = ratelimit.Buckets(10)
-    assert b.take("a", 100.0, 1.0, 2).allowed
+    assert b.take("a", 100.0, 1.0, 2) is None  # allowed
     assert len(b) == 1
     # full again after 1 s: the next take finds it full and the entry is dropped or renewed
     b.take("b", 100.0, 1.0, 2)
     assert b.sweep(100.5) == 0  # still refilling
     assert b.sweep(101.01) == 2
     assert len(b) == 0
+
+
+@pytest.mark.parametrize("rate, burst", [(10.0, 20), (3.0, 7), (0.5, 1), (1000.0, 3)])
+def test_table_agrees_with_take(rate: float, burst: int) -> None:
+    """Buckets.take inlines the allowed case of take(): both must decide alike."""
+    import random
+
+    rng = random.Random(rate * burst)
+    b = ratelimit.Buckets(10)
+    full_at, now = 0.0, 50.0
+    for _ in range(2000):
+        now += rng.random() * 2.0 / rate / burst
+        expected = take(full_at, now, rate, burst)
+        got = b.take("k", now, rate, burst)
+        assert (got is None) == expected.allowed
+        if got is not None:
+            assert got == expected
+        full_at = expected.full_at
+        assert b.table.get("k", now) == pytest.approx(max(full_at, now))
 
 
 def test_table_is_lru_bounded() -> None:
