@@ -786,9 +786,31 @@ def main(argv: list[str]) -> int:
         f"{', '.join(f'{a} {getattr(p.compression.levels, a)}' for a in p.compression.algorithms) if p.compression.enabled else 'off'}"
         f" (bodies of {p.compression.min_size} B or more)\n"
         f"  cache        {'off' if not p.cache.enabled else f'{p.cache.max_memory} B, {p.cache.max_entries} entries, mode {p.cache.mode}'}\n"
+        f"  acl          {_acl_summary(p.security.acl)}\n"
+        f"  rate limit   {_rate_summary(p.security.rate_limiting)}\n"
+        f"  sec headers  {'on' if p.security.headers.enabled else 'off'}\n"
         f"  mitmproxy    {', '.join(f'{k}={v}' for k, v in p.mitmproxy.items()) or '(defaults)'}"
     )
     return 0
+
+
+def _acl_summary(acl: Acl) -> str:
+    if not acl.allowed_ips and not acl.denied_ips:
+        return "off (mitmproxy's block_global decides)"
+    allowed = f"allow {', '.join(acl.allowed_ips)}" if acl.allowed_ips else "allow all"
+    denied = f"; deny {', '.join(acl.denied_ips)}" if acl.denied_ips else ""
+    return f"{allowed}{denied} ({acl.mode})"
+
+
+def _rate_summary(rl: RateLimiting) -> str:
+    parts = []
+    if rl.requests_per_second:
+        parts.append(f"{rl.requests_per_second:g}/s burst {rl.burst or 'auto'} per client IP")
+    if rl.rules:
+        parts.append(f"{len(rl.rules)} rule{'s' if len(rl.rules) != 1 else ''}")
+    if rl.max_connections_per_ip:
+        parts.append(f"max {rl.max_connections_per_ip} connections per IP")
+    return f"{', '.join(parts)} ({rl.mode})" if parts else "off"
 
 
 def _core_options() -> set[str]:
