@@ -376,3 +376,27 @@ def test_log_sanitisation(bundle, backend: Backend) -> None:
     for line in lines:
         if line.startswith("{"):
             json.loads(line)  # every line is one JSON object
+
+
+# --- each addon alone ---------------------------------------------------------------------
+
+
+def test_each_policy_loads_alone_with_flat_options(proxy_factory, backend: Backend) -> None:
+    p = proxy_factory(scripts=("addons/acl.py",), options={"acl_denied_ips": "127.0.0.1/32"})
+    resp = get(p.port, f"{backend.url}/echo")
+    assert status_of(resp) == 403 and json_body(resp)["error"]["code"] == "ACCESS_DENIED"
+    p = proxy_factory(
+        scripts=("addons/ratelimit.py",),
+        options={"ratelimit_requests_per_second": "0.1", "ratelimit_burst": 1},
+    )
+    assert status_of(get(p.port, f"{backend.url}/echo")) == 200
+    resp = get(p.port, f"{backend.url}/echo")
+    assert status_of(resp) == 429
+    assert head_of(resp)["retry-after"] in ("9", "10")
+    p = proxy_factory(scripts=("addons/secheaders.py",), options={"secheaders_enabled": True})
+    assert head_of(get(p.port, f"{backend.url}/echo"))["x-content-type-options"] == "nosniff"
+    p = proxy_factory(
+        scripts=("addons/ratelimit.py",), options={"ratelimit_rules": "[{broken"}, wait=False
+    )
+    assert p.proc.wait(30) != 0
+    p.wait_for("ratelimit_rules: not valid JSON", timeout=5)
