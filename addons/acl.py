@@ -216,9 +216,10 @@ class Acl:
         rule = self._rule_for(peer)
         if rule is None:
             return
-        if self.mode == "enforce" and not speaks_http(client.proxy_mode):
-            policy.decide("acl", rule, peer, self.mode, decision="deny")
-            client.error = "Connection refused by the Waypost IP ACL."
+        if not speaks_http(client.proxy_mode):
+            # No request will come to answer or to report on: decide now.
+            if policy.decide("acl", rule, peer, self.mode, decision="deny"):
+                client.error = "Connection refused by the Waypost IP ACL."
             return
         self.refused[client.id] = rule
 

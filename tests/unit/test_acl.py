@@ -116,6 +116,12 @@ def test_non_http_listener_is_closed_at_connect() -> None:
         c = client("10.0.0.7", "reverse:tcp://127.0.0.1:9")
         a.client_connected(c)
         assert not c.error
+        tctx.configure(a, acl_mode="shadow")
+        before = count(policy="acl", decision="would_block", rule="allowlist")
+        c = client("192.0.2.7", "reverse:tcp://127.0.0.1:9")
+        a.client_connected(c)
+        assert not c.error
+        assert count(policy="acl", decision="would_block", rule="allowlist") == before + 1
 
 
 def test_shadow_lets_through_and_reports_every_request(caplog: pytest.LogCaptureFixture) -> None:
