@@ -16,8 +16,8 @@ Clients in `ratelimit_exempt` are never limited. `mode` `shadow` (policy-wide or
 lets refused requests pass, logged as `would_block` and counted (`addons/policy.py`).
 
 Memory: a bucket is one float (the moment it will be full again) in an LRU-ordered table of at
-most `ratelimit_max_clients` entries; a full bucket is the same as no bucket, so it is dropped
-when used and swept when idle. Past the bound the least recently used bucket goes (it then
+most `ratelimit_max_clients` entries; a full bucket is the same as no bucket, so idle ones
+are swept every few seconds. Past the bound the least recently used bucket goes (it then
 starts full again: a flood of distinct addresses can reset other clients' buckets, never grow
 memory). An OrderedDict rather than cachetools.TTLCache: measured here, TTLCache costs ~20x
 more per lookup-and-update and twice the memory per entry, for an expiry the bucket state
@@ -188,7 +188,7 @@ class Buckets:
     """Bucket states by key (client IP, or rule id + client IP), least recently used first.
 
     At most `maxsize` entries; an entry whose bucket is full again is worth nothing and is
-    removed when met (`take`) or swept (`sweep`, from the front, where the idle ones are).
+    removed by `sweep` (from the front, where the idle ones are).
     """
 
     def __init__(self, maxsize: int) -> None:
@@ -327,7 +327,7 @@ class RateLimit:
             "ratelimit_max_clients",
             int,
             100_000,
-            "Most client buckets kept in memory (about 200 bytes each); past it the least recently used bucket is dropped.",
+            "Most client buckets kept in memory (about 175 bytes each); past it the least recently used bucket is dropped.",
         )
 
     def configure(self, updated: set[str]) -> None:
