@@ -111,7 +111,7 @@ def metric(p, name: str, **labels: str) -> float:
 def test_acl_denied_client_plain_http_and_connect(bundle, backend: Backend) -> None:
     p = bundle("  acl: {denied_ips: [127.0.0.0/8]}")
     for request in (
-        f"GET {backend.url}/echo HTTP/1.1\r\nHost: 127.0.0.1:{backend.port}\r\n\r\n",
+        f"GET {backend.url}/echo/acl-denied HTTP/1.1\r\nHost: 127.0.0.1:{backend.port}\r\n\r\n",
         f"CONNECT 127.0.0.1:{backend.port} HTTP/1.1\r\nHost: 127.0.0.1:{backend.port}\r\n\r\n",
     ):
         with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
@@ -121,7 +121,7 @@ def test_acl_denied_client_plain_http_and_connect(bundle, backend: Backend) -> N
         body = json_body(resp)
         assert body["error"]["code"] == "ACCESS_DENIED"
         assert head_of(resp)["connection"] == "close"
-    assert backend.hits.get("/echo", 0) == 0
+    assert backend.hits.get("/echo/acl-denied", 0) == 0
     events = wait_until(lambda: len(audit(p, "acl")) >= 2 and audit(p, "acl"))
     assert events[0]["level"] == "WARNING"
     assert events[0]["decision"] == "deny"
