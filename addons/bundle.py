@@ -11,8 +11,10 @@ from addons.cache import Cache
 from addons.cli import Cli
 from addons.compress import Compress
 from addons.config import Config
+from addons.contentfilter import ContentFilter
 from addons.drain import Drain
 from addons.egress import Egress
+from addons.filter import Filter
 from addons.forwarding import Forwarding
 from addons.hygiene import Hygiene
 from addons.leanchain import LeanChain
@@ -34,12 +36,14 @@ addons = [
     Management(),
     RateLimit(),
     Cli(),
+    Filter(),
     Egress(),
     TlsPolicy(),
     TlsListener(),
     Forwarding(),
     Cache(),
     Upstream(),
+    ContentFilter(),
     Compress(),
     SecHeaders(),
     Metrics(),

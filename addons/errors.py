@@ -86,10 +86,11 @@ def timestamp() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def body(code: str, message: str, rid: str) -> bytes:
-    return json.dumps(
-        {"error": {"code": code, "message": message, "request_id": rid, "timestamp": timestamp()}}
-    ).encode()
+def body(code: str, message: str, rid: str, details: Mapping[str, Any] | None = None) -> bytes:
+    error = {"code": code, "message": message, "request_id": rid, "timestamp": timestamp()}
+    # Extra fields never replace the contract's own.
+    extra = {k: v for k, v in (details or {}).items() if k not in error}
+    return json.dumps({"error": error | extra}).encode()
 
 
 def make(
@@ -98,13 +99,17 @@ def make(
     flow: http.HTTPFlow | None = None,
     headers: Mapping[str, str] | None = None,
     status: int | None = None,
+    details: Mapping[str, Any] | None = None,
 ) -> http.Response:
-    """A JSON error response for `code` (one of STATUS); records the code on the flow."""
+    """A JSON error response for `code` (one of STATUS); records the code on the flow.
+
+    `details` adds fields to the error object (e.g. the `rule` that refused the request).
+    """
     status = status or STATUS[code]
     rid = request_id(flow) if flow is not None else new_request_id()
     resp = http.Response.make(
         status,
-        body(code, message, rid),
+        body(code, message, rid, details),
         {"Content-Type": "application/json", "X-Request-ID": rid, **(headers or {})},
     )
     # mitmproxy 11's status table lacks 429/431 and would send an empty reason phrase.

@@ -270,6 +270,50 @@ class SecurityHeaders(_Section):
         if v and not re.match(r"(?i)\s*max-age=\d+\s*(;|$)", v):
             raise ValueError("HSTS starts with max-age=<seconds> (RFC 6797 §6.1)")
         return v
+PolicyMode = Literal["enforce", "shadow"]
+
+
+def _policy_mode(value: Any) -> Any:
+    if value in ("blocklist", "allowlist", "mixed"):
+        raise ValueError(f"mode is enforce or shadow; {value} goes in list_mode")
+    return value
+
+
+class FilterFile(_Section):
+    path: str
+    id: str | None = None  # the rule id (metric label); default: the file name without suffix
+    list: Literal["blocked", "allowed"] = "blocked"
+    mode: PolicyMode | None = None  # default: the policy's mode
+
+
+def _file_spec(value: Any) -> Any:
+    return {"path": value} if isinstance(value, str) else value
+
+
+class FilterDomains(_Section):
+    blocked: list[str] = []
+    allowed: list[str] = []
+    files: list[Annotated[FilterFile, BeforeValidator(_file_spec)]] = []
+
+
+class FilterResponse(_Section):
+    body: str = ""  # the message of the 403 JSON error; empty: a default naming host and rule
+
+
+class Filtering(_Section):
+    mode: Annotated[PolicyMode, BeforeValidator(_policy_mode)] = "enforce"
+    list_mode: Literal["blocklist", "allowlist", "mixed"] = "blocklist"
+    domains: FilterDomains = FilterDomains()
+    ip_literals: Literal["allow", "deny", "check"] = "check"
+    check_sni: bool = True
+    reload_interval: Duration = 2.0
+    response: FilterResponse = FilterResponse()
+
+
+class ContentFiltering(_Section):
+    mode: PolicyMode = "enforce"
+    blocked_types: list[str] = []
+    check_request: bool = False
 
 
 class Security(_Section):
@@ -279,6 +323,8 @@ class Security(_Section):
     acl: Acl = Acl()
     rate_limiting: RateLimiting = RateLimiting()
     headers: SecurityHeaders = SecurityHeaders()
+    filtering: Filtering = Filtering()
+    content_filtering: ContentFiltering = ContentFiltering()
 
 
 class Headers(_Section):
@@ -523,6 +569,12 @@ def _same(value: Any) -> Any:
     return value
 
 
+def _filter_files(files: list[FilterFile]) -> str:
+    if not files:
+        return ""
+    return json.dumps([f.model_dump(exclude_none=True) for f in files])
+
+
 # Every flat option a profile sets: option -> (profile key path, conversion to the option's
 # type). The single place the two vocabularies meet; also points option errors at their line.
 OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
@@ -557,6 +609,18 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "egress_block_private": (("security", "egress", "block_private"), _same),
     "egress_allowed_networks": (("security", "egress", "allowed_networks"), list),
     "tls_intercept_hosts": (("security", "tls_interception", "hosts"), list),
+    "filter_mode": (("security", "filtering", "mode"), _same),
+    "filter_list_mode": (("security", "filtering", "list_mode"), _same),
+    "filter_blocked": (("security", "filtering", "domains", "blocked"), list),
+    "filter_allowed": (("security", "filtering", "domains", "allowed"), list),
+    "filter_files": (("security", "filtering", "domains", "files"), _filter_files),
+    "filter_ip_literals": (("security", "filtering", "ip_literals"), _same),
+    "filter_check_sni": (("security", "filtering", "check_sni"), _same),
+    "filter_reload_interval": (("security", "filtering", "reload_interval"), format_duration),
+    "filter_response_body": (("security", "filtering", "response", "body"), _same),
+    "content_filter_mode": (("security", "content_filtering", "mode"), _same),
+    "content_filter_blocked_types": (("security", "content_filtering", "blocked_types"), list),
+    "content_filter_check_request": (("security", "content_filtering", "check_request"), _same),
     "admin_token": (("admin", "token"), _same),
     "cli_enabled": (("cli", "enabled"), _same),
     "cli_token": (("cli", "token"), _same),

@@ -1,0 +1,789 @@
+"""Domain filtering: block (or allow only) destinations by host name, from inline lists and files.
+
+Names are normalised (lowercase, no trailing dot, IDNA A-labels) and looked up in a suffix index:
+one dict of exact names and one of wildcard suffixes per list, probed once per label of the
+host, so a lookup costs the same with ten entries or a million.
+
+- `blocklist` (default): a host matching `blocked` is refused, unless it also matches `allowed`.
+- `allowlist`: only hosts matching `allowed` pass.
+- `mixed`: only hosts matching `allowed` pass, and of those the ones matching `blocked` do not.
+
+Entries: `example.com` (that name only) and `*.example.com` (every subdomain at any depth, not
+`example.com` itself: list both to cover both). Files: plain names, hosts files
+(`0.0.0.0 name ...`) and AdBlock domain rules (`||name^`, which covers the name and its
+subdomains); comments and junk lines are skipped and counted.
+
+Hooks:
+- `http_connect`: the CONNECT authority; 403 DOMAIN_BLOCKED before any upstream connection.
+- `requestheaders`: plain HTTP (and intercepted or reverse) requests, on `flow.request.host`, the
+  name the proxy dials (never the Host header alone).
+- `next_layer`: the TLS ClientHello inside a CONNECT tunnel; a blocked SNI gets the client
+  connection closed before any TLS byte reaches the origin, whatever the CONNECT named.
+- `running` / `done`: the task that polls list files and swaps a re-parsed list in atomically.
+
+Options: `filter_mode`, `filter_list_mode`, `filter_blocked`, `filter_allowed`, `filter_files`,
+`filter_ip_literals`, `filter_check_sni`, `filter_reload_interval`, `filter_response_body`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import re
+import socket
+from collections.abc import Generator, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import idna
+import pydantic
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.net.tls import starts_like_tls_record
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers.http import HttpLayer
+from mitmproxy.proxy.layers.tls import parse_client_hello
+
+from addons import errors, policy
+from addons.units import parse_duration
+
+log = logging.getLogger("waypost.filter")
+
+POLICY = "filter"
+LIST_MODES = ("blocklist", "allowlist", "mixed")
+IP_LITERALS = ("allow", "deny", "check")
+
+# --- names ------------------------------------------------------------------------------------
+
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_NAME = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}")
+
+
+def normalise(name: str) -> str:
+    """`name` as the index keys it: lowercase, no trailing dot, IDNA A-labels.
+
+    ValueError when it is not a host name (RFC 1123 labels, plus `_`, which real lists use).
+    """
+    host = name.strip().rstrip(".")
+    if not host.isascii():
+        try:
+            # UTS #46 mapping, as browsers do: full-width dots, case, compatibility forms.
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except idna.IDNAError as e:
+            raise ValueError(f"{name!r} is not a valid internationalised name ({e})") from None
+    host = host.lower()
+    if len(host) > 253 or not _NAME.fullmatch(host):
+        raise ValueError(f"{name!r} is not a host name")
+    return host
+
+
+def host_key(host: str) -> str:
+    """The lookup key of a host from a flow: cheap for ASCII names, which is nearly all of them."""
+    if host.isascii():
+        return host.lower().rstrip(".")
+    try:
+        return normalise(host)
+    except ValueError:
+        return host.lower().rstrip(".")
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def ip_literal(host: str) -> IPAddress | None:
+    """The address when `host` is an IP literal, including the legacy IPv4 forms that
+    getaddrinfo accepts (`127.1`, `0x7f.0.0.1`): a name whose last label is numeric is an
+    address to the resolver, never a DNS name."""
+    if not host:
+        return None
+    if ":" in host:
+        try:
+            return ipaddress.IPv6Address(host.strip("[]").partition("%")[0])
+        except ValueError:
+            return None
+    last = host.rpartition(".")[2]
+    if not (last.isdigit() or last.startswith("0x")):
+        return None
+    try:
+        return ipaddress.IPv4Address(host)
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+class Entry(NamedTuple):
+    name: str
+    wildcard: bool  # *.name: every subdomain of name, not name itself
+
+
+def parse_pattern(text: str) -> Entry:
+    """`example.com`, `*.example.com` or an IP address; ValueError says what is wrong."""
+    spec = text.strip()
+    if spec.startswith("*."):
+        base = spec[2:]
+        if "*" in base:
+            raise ValueError(f"{text!r}: only a leading *. wildcard is supported")
+        return Entry(normalise(base), True)
+    if "*" in spec:
+        raise ValueError(f"{text!r}: only a leading *. wildcard is supported (*.example.com)")
+    ip = ip_literal(spec)
+    if ip is not None:
+        return Entry(str(ip), False)
+    return Entry(normalise(spec), False)
+
+
+# --- list files -------------------------------------------------------------------------------
+
+# Names every hosts file maps to itself; they are boilerplate, not entries.
+_HOSTS_BOILERPLATE = frozenset(
+    {
+        "localhost",
+        "localhost.localdomain",
+        "local",
+        "broadcasthost",
+        "ip6-localhost",
+        "ip6-loopback",
+        "ip6-localnet",
+        "ip6-mcastprefix",
+        "ip6-allnodes",
+        "ip6-allrouters",
+        "ip6-allhosts",
+        "0.0.0.0",
+    }
+)
+_INLINE_COMMENT = re.compile(r"\s#")
+
+
+class ListStats(NamedTuple):
+    entries: int
+    comments: int  # comments, blank lines and hosts-file boilerplate
+    junk: int  # lines that are none of the supported formats
+    junk_lines: tuple[int, ...]  # the first few junk line numbers, for the log
+
+
+def parse_line(line: str) -> list[Entry] | None:
+    """The entries of one list line; None for a comment or blank line; ValueError for junk.
+
+    Formats: `name` or `*.name` (plain), `IP name [name...]` (hosts file), `||name^` (AdBlock
+    domain rule: the name and every subdomain).
+    """
+    text = line.strip()
+    if not text or text[0] in "#![":  # `[Adblock Plus 2.0]` headers, `!` AdBlock comments
+        return None
+    # A comment after an entry needs whitespace before `#`: `example.com##.ad` is an AdBlock
+    # element-hiding rule, not `example.com` with a comment.
+    text = _INLINE_COMMENT.split(text, 1)[0].strip()
+    if text.startswith("||"):
+        if not text.endswith("^") or "/" in text or "$" in text:
+            # Paths, options ($third-party, $important) and bare prefixes change what the rule
+            # means; a domain filter cannot honour them, so they are junk, not a wider block.
+            raise ValueError("not a plain ||name^ AdBlock domain rule")
+        name = normalise(text[2:-1])
+        return [Entry(name, False), Entry(name, True)]
+    tokens = text.split()
+    if len(tokens) == 1:
+        return [parse_pattern(tokens[0])]
+    if ip_literal(tokens[0]) is None:
+        raise ValueError("not a name, a hosts-file line or an AdBlock rule")
+    return [Entry(normalise(t), False) for t in tokens[1:] if t.lower() not in _HOSTS_BOILERPLATE]
+
+
+def parse_list(lines: Iterable[str]) -> tuple[list[Entry], ListStats]:
+    """Every entry of a list file, with counts of what was skipped. Never raises for a line."""
+    entries: list[Entry] = []
+    comments = junk = 0
+    junk_lines: list[int] = []
+    for number, line in enumerate(lines, 1):
+        try:
+            found = parse_line(line)
+        except ValueError:
+            junk += 1
+            if len(junk_lines) < 5:
+                junk_lines.append(number)
+            continue
+        if found is None:
+            comments += 1
+        elif found:
+            entries += found
+        else:
+            comments += 1  # a hosts line with only boilerplate names
+    return entries, ListStats(len(entries), comments, junk, tuple(junk_lines))
+
+
+# --- the index ----------------------------------------------------------------------------------
+
+
+class Match(NamedTuple):
+    rule: str  # the rule id: an inline pattern or a list file's id (a metric label)
+    entry: str  # the entry that matched (`*.ads.example.com`), for logs and the client
+
+
+class DomainIndex:
+    """Exact names and wildcard suffixes of one list, each in a dict keyed by the name.
+
+    A lookup probes the exact dict once and the suffix dict once per label of the host, so its
+    cost depends on the host's depth, not on how many entries the list has.
+    """
+
+    __slots__ = ("exact", "suffixes")
+
+    def __init__(self) -> None:
+        self.exact: dict[str, str] = {}
+        self.suffixes: dict[str, str] = {}
+
+    def add(self, entry: Entry, rule: str) -> None:
+        # The first source to list a name keeps it (inline entries come before files).
+        (self.suffixes if entry.wildcard else self.exact).setdefault(entry.name, rule)
+
+    def __len__(self) -> int:
+        return len(self.exact) + len(self.suffixes)
+
+    def match(self, host: str) -> Match | None:
+        rule = self.exact.get(host)
+        if rule is not None:
+            return Match(rule, host)
+        suffixes = self.suffixes
+        if suffixes:
+            dot = host.find(".")
+            while dot != -1:
+                parent = host[dot + 1 :]
+                rule = suffixes.get(parent)
+                if rule is not None:
+                    return Match(rule, "*." + parent)
+                dot = host.find(".", dot + 1)
+        return None
+
+
+def build_index(entries: Iterable[Entry], rule: str | None = None) -> DomainIndex:
+    """An index of `entries`, all under `rule`, or (rule None) each under its own pattern."""
+    index = DomainIndex()
+    for e in entries:
+        index.add(e, rule if rule is not None else ("*." + e.name if e.wildcard else e.name))
+    return index
+
+
+# --- the decision -------------------------------------------------------------------------------
+
+
+class Source(NamedTuple):
+    rule: str | None  # None: inline, each entry is its own rule
+    mode: str  # enforce | shadow
+    index: DomainIndex
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Everything one decision reads; replaced whole (one assignment) on any change."""
+
+    list_mode: str = "blocklist"
+    mode: str = "enforce"
+    blocked: tuple[Source, ...] = ()
+    allowed: tuple[Source, ...] = ()
+    ip_literals: str = "check"
+
+
+class Verdict(NamedTuple):
+    rule: str
+    entry: str  # what matched, or "" when nothing in the allowlist did
+    mode: str
+
+
+def _first(sources: tuple[Source, ...], names: Sequence[str]) -> tuple[Match, str] | None:
+    for source in sources:
+        for name in names:
+            m = source.index.match(name)
+            if m is not None:
+                return m, source.mode
+    return None
+
+
+def decide(rules: Rules, host: str) -> Verdict | None:
+    """Why `host` (a host_key) must be refused, or None when it may pass."""
+    names: Sequence[str] = (host,)
+    ip = ip_literal(host)
+    if ip is not None:
+        if rules.ip_literals == "allow":
+            return None
+        if rules.ip_literals == "deny":
+            return Verdict("ip_literals", str(ip), rules.mode)
+        # "check": the address as listed (192.0.2.7) and its reverse-DNS name, so entries such
+        # as *.2.0.192.in-addr.arpa cover a /24.
+        names = (str(ip), ip.reverse_pointer)
+    if rules.list_mode != "blocklist" and _first(rules.allowed, names) is None:
+        return Verdict("allowlist", "", rules.mode)
+    if rules.blocked and rules.list_mode != "allowlist":
+        hit = _first(rules.blocked, names)
+        if hit is not None:
+            if rules.list_mode == "blocklist" and _first(rules.allowed, names) is not None:
+                return None  # allowed entries are exceptions to a blocklist
+            (rule, entry), mode = hit
+            return Verdict(rule, entry, mode)
+    return None
+
+
+# --- option parsing -----------------------------------------------------------------------------
+
+
+class FileSpec(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    id: str | None = None
+    list: Literal["blocked", "allowed"] = "blocked"
+    mode: Literal["enforce", "shadow"] | None = None
+
+    @property
+    def rule(self) -> str:
+        return self.id or Path(self.path).stem
+
+
+_FILE_SPECS = pydantic.TypeAdapter(list[FileSpec | str])
+
+
+def parse_file_specs(text: str) -> tuple[FileSpec, ...]:
+    """`filter_files`: a JSON list of paths or {path, id, list, mode} objects."""
+    if not text.strip():
+        return ()
+    try:
+        raw = _FILE_SPECS.validate_json(text)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise ValueError(
+            f"{where or 'value'}: {first['msg']} (expected a JSON list such as "
+            '["lists/ads.txt", {"path": "lists/ok.txt", "list": "allowed", "mode": "shadow"}])'
+        ) from None
+    specs = tuple(FileSpec(path=s) if isinstance(s, str) else s for s in raw)
+    seen: set[str] = set()
+    for s in specs:
+        if s.rule in seen:
+            raise ValueError(f"two list files have the rule id {s.rule!r}; give them distinct ids")
+        seen.add(s.rule)
+    return specs
+
+
+def parse_patterns(specs: Sequence[str]) -> list[Entry]:
+    out = []
+    for spec in specs:
+        out.append(parse_pattern(spec))
+    return out
+
+
+# --- list files: loading and watching -----------------------------------------------------------
+
+
+class FileSignature(NamedTuple):
+    mtime_ns: int
+    size: int
+    inode: int
+
+
+def signature(path: str) -> FileSignature | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return FileSignature(st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class LoadedList(NamedTuple):
+    index: DomainIndex
+    stats: ListStats
+    signature: FileSignature | None
+
+
+class BadList(Exception):
+    pass
+
+
+def load_list(path: str, rule: str) -> LoadedList:
+    """Read and index one list file (blocking: call it off the event loop at runtime).
+
+    BadList when the file cannot be read, or has lines but not one usable entry (a half-written
+    or wrong file): the caller keeps the list it had.
+    """
+    sig = signature(path)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            entries, stats = parse_list(f)
+    except OSError as e:
+        raise BadList(f"cannot read {path}: {e.strerror or e}") from None
+    if not entries and stats.junk:
+        raise BadList(
+            f"{path}: no usable entry in {stats.junk} junk lines (first at lines "
+            f"{', '.join(map(str, stats.junk_lines))})"
+        )
+    return LoadedList(build_index(entries, rule), stats, sig)
+
+
+@dataclass
+class _Watched:
+    spec: FileSpec
+    loaded: LoadedList | None = None
+    pending: FileSignature | None = None
+    error: str | None = None
+    loads: int = 0
+
+
+def _log_loaded(spec: FileSpec, loaded: LoadedList, action: str) -> None:
+    s = loaded.stats
+    log.info(
+        "filter list %s %s: %d entries, %d comments, %d junk lines",
+        spec.path,
+        action,
+        s.entries,
+        s.comments,
+        s.junk,
+        extra={
+            "waypost": {
+                "rule": spec.rule,
+                "path": spec.path,
+                "entries": s.entries,
+                "comments": s.comments,
+                "junk": s.junk,
+                "junk_lines": list(s.junk_lines),
+            }
+        },
+    )
+
+
+# --- refusing a tunnel whose SNI is blocked -----------------------------------------------------
+
+
+class _CloseClient(layer.Layer):
+    """Takes the place of the tunnel's next layer and closes the client connection at once:
+    nothing the client sent (its ClientHello) is forwarded, and the origin never sees TLS."""
+
+    closed = False
+
+    def _handle_event(self, event: events.Event) -> Generator[commands.Command, Any, None]:
+        if not self.closed:
+            self.closed = True
+            yield commands.CloseConnection(self.context.client)
+
+
+# --- the addon ----------------------------------------------------------------------------------
+
+
+class Filter:
+    def __init__(self) -> None:
+        self.rules = Rules()
+        self.check_sni = True
+        self.reload_interval = 2.0
+        self.response_body = ""
+        self._inline_blocked = Source(None, "enforce", DomainIndex())
+        self._inline_allowed = Source(None, "enforce", DomainIndex())
+        self._files: dict[str, _Watched] = {}  # by rule id, in configuration order
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._running = False
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "filter_mode",
+            str,
+            "enforce",
+            "enforce: refuse filtered destinations with 403 DOMAIN_BLOCKED; shadow: let them pass and only log and count would_block.",
+            choices=policy.MODES,
+        )
+        loader.add_option(
+            "filter_list_mode",
+            str,
+            "blocklist",
+            "blocklist: refuse hosts in filter_blocked unless in filter_allowed; allowlist: only hosts in filter_allowed pass; mixed: only hosts in filter_allowed and not in filter_blocked pass.",
+            choices=LIST_MODES,
+        )
+        loader.add_option(
+            "filter_blocked",
+            Sequence[str],
+            [],
+            "Blocked hosts: example.com (that name), *.example.com (every subdomain, not example.com itself), or an IP address; each entry is its own rule id.",
+        )
+        loader.add_option(
+            "filter_allowed",
+            Sequence[str],
+            [],
+            "Allowed hosts, same syntax as filter_blocked: the allowlist, or exceptions to the blocklist in blocklist mode.",
+        )
+        loader.add_option(
+            "filter_files",
+            str,
+            "",
+            'List files as JSON: ["lists/ads.txt", {"path": "lists/ok.txt", "id": "ok", "list": "allowed", "mode": "shadow"}]; plain names, hosts-file and ||name^ lines; re-read when they change.',
+        )
+        loader.add_option(
+            "filter_ip_literals",
+            str,
+            "check",
+            "Targets given as IP addresses: allow (never filtered), deny (always refused), check (looked up as listed addresses and reverse-DNS names such as *.2.0.192.in-addr.arpa).",
+            choices=IP_LITERALS,
+        )
+        loader.add_option(
+            "filter_check_sni",
+            bool,
+            True,
+            "Also filter the TLS SNI inside CONNECT tunnels: a blocked SNI gets the client connection closed even when the CONNECT named an allowed host.",
+        )
+        loader.add_option(
+            "filter_reload_interval",
+            str,
+            "2s",
+            "How often list files are checked for changes (a changed file is re-read once it has stayed the same for one interval).",
+        )
+        loader.add_option(
+            "filter_response_body",
+            str,
+            "",
+            "Message of the 403 DOMAIN_BLOCKED JSON body; empty: a default naming the host and the rule.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        o = ctx.options
+        rebuild = False
+        if "filter_blocked" in updated or "filter_allowed" in updated:
+            try:
+                blocked = build_index(parse_patterns(o.filter_blocked))
+                allowed = build_index(parse_patterns(o.filter_allowed))
+            except ValueError as e:
+                raise exceptions.OptionsError(
+                    f"filter_blocked/filter_allowed: {e} (use example.com, *.example.com or an IP)"
+                ) from None
+            self._inline_blocked = self._inline_blocked._replace(index=blocked)
+            self._inline_allowed = self._inline_allowed._replace(index=allowed)
+            rebuild = True
+        if "filter_reload_interval" in updated:
+            try:
+                interval = parse_duration(o.filter_reload_interval)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"filter_reload_interval: {e}") from None
+            if interval <= 0:
+                raise exceptions.OptionsError("filter_reload_interval: must be more than 0s")
+            self.reload_interval = interval
+        if "filter_files" in updated:
+            try:
+                specs = parse_file_specs(o.filter_files)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"filter_files: {e}") from None
+            self._configure_files(specs)
+            rebuild = True
+        if updated & {"filter_mode", "filter_list_mode", "filter_ip_literals"}:
+            rebuild = True
+        if "filter_check_sni" in updated:
+            self.check_sni = o.filter_check_sni
+        if "filter_response_body" in updated:
+            self.response_body = o.filter_response_body
+        if rebuild:
+            self._rebuild()
+
+    def _configure_files(self, specs: tuple[FileSpec, ...]) -> None:
+        files: dict[str, _Watched] = {}
+        for spec in specs:
+            old = self._files.get(spec.rule)
+            if old is not None and old.spec.path == spec.path:
+                old.spec = spec  # list or mode may have changed; the parsed index stays
+                files[spec.rule] = old
+                continue
+            watched = _Watched(spec)
+            if not self._running:
+                # Startup: nothing is served yet, so the list is read here and a bad one stops
+                # the proxy rather than letting it run without the list.
+                try:
+                    watched.loaded = load_list(spec.path, spec.rule)
+                except BadList as e:
+                    raise exceptions.OptionsError(f"filter_files: {e}") from None
+                _log_loaded(spec, watched.loaded, "loaded")
+            elif not os.path.isfile(spec.path):
+                raise exceptions.OptionsError(f"filter_files: {spec.path} is not a file")
+            # At runtime the new file is read off the event loop by the watcher, and its
+            # entries apply from the moment it is parsed.
+            files[spec.rule] = watched
+        self._files = files
+
+    def _rebuild(self) -> None:
+        o = ctx.options
+        mode = o.filter_mode
+        blocked = [self._inline_blocked._replace(mode=mode)]
+        allowed = [self._inline_allowed._replace(mode=mode)]
+        for w in self._files.values():
+            if w.loaded is None:
+                continue
+            source = Source(w.spec.rule, w.spec.mode or mode, w.loaded.index)
+            (blocked if w.spec.list == "blocked" else allowed).append(source)
+        self.rules = Rules(
+            list_mode=o.filter_list_mode,
+            mode=mode,
+            blocked=tuple(s for s in blocked if len(s.index)),
+            allowed=tuple(s for s in allowed if len(s.index)),
+            ip_literals=o.filter_ip_literals,
+        )
+
+    # --- lifecycle ---
+
+    def running(self) -> None:
+        self._running = True
+        task = asyncio.get_running_loop().create_task(self._watch())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def done(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.reload_interval)
+            try:
+                await self.poll()
+            except Exception:  # the watcher must survive anything one file does
+                log.exception("filter list watcher failed; retrying")
+
+    async def poll(self) -> None:
+        """Check every list file once; re-read the ones that changed and have settled."""
+        for rule, w in list(self._files.items()):
+            sig = await asyncio.to_thread(signature, w.spec.path)
+            current = w.loaded.signature if w.loaded else None
+            if sig == current or sig is None:
+                if sig is None and w.error is None:
+                    w.error = f"{w.spec.path} is missing; keeping the list loaded before"
+                    log.warning("filter list %s", w.error)
+                w.pending = None
+                continue
+            if sig != w.pending:
+                # Changed since the last look: wait one interval for a writer to finish.
+                w.pending = sig
+                continue
+            w.pending = None
+            try:
+                loaded = await asyncio.to_thread(load_list, w.spec.path, rule)
+            except BadList as e:
+                w.error = str(e)
+                # Remember the signature so a bad file is reported once, not every interval.
+                if w.loaded is not None:
+                    w.loaded = w.loaded._replace(signature=sig)
+                else:
+                    w.loaded = LoadedList(DomainIndex(), ListStats(0, 0, 0, ()), sig)
+                log.warning(
+                    "filter list %s refused, keeping the list loaded before: %s", w.spec.path, e
+                )
+                continue
+            if self._files.get(rule) is not w:
+                continue  # reconfigured meanwhile
+            w.loaded, w.error = loaded, None
+            w.loads += 1
+            self._rebuild()  # one assignment: requests see the old or the new list, never half
+            _log_loaded(w.spec, loaded, "reloaded")
+
+    # --- management ---
+
+    def readiness_check(self) -> tuple[str, dict[str, Any]]:
+        lists = {
+            rule: {
+                "path": w.spec.path,
+                "entries": w.loaded.stats.entries if w.loaded else 0,
+                "junk": w.loaded.stats.junk if w.loaded else 0,
+                "error": w.error,
+            }
+            for rule, w in self._files.items()
+        }
+        ok = all(w.loaded is not None for w in self._files.values())
+        return "filter", {"ok": ok, "lists": lists}
+
+    # --- flow hooks ---
+
+    @errors.fail_closed
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        self._check(flow)
+
+    @errors.fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or flow.websocket:
+            return
+        if flow.request.method == "CONNECT" or errors.waypost(flow).get("local"):
+            return
+        self._check(flow)
+
+    def _check(self, flow: http.HTTPFlow) -> None:
+        rules = self.rules
+        if not (rules.blocked or rules.list_mode != "blocklist" or rules.ip_literals == "deny"):
+            return
+        host = host_key(flow.request.host)
+        verdict = decide(rules, host)
+        if verdict is None:
+            return
+        client = flow.client_conn.peername[0] if flow.client_conn.peername else None
+        if policy.decide(
+            POLICY,
+            verdict.rule,
+            client,
+            verdict.mode,
+            flow,
+            decision="block",
+            host=host,
+            entry=verdict.entry,
+        ):
+            errors.waypost(flow)["blocked_by"] = POLICY
+            flow.response = errors.make(
+                "DOMAIN_BLOCKED",
+                self.response_body or _message(host, verdict),
+                flow,
+                details={"rule": verdict.rule, "host": host},
+            )
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        if nextlayer.layer is not None or not self.check_sni:
+            return
+        context = nextlayer.context
+        # Only tunnels: a CONNECT's NextLayer has the HTTP layer beneath it and a target. A
+        # reverse listener's TLS carries the proxy's own name, which the lists do not judge.
+        if context.server.address is None or context.client.transport_protocol != "tcp":
+            return
+        if not any(isinstance(lay, HttpLayer) for lay in context.layers):
+            return
+        data = nextlayer.data_client()
+        if not starts_like_tls_record(data):
+            return
+        try:
+            hello = parse_client_hello(data)
+        except ValueError:
+            return  # not TLS after all; the next layer will say so
+        if hello is None or not hello.sni:
+            return  # incomplete: asked again with more data; no SNI: the CONNECT decided
+        rules = self.rules
+        host = host_key(hello.sni)
+        verdict = decide(rules, host)
+        if verdict is None:
+            return
+        client = context.client.peername[0] if context.client.peername else None
+        target = context.server.address
+        if policy.decide(
+            POLICY,
+            verdict.rule,
+            client,
+            verdict.mode,
+            None,
+            decision="block",
+            host=host,
+            entry=verdict.entry,
+            sni=True,
+            connect=f"{target[0]}:{target[1]}",
+        ):
+            nextlayer.layer = _CloseClient(context)
+
+
+def _message(host: str, verdict: Verdict) -> str:
+    if verdict.rule == "allowlist":
+        return f"Access to {host} is not allowed: it is not on the allowlist."
+    if verdict.rule == "ip_literals":
+        return "Access to IP addresses is not allowed by the proxy's domain filter."
+    if verdict.entry and verdict.entry != verdict.rule:
+        return f"Access to {host} is blocked by rule {verdict.rule!r} (entry {verdict.entry})."
+    return f"Access to {host} is blocked by rule {verdict.rule!r}."
+
+
+addons = [Filter()]
