@@ -34,9 +34,8 @@ import os
 import re
 import socket
 from collections.abc import Generator, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import idna
 import pydantic
@@ -47,6 +46,7 @@ from mitmproxy.proxy.layers.http import HttpLayer
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from addons import errors, policy
+from addons.profile import FilterFile
 from addons.units import parse_duration
 
 log = logging.getLogger("waypost.filter")
@@ -276,8 +276,7 @@ class Source(NamedTuple):
     index: DomainIndex
 
 
-@dataclass(frozen=True)
-class Rules:
+class Rules(NamedTuple):
     """Everything one decision reads; replaced whole (one assignment) on any change."""
 
     list_mode: str = "blocklist"
@@ -329,17 +328,13 @@ def decide(rules: Rules, host: str) -> Verdict | None:
 # --- option parsing -----------------------------------------------------------------------------
 
 
-class FileSpec(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+# One schema for the profile's `security.filtering.domains.files` and this option.
+FileSpec = FilterFile
 
-    path: str
-    id: str | None = None
-    list: Literal["blocked", "allowed"] = "blocked"
-    mode: Literal["enforce", "shadow"] | None = None
 
-    @property
-    def rule(self) -> str:
-        return self.id or Path(self.path).stem
+def rule_id(spec: FileSpec) -> str:
+    """A list file's rule id (its metric label): `id`, else the file name without suffix."""
+    return spec.id or Path(spec.path).stem
 
 
 _FILE_SPECS = pydantic.TypeAdapter(list[FileSpec | str])
@@ -361,9 +356,11 @@ def parse_file_specs(text: str) -> tuple[FileSpec, ...]:
     specs = tuple(FileSpec(path=s) if isinstance(s, str) else s for s in raw)
     seen: set[str] = set()
     for s in specs:
-        if s.rule in seen:
-            raise ValueError(f"two list files have the rule id {s.rule!r}; give them distinct ids")
-        seen.add(s.rule)
+        if rule_id(s) in seen:
+            raise ValueError(
+                f"two list files have the rule id {rule_id(s)!r}; give them distinct ids"
+            )
+        seen.add(rule_id(s))
     return specs
 
 
@@ -421,13 +418,14 @@ def load_list(path: str, rule: str) -> LoadedList:
     return LoadedList(build_index(entries, rule), stats, sig)
 
 
-@dataclass
 class _Watched:
-    spec: FileSpec
-    loaded: LoadedList | None = None
-    pending: FileSignature | None = None
-    error: str | None = None
-    loads: int = 0
+    """One list file: its spec, the list loaded from it, and the watcher's state."""
+
+    def __init__(self, spec: FileSpec) -> None:
+        self.spec = spec
+        self.loaded: LoadedList | None = None
+        self.pending: FileSignature | None = None  # a change seen, read once it settles
+        self.error: str | None = None
 
 
 def _log_loaded(spec: FileSpec, loaded: LoadedList, action: str) -> None:
@@ -441,7 +439,7 @@ def _log_loaded(spec: FileSpec, loaded: LoadedList, action: str) -> None:
         s.junk,
         extra={
             "waypost": {
-                "rule": spec.rule,
+                "rule": rule_id(spec),
                 "path": spec.path,
                 "entries": s.entries,
                 "comments": s.comments,
@@ -582,17 +580,17 @@ class Filter:
     def _configure_files(self, specs: tuple[FileSpec, ...]) -> None:
         files: dict[str, _Watched] = {}
         for spec in specs:
-            old = self._files.get(spec.rule)
+            old = self._files.get(rule_id(spec))
             if old is not None and old.spec.path == spec.path:
                 old.spec = spec  # list or mode may have changed; the parsed index stays
-                files[spec.rule] = old
+                files[rule_id(spec)] = old
                 continue
             watched = _Watched(spec)
             if not self._running:
                 # Startup: nothing is served yet, so the list is read here and a bad one stops
                 # the proxy rather than letting it run without the list.
                 try:
-                    watched.loaded = load_list(spec.path, spec.rule)
+                    watched.loaded = load_list(spec.path, rule_id(spec))
                 except BadList as e:
                     raise exceptions.OptionsError(f"filter_files: {e}") from None
                 _log_loaded(spec, watched.loaded, "loaded")
@@ -600,7 +598,7 @@ class Filter:
                 raise exceptions.OptionsError(f"filter_files: {spec.path} is not a file")
             # At runtime the new file is read off the event loop by the watcher, and its
             # entries apply from the moment it is parsed.
-            files[spec.rule] = watched
+            files[rule_id(spec)] = watched
         self._files = files
 
     def _rebuild(self) -> None:
@@ -611,7 +609,7 @@ class Filter:
         for w in self._files.values():
             if w.loaded is None:
                 continue
-            source = Source(w.spec.rule, w.spec.mode or mode, w.loaded.index)
+            source = Source(rule_id(w.spec), w.spec.mode or mode, w.loaded.index)
             (blocked if w.spec.list == "blocked" else allowed).append(source)
         self.rules = Rules(
             list_mode=o.filter_list_mode,
@@ -673,7 +671,6 @@ class Filter:
             if self._files.get(rule) is not w:
                 continue  # reconfigured meanwhile
             w.loaded, w.error = loaded, None
-            w.loads += 1
             self._rebuild()  # one assignment: requests see the old or the new list, never half
             _log_loaded(w.spec, loaded, "reloaded")
 

@@ -279,7 +279,7 @@ def test_parse_file_specs() -> None:
     specs = flt.parse_file_specs(
         '["lists/ads.txt", {"path": "x/ok.list", "list": "allowed", "mode": "shadow", "id": "ok"}]'
     )
-    assert [(s.rule, s.list, s.mode) for s in specs] == [
+    assert [(flt.rule_id(s), s.list, s.mode) for s in specs] == [
         ("ads", "blocked", None),
         ("ok", "allowed", "shadow"),
     ]
