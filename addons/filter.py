@@ -33,7 +33,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -157,6 +157,8 @@ _HOSTS_BOILERPLATE = frozenset(
     }
 )
 _INLINE_COMMENT = re.compile(r"\s#")
+# The addresses nearly every hosts-format blocklist uses: no need to parse them line after line.
+_SINKHOLES = frozenset({"0.0.0.0", "127.0.0.1", "::", "::1", "0"})
 
 
 class ListStats(NamedTuple):
@@ -177,7 +179,8 @@ def parse_line(line: str) -> list[Entry] | None:
         return None
     # A comment after an entry needs whitespace before `#`: `example.com##.ad` is an AdBlock
     # element-hiding rule, not `example.com` with a comment.
-    text = _INLINE_COMMENT.split(text, 1)[0].strip()
+    if "#" in text:
+        text = _INLINE_COMMENT.split(text, 1)[0].strip()
     if text.startswith("||"):
         if not text.endswith("^") or "/" in text or "$" in text:
             # Paths, options ($third-party, $important) and bare prefixes change what the rule
@@ -188,15 +191,15 @@ def parse_line(line: str) -> list[Entry] | None:
     tokens = text.split()
     if len(tokens) == 1:
         return [parse_pattern(tokens[0])]
-    if ip_literal(tokens[0]) is None:
+    if tokens[0] not in _SINKHOLES and ip_literal(tokens[0]) is None:
         raise ValueError("not a name, a hosts-file line or an AdBlock rule")
     return [Entry(normalise(t), False) for t in tokens[1:] if t.lower() not in _HOSTS_BOILERPLATE]
 
 
-def parse_list(lines: Iterable[str]) -> tuple[list[Entry], ListStats]:
-    """Every entry of a list file, with counts of what was skipped. Never raises for a line."""
-    entries: list[Entry] = []
-    comments = junk = 0
+def parse_list(lines: Iterable[str], sink: Callable[[Entry], None]) -> ListStats:
+    """Hand every entry of a list file to `sink`; count what was skipped. Never raises for a
+    line. Entries go straight into the index, so a million-line file is never held twice."""
+    entries = comments = junk = 0
     junk_lines: list[int] = []
     for number, line in enumerate(lines, 1):
         try:
@@ -206,13 +209,13 @@ def parse_list(lines: Iterable[str]) -> tuple[list[Entry], ListStats]:
             if len(junk_lines) < 5:
                 junk_lines.append(number)
             continue
-        if found is None:
-            comments += 1
-        elif found:
-            entries += found
-        else:
-            comments += 1  # a hosts line with only boilerplate names
-    return entries, ListStats(len(entries), comments, junk, tuple(junk_lines))
+        if not found:
+            comments += 1  # also a hosts line with only boilerplate names
+            continue
+        for entry in found:
+            sink(entry)
+        entries += len(found)
+    return ListStats(entries, comments, junk, tuple(junk_lines))
 
 
 # --- the index ----------------------------------------------------------------------------------
@@ -365,10 +368,7 @@ def parse_file_specs(text: str) -> tuple[FileSpec, ...]:
 
 
 def parse_patterns(specs: Sequence[str]) -> list[Entry]:
-    out = []
-    for spec in specs:
-        out.append(parse_pattern(spec))
-    return out
+    return [parse_pattern(spec) for spec in specs]
 
 
 # --- list files: loading and watching -----------------------------------------------------------
@@ -405,17 +405,18 @@ def load_list(path: str, rule: str) -> LoadedList:
     or wrong file): the caller keeps the list it had.
     """
     sig = signature(path)
+    index = DomainIndex()
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            entries, stats = parse_list(f)
+            stats = parse_list(f, lambda entry: index.add(entry, rule))
     except OSError as e:
         raise BadList(f"cannot read {path}: {e.strerror or e}") from None
-    if not entries and stats.junk:
+    if not stats.entries and stats.junk:
         raise BadList(
             f"{path}: no usable entry in {stats.junk} junk lines (first at lines "
             f"{', '.join(map(str, stats.junk_lines))})"
         )
-    return LoadedList(build_index(entries, rule), stats, sig)
+    return LoadedList(index, stats, sig)
 
 
 class _Watched:

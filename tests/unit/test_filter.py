@@ -146,7 +146,8 @@ def test_parse_list_counts_and_never_fails() -> None:
         "example.com##.ad",
         "c.example",
     ]
-    entries, stats = flt.parse_list(lines)
+    entries: list[Entry] = []
+    stats = flt.parse_list(lines, entries.append)
     assert [e.name for e in entries] == ["a.example", "b.example", "b.example", "c.example"]
     assert stats == flt.ListStats(entries=4, comments=3, junk=2, junk_lines=(4, 7))
 
@@ -455,3 +456,48 @@ async def test_watcher_task_starts_and_stops(tmp_path: Path) -> None:
         addon.done()
         await asyncio.sleep(0)
         assert task.cancelled() or task.done()
+
+
+# --- the profile section ----------------------------------------------------------------------
+
+
+def test_profile_section_becomes_the_flat_options(tmp_path: Path) -> None:
+    from addons import profile
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "security:\n"
+        "  filtering:\n"
+        "    mode: shadow\n"
+        "    list_mode: mixed\n"
+        "    domains:\n"
+        "      blocked: ['*.ads.example']\n"
+        "      files: [lists/a.txt, {path: lists/b.txt, id: bee, list: allowed, mode: enforce}]\n"
+        "    ip_literals: deny\n"
+        "    reload_interval: 500ms\n"
+        "    response: {body: No.}\n"
+        "  content_filtering: {blocked_types: [video/*], check_request: true}\n"
+    )
+    opts = profile.to_options(profile.load(path, {}).profile)
+    assert opts["filter_mode"] == "shadow"
+    assert opts["filter_list_mode"] == "mixed"
+    assert opts["filter_blocked"] == ["*.ads.example"]
+    assert json.loads(opts["filter_files"]) == [
+        {"path": "lists/a.txt", "list": "blocked"},
+        {"path": "lists/b.txt", "id": "bee", "list": "allowed", "mode": "enforce"},
+    ]
+    assert [flt.rule_id(s) for s in flt.parse_file_specs(opts["filter_files"])] == ["a", "bee"]
+    assert opts["filter_ip_literals"] == "deny"
+    assert opts["filter_reload_interval"] == "500ms"
+    assert opts["filter_response_body"] == "No."
+    assert opts["content_filter_blocked_types"] == ["video/*"]
+    assert opts["content_filter_check_request"] is True
+
+
+def test_profile_points_a_list_mode_in_mode_to_list_mode(tmp_path: Path) -> None:
+    from addons import profile
+
+    path = tmp_path / "p.yaml"
+    path.write_text("security:\n  filtering:\n    mode: allowlist\n")
+    with pytest.raises(profile.ProfileError, match=r"p\.yaml:3: .*allowlist goes in list_mode"):
+        profile.load(path, {})
