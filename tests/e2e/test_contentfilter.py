@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import Backend, status_of
-from tests.e2e.filter_helpers import TypeOrigin, read_response
+from tests.e2e.filter_helpers import TypeOrigin, poll, read_response
 
 SCRIPTS = ("addons/contentfilter.py",)
 BLOCKED = ["application/x-msdownload", "video/*", "/application/(x-)?zip/"]
@@ -134,5 +134,11 @@ def test_bundle_profile(proxy_factory, origin: TypeOrigin, tmp_path: Path):
         assert r.status_code == 403
         assert r.json()["error"]["rule"] == "video/*"
         assert c.get(f"http://127.0.0.1:{origin.port}/ct/text/html?n=1").status_code == 200
-    lines = [j for j in p.json_lines() if j.get("message") == "request"]
-    assert any(j.get("error_code") == "CONTENT_TYPE_BLOCKED" and j["status"] == 403 for j in lines)
+
+    def blocked_line() -> bool:  # the access line is written after the response went out
+        lines = [j for j in p.json_lines() if j.get("message") == "request"]
+        return any(
+            j.get("error_code") == "CONTENT_TYPE_BLOCKED" and j["status"] == 403 for j in lines
+        )
+
+    poll(blocked_line)
