@@ -11,7 +11,8 @@ Hooks:
 - `responseheaders`: a response whose Content-Type is blocked is replaced by 403
   CONTENT_TYPE_BLOCKED before any byte of its body reaches the client; the origin's body is read
   and dropped, so the connection to the origin stays usable.
-- `response`: puts the 403 body back where mitmproxy filled in the origin's (empty) body.
+- `response`: puts the 403 body back where mitmproxy filled in the origin's (empty) body, and
+  judges responses that never passed `responseheaders` (answered from the cache in `request`).
 
 It applies where the proxy sees HTTP: plain-HTTP proxying, reverse listeners and intercepted
 hosts. Passed-through HTTPS tunnels carry no visible Content-Type.
@@ -33,6 +34,7 @@ from addons import errors, policy
 log = logging.getLogger("waypost.contentfilter")
 
 POLICY = "content_filter"
+_CHECKED = "content_filter_checked"  # flow.metadata: responseheaders judged this response
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 
 
@@ -164,6 +166,7 @@ class ContentFilter:
             return
         if flow.websocket or errors.waypost(flow).get("local"):
             return
+        flow.metadata[_CHECKED] = True
         ctype = flow.response.headers.get("content-type")
         rule = match(self.patterns, ctype)
         if rule is None or not self._decide(flow, rule, ctype, "response"):
@@ -175,13 +178,29 @@ class ContentFilter:
         refusal.stream = _DropOrigin(refusal.raw_content or b"")
         flow.response = refusal
 
+    @errors.fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
-        if resp is not None and isinstance(resp.stream, _DropOrigin) and resp.stream.body:
-            # Not streamed (the origin's response had no body): mitmproxy replaced our body
-            # with the origin's empty one.
-            resp.content = b"" if flow.request.method == "HEAD" else resp.stream.body
-            resp.stream.body = None
+        if resp is None:
+            return
+        if isinstance(resp.stream, _DropOrigin):
+            if resp.stream.body:
+                # Not streamed (the origin's response had no body): mitmproxy replaced our
+                # body with the origin's empty one.
+                resp.content = b"" if flow.request.method == "HEAD" else resp.stream.body
+                resp.stream.body = None
+            return
+        if not self.patterns or flow.metadata.get(_CHECKED) or flow.error or not flow.live:
+            return
+        # A response set by an addon in `request` (a cache hit) never passed responseheaders;
+        # its body is in memory and not sent yet, so it is judged here. The proxy's own error
+        # answers are left alone.
+        if flow.websocket or errors.waypost(flow).get("error_code"):
+            return
+        ctype = resp.headers.get("content-type")
+        rule = match(self.patterns, ctype)
+        if rule is not None and self._decide(flow, rule, ctype, "response"):
+            flow.response = self._refusal(flow, rule, "response")
 
     def _decide(self, flow: http.HTTPFlow, rule: str, ctype: str | None, where: str) -> bool:
         client = flow.client_conn.peername[0] if flow.client_conn.peername else None

@@ -274,8 +274,12 @@ def test_bundle_profile_plain_http_and_connect(proxy_factory, backend: Backend, 
     # The trial list is in shadow mode: 127.0.0.1 passes and is counted as would_block.
     r = httpx.get(f"{backend.url}/echo/bundle", proxy=p.url, timeout=10, trust_env=False)
     assert r.status_code == 200
-    access = [j for j in p.json_lines() if j.get("message") == "request"]
-    blocked = poll(lambda: [j for j in access if j.get("error_code") == "DOMAIN_BLOCKED"] or None)
+
+    def blocked_lines() -> list[dict]:
+        access = [j for j in p.json_lines() if j.get("message") == "request"]
+        return [j for j in access if j.get("error_code") == "DOMAIN_BLOCKED"]
+
+    blocked = poll(blocked_lines)
     assert blocked[0]["rule"] == "*.ads.test"
     audit = [j for j in p.json_lines() if j.get("logger") == "waypost.audit"]
     assert any(j["decision"] == "would_block" and j["rule"] == "trial" for j in audit)

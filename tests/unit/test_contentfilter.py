@@ -115,3 +115,22 @@ def test_invalid_regex_is_an_option_error() -> None:
     with taddons.context(addon) as tctx:
         with pytest.raises(exceptions.OptionsError, match="content_filter_blocked_types"):
             tctx.configure(addon, content_filter_blocked_types=["/[/"])
+
+
+def test_response_set_in_request_is_judged_in_response() -> None:
+    # A cache hit is answered in `request`: responseheaders never runs for it.
+    addon = cf.ContentFilter()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, content_filter_blocked_types=["video/*"])
+        f = _response_flow("video/mp4")
+        addon.response(f)
+        assert f.response.status_code == 403
+        ok = _response_flow("video/mp4")
+        addon.responseheaders(ok)  # judged once already (blocked)
+        first = ok.response
+        addon.response(ok)
+        assert ok.response is first
+        own = _response_flow("video/mp4")
+        errors.waypost(own)["error_code"] = "BACKEND_UNREACHABLE"
+        addon.response(own)
+        assert own.response.status_code == 200
