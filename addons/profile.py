@@ -270,6 +270,8 @@ class SecurityHeaders(_Section):
         if v and not re.match(r"(?i)\s*max-age=\d+\s*(;|$)", v):
             raise ValueError("HSTS starts with max-age=<seconds> (RFC 6797 §6.1)")
         return v
+
+
 PolicyMode = Literal["enforce", "shadow"]
 
 
