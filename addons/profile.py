@@ -465,6 +465,165 @@ class Cache(_Section):
         return self
 
 
+_ROUTE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+
+
+def _backend_url(value: Any) -> str:
+    """`http://host[:port]` or `https://...`, no path: a backend the router connects to."""
+    from urllib.parse import urlsplit
+
+    text = str(value).strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"not a backend URL: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("a backend is a URL such as http://10.0.0.5:8080 (http or https)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError("a backend URL has no path, query or credentials (http://host:port)")
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{shown}:{port or (443 if parts.scheme == 'https' else 80)}"
+
+
+BackendUrl = Annotated[str, BeforeValidator(_backend_url)]
+
+
+def _route_id(value: Any) -> str:
+    if not isinstance(value, str) or not _ROUTE_ID.fullmatch(value):
+        raise ValueError("an id is 1-64 letters, digits and _.:- (it becomes a metric label)")
+    return value
+
+
+RouteId = Annotated[str, BeforeValidator(_route_id)]
+
+
+def _methods(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _host_pattern(value: Any) -> str:
+    text = str(value).strip().lower().rstrip(".")
+    body = text[2:] if text.startswith("*.") else text
+    if text != "*" and (not body or "*" in body or "/" in body or " " in body):
+        raise ValueError("a host is a name (api.example.com), *.example.com or *")
+    return text
+
+
+def _path_pattern(value: Any) -> str:
+    text = str(value)
+    if not text.startswith("/"):
+        raise ValueError(
+            "a path starts with / (a prefix such as /api, or a glob such as /static/*)"
+        )
+    return text
+
+
+class HeaderMatch(_Section):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
+    value: str | None = None
+    regex: str | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> HeaderMatch:
+        if self.value is not None and self.regex is not None:
+            raise ValueError("a header match has a value or a regex, not both")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as e:
+                raise ValueError(f"regex {self.regex!r} does not compile: {e}") from None
+        return self
+
+
+class RouteMatch(_Section):
+    host: Annotated[str, BeforeValidator(_host_pattern)] | None = None
+    path: Annotated[str, BeforeValidator(_path_pattern)] | None = None
+    headers: list[HeaderMatch] = []
+    method: Annotated[list[Method], BeforeValidator(_methods)] = []
+
+
+class BackendSpec(_Section):
+    url: BackendUrl
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    name: RouteId | None = None
+
+
+class RouteForward(_Section):
+    target: BackendUrl | None = None
+    backends: list[BackendSpec] = []
+    strategy: Literal["round_robin", "weighted_round_robin", "least_connections"] = "round_robin"
+    strip_prefix: Annotated[str, BeforeValidator(_path_pattern)] | None = None
+    timeout: Duration | None = None
+    preserve_host: bool = False
+
+    @model_validator(mode="after")
+    def _one_target(self) -> RouteForward:
+        if (self.target is None) == (not self.backends):
+            raise ValueError("forward needs either target (one URL) or backends (a pool)")
+        return self
+
+
+class RouteRule(_Section):
+    name: RouteId | None = None
+    match: RouteMatch = RouteMatch()
+    forward: RouteForward
+    cache: bool | None = None
+
+
+class Listener(_Section):
+    # forward: the forward proxy (server.host/server.port unless given); reverse: every
+    # request is routed by routing.rules / routing.default_backend.
+    mode: Literal["forward", "reverse"] = "reverse"
+    host: str | None = None
+    port: Port | None = None
+
+
+class Retries(_Section):
+    max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    backoff: Duration = 0.025
+    max_backoff: Duration = 1.0
+    budget_percent: Annotated[float, Field(ge=0, le=100)] = 20.0
+    budget_min: Annotated[int, Field(ge=0)] = 3
+
+
+class Routing(_Section):
+    listeners: list[Listener] = []
+    default_backend: BackendUrl | None = None
+    rules: list[RouteRule] = []
+    retries: Retries = Retries()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Routing:
+        names = [r.name for r in self.rules if r.name]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"rule names must be unique: {', '.join(dup)}")
+        reverse = [x for x in self.listeners if x.mode == "reverse"]
+        if reverse and not (self.default_backend or self.rules):
+            raise ValueError("a reverse listener needs routing.rules or routing.default_backend")
+        if any(x.mode == "reverse" and x.port is None for x in self.listeners):
+            raise ValueError("a reverse listener needs a port")
+        return self
+
+
+class HealthChecks(_Section):
+    enabled: bool = True
+    interval: Duration = 10.0
+    timeout: Duration = 2.0
+    path: Annotated[str, BeforeValidator(_path_pattern)] = "/health"
+    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
+    healthy_threshold: Annotated[int, Field(ge=1)] = 2
+
+
+class CircuitBreaker(_Section):
+    enabled: bool = True
+    failure_threshold: Annotated[int, Field(ge=1)] = 5
+    timeout: Duration = 30.0
+    success_threshold: Annotated[int, Field(ge=1)] = 2
+
+
 class Profile(_Section):
     server: Server = Server()
     logging: Logging = Logging()
@@ -476,6 +635,9 @@ class Profile(_Section):
     cli: Cli = Cli()
     compression: Compression = Compression()
     cache: Cache = Cache()
+    routing: Routing = Routing()
+    health_checks: HealthChecks = HealthChecks()
+    circuit_breaker: CircuitBreaker = CircuitBreaker()
     # Core mitmproxy options by their own names (block_global, connection_strategy, ...);
     # checked against the running mitmproxy's options when applied.
     mitmproxy: dict[str, Any] = {}
@@ -575,6 +737,16 @@ def _filter_files(files: list[FilterFile]) -> str:
     if not files:
         return ""
     return json.dumps([f.model_dump(exclude_none=True) for f in files])
+
+
+def _int(value: float) -> int:
+    return int(round(value))
+
+
+def _json_list(models: list[BaseModel]) -> str:
+    import json
+
+    return json.dumps([m.model_dump(mode="json", exclude_none=True) for m in models])
 
 
 # Every flat option a profile sets: option -> (profile key path, conversion to the option's
@@ -686,6 +858,32 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
         _same,
     ),
     "secheaders_override": (("security", "headers", "override"), _same),
+    "routing_rules": (("routing", "rules"), lambda rules: _json_list(rules)),
+    "routing_default_backend": (("routing", "default_backend"), lambda v: v or ""),
+    "router_retries_max_attempts": (("routing", "retries", "max_attempts"), _same),
+    "router_retries_backoff": (("routing", "retries", "backoff"), format_duration),
+    "router_retries_max_backoff": (("routing", "retries", "max_backoff"), format_duration),
+    "router_retries_budget_percent": (("routing", "retries", "budget_percent"), _int),
+    "router_retries_budget_min": (("routing", "retries", "budget_min"), _same),
+    "router_health_checks_enabled": (("health_checks", "enabled"), _same),
+    "router_health_checks_interval": (("health_checks", "interval"), format_duration),
+    "router_health_checks_timeout": (("health_checks", "timeout"), format_duration),
+    "router_health_checks_path": (("health_checks", "path"), _same),
+    "router_health_checks_unhealthy_threshold": (
+        ("health_checks", "unhealthy_threshold"),
+        _same,
+    ),
+    "router_health_checks_healthy_threshold": (("health_checks", "healthy_threshold"), _same),
+    "router_circuit_breaker_enabled": (("circuit_breaker", "enabled"), _same),
+    "router_circuit_breaker_failure_threshold": (
+        ("circuit_breaker", "failure_threshold"),
+        _same,
+    ),
+    "router_circuit_breaker_timeout": (("circuit_breaker", "timeout"), format_duration),
+    "router_circuit_breaker_success_threshold": (
+        ("circuit_breaker", "success_threshold"),
+        _same,
+    ),
 }
 
 # Core mitmproxy options the bundle sets unless the profile's `mitmproxy:` section or the
@@ -703,7 +901,36 @@ def to_options(profile: Profile) -> dict[str, Any]:
         for key in path:
             value = getattr(value, key)
         out[option] = convert(value)
-    return out | CORE_DEFAULTS | profile.mitmproxy
+    return out | CORE_DEFAULTS | listener_options(profile) | profile.mitmproxy
+
+
+def listener_options(profile: Profile) -> dict[str, Any]:
+    """Core options for `routing.listeners`: mitmproxy modes, lazy connects, the client's Host.
+
+    A reverse listener's target is only where mitmproxy points the flow before the router
+    rewrites it (routing.default_backend, else the first rule's first backend). Lazy
+    connects are what per-request backend choice needs (an eager reverse listener connects to
+    that target when the client connects), and the client's Host header is kept so host rules
+    can match it (the router rewrites Host per rule).
+    """
+    routing = profile.routing
+    if not routing.listeners:
+        return {}
+    first = routing.rules[0].forward if routing.rules else None
+    target = routing.default_backend or (
+        first.target or first.backends[0].url if first is not None else None
+    )
+    modes = []
+    for lst in routing.listeners:
+        port = lst.port if lst.port is not None or not lst.host else profile.server.port
+        at = ""
+        if port is not None:
+            at = f"@{lst.host}:{port}" if lst.host else f"@{port}"
+        if lst.mode == "forward":
+            modes.append(f"regular{at}")
+        elif target is not None:  # always, see Routing._consistent
+            modes.append(f"reverse:{target}{at}")
+    return {"mode": modes, "connection_strategy": "lazy", "keep_host_header": True}
 
 
 def _parse_yaml(text: str, source: str) -> tuple[Any, dict[tuple[str | int, ...], int], list[str]]:
