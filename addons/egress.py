@@ -11,6 +11,9 @@ Hooks:
 - `server_connect`: the last line of defence for every upstream connection. Resolves the name
   (cached), checks every address, and pins the connection to the checked IP so DNS rebinding
   between check and connect cannot work. A refused connection is killed.
+- Backends the operator configured in the router addon (`routing.rules`, `default_backend`)
+  are exempt from `block_private` when dialled for a reverse listener or for a request the
+  router routed (the router's `egress_exempt`); a forward client's own target never is.
 - `server_connected` / `server_connect_error`: put the hostname back as `server.address` once the
   socket is open, so TLS SNI and certificate checks use the name and mitmproxy's per-client
   connection reuse (which matches on `address`) keeps working.
@@ -35,8 +38,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 from cachetools import LRUCache, TTLCache
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addons import errors
 
@@ -405,11 +409,13 @@ class Egress:
             known = self._local[ip] = is_local_address(ip)
         return known
 
-    def _verdict(self, ips: Sequence[IPAddress], port: int) -> Verdict | None:
+    def _verdict(
+        self, ips: Sequence[IPAddress], port: int, operator_backend: bool = False
+    ) -> Verdict | None:
         return check(
             ips,
             port,
-            block_private=self.block_private,
+            block_private=self.block_private and not operator_backend,
             allowed=self.allowed,
             listen_addrs=_management_addrs(),
             is_local=self._is_local,
@@ -445,7 +451,12 @@ class Egress:
             ips = await self.resolve(host)
         except ResolveError:
             return  # server_connect refuses to dial an unresolvable name; mitmproxy says 502
-        verdict = self._verdict(ips, flow.request.port)
+        # On a reverse listener the target is the operator's, not the client's: a configured
+        # backend may be private. A forward client's own target is never exempt.
+        exempt = isinstance(flow.client_conn.proxy_mode, ReverseMode) and _operator_backend(
+            flow.client_conn, (host, flow.request.port)
+        )
+        verdict = self._verdict(ips, flow.request.port, exempt)
         if verdict is not None:
             self._deny(flow, verdict.rule, verdict.reason, "this destination")
 
@@ -490,7 +501,7 @@ class Egress:
             # Never let mitmproxy resolve the name again itself: that answer would be unchecked.
             server.error = f"Cannot resolve {name}: {e}"
             return
-        verdict = self._verdict(ips, port)
+        verdict = self._verdict(ips, port, _operator_backend(data.client, (name, port)))
         if verdict is not None:
             # mitmproxy shows this text to the client (in its 502 page): the rule, not the IP.
             server.error = f"{KILL_PREFIX} ({verdict.rule})"
@@ -544,6 +555,18 @@ def _cli_addrs() -> Sequence[tuple[str, int]]:
     except AttributeError:
         return ()
     return getattr(cli, "listen_addrs", None) or ()
+
+
+def _operator_backend(client: connection.Client, address: tuple[str, int]) -> bool:
+    """Whether the router addon (if loaded) says `address` is a backend the operator configured
+    for this client's request: those are exempt from block_private (the management port
+    check still applies)."""
+    try:
+        router = ctx.master.addons.get("router")
+    except AttributeError:  # no master outside a running proxy
+        return False
+    exempt = getattr(router, "egress_exempt", None)
+    return bool(exempt(client, address)) if exempt is not None else False
 
 
 def _client_ip(peername: tuple[str, int] | None) -> str:

@@ -6,8 +6,10 @@ method set, the status code and the `decision`/`rule` ids other addons record in
 `errors.waypost(flow)`, never from raw hosts or paths.
 
 Metrics:
-    http_requests_total{method,status}        requests answered (CONNECT counts as CONNECT;
-                                              status "error" when no response was sent)
+    http_requests_total{method,status,backend}
+                                              requests answered (CONNECT counts as CONNECT;
+                                              status "error" when no response was sent;
+                                              backend: the router's backend name, else "")
     http_request_duration_seconds             request start to response end (histogram)
     http_request_bytes_total{direction}       body bytes, "in" from clients, "out" to clients
     proxy_active_connections                  open client connections
@@ -65,7 +67,7 @@ class Store:
     """
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, int | str], int] = {}
+        self.requests: dict[tuple[str, int | str, str], int] = {}
         self.buckets = [0] * (len(BUCKETS) + 1)  # per bucket, not cumulative; last is +Inf
         self.duration_sum = 0.0
         self.bytes = [0, 0]  # in, out
@@ -75,11 +77,11 @@ class Store:
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "http_requests_total",
-            "Requests answered, by method and response status.",
-            labels=["method", "status"],
+            "Requests answered, by method, response status and backend (router addon).",
+            labels=["method", "status", "backend"],
         )
-        for (method, status), n in self.requests.items():
-            requests.add_metric([method, str(status)], n)
+        for (method, status, backend), n in self.requests.items():
+            requests.add_metric([method, str(status), backend], n)
         yield requests
         cumulative, acc = [], 0
         for bound, n in zip((*map(floatToGoString, BUCKETS), "+Inf"), self.buckets, strict=True):
@@ -139,7 +141,8 @@ def _record(flow: http.HTTPFlow, status: int | str, end: float) -> None:
     st = STORE
     req = flow.request
     method = req.method
-    key = (method if method in METHODS else "OTHER", status)
+    # The backend is a config id (the router's backend name), never the client's host.
+    key = (method if method in METHODS else "OTHER", status, meta.get("backend", ""))
     st.requests[key] = st.requests.get(key, 0) + 1
     elapsed = end - req.timestamp_start
     if elapsed < 0.0:

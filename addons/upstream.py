@@ -25,7 +25,9 @@ records and logs the failure), `http_connect_error` (CONNECT failures).
 Options:
 - `upstream_connect_timeout` (str, "10s"): TCP connect (DNS included) to the origin.
 - `upstream_read_timeout` (str, "60s"): wait for response headers after the request, and for
-  each next byte of the response body.
+  each next byte of the response body. A routing rule's `timeout` (`errors.waypost(flow)
+  ["read_timeout"]`, set by the router) overrides it per request (checked at the sweep's
+  granularity: read_timeout/10, 50 ms to 1 s).
 
 How the timeouts work, without patching:
 - Connect: `ConnectionHandler.open_connection` runs the `server_connect` hook inside the very
@@ -385,8 +387,10 @@ class Upstream:
                 del self._reading[flow.id]
                 continue
             server = flow.server_conn
+            # A routing rule's `timeout` (addons/router.py) overrides the global one.
+            timeout = errors.waypost(flow).get("read_timeout") or self.read_timeout
             deadline = read_deadline(
-                self.read_timeout,
+                timeout,
                 flow.request.timestamp_end or now,
                 server.timestamp_tcp_setup,
                 flow.response is not None,

@@ -18,8 +18,8 @@ def value(name: str, **labels: str) -> float:
     return REG.get_sample_value(name, labels) or 0.0
 
 
-def requests(method: str, status: str) -> float:
-    return value("http_requests_total", method=method, status=status)
+def requests(method: str, status: str, backend: str = "") -> float:
+    return value("http_requests_total", method=method, status=status, backend=backend)
 
 
 @pytest.mark.parametrize(

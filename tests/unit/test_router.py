@@ -1,0 +1,279 @@
+"""The router addon through mitmproxy's taddons/tflow, and its profile sections."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.proxy import mode_specs
+from mitmproxy.test import taddons, tflow, tutils
+
+from addons import errors, profile, router
+from addons.router import Router
+
+A = "http://10.0.0.1:8080"
+B = "http://10.0.0.2:8080"
+
+
+def rules(*items: dict) -> str:
+    return json.dumps(list(items))
+
+
+def _flow(host: str = "api.example.com", path: str = "/v1/users", method: str = "GET", **kw):
+    f = tflow.tflow(
+        req=tutils.treq(
+            method=method.encode(), host=host, port=80, path=path.encode(), headers=(), **kw
+        )
+    )
+    f.request.headers["Host"] = host
+    return f
+
+
+def _reverse(f):
+    f.client_conn.proxy_mode = mode_specs.ProxyMode.parse("reverse:http://10.0.0.1:8080")
+    return f
+
+
+def test_forward_mode_rule_matches_and_rewrites_in_request() -> None:
+    r = Router()
+    with taddons.context(r) as tctx:
+        tctx.configure(
+            r,
+            routing_rules=rules(
+                {"name": "api", "match": {"host": "api.example.com", "path": "/v1"},
+                 "forward": {"target": A, "strip_prefix": "/v1", "timeout": 5}, "cache": True}
+            ),
+        )  # fmt: skip
+        f = _flow()
+        r.requestheaders(f)
+        meta = errors.waypost(f)
+        assert meta["route"] == "api" and meta["route_cache"] is True
+        assert f.request.host == "api.example.com"  # not yet: the cache looks up first
+        r.request(f)
+        assert (f.request.host, f.request.port, f.request.path) == ("10.0.0.1", 8080, "/users")
+        assert f.request.headers["Host"] == "10.0.0.1:8080"
+        assert meta["backend"] == "10.0.0.1:8080" and meta["read_timeout"] == 5
+        other = _flow(host="www.example.com")
+        r.requestheaders(other)
+        r.request(other)
+        assert "route" not in errors.waypost(other) and other.request.host == "www.example.com"
+
+
+def test_non_get_requests_are_rewritten_in_requestheaders() -> None:
+    r = Router()
+    with taddons.context(r) as tctx:
+        tctx.configure(r, routing_rules=rules({"forward": {"target": A, "preserve_host": True}}))
+        f = _flow(method="POST")
+        r.requestheaders(f)
+        assert f.request.host == "10.0.0.1"
+        assert f.request.headers["Host"] == "api.example.com"  # preserve_host
+        assert errors.waypost(f)["route"] == "rule1"
+
+
+def test_reverse_mode_default_backend_and_404() -> None:
+    r = Router()
+    with taddons.context(r) as tctx:
+        tctx.configure(r, routing_default_backend=B)
+        f = _reverse(_flow())
+        r.requestheaders(f)
+        r.request(f)
+        assert f.request.host == "10.0.0.2" and errors.waypost(f)["route"] == "default"
+        tctx.configure(
+            r,
+            routing_default_backend="",
+            routing_rules=rules({"name": "x", "match": {"path": "/x"}, "forward": {"target": A}}),
+        )
+        f = _reverse(_flow())
+        r.requestheaders(f)
+        assert f.response.status_code == 404
+        assert errors.waypost(f)["error_code"] == "NOT_FOUND"
+
+
+def test_all_circuits_open_answers_503_at_once() -> None:
+    r = Router()
+    with taddons.context(r) as tctx:
+        tctx.configure(
+            r,
+            routing_rules=rules({"forward": {"backends": [{"url": A}, {"url": B}]}}),
+            router_circuit_breaker_failure_threshold=1,
+        )
+        for b in r.backends.values():
+            b.breaker.record(False, 0.0)
+            b.breaker.opened_at = 1e18  # far in the future: stays open
+        f = _flow()
+        r.requestheaders(f)
+        r.request(f)
+        assert f.response.status_code == 503
+        body = json.loads(f.response.content)
+        assert body["error"]["code"] == "CIRCUIT_OPEN"
+
+
+def test_responses_feed_the_breaker_and_retry_after() -> None:
+    r = Router()
+    with taddons.context(r) as tctx:
+        tctx.configure(
+            r,
+            routing_rules=rules({"forward": {"target": A}}),
+            router_circuit_breaker_failure_threshold=2,
+        )
+        backend = r.backends["10.0.0.1:8080"]
+        for status in (502, 504):
+            f = _flow()
+            r.requestheaders(f)
+            r.request(f)
+            assert backend.active == 1
+            f.response = tutils.tresp(status_code=status)
+            r.response(f)
+            assert backend.active == 0
+        assert backend.breaker.state == "open"
+        assert [x.reason for x in backend.failures] == ["status 502", "status 504"]
+        tctx.configure(r, router_circuit_breaker_enabled=False)
+        f = _flow()
+        r.requestheaders(f)
+        r.request(f)
+        f.response = tutils.tresp(status_code=503, headers=((b"Retry-After", b"20"),))
+        r.response(f)
+        assert not backend.available(0.0 + backend.unavailable_until - 1, breaker_enabled=False)
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("routing_rules", "not json", "routing_rules: "),
+        ("routing_rules", rules({"forward": {}}), "forward needs either target"),
+        ("routing_rules", rules({"forward": {"target": "ftp://x"}}), "a backend is a URL"),
+        (
+            "routing_rules",
+            rules({"match": {"headers": [{"name": "X", "regex": "("}]}, "forward": {"target": A}}),
+            "does not compile",
+        ),
+        ("routing_default_backend", "http://x/path", "routing_default_backend: a backend URL has no path"),
+        ("router_retries_backoff", "soon", "router_retries_backoff"),
+        ("router_circuit_breaker_failure_threshold", 0, "at least 1"),
+    ],
+)  # fmt: skip
+def test_option_errors(option: str, value: object, message: str) -> None:
+    r = Router()
+    with taddons.context(r) as tctx:
+        with pytest.raises(exceptions.OptionsError, match=message.replace("(", r"\(")):
+            tctx.configure(r, **{option: value})
+
+
+def test_backend_state_survives_a_reload_and_egress_exemption() -> None:
+    r = Router()
+    with taddons.context(r) as tctx:
+        tctx.configure(r, routing_rules=rules({"forward": {"target": A}}))
+        backend = r.backends["10.0.0.1:8080"]
+        backend.breaker.record(False, 0.0)
+        tctx.configure(r, routing_rules=rules({"name": "renamed", "forward": {"target": A}}))
+        assert r.backends["10.0.0.1:8080"] is backend
+        f = _flow()
+        assert not r.egress_exempt(f.client_conn, ("10.0.0.1", 8080))  # forward, not routed
+        r.requestheaders(f)
+        r.request(f)
+        assert r.egress_exempt(f.client_conn, ("10.0.0.1", 8080))
+        assert not r.egress_exempt(f.client_conn, ("10.0.0.9", 8080))
+        rev = _reverse(_flow())
+        assert r.egress_exempt(rev.client_conn, ("10.0.0.1", 8080))
+        r.client_disconnected(f.client_conn)
+        assert not r.egress_exempt(f.client_conn, ("10.0.0.1", 8080))
+        name, check = r.readiness_check()
+        assert name == "backends" and check["ok"] is True
+        assert check["backends"]["10.0.0.1:8080"] == {
+            "status": "healthy",
+            "circuit": "closed",
+            "url": A,
+        }
+
+
+def test_retry_patch_is_installed_on_checked_versions() -> None:
+    r = Router()
+    with taddons.context(r):
+        assert r._patched is (router.version.VERSION in router.CHECKED_VERSIONS)
+        if r._patched:
+            stream = router.http_layer.HttpStream
+            assert stream.make_server_connection is router._make_server_connection
+    r.done()
+    assert router.http_layer.HttpStream.make_server_connection is not router._make_server_connection
+
+
+# --- profile sections ------------------------------------------------------------------------
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_profile_rule_errors_carry_their_line(tmp_path: Path) -> None:
+    text = """\
+routing:
+  rules:
+    - name: ok
+      forward: {target: "http://10.0.0.1:80"}
+    - name: bad
+      match:
+        headers:
+          - {name: X-Env, regex: "("}
+      forward: {target: "http://10.0.0.1:80"}
+    - name: nothing
+      forward: {}
+circuit_breaker: {failure_threshold: 0}
+"""
+    with pytest.raises(profile.ProfileError) as e:
+        profile.load(write(tmp_path, text), {})
+    problems = "\n".join(e.value.problems)
+    assert ":8: routing.rules.1.match.headers.0: regex '(' does not compile" in problems
+    assert ":11: routing.rules.2.forward: forward needs either target" in problems
+    assert ":12: circuit_breaker.failure_threshold" in problems
+
+
+def test_profile_listeners_become_modes(tmp_path: Path) -> None:
+    text = """\
+server: {port: 8080}
+routing:
+  listeners: [{mode: forward}, {mode: reverse, port: 8081}, {mode: reverse, host: 0.0.0.0, port: 8082}]
+  default_backend: http://app.internal
+"""
+    opts = profile.to_options(profile.load(write(tmp_path, text), {}).profile)
+    assert opts["mode"] == [
+        "regular",
+        "reverse:http://app.internal:80@8081",
+        "reverse:http://app.internal:80@0.0.0.0:8082",
+    ]
+    assert opts["connection_strategy"] == "lazy" and opts["keep_host_header"] is True
+    assert opts["routing_default_backend"] == "http://app.internal:80"
+    assert "mode" not in profile.to_options(profile.Profile())
+
+
+def test_profile_reverse_listener_needs_a_backend(tmp_path: Path) -> None:
+    with pytest.raises(
+        profile.ProfileError, match="needs routing.rules or routing.default_backend"
+    ):
+        profile.load(write(tmp_path, "routing: {listeners: [{port: 8081}]}\n"), {})
+
+
+def test_profile_rules_round_trip_through_the_flat_option(tmp_path: Path) -> None:
+    text = """\
+routing:
+  rules:
+    - name: api
+      match: {host: "*.Example.com", path: /api, method: get, headers: [{name: X-A, value: "1"}]}
+      forward:
+        backends: [{url: "http://10.0.0.1:8080", weight: 3}, {url: "http://10.0.0.2"}]
+        strategy: weighted_round_robin
+        strip_prefix: /api
+        timeout: 2s
+      cache: false
+"""
+    opts = profile.to_options(profile.load(write(tmp_path, text), {}).profile)
+    parsed = router.parse_rules(opts["routing_rules"])
+    assert parsed[0].match.host == "*.example.com" and parsed[0].match.method == ["GET"]
+    assert parsed[0].forward.timeout == 2.0 and parsed[0].cache is False
+    r = Router()
+    with taddons.context(r) as tctx:
+        tctx.configure(r, routing_rules=opts["routing_rules"])
+        assert [b.name for b in r.routes[0].pool.backends] == ["10.0.0.1:8080", "10.0.0.2:80"]
