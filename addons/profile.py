@@ -1082,6 +1082,12 @@ def main(argv: list[str]) -> int:
         f"  acl          {_acl_summary(p.security.acl)}\n"
         f"  rate limit   {_rate_summary(p.security.rate_limiting)}\n"
         f"  sec headers  {'on' if p.security.headers.enabled else 'off'}\n"
+        f"  routing      {len(p.routing.rules)} rules, default backend "
+        f"{p.routing.default_backend or 'none'}, listeners "
+        f"{', '.join(listener_options(p).get('mode', [])) or '(mitmproxy default)'}; health checks "
+        f"{'every ' + format_duration(p.health_checks.interval) if p.health_checks.enabled else 'off'}"
+        f", circuit breaker "
+        f"{'after ' + str(p.circuit_breaker.failure_threshold) + ' failures' if p.circuit_breaker.enabled else 'off'}\n"
         f"  mitmproxy    {', '.join(f'{k}={v}' for k, v in p.mitmproxy.items()) or '(defaults)'}"
     )
     return 0

@@ -13,10 +13,11 @@ Hooks:
   HEAD, which the cache never looks up) are also rewritten here.
 - `request`: choose the backend and rewrite the target (scheme, host, port, strip_prefix,
   Host header); records `["backend"]`. Runs after the cache looked up the client's URL.
-- `waypost_connect_failed` (our own event, fired by the patch below): a connect to the chosen
-  backend failed before any byte was sent; for idempotent methods, within the per-request
-  attempt cap and the global retry budget, wait (exponential backoff, full jitter) and point
-  the flow at another backend; mitmproxy then connects again.
+- `waypost_upstream_failed` (our own event, fired by the patches below): the connect to the
+  chosen backend failed, or its connection failed before any response byte; for idempotent
+  methods, within the per-request attempt cap and the global retry budget, wait (exponential
+  backoff, full jitter) and point the flow at another backend; mitmproxy then connects (and,
+  in the second case, sends the request) again. Read timeouts are not retried.
 - `response` / `error`: passive health and breaker accounting, per-backend latency and
   errors; a 503 with `Retry-After` takes the backend out of rotation for that long.
 - `server_connect_error`: keeps mitmproxy from answering later requests on the same client
@@ -31,11 +32,16 @@ Options (flat; a profile's `routing`, `health_checks`, `circuit_breaker` section
 `router_health_checks_{enabled,interval,timeout,path,unhealthy_threshold,healthy_threshold}`,
 `router_circuit_breaker_{enabled,failure_threshold,timeout,success_threshold}`.
 
-The retry patch (version-guarded for mitmproxy 11.0.2 and 12.3.1, undone in `done`):
-`HttpStream.make_server_connection` asks for a connection once and answers 502 on failure;
-the patched copy, for flows this addon routed, fires `waypost_connect_failed` (a blocking
-hook: mitmproxy awaits it) and asks again when the addon pointed the flow elsewhere. On any
-other version there are no retries (a WARNING says so); everything else works.
+The retry patches (version-guarded for mitmproxy 11.0.2 and 12.3.1, undone in `done`), both
+only for flows this addon routed, both firing `waypost_upstream_failed` (a blocking hook:
+mitmproxy awaits it) and going on only when the addon pointed the flow elsewhere:
+- `HttpStream.make_server_connection` asks for a connection once and answers 502 on failure;
+  the patched copy asks again.
+- `HttpStream.handle_protocol_error`, for a response error while waiting for the response
+  headers of a fully read, buffered request (the backend closed or reset the connection before
+  any response byte): instead of the error, connect again and send the request again, as
+  `state_consume_request_body` does (the same code in 11.0.2 and 12.3.1).
+On any other version there are no retries (a WARNING says so); everything else works.
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ CHECKED_VERSIONS = frozenset({"11.0.2", "12.3.1"})
 _ROUTE = "waypost_router_rule"
 _BACKEND = "waypost_router_backend"
 _TRIED = "waypost_router_tried"
-_CONNECT_ERROR = "waypost_router_connect_error"
+_UPSTREAM_ERROR = "waypost_router_upstream_error"
 _RETRY = "waypost_router_retry"
 _DONE = "waypost_router_done"
 # A failed connection keeps matching its address in mitmproxy's per-client connection list
@@ -198,20 +204,20 @@ else:  # a script (re)load: share the package module's collector
 if __name__ == "addons.router":
 
     @dataclass
-    class ConnectFailedHook(commands.StartHook):
+    class UpstreamFailedHook(commands.StartHook):
         """A routed request's connect to its backend failed; the router may pick another."""
 
-        name = "waypost_connect_failed"
+        name = "waypost_upstream_failed"
         flow: http.HTTPFlow
 
 else:
     try:
-        from addons.router import ConnectFailedHook
+        from addons.router import UpstreamFailedHook
     except ImportError:
 
         @dataclass
-        class ConnectFailedHook(commands.StartHook):  # type: ignore[no-redef]
-            name = "waypost_connect_failed"
+        class UpstreamFailedHook(commands.StartHook):  # type: ignore[no-redef]
+            name = "waypost_upstream_failed"
             flow: http.HTTPFlow
 
 
@@ -231,12 +237,53 @@ def _make_server_connection(self: Any) -> Any:
             self.context.server = self.flow.server_conn = conn
             return True
         if _BACKEND in self.flow.metadata:
-            self.flow.metadata[_CONNECT_ERROR] = err
-            yield ConnectFailedHook(self.flow)
+            self.flow.metadata[_UPSTREAM_ERROR] = err
+            yield UpstreamFailedHook(self.flow)
             if self.flow.metadata.pop(_RETRY, False):
                 continue
         yield from self.handle_protocol_error(_connect_error(self.stream_id, err))
         return False
+
+
+def _handle_protocol_error(self: Any, event: Any) -> Any:
+    flow = self.flow
+    if (
+        isinstance(event, http_layer.ResponseProtocolError)
+        and _BACKEND in flow.metadata
+        and flow.response is None
+        and flow.error is None
+        and flow.live
+        and not flow.request.stream
+        and self.client_state == self.state_done
+        and self.server_state == self.state_wait_for_response_headers
+    ):
+        flow.metadata[_UPSTREAM_ERROR] = event.message
+        yield UpstreamFailedHook(flow)
+        if flow.metadata.pop(_RETRY, False):
+            yield from _resend(self)
+            return
+    yield from getattr(_handle_protocol_error, _ORIGINAL)(self, event)
+
+
+def _resend(self: Any) -> Any:
+    # The sending half of HttpStream.state_consume_request_body (11.0.2 and 12.3.1).
+    ok = yield from self.make_server_connection()
+    if not ok:
+        return
+    request = self.flow.request
+    content = request.raw_content
+    done_after_headers = not (content or request.trailers)
+    server = self.context.server
+    yield http_layer.SendHttp(
+        http_layer.RequestHeaders(self.stream_id, request, done_after_headers), server
+    )
+    if content:
+        yield http_layer.SendHttp(http_layer.RequestData(self.stream_id, content), server)
+    if request.trailers:
+        yield http_layer.SendHttp(
+            http_layer.RequestTrailers(self.stream_id, request.trailers), server
+        )
+    yield http_layer.SendHttp(http_layer.RequestEndOfMessage(self.stream_id), server)
 
 
 def _connect_error(stream_id: int, err: str) -> Any:
@@ -257,15 +304,23 @@ def install_patch() -> bool:
         return False
     uninstall_patch()
     stream = http_layer.HttpStream
-    setattr(_make_server_connection, _ORIGINAL, stream.make_server_connection)
-    stream.make_server_connection = _make_server_connection  # type: ignore[method-assign]
+    for name, patched in _PATCHES.items():
+        setattr(patched, _ORIGINAL, getattr(stream, name))
+        setattr(stream, name, patched)
     return True
 
 
 def uninstall_patch() -> None:
-    current = http_layer.HttpStream.__dict__.get("make_server_connection")
-    if hasattr(current, _ORIGINAL):
-        http_layer.HttpStream.make_server_connection = getattr(current, _ORIGINAL)  # type: ignore[method-assign]
+    for name in _PATCHES:
+        current = http_layer.HttpStream.__dict__.get(name)
+        if hasattr(current, _ORIGINAL):
+            setattr(http_layer.HttpStream, name, getattr(current, _ORIGINAL))
+
+
+_PATCHES = {
+    "make_server_connection": _make_server_connection,
+    "handle_protocol_error": _handle_protocol_error,
+}
 
 
 # --- the addon ---------------------------------------------------------------------------------
@@ -559,15 +614,18 @@ class Router:
         errors.waypost(flow)["backend"] = b.name
         self._routed.setdefault(flow.client_conn.id, set()).add((b.host, b.port))
 
-    async def waypost_connect_failed(self, flow: http.HTTPFlow) -> None:
+    async def waypost_upstream_failed(self, flow: http.HTTPFlow) -> None:
         b: Backend | None = flow.metadata.get(_BACKEND)
-        err = str(flow.metadata.pop(_CONNECT_ERROR, ""))
+        err = str(flow.metadata.pop(_UPSTREAM_ERROR, ""))
         if b is None or err.startswith("Connection killed"):  # refused by policy, not down
             return
         now = time.monotonic()
-        reason = upstream.reason_of(err)
-        self._outcome(flow, b, False, reason)
         meta = errors.waypost(flow)
+        timed_out = meta.get("timed_out")
+        reason = timed_out or upstream.reason_of(err)
+        self._outcome(flow, b, False, reason)
+        if timed_out:  # the backend may still be working on it: never sent twice
+            return
         route: Route | None = flow.metadata.get(_ROUTE)
         tried: list[Backend] = flow.metadata.setdefault(_TRIED, [b])
         max_attempts, base, cap = self.retries

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -11,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Proxy
+from tests.conftest import Proxy, ThreadedServer
 from tests.e2e.router_helpers import MANAGEMENT, REVERSE, NamedBackend, write_profile
 
 TIMEOUT = httpx.Timeout(10.0)
@@ -35,8 +37,8 @@ def reverse(proxy_factory, tmp_path: Path) -> Callable[..., tuple[Proxy, str, st
         sections.setdefault("health_checks", {"enabled": False})
         path = write_profile(tmp_path, {"routing": routing, **sections})
         p = proxy_factory(options={"waypost_profile": str(path)}, wait=False)
-        m = p.wait_for(REVERSE)
-        mport = int(p.wait_for(MANAGEMENT).group(1))
+        m = p.wait_for(REVERSE, timeout=40)
+        mport = int(p.wait_for(MANAGEMENT, timeout=40).group(1))
         return p, f"http://127.0.0.1:{m.group(2)}", f"http://127.0.0.1:{mport}"
 
     return start
@@ -171,31 +173,47 @@ def test_all_backends_down_is_503_circuit_open_at_once(reverse, backends) -> Non
 
 
 def test_killed_backend_under_load_idempotent_gets_see_no_failure(reverse, backends) -> None:
-    """A backend dies while clients keep sending GETs: connect failures are retried on the
-    others, so no GET fails, and the breaker takes the dead one out."""
+    """A backend dies while keep-alive clients keep sending GETs: connect failures and
+    connections closed before any response byte are retried on the others, so no GET fails,
+    and the breaker takes the dead one out."""
     a, b, c = backends
     p, url, mgmt = reverse(
         {"rules": [{"name": "abc", "forward": {"backends": _pool(backends)}}],
          "retries": {"max_attempts": 3, "backoff": "10ms"}},
         circuit_breaker={"failure_threshold": 3, "timeout": "30s"},
     )  # fmt: skip
-    statuses: Counter[int] = Counter()
-    seen: Counter[str] = Counter()
-    with httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)) as cl:
-        for i in range(90):
-            if i == 30:
-                b.stop()
-            r = _get(cl, url + f"/load/{i}")
-            statuses[r.status_code] += 1
-            if r.status_code == 200 and i >= 30:
-                seen[r.json()["backend"]] += 1
-        assert statuses == {200: 90}, statuses
-        assert seen["b"] == 0 and seen["a"] > 20 and seen["c"] > 20
-        p.wait_for(r"circuit closed -> open for backend b")
-        p.wait_for(r"retrying on [ac] after b failed")
+    results: list[tuple[float, int, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client() as cl:  # keep-alive: upstream connections are reused
+            i = 0
+            while not stop.is_set() and i < 400:
+                i += 1
+                r = _get(cl, url + f"/load/{i}")
+                name = r.json().get("backend", "") if r.status_code == 200 else ""
+                results.append((time.monotonic(), r.status_code, name))
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.8)  # load runs for a fixed time around the kill: nothing to poll
+    b.stop()
+    killed = time.monotonic()
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join(15)
+    statuses = Counter(status for _, status, _ in results)
+    assert statuses.keys() == {200}, statuses
+    after = Counter(name for at, _, name in results if at > killed + 0.2)
+    assert after["b"] == 0 and after["a"] > 5 and after["c"] > 5, after
+    p.wait_for(r"circuit closed -> open for backend b")
+    p.wait_for(r"retrying on [ac] after b failed")
+    with httpx.Client() as cl:
         metrics = _get(cl, mgmt + "/metrics").text
-        assert 'backend_retries_total{backend="b"}' in metrics
-        assert 'backend_errors_total{backend="b",reason="connection_refused"}' in metrics
+    assert 'backend_retries_total{backend="b"}' in metrics
+    assert 'backend_errors_total{backend="b",reason=' in metrics
 
 
 def test_post_is_never_retried(reverse, backends) -> None:
@@ -260,8 +278,8 @@ def test_reverse_backend_on_loopback_works_while_forward_clients_cannot_reach_it
         },
     )
     p = proxy_factory(options={"waypost_profile": str(path)}, wait=False)
-    rport = int(p.wait_for(REVERSE).group(2))
-    mgmt = f"http://127.0.0.1:{int(p.wait_for(MANAGEMENT).group(1))}"
+    rport = int(p.wait_for(REVERSE, timeout=40).group(2))
+    mgmt = f"http://127.0.0.1:{int(p.wait_for(MANAGEMENT, timeout=40).group(1))}"
     # mitmproxy 12 binds the command line's listener first and then the profile's: ask the
     # management app where the forward listener ended up.
     deadline = time.monotonic() + 10
@@ -308,3 +326,44 @@ def test_forward_mode_rule_routes_to_a_backend_with_its_timeout(
         # no rule matches: the client's own target, and egress still refuses loopback
         r = _get(c, a.url + "/direct")
         assert r.status_code == 403
+
+
+class Closer(ThreadedServer):
+    """Reads a request head, then closes the connection without a response byte."""
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        with conn:
+            buf = b""
+            try:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+            except OSError:
+                return
+
+
+def test_connection_closed_before_any_response_byte_is_retried_for_gets_only(
+    reverse, backends
+) -> None:
+    closer = Closer()
+    try:
+        a = backends[0]
+        pool = [{"url": f"http://127.0.0.1:{closer.port}", "name": "closer"}, *_pool([a])]
+        p, url, _ = reverse(
+            {"rules": [{"name": "r", "forward": {"backends": pool}}]},
+            circuit_breaker={"enabled": False},
+        )
+        with httpx.Client() as c:
+            codes = [_get(c, url + "/g").status_code for _ in range(4)]
+            assert codes == [200] * 4
+            posts = [
+                c.post(url + "/p", content=b"x", timeout=TIMEOUT).status_code for _ in range(4)
+            ]
+            assert sorted(posts) == [200, 200, 502, 502]
+        p.wait_for(r"retrying on a after closer failed \(closed\)")
+        assert closer.accepts >= 4
+    finally:
+        closer.close()

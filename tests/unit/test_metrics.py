@@ -216,3 +216,13 @@ def test_benchmark_response_hook(capsys: pytest.CaptureFixture[str]) -> None:
             f"{per_conn:.2f} us per connection (connect + disconnect)"
         )
     assert per_request < 100  # generous bound for slow CI machines; the target is ~10 us
+
+
+def test_requests_carry_the_routed_backend() -> None:
+    m = metrics.Metrics()
+    with taddons.context(m):
+        f = tflow.tflow(resp=True)
+        errors.waypost(f)["backend"] = "api-1"
+        before = requests("GET", "200", "api-1")
+        m.response(f)
+        assert requests("GET", "200", "api-1") == before + 1
