@@ -8,6 +8,7 @@ addon that drives them from mitmproxy's hooks.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import random
 import re
 from collections import deque
@@ -229,6 +230,13 @@ class Backend:
     requests: int = 0
     failures: deque[Failure] = field(default_factory=lambda: deque(maxlen=10))
 
+    @functools.cached_property
+    def hostport(self) -> str:
+        """The Host header for this backend (the port only when not the scheme's default)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -265,6 +273,14 @@ class Pool:
         self, now: float, exclude: Sequence[Backend] = (), breaker: bool = True
     ) -> Backend | None:
         n = len(self.backends)
+        if self.strategy == "round_robin":
+            for k in range(n):  # the common case without building lists
+                i = (self._next + k) % n
+                b = self.backends[i]
+                if b not in exclude and b.available(now, breaker):
+                    self._next = (i + 1) % n
+                    return b
+            return None
         ok = [
             i
             for i in range(n)

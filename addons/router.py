@@ -56,7 +56,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mitmproxy import connection, ctx, exceptions, http, version
-from mitmproxy.net.http import url
 from mitmproxy.proxy import commands, mode_specs, server_hooks
 from mitmproxy.proxy.layers import http as http_layer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -586,26 +585,20 @@ class Router:
             )
             return
         req = flow.request
-        original_host = req.host_header
         if route.strip_prefix:
             req.path = balance.strip_prefix(req.path, route.strip_prefix)
         if route.timeout is not None:
             errors.waypost(flow)["read_timeout"] = route.timeout
         flow.metadata[_TRIED] = [b]
-        self._point(flow, route, b, original_host, now)
+        self._point(flow, route, b, now)
 
-    def _point(
-        self, flow: http.HTTPFlow, route: Route, b: Backend, host_header: str | None, now: float
-    ) -> None:
+    def _point(self, flow: http.HTTPFlow, route: Route, b: Backend, now: float) -> None:
         req = flow.request
         req.scheme = b.scheme
         req.data.host = b.host
         req.data.port = b.port
-        if req.authority:
-            req.authority = url.hostport(b.scheme, b.host, b.port)
-        req.host_header = (
-            host_header if route.preserve_host else url.hostport(b.scheme, b.host, b.port)
-        )
+        if not route.preserve_host:  # else the client's Host (or h2 :authority) stays
+            req.host_header = b.hostport
         if self.breaker_enabled:
             b.breaker.start_trial(now)
         b.active += 1
@@ -647,8 +640,7 @@ class Router:
         tried.append(nxt)
         meta["retries"] = len(tried) - 1
         flow.metadata.pop(_DONE, None)
-        original_host = flow.request.host_header
-        self._point(flow, route, nxt, original_host, time.monotonic())
+        self._point(flow, route, nxt, time.monotonic())
         flow.metadata[_RETRY] = True
         log.info(
             "retrying on %s after %s failed (%s) request_id=%s",
