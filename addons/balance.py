@@ -127,6 +127,9 @@ class Breaker:
     successes: int = 0
     opened_at: float = 0.0
     trial_since: float | None = None
+    # Set when `allow` moved open -> half_open (a read-only check cannot log it); the caller
+    # reports and clears it.
+    half_opened: bool = False
 
     def allow(self, now: float) -> bool:
         """Whether a request may go to this backend now (moves open -> half_open on time)."""
@@ -136,6 +139,7 @@ class Breaker:
             if now - self.opened_at < self.timeout:
                 return False
             self._to("half_open", now)
+            self.half_opened = True
         return self.trial_since is None or now - self.trial_since >= self.timeout
 
     def peek(self, now: float) -> bool:

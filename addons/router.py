@@ -601,6 +601,9 @@ class Router:
             req.host_header = b.hostport
         if self.breaker_enabled:
             b.breaker.start_trial(now)
+            if b.breaker.half_opened:
+                b.breaker.half_opened = False
+                self._log_circuit(b, ("open", "half_open"), "timeout passed, trial request")
         b.active += 1
         b.requests += 1
         flow.metadata[_BACKEND] = b
@@ -691,22 +694,25 @@ class Router:
                 if b.health.record(False) is not None:
                     self._log_health(b, reason)
         if self.breaker_enabled:
+            if b.breaker.half_opened:  # went half-open while not chosen: report it first
+                b.breaker.half_opened = False
+                self._log_circuit(b, ("open", "half_open"), "timeout passed")
             change = b.breaker.record(ok, now)
             if change is not None:
-                log.warning(
-                    "circuit %s -> %s for backend %s (%s)",
-                    change[0],
-                    change[1],
-                    b.name,
-                    reason if not ok else "trial succeeded",
-                    extra={
-                        "waypost": {
-                            "backend": b.name,
-                            "circuit_from": change[0],
-                            "circuit_to": change[1],
-                        }
-                    },
-                )
+                self._log_circuit(b, change, reason if not ok else "trial succeeded")
+
+    @staticmethod
+    def _log_circuit(b: Backend, change: tuple[str, str], why: str) -> None:
+        log.warning(
+            "circuit %s -> %s for backend %s (%s)",
+            change[0],
+            change[1],
+            b.name,
+            why,
+            extra={
+                "waypost": {"backend": b.name, "circuit_from": change[0], "circuit_to": change[1]}
+            },
+        )
 
     @staticmethod
     def _log_health(b: Backend, reason: str) -> None:

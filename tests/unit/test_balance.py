@@ -144,7 +144,7 @@ def test_breaker_state_machine(steps: list) -> None:
 def test_half_open_lets_one_trial_at_a_time() -> None:
     b = Breaker(failure_threshold=1, timeout=10.0, success_threshold=1)
     assert b.record(False, 0) == ("closed", "open")
-    assert b.allow(10)
+    assert b.allow(10) and b.half_opened  # for the router to log the transition
     b.start_trial(10)
     assert not b.allow(11)  # the trial is in flight
     assert b.allow(20)  # a trial that never reported back frees its slot after the timeout
