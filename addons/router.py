@@ -240,7 +240,9 @@ def _make_server_connection(self: Any) -> Any:
             yield UpstreamFailedHook(self.flow)
             if self.flow.metadata.pop(_RETRY, False):
                 continue
-        yield from self.handle_protocol_error(_connect_error(self.stream_id, err))
+        # The original handler: the router has seen this failure already.
+        original = getattr(_handle_protocol_error, _ORIGINAL)
+        yield from original(self, _connect_error(self.stream_id, err))
         return False
 
 
