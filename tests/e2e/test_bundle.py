@@ -191,7 +191,7 @@ def test_health_and_metrics(bundle, backend: Backend) -> None:
         with client(p) as c:
             assert c.get(f"{backend.url}/status/404").status_code == 404
         text = direct.get(mgmt + "/metrics").text
-        assert 'http_requests_total{method="GET",status="404"} 1.0' in text
+        assert 'http_requests_total{backend="",method="GET",status="404"} 1.0' in text
         assert "http_request_duration_seconds_bucket" in text
         assert "proxy_active_connections" in text
         # Kubernetes probes hit the proxy port itself, origin-form.
