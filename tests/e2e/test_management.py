@@ -79,9 +79,9 @@ def test_request_metrics_count_exactly(
         assert c.post(f"{backend.url}/echo", content=b"x" * 10).status_code == 200
         assert c.get(f"{backend.url}/status/404").status_code == 404
     m = samples(mport)
-    assert m[("http_requests_total", frozenset({("method", "GET"), ("status", "200")}))] == 1
-    assert m[("http_requests_total", frozenset({("method", "POST"), ("status", "200")}))] == 1
-    assert m[("http_requests_total", frozenset({("method", "GET"), ("status", "404")}))] == 1
+    assert m[("http_requests_total", frozenset({("backend", ""), ("method", "GET"), ("status", "200")}))] == 1
+    assert m[("http_requests_total", frozenset({("backend", ""), ("method", "POST"), ("status", "200")}))] == 1
+    assert m[("http_requests_total", frozenset({("backend", ""), ("method", "GET"), ("status", "404")}))] == 1
     assert sum(v for (n, _), v in m.items() if n == "http_requests_total") == 3
     assert m[("http_request_duration_seconds_count", frozenset())] == 3
     assert m[("http_request_bytes_total", frozenset({("direction", "in")}))] == 10
@@ -108,7 +108,7 @@ def test_health_on_the_proxy_port(proxy_factory: Callable[..., Proxy], backend: 
         assert json_body(resp)["status"] == status
         assert b"application/json" in resp.partition(b"\r\n\r\n")[0].lower()
     # Answered by the proxy, not proxied: not counted as traffic.
-    assert sample(mport, "http_requests_total", method="GET", status="200") == 0
+    assert sample(mport, "http_requests_total", backend="", method="GET", status="200") == 0
     # /metrics and /admin/* are never served on the proxy port.
     for req in (
         f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\n\r\n",
