@@ -410,7 +410,8 @@ class CompressionLevels(_Section):
 
 
 class Compression(_Section):
-    enabled: bool = True
+    # Opt-in, as in nginx, Envoy and Traefik: a forward proxy that rewrites bodies surprises.
+    enabled: bool = False
     algorithms: list[Literal["zstd", "br", "gzip"]] = ["zstd", "br", "gzip"]
     levels: CompressionLevels = CompressionLevels()
     min_size: Size = 1024

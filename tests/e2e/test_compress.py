@@ -303,6 +303,7 @@ metrics: {enabled: true, host: 127.0.0.1, port: 0}
 security:
   egress: {allowed_networks: [127.0.0.1/32]}
 compression:
+  enabled: true
   algorithms: [br, gzip]
   levels: {gzip: 1, br: 1, zstd: 1}
   min_size: 2KB

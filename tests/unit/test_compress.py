@@ -436,6 +436,9 @@ def test_option_defaults_match_the_profile() -> None:
         k: v for k, v in profile.to_options(profile.Profile()).items() if k.startswith("compress_")
     }
     assert set(defaults) == set(from_profile)
+    # The one deliberate difference: loading compress.py alone opts in; the profile opts out.
+    assert defaults.pop("compress_enabled") is True
+    assert from_profile["compress_enabled"] is False
     for k, v in defaults.items():
         want = from_profile[k]
         if k in ("compress_min_size", "compress_offload_threshold", "compress_memo_size"):
