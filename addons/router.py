@@ -538,6 +538,8 @@ class Router:
             return
         if not self.routes and self.default is None:
             return
+        if errors.waypost(flow).get("local"):
+            return  # rerouted to the proxy itself (CLI on the proxy port): never a backend's
         reverse = isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode)
         host = balance.request_host(req.host_header, req.host)
         path = req.path.partition("?")[0]

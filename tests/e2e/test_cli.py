@@ -103,8 +103,14 @@ def test_output_arrives_line_by_line_in_real_time(cli: Cli, where: str) -> None:
 
 
 def test_reverse_listener_serves_cli(proxy_factory: Callable[..., Proxy]) -> None:
+    # A router default backend matches every request; the CLI's rerouted flow must not be routed.
     p = proxy_factory(
-        options={**BASE, "mode": "reverse:http://127.0.0.1:9@0", "connection_strategy": "lazy"},
+        options={
+            **BASE,
+            "mode": "reverse:http://127.0.0.1:9@0",
+            "connection_strategy": "lazy",
+            "routing_default_backend": "http://127.0.0.1:9",
+        },
         wait=False,
     )
     port = int(p.wait_for(r"listening at [0-9.]+:(\d+)").group(1))
