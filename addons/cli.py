@@ -54,7 +54,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -62,10 +62,11 @@ from aiohttp import web
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
 from addons import errors, policy, units
-from addons.management import addressed_to_proxy, bearer_status, bind
+from addons.management import addressed_to_proxy, bearer_status, bind, spawn
+from addons.profile import CliArgumentRule
 
 log = logging.getLogger("waypost.cli")
 
@@ -106,16 +107,6 @@ SETPRIV_CANDIDATES = ("/usr/bin/setpriv", "/bin/setpriv")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SAMPLE_EVERY = 0.05  # seconds between /proc samples of a process's CPU time and peak RSS
 
-_tasks: set[asyncio.Task[Any]] = set()
-
-
-def _spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-    task = asyncio.get_running_loop().create_task(coro)
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
-    return task
-
-
 # --- metrics ---------------------------------------------------------------------------------
 
 
@@ -154,32 +145,6 @@ else:
 
 
 # --- configuration ---------------------------------------------------------------------------
-
-
-class ArgumentRule(BaseModel):
-    """Per-command argument rules (cli_argument_rules, keyed by command name or path)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    prefix: list[str] = []  # always placed before the client's arguments
-    patterns: list[str] = []  # each client argument must fully match one of these
-    max_args: int | None = Field(default=None, ge=0)
-
-    @field_validator("patterns")
-    @classmethod
-    def _compiles(cls, value: list[str]) -> list[str]:
-        for p in value:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"pattern {p!r} is not a regular expression: {e}") from None
-        return value
-
-    @field_validator("prefix")
-    @classmethod
-    def _no_nul(cls, value: list[str]) -> list[str]:
-        if any("\0" in a for a in value):
-            raise ValueError("prefix arguments cannot contain NUL")
-        return value
 
 
 class Rule(NamedTuple):
@@ -250,7 +215,7 @@ def parse_rules(text: str, commands: Mapping[str, str]) -> dict[str, Rule]:
         if path is None:
             raise ValueError(f"{name!r} is not in cli_allowed_commands")
         try:
-            rule = ArgumentRule.model_validate(spec)
+            rule = CliArgumentRule.model_validate(spec)
         except ValidationError as e:
             problems = "; ".join(
                 f"{'.'.join(map(str, x['loc'])) or name}: {x['msg']}" for x in e.errors()
@@ -1127,7 +1092,7 @@ class Cli:
                 ex.abort("disconnected")  # also when aiohttp cancelled us on disconnect
             if feeder is not None:
                 feeder.cancel()
-            _spawn(self._finish(ex, start, runner, client, rid))
+            spawn(self._finish(ex, start, runner, client, rid))
         return resp
 
     @staticmethod
@@ -1296,7 +1261,7 @@ class _Listener:
         )
         self.server: asyncio.Server | None = None
         self.stopped = False
-        self.task = _spawn(self._serve())
+        self.task = spawn(self._serve())
 
     async def _serve(self) -> None:
         await self.runner.setup()
@@ -1317,7 +1282,7 @@ class _Listener:
         else:
             self.task.cancel()
             self.sock.close()
-        _spawn(self.runner.cleanup())
+        spawn(self.runner.cleanup())
 
 
 addons = [Cli()]

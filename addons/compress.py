@@ -60,6 +60,7 @@ from mitmproxy import ctx, exceptions, http
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from addons import errors, units
+from addons.profile import COMPRESSIBLE_TYPES as DEFAULT_CONTENT_TYPES
 
 log = logging.getLogger("waypost.compress")
 
@@ -72,30 +73,6 @@ DEFAULT_LEVELS = {"gzip": 4, "br": 3, "zstd": 3}
 DEFAULT_MIN_SIZE = "1KB"
 DEFAULT_OFFLOAD_THRESHOLD = "32KB"
 DEFAULT_MEMO_SIZE = "16MB"
-# Text formats that compress well. text/event-stream is left out on purpose: it is meant to be
-# streamed, and held whole it would arrive all at once anyway.
-DEFAULT_CONTENT_TYPES = [
-    "text/html",
-    "text/plain",
-    "text/css",
-    "text/javascript",
-    "text/xml",
-    "text/csv",
-    "text/markdown",
-    "application/json",
-    "application/javascript",
-    "application/xml",
-    "application/xhtml+xml",
-    "application/rss+xml",
-    "application/atom+xml",
-    "application/ld+json",
-    "application/manifest+json",
-    "application/problem+json",
-    "application/wasm",
-    "image/svg+xml",
-    "*/*+json",
-    "*/*+xml",
-]
 
 _MEDIA_RANGE = re.compile(r"[a-z0-9*!#$&^_.+-]+/[a-z0-9*!#$&^_.+-]+")
 # RFC 9110 §12.4.2 qvalue; anything else makes the entry void.

@@ -61,7 +61,7 @@ APP_CODES = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "ACCESS_DENIED", 404:
 _tasks: set[asyncio.Task[Any]] = set()
 
 
-def _spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+def spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
     task = asyncio.get_running_loop().create_task(coro)
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
@@ -199,7 +199,7 @@ class _Listener:
         self.runner: web.AppRunner | None = None
         self.stopped = False
         self.creating = False
-        self.task = _spawn(self._serve(app))
+        self.task = spawn(self._serve(app))
 
     async def _serve(self, app: web.Application) -> None:
         runner = self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -224,13 +224,13 @@ class _Listener:
         if self.server is not None:
             self.server.close()
             if self.runner is not None:
-                _spawn(self.runner.cleanup())
+                spawn(self.runner.cleanup())
         elif not self.creating:
             # Nothing is registered with the loop yet: closing the socket frees the port.
             self.task.cancel()
             self.sock.close()
             if self.runner is not None:
-                _spawn(self.runner.cleanup())
+                spawn(self.runner.cleanup())
 
 
 class Management:

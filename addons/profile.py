@@ -355,6 +355,9 @@ def _env_name(value: Any) -> str:
 
 
 class CliArgumentRule(_Section):
+    """Per-command argument rules (cli.argument_rules; cli.py validates cli_argument_rules with
+    it too)."""
+
     prefix: list[str] = []  # fixed arguments always placed before the client's
     patterns: list[str] = []  # every client argument must fully match one of these
     max_args: Annotated[int, Field(ge=0)] | None = None
@@ -366,7 +369,14 @@ class CliArgumentRule(_Section):
             try:
                 re.compile(p)
             except re.error as e:
-                raise ValueError(f"{p!r} is not a regular expression: {e}") from None
+                raise ValueError(f"pattern {p!r} is not a regular expression: {e}") from None
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _no_nul(cls, v: list[str]) -> list[str]:
+        if any("\0" in a for a in v):
+            raise ValueError("prefix arguments cannot contain NUL")
         return v
 
 
@@ -403,6 +413,32 @@ def _rules_json(rules: dict[str, CliArgumentRule]) -> str:
     return json.dumps({k: v.model_dump() for k, v in rules.items()}) if rules else ""
 
 
+# Text formats that compress well. text/event-stream is left out on purpose: it is meant to be
+# streamed, and held whole it would arrive all at once anyway.
+COMPRESSIBLE_TYPES = [
+    "text/html",
+    "text/plain",
+    "text/css",
+    "text/javascript",
+    "text/xml",
+    "text/csv",
+    "text/markdown",
+    "application/json",
+    "application/javascript",
+    "application/xml",
+    "application/xhtml+xml",
+    "application/rss+xml",
+    "application/atom+xml",
+    "application/ld+json",
+    "application/manifest+json",
+    "application/problem+json",
+    "application/wasm",
+    "image/svg+xml",
+    "*/*+json",
+    "*/*+xml",
+]
+
+
 class CompressionLevels(_Section):
     gzip: Annotated[int, Field(ge=1, le=9)] = 4
     br: Annotated[int, Field(ge=0, le=11)] = 3
@@ -415,28 +451,7 @@ class Compression(_Section):
     algorithms: list[Literal["zstd", "br", "gzip"]] = ["zstd", "br", "gzip"]
     levels: CompressionLevels = CompressionLevels()
     min_size: Size = 1024
-    content_types: list[str] = [
-        "text/html",
-        "text/plain",
-        "text/css",
-        "text/javascript",
-        "text/xml",
-        "text/csv",
-        "text/markdown",
-        "application/json",
-        "application/javascript",
-        "application/xml",
-        "application/xhtml+xml",
-        "application/rss+xml",
-        "application/atom+xml",
-        "application/ld+json",
-        "application/manifest+json",
-        "application/problem+json",
-        "application/wasm",
-        "image/svg+xml",
-        "*/*+json",
-        "*/*+xml",
-    ]
+    content_types: list[str] = COMPRESSIBLE_TYPES
     offload_threshold: Size = 32 * 1024
     memo_size: Size = 16 * 1024 * 1024
 
