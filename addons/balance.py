@@ -37,7 +37,8 @@ def path_matcher(pattern: str) -> Callable[[str], bool]:
         return lambda path: rx.match(path) is not None
     if pattern.endswith("/"):
         return lambda path: path.startswith(pattern)
-    return lambda path: path == pattern or path.startswith(pattern + "/")
+    segment = pattern + "/"
+    return lambda path: path == pattern or path.startswith(segment)
 
 
 def header_matcher(name: str, value: str | None, regex: str | None) -> Callable[[Any], bool]:
