@@ -66,6 +66,7 @@ from urllib.parse import urljoin, urlsplit
 from aiohttp import web
 from cachetools import LRUCache, TLRUCache, TTLCache
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy.mode_specs import ReverseMode
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from addons import errors
@@ -85,6 +86,7 @@ UNCACHEABLE_TTL = 60.0
 BACKGROUND_TIMEOUT = 30.0
 _STATE = "waypost_cache"
 _EMPTY = rfc.Directives()
+_SURROGATE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 # --- keys and patterns (pure) ----------------------------------------------------------------
@@ -204,6 +206,7 @@ class Entry:
         "cc",
         "etag",
         "last_modified",
+        "modified",
         "response_time",
         "initial_age",
         "lifetime",
@@ -216,6 +219,7 @@ class Entry:
         "size",
         "expires_at",
         "origin",
+        "surrogate",
     )
 
     def __init__(
@@ -232,10 +236,12 @@ class Entry:
         settings: Settings,
         origin: Origin | None,
         age_value: int = 0,
+        surrogate: bool = False,
     ) -> None:
         self.key, self.primary, self.url = key, primary, url
         self.status, self.reason, self.body = status, reason, body
         self.origin = origin
+        self.surrogate = surrogate
         self.stale = False
         self.set_fields(fields, request_time, response_time, settings, age_value)
 
@@ -248,12 +254,27 @@ class Entry:
         age_value: int = 0,
     ) -> None:
         self.fields = fields
-        self.raw = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in fields)
+        # Kept in `fields` (a 304 merge re-reads it) but never served: it was for us.
+        self.raw = tuple(
+            (n.encode("latin-1"), v.encode("latin-1"))
+            for n, v in fields
+            if not (self.surrogate and n.lower() == "surrogate-control")
+        )
         get = _getter(fields)
-        cc = self.cc = rfc.parse_cache_control(get("cache-control"))
+        cc, expires = response_directives(get, settings.device if self.surrogate else None)
+        self.cc = cc
         date = _date(get("date"))
         lm = get("last-modified")
         self.last_modified = rfc.parse_http_date(lm[0]) if lm else None
+        # RFC 9111 §4.3.2: If-Modified-Since is evaluated against Last-Modified, else Date,
+        # else the time the response was received.
+        self.modified = (
+            self.last_modified
+            if self.last_modified is not None
+            else date
+            if date is not None
+            else response_time
+        )
         etag = get("etag")
         self.etag = etag[0].strip() if etag else None
         self.response_time = response_time
@@ -262,7 +283,7 @@ class Entry:
             cc,
             self.status,
             date,
-            get("expires"),
+            expires,
             self.last_modified,
             response_time,
             settings.default_ttl,
@@ -364,10 +385,24 @@ def _date(values: list[str]) -> float | None:
 
 
 class Settings:
-    __slots__ = ("default_ttl", "mode")
+    __slots__ = ("default_ttl", "mode", "device")
 
-    def __init__(self, default_ttl: float = 300.0, mode: str = "rfc") -> None:
-        self.default_ttl, self.mode = default_ttl, mode
+    def __init__(
+        self, default_ttl: float = 300.0, mode: str = "rfc", device: str = "waypost"
+    ) -> None:
+        self.default_ttl, self.mode, self.device = default_ttl, mode, device
+
+
+def response_directives(
+    get: Callable[[str], list[str]], device: str | None
+) -> tuple[rfc.Directives, list[str]]:
+    """The directives and Expires values a response is cached by: for a surrogate (`device`
+    set) the targeted field's when there is one (RFC 9213 §2.2), else Cache-Control's."""
+    if device is not None:
+        targeted = rfc.targeted_directives(get, device)
+        if targeted is not None:
+            return targeted, []
+    return rfc.parse_cache_control(get("cache-control")), get("expires")
 
 
 class Store(TLRUCache):
@@ -461,6 +496,7 @@ class State:
         "conditional",
         "fields",
         "authorization",
+        "surrogate",
     )
 
     def __init__(self, primary: str, url: str, req_cc: rfc.Directives) -> None:
@@ -479,6 +515,7 @@ class State:
         # replace it, never change it), for the Vary values at lookup and store alike.
         self.fields: tuple[tuple[bytes, bytes], ...] = ()
         self.authorization = False
+        self.surrogate = False
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -551,6 +588,7 @@ class Cache:
         self.patterns: re.Pattern[str] | None = None
         self.coalesce_timeout = 5.0
         self.max_waiters = 100
+        self.surrogate = True
         self.counts: dict[str, int] = {}
         self.evictions_before = 0
         self.inflight: dict[str, Flight] = {}
@@ -617,6 +655,22 @@ class Cache:
             100,
             "Most requests waiting for one URL's origin fetch; more go upstream at once.",
         )
+        loader.add_option(
+            "cache_surrogate",
+            bool,
+            True,
+            "For reverse-proxied and routed requests, act as the origin's surrogate (CDN): "
+            "CDN-Cache-Control, else Surrogate-Control (untargeted or targeted at "
+            "cache_surrogate_name), replaces Cache-Control and Expires for this cache; "
+            "Surrogate-Capability is sent upstream and Surrogate-Control is not passed on.",
+        )
+        loader.add_option(
+            "cache_surrogate_name",
+            str,
+            "waypost",
+            "This cache's device token for Surrogate-Control targeting "
+            '(`max-age=60;waypost`), announced as `Surrogate-Capability: waypost="Surrogate/1.0"`.',
+        )
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -639,9 +693,16 @@ class Cache:
             if store.maxsize != max_memory or store.max_entries != opts.cache_max_entries:
                 self.evictions_before += store.evictions
                 self.store = Store(max_memory, opts.cache_max_entries)
-        if updated & {"cache_default_ttl", "cache_mode"}:
+        if updated & {"cache_default_ttl", "cache_mode", "cache_surrogate_name"}:
             ttl = _duration("cache_default_ttl", opts.cache_default_ttl)
-            self.settings = Settings(ttl, opts.cache_mode)
+            device = opts.cache_surrogate_name
+            if not _SURROGATE_NAME.fullmatch(device):
+                raise exceptions.OptionsError(
+                    f"cache_surrogate_name: {device!r} is not a token (letters, digits, -_.)"
+                )
+            self.settings = Settings(ttl, opts.cache_mode, device)
+        if "cache_surrogate" in updated:
+            self.surrogate = opts.cache_surrogate
         if "cache_patterns" in updated:
             try:
                 self.patterns = compile_globs(list(opts.cache_patterns))
@@ -700,6 +761,7 @@ class Cache:
         ):
             state = State("", url, _EMPTY)
             state.result = "BYPASS"
+            state.surrogate = self._surrogate(flow, meta)
             flow.metadata[_STATE] = state
             return None
         cc = found.get(b"cache-control")
@@ -800,7 +862,19 @@ class Cache:
         state.result = "EXPIRED" if entry is not None else "MISS"
         if entry is not None and (entry.etag or entry.last_modified is not None):
             self._make_conditional(flow, state, entry)
+        if self._surrogate(flow, errors.waypost(flow)):
+            state.surrogate = True
+            headers = flow.request.headers
+            ours = f'{self.settings.device}="Surrogate/1.0"'
+            theirs = headers.get("surrogate-capability")
+            headers["Surrogate-Capability"] = f"{theirs}, {ours}" if theirs else ours
         return None
+
+    def _surrogate(self, flow: http.HTTPFlow, meta: dict[str, Any]) -> bool:
+        """Whether this cache stands in for the origin: reverse mode or a routed request."""
+        return self.surrogate and (
+            isinstance(flow.client_conn.proxy_mode, ReverseMode) or "route" in meta
+        )
 
     async def _wait(self, flow: http.HTTPFlow, state: State, flight: Flight) -> None:
         try:
@@ -848,7 +922,7 @@ class Cache:
             (b"Cache-Status", cache_status(result, ttl, fwd_status).encode()),
         ]
         if (inm is not None or ims is not None) and rfc.not_modified(
-            inm, ims, entry.etag, entry.last_modified
+            inm, ims, entry.etag, entry.modified
         ):
             fields = tuple(
                 (n.encode("latin-1"), v.encode("latin-1"))
@@ -930,7 +1004,13 @@ class Cache:
 
     def _mark(self, flow: http.HTTPFlow, resp: http.Response, result: str) -> None:
         headers = resp.headers
-        headers.fields = tuple(f for f in headers.fields if f[0].lower() != b"x-cache-status") + (
+        state: State | None = flow.metadata.get(_STATE)
+        drop = (
+            (b"x-cache-status", b"surrogate-control")
+            if state is not None and state.surrogate
+            else (b"x-cache-status",)
+        )
+        headers.fields = tuple(f for f in headers.fields if f[0].lower() not in drop) + (
             (b"X-Cache-Status", result.encode()),
             (b"Cache-Status", cache_status(result, fwd_status=resp.status_code).encode()),
         )
@@ -940,17 +1020,11 @@ class Cache:
         self, flow: http.HTTPFlow, state: State, entry: Entry, resp: http.Response
     ) -> None:
         """A 304 for our conditional request: freshen the entry and answer from it."""
+        # The origin evaluated our own validator and said "not modified", so the stored
+        # response is current even when the 304 carries another ETag (origins behind a load
+        # balancer that derive ETags from inodes do this). merge_304 keeps the stored ETag,
+        # as nginx and Fastly do, rather than §4.3.4's letter (refetch) or a 502.
         fresh = [(k, v) for k, v in resp.headers.items(multi=True)]
-        new_etag = resp.headers.get("etag")
-        if new_etag and entry.etag and not rfc.weak_match(new_etag.strip(), entry.etag):
-            # §4.3.4: a 304 for another representation does not update this one, and the
-            # 304 answered our validator, not the client's: nothing sound to pass on.
-            self.store.drop(entry.key)
-            flow.response = errors.make(
-                "BACKEND_UNREACHABLE", "The origin answered 304 for another entity.", flow
-            )
-            self._mark(flow, flow.response, "EXPIRED")
-            return
         age_value = rfc.parse_age(resp.headers.get_all("age"))
         entry.set_fields(
             rfc.merge_304(entry.fields, fresh),
@@ -984,7 +1058,9 @@ class Cache:
         get = _getter(all_fields)
         if get("set-cookie"):
             return False
-        resp_cc = rfc.parse_cache_control(get("cache-control"))
+        resp_cc, expires = response_directives(
+            get, self.settings.device if state.surrogate else None
+        )
         vary_names = rfc.vary_names(get("vary"))
         reason = rfc.storable(
             "GET",
@@ -992,7 +1068,7 @@ class Cache:
             state.req_cc,
             resp_cc,
             state.authorization,
-            bool(get("expires")),
+            bool(expires),
             vary_names,
         )
         if reason is not None:
@@ -1017,6 +1093,7 @@ class Cache:
             self.settings,
             self._origin(flow),
             rfc.parse_age(get("age")),
+            state.surrogate,
         )
         if entry.expires_at <= time.time():
             return False  # stale at once and nothing to revalidate with
@@ -1131,10 +1208,6 @@ class Cache:
             return  # purged or replaced while the revalidation ran
         if status == 304:
             get = _getter(fields)
-            new_etag = get("etag")
-            if new_etag and entry.etag and not rfc.weak_match(new_etag[0].strip(), entry.etag):
-                self.store.drop(entry.key)
-                return
             entry.set_fields(
                 rfc.merge_304(entry.fields, fields),
                 request_time,
@@ -1148,13 +1221,15 @@ class Cache:
         if status in rfc.ERROR_STATUSES:
             return  # keep serving stale while the windows allow
         get = _getter(fields)
-        resp_cc = rfc.parse_cache_control(get("cache-control"))
+        resp_cc, expires = response_directives(
+            get, self.settings.device if entry.surrogate else None
+        )
         vary_names = rfc.vary_names(get("vary"))
         if (
             len(body) > self.max_object_size
             or get("set-cookie")
             or tuple(sorted(vary_names)) != (self.store.index.get(entry.primary) or ((),))[0]
-            or rfc.storable("GET", status, _EMPTY, resp_cc, False, bool(get("expires")), vary_names)
+            or rfc.storable("GET", status, _EMPTY, resp_cc, False, bool(expires), vary_names)
         ):
             self.store.drop(entry.key)
             return
@@ -1171,6 +1246,7 @@ class Cache:
             self.settings,
             entry.origin,
             rfc.parse_age(get("age")),
+            entry.surrogate,
         )
         self.store.drop(entry.key)
         if new.expires_at > time.time() and new.size <= self.store.maxsize:

@@ -473,6 +473,8 @@ class Cache(_Section):
     patterns: list[str] = []
     coalesce_timeout: Duration = 5.0
     max_waiters: Annotated[int, Field(ge=0)] = 100
+    surrogate: bool = True
+    surrogate_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "waypost"
 
     @model_validator(mode="after")
     def _object_fits(self) -> Cache:
@@ -846,6 +848,8 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "cache_patterns": (("cache", "patterns"), list),
     "cache_coalesce_timeout": (("cache", "coalesce_timeout"), format_duration),
     "cache_max_waiters": (("cache", "max_waiters"), _same),
+    "cache_surrogate": (("cache", "surrogate"), _same),
+    "cache_surrogate_name": (("cache", "surrogate_name"), _same),
     "acl_allowed_ips": (("security", "acl", "allowed_ips"), list),
     "acl_denied_ips": (("security", "acl", "denied_ips"), list),
     "acl_mode": (("security", "acl", "mode"), _same),

@@ -12,13 +12,14 @@ is the only user; everything here is tested by tables in `tests/unit/test_rfc911
     reuse(...) -> Reuse                              RFC 9111 §4, §4.2.4, §5.2.1, RFC 5861
     stored_fields / merge_304                        RFC 9111 §3.1, §3.2, §4.3.4
     not_modified(...)                                RFC 9110 §13.1.2/§13.1.3 via RFC 9111 §4.3.2
+    targeted_directives(get, device)                 RFC 9213 CDN-Cache-Control, Surrogate-Control
 """
 
 from __future__ import annotations
 
 import calendar
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -47,8 +48,11 @@ HOP_BY_HOP = frozenset(
     }
 )
 NOT_STORED = HOP_BY_HOP | {"age", "content-length", "x-request-id", "x-cache-status"}
-# RFC 9111 §3.2: a 304 updates the stored fields except these.
-NOT_UPDATED = NOT_STORED | {"content-length"}
+# RFC 9111 §3.2: a 304 updates the stored fields except these. Besides Content-Length, the
+# fields that describe the stored body and its identity: a 304 cannot change the body, so a
+# differing Content-Encoding, Content-Range, Content-MD5 or ETag in it would mislabel the
+# body we keep (cache-tests.fyi's update304 group asks the same).
+NOT_UPDATED = NOT_STORED | {"content-encoding", "content-range", "content-md5", "etag"}
 # RFC 9111 §1.2.2: delta-seconds beyond this are taken as this.
 MAX_DELTA = 2147483648
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
@@ -188,6 +192,50 @@ def parse_age(values: Sequence[str]) -> int:
     return min(int(first), MAX_DELTA)
 
 
+# --- targeted fields: CDN-Cache-Control (RFC 9213), Surrogate-Control ---------------------
+
+# Edge Architecture Specification 1.0: `name[=value][;device]`, no whitespace around `=`.
+_SURROGATE = re.compile(
+    r"""([!#$%&'*+.^_`|~0-9A-Za-z-]+)(?:=("(?:[^"\\]|\\.)*"|[^;,\s"]*))?(?:;([^\s,;"]+))?"""
+)
+
+
+def surrogate_directives(values: Iterable[str], device: str) -> Directives | None:
+    """The `Surrogate-Control` directives for the surrogate named `device`, as Cache-Control
+    directives; None when no valid directive is untargeted or targeted at it.
+
+    Directives targeted at `device` win over untargeted ones. `max-age=N+M` is a lifetime
+    of N and M more seconds of serving stale while the origin fails (`stale-if-error=M`).
+    """
+    mine, anyone = Directives(), Directives()
+    device = device.lower()
+    for value in values:
+        for part in value.split(","):
+            m = _SURROGATE.fullmatch(part.strip(" \t"))
+            if m is None:
+                continue
+            name, arg, target = m.group(1).lower(), m.group(2), m.group(3)
+            if target is not None and target.lower() != device:
+                continue
+            into = mine if target is not None else anyone
+            if name == "max-age" and arg and "+" in arg:
+                arg, _, extra = arg.partition("+")
+                into.setdefault("stale-if-error", extra)
+            into.setdefault(name, arg)
+    return mine or anyone or None
+
+
+def targeted_directives(get: Callable[[str], list[str]], device: str) -> Directives | None:
+    """The directives that replace Cache-Control and Expires for a cache acting for the
+    origin (RFC 9213 §2.2): CDN-Cache-Control when it has any, else Surrogate-Control's for
+    `device`; None when neither applies."""
+    cdn = parse_cache_control(get("cdn-cache-control"))
+    if cdn:
+        return cdn
+    surrogate = get("surrogate-control")
+    return surrogate_directives(surrogate, device) if surrogate else None
+
+
 # --- storing (RFC 9111 §3) ---------------------------------------------------------------
 
 
@@ -250,7 +298,7 @@ def stored_fields(fields: Fields, resp_cc: Directives) -> list[tuple[str, str]]:
 
 def merge_304(stored: Fields, fresh: Fields) -> list[tuple[str, str]]:
     """Stored fields updated by a 304's (RFC 9111 §3.2): its fields replace stored ones of
-    the same name, except Content-Length and the fields never stored."""
+    the same name, except those in NOT_UPDATED and the fields never stored."""
     drop = set(NOT_UPDATED)
     for name, value in fresh:
         if name.lower() == "connection":

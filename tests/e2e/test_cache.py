@@ -307,6 +307,44 @@ CASES: list[tuple[str, int, dict[str, str], list[tuple[dict[str, str], str, int]
         {"Cache-Control": "max-age=60"},
         [({}, "MISS", 1), ({"Cache-Control": "only-if-cached"}, "HIT", 1)],
     ),
+    # a reverse proxy is the origin's surrogate: the targeted fields replace Cache-Control
+    # and Expires (RFC 9213 §2.2; Edge Architecture 1.0 Surrogate-Control)
+    (
+        "surrogate-max-age",
+        200,
+        {"Surrogate-Control": "max-age=60"},
+        [({}, "MISS", 1), ({}, "HIT", 1)],
+    ),
+    (
+        "surrogate-targeted-at-us",
+        200,
+        {"Cache-Control": "no-store", "Surrogate-Control": "max-age=60;waypost"},
+        [({}, "MISS", 1), ({}, "HIT", 1)],
+    ),
+    (
+        "surrogate-targeted-elsewhere",
+        200,
+        {"Surrogate-Control": "max-age=60;other-cdn"},
+        [({}, "MISS", 1), ({}, "MISS", 2)],
+    ),
+    (
+        "surrogate-no-store",
+        200,
+        {"Cache-Control": "max-age=60", "Expires": "@+60", "Surrogate-Control": "no-store"},
+        [({}, "MISS", 1), ({}, "MISS", 2)],
+    ),
+    (
+        "surrogate-short-over-long-cc",
+        200,
+        {"Cache-Control": "max-age=600", "Surrogate-Control": "max-age=0"},
+        [({}, "MISS", 1), ({}, "MISS", 2)],
+    ),
+    (
+        "cdn-cache-control",
+        200,
+        {"Cache-Control": "no-store", "CDN-Cache-Control": "max-age=60"},
+        [({}, "MISS", 1), ({}, "HIT", 1)],
+    ),
 ]
 
 
@@ -358,6 +396,34 @@ def test_rfc9111(case: tuple, origin: Origin, get: Get) -> None:
         )
     if name == "last-modified-validator":
         assert origin.requests[path][1].get("if-modified-since") == LONG_AGO
+    if name.startswith("surrogate"):
+        assert origin.requests[path][0]["surrogate-capability"] == 'waypost="Surrogate/1.0"'
+        assert "surrogate-control" not in r.headers  # it was for us, not for the client
+
+
+def test_if_modified_since_is_answered_from_date_without_last_modified(
+    origin: Origin, get: Get
+) -> None:
+    origin.set("/ims-date", (200, {"Cache-Control": "max-age=600", "Date": http_date(-100)}, b"d"))
+    get("/ims-date")
+    r = get("/ims-date", {"If-Modified-Since": http_date()})  # RFC 9111 §4.3.2
+    assert status(r) == "HIT" and r.status_code == 304
+    r = get("/ims-date", {"If-Modified-Since": http_date(-3600)})  # modified since then
+    assert status(r) == "HIT" and r.status_code == 200 and r.content == b"d"
+
+
+def test_304_with_another_etag_freshens_the_stored_response(origin: Origin, get: Get) -> None:
+    def answer(request):
+        h = {"Cache-Control": "max-age=10", "Age": "20", "ETag": '"node-a"'}
+        if request.headers.get("If-None-Match") == '"node-a"':
+            return 304, {**h, "ETag": '"node-b"'}, b""  # another node's ETag, same body
+        return 200, h, b"body"
+
+    origin.set("/etag-farm", answer)
+    get("/etag-farm")
+    r = get("/etag-farm")
+    assert status(r) == "REVALIDATED" and r.status_code == 200 and r.content == b"body"
+    assert r.headers["etag"] == '"node-a"'  # a 304 does not relabel the stored body
 
 
 def test_age_is_generated_on_hits(origin: Origin, get: Get) -> None:

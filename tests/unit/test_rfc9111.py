@@ -272,18 +272,30 @@ def test_stored_fields_drop_hop_by_hop_and_connection_listed() -> None:
     assert kept == [("Content-Type", "text/plain"), ("ETag", '"a"')]
 
 
-def test_merge_304_replaces_fields_but_not_content_length() -> None:
-    stored = [("Content-Type", "text/plain"), ("Cache-Control", "max-age=1"), ("X-A", "old")]
+def test_merge_304_replaces_fields_but_not_those_describing_the_body() -> None:
+    stored = [
+        ("Content-Type", "text/plain"),
+        ("Cache-Control", "max-age=1"),
+        ("X-A", "old"),
+        ("ETag", '"a"'),
+        ("Content-Encoding", "gzip"),
+    ]
     fresh = [
         ("Cache-Control", "max-age=60"),
         ("Content-Length", "0"),
         ("X-B", "new"),
         ("Connection", "close"),
+        ("ETag", '"b"'),
+        ("Content-Encoding", "br"),
+        ("Content-MD5", "x"),
+        ("Content-Range", "bytes 0-1/2"),
     ]
     merged = rfc.merge_304(stored, fresh)  # §3.2, §4.3.4
     assert merged == [
         ("Content-Type", "text/plain"),
         ("X-A", "old"),
+        ("ETag", '"a"'),
+        ("Content-Encoding", "gzip"),
         ("Cache-Control", "max-age=60"),
         ("X-B", "new"),
     ]
@@ -309,3 +321,43 @@ def test_vary_names() -> None:
         "accept-language",
         "x-a",
     }
+
+
+@pytest.mark.parametrize(
+    "values,expected",
+    [
+        (["max-age=60"], {"max-age": "60"}),
+        (["MaX-aGe=60"], {"max-age": "60"}),
+        (["max-age=60;me"], {"max-age": "60"}),
+        (["max-age=60;ME"], {"max-age": "60"}),  # device tokens compare case-insensitively
+        (["max-age=60;other"], None),
+        (["max-age=60;other, no-store"], {"no-store": None}),
+        (["max-age=9, max-age=60;me"], {"max-age": "60"}),  # targeted at us wins
+        (["foobar, max-age=60"], {"foobar": None, "max-age": "60"}),
+        (["max-age =60"], None),  # no whitespace around "=" in this syntax
+        (["max-age= 60"], None),
+        (["max-age=60+30"], {"max-age": "60", "stale-if-error": "30"}),
+        (['content="ESI/1.0", no-store;me'], {"no-store": None}),
+        ([""], None),
+    ],
+)
+def test_surrogate_directives(values: list[str], expected: dict[str, str | None] | None) -> None:
+    assert rfc.surrogate_directives(values, "me") == expected
+
+
+@pytest.mark.parametrize(
+    "fields,expected",
+    [
+        (
+            {"cdn-cache-control": ["max-age=5"], "surrogate-control": ["max-age=9"]},
+            {"max-age": "5"},
+        ),
+        ({"cdn-cache-control": [""], "surrogate-control": ["max-age=9"]}, {"max-age": "9"}),
+        ({"surrogate-control": ["max-age=9;elsewhere"]}, None),
+        ({"cache-control": ["max-age=1"]}, None),
+    ],
+)
+def test_targeted_directives_prefer_cdn_cache_control(
+    fields: dict[str, list[str]], expected: dict[str, str | None] | None
+) -> None:
+    assert rfc.targeted_directives(lambda n: fields.get(n, []), "me") == expected  # RFC 9213
