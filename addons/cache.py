@@ -333,6 +333,7 @@ _REQUEST_FIELDS = frozenset(
         b"if-none-match",
         b"if-modified-since",
         b"range",
+        b"if-range",
         b"upgrade",
         b"authorization",
     }
@@ -497,6 +498,8 @@ class State:
         "fields",
         "authorization",
         "surrogate",
+        "range",
+        "if_range",
     )
 
     def __init__(self, primary: str, url: str, req_cc: rfc.Directives) -> None:
@@ -516,6 +519,8 @@ class State:
         self.fields: tuple[tuple[bytes, bytes], ...] = ()
         self.authorization = False
         self.surrogate = False
+        self.range: str | None = None
+        self.if_range: str | None = None
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -756,7 +761,6 @@ class Cache:
                 and self.patterns is not None
                 and not pattern_matches(self.patterns, url)
             )
-            or b"range" in found
             or b"upgrade" in found
         ):
             state = State("", url, _EMPTY)
@@ -776,6 +780,12 @@ class Cache:
             state.client_inm = ", ".join(v.decode("latin-1") for v in inm)
         if ims:
             state.client_ims = ims[0].decode("latin-1")
+        rng = found.get(b"range")
+        if rng:
+            state.range = rng[0].decode("latin-1")
+            if_range = found.get(b"if-range")
+            if if_range:
+                state.if_range = if_range[0].decode("latin-1")
         state.request_time = time.time()
         state.fields = data.headers.fields
         state.authorization = b"authorization" in found
@@ -814,8 +824,7 @@ class Cache:
                         return self._go_upstream(flow, state, entry, flight_key, coalesce)
                 self._serve(flow, state, entry, "STALE", age)
                 return None
-            return self._go_upstream(flow, state, entry, flight_key, coalesce)
-        return self._go_upstream(flow, state, None, flight_key, coalesce)
+        return self._go_upstream(flow, state, entry, flight_key, coalesce)
 
     def _go_upstream(
         self,
@@ -835,6 +844,12 @@ class Cache:
                 headers={"X-Cache-Status": "MISS", "Cache-Status": cache_status("MISS")},
             )
             self._record(flow, "MISS")
+            return None
+        if state.range is not None:
+            # The origin answers the range. Partial responses are not stored: a later full GET
+            # stores the whole body, which ranges are then cut from.
+            state.result = "BYPASS"
+            state.surrogate = self._surrogate(flow, errors.waypost(flow))
             return None
         flight = self.inflight.get(flight_key)
         if flight is not None and time.monotonic() - flight.started > self.coalesce_timeout:
@@ -929,6 +944,8 @@ class Cache:
                 for n, v in rfc.fields_of_304(entry.fields)
             )
             status, reason, body = 304, b"Not Modified", b""
+        elif state.range is not None and entry.status == 200 and req.method == "GET":
+            status, reason, fields, body = self._partial(state, entry)
         else:
             fields = entry.raw + ((b"Content-Length", str(len(entry.body)).encode()),)
             status, reason = entry.status, entry.reason.encode("latin-1")
@@ -938,6 +955,36 @@ class Cache:
             b"HTTP/1.1", status, reason, http.Headers(fields + tuple(extra)), body, None, now, now
         )
         self._record(flow, result)
+
+    @staticmethod
+    def _partial(
+        state: State, entry: Entry
+    ) -> tuple[int, bytes, tuple[tuple[bytes, bytes], ...], bytes]:
+        """A range of the stored body (RFC 9110 §14, §15.3.7); the whole body when the Range
+        is ignorable or If-Range does not hold."""
+        body, length = entry.body, len(entry.body)
+        selected: tuple[int, int] | bool | None = None
+        assert state.range is not None
+        if state.if_range is None or rfc.if_range_holds(
+            state.if_range, entry.etag, next(iter(_getter(entry.fields)("last-modified")), None)
+        ):
+            selected = rfc.byte_range(state.range, length)
+        if selected is None:
+            fields = entry.raw + ((b"Content-Length", str(length).encode()),)
+            return entry.status, entry.reason.encode("latin-1"), fields, body
+        if selected is False:
+            fields = (
+                (b"Content-Range", f"bytes */{length}".encode()),
+                (b"Content-Length", b"0"),
+            )
+            return 416, b"Range Not Satisfiable", fields, b""
+        assert isinstance(selected, tuple)
+        first, last = selected
+        fields = entry.raw + (
+            (b"Content-Range", f"bytes {first}-{last}/{length}".encode()),
+            (b"Content-Length", str(last - first + 1).encode()),
+        )
+        return 206, b"Partial Content", fields, body[first : last + 1]
 
     def _record(self, flow: http.HTTPFlow, result: str) -> None:
         self.counts[result] = self.counts.get(result, 0) + 1

@@ -13,6 +13,7 @@ is the only user; everything here is tested by tables in `tests/unit/test_rfc911
     stored_fields / merge_304                        RFC 9111 §3.1, §3.2, §4.3.4
     not_modified(...)                                RFC 9110 §13.1.2/§13.1.3 via RFC 9111 §4.3.2
     targeted_directives(get, device)                 RFC 9213 CDN-Cache-Control, Surrogate-Control
+    byte_range / if_range_holds                      RFC 9110 §14.2, §13.1.5
 """
 
 from __future__ import annotations
@@ -448,6 +449,43 @@ def fields_of_304(fields: Fields) -> list[tuple[str, str]]:
     """Fields a 304 answered from the cache carries (RFC 9110 §15.4.5)."""
     keep = {"cache-control", "content-location", "date", "etag", "expires", "vary", "last-modified"}
     return [(n, v) for n, v in fields if n.lower() in keep]
+
+
+# --- ranges (RFC 9110 §14) ----------------------------------------------------------------
+
+_BYTE_RANGE = re.compile(r"bytes[ \t]*=[ \t]*(\d*)-(\d*)[ \t]*", re.IGNORECASE)
+
+
+def byte_range(value: str, length: int) -> tuple[int, int] | None | bool:
+    """The one byte range a `Range` value selects from a body of `length` bytes, as
+    (first, last) inclusive; False when it is unsatisfiable (416); None when the field is to
+    be ignored and the whole body sent (§14.2: invalid, several ranges, other units)."""
+    m = _BYTE_RANGE.fullmatch(value)
+    if m is None:
+        return None
+    first, last = m.groups()
+    if not first:
+        if not last:
+            return None
+        suffix = int(last)  # the final `suffix` bytes (§14.1.2)
+        if suffix == 0:
+            return False
+        return (max(0, length - suffix), length - 1) if length else False
+    start = int(first)
+    end = int(last) if last else length - 1
+    if last and end < start:
+        return None  # invalid range-spec: ignore the field
+    if start >= length:
+        return False
+    return start, min(end, length - 1)
+
+
+def if_range_holds(value: str, etag: str | None, last_modified: str | None) -> bool:
+    """RFC 9110 §13.1.5: a strong ETag match or an exactly equal Last-Modified date."""
+    value = value.strip()
+    if value.startswith(('"', "W/")):
+        return etag is not None and not etag.startswith("W/") and value == etag
+    return last_modified is not None and value == last_modified.strip()
 
 
 # --- Vary (RFC 9111 §4.1) -----------------------------------------------------------------

@@ -281,12 +281,12 @@ CASES: list[tuple[str, int, dict[str, str], list[tuple[dict[str, str], str, int]
         {"Cache-Control": "max-age=60", "Last-Modified": LONG_AGO},
         [({}, "MISS", 1), ({"If-Modified-Since": LONG_AGO}, "HIT", 1)],
     ),
-    # PRD: Range requests are not served from the cache
+    # RFC 9110 §14: a Range miss goes to the origin unstored; a stored full body answers ranges
     (
         "range",
         200,
         {"Cache-Control": "max-age=60"},
-        [({}, "MISS", 1), ({"Range": "bytes=0-1"}, "BYPASS", 2)],
+        [({"Range": "bytes=0-1"}, "BYPASS", 1), ({}, "MISS", 2)],
     ),
     # only-if-cached with nothing stored: 504 without asking the origin
     (
@@ -473,6 +473,28 @@ def test_304_updates_stored_headers_except_content_length(origin: Origin, get: G
     r = get("/merge")
     assert status(r) == "REVALIDATED" and r.headers["x-version"] == "2"  # §3.2, §4.3.4
     assert r.content == b"twelve bytes" and r.headers["content-length"] == "12"
+
+
+def test_ranges_are_cut_from_a_stored_complete_response(origin: Origin, get: Get) -> None:
+    origin.set("/range", (200, {"Cache-Control": "max-age=60", "ETag": '"r"'}, b"0123456789A"))
+    r = get("/range", {"Range": "bytes=0-1"})  # nothing stored: the origin answers the range
+    assert status(r) == "BYPASS" and origin.hits["/range"] == 1
+    get("/range")
+    for spec, code, text, content_range in [
+        ("bytes=0-1", 206, b"01", "bytes 0-1/11"),
+        ("bytes=1-", 206, b"123456789A", "bytes 1-10/11"),
+        ("bytes=-1", 206, b"A", "bytes 10-10/11"),
+        ("bytes=0-1,5-6", 200, b"0123456789A", None),  # several ranges: the whole body
+        ("bytes=99-", 416, b"", "bytes */11"),
+    ]:
+        r = get("/range", {"Range": spec})
+        assert (status(r), r.status_code, r.content) == ("HIT", code, text), spec
+        assert r.headers.get("content-range") == content_range, spec
+    r = get("/range", {"Range": "bytes=0-1", "If-Range": '"old"'})  # RFC 9110 §13.1.5
+    assert (r.status_code, r.content) == (200, b"0123456789A")
+    r = get("/range", {"Range": "bytes=0-1", "If-Range": '"r"'})
+    assert (r.status_code, r.content) == (206, b"01")
+    assert origin.hits["/range"] == 2
 
 
 def test_head_is_answered_from_a_stored_get(origin: Origin, get: Get) -> None:

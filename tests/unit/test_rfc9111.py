@@ -361,3 +361,38 @@ def test_targeted_directives_prefer_cdn_cache_control(
     fields: dict[str, list[str]], expected: dict[str, str | None] | None
 ) -> None:
     assert rfc.targeted_directives(lambda n: fields.get(n, []), "me") == expected  # RFC 9213
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("bytes=0-1", (0, 1)),
+        ("bytes=1-", (1, 10)),
+        ("bytes=-1", (10, 10)),  # suffix (RFC 9110 §14.1.2)
+        ("bytes=-20", (0, 10)),
+        ("bytes=0-100", (0, 10)),  # last-pos past the end is cut to the end
+        ("BYTES = 2-3", (2, 3)),
+        ("bytes=20-", False),  # unsatisfiable: 416
+        ("bytes=-0", False),
+        ("bytes=5-2", None),  # invalid: ignored, whole body
+        ("bytes=0-1,3-4", None),  # several ranges: whole body (§14.2 allows ignoring)
+        ("items=0-1", None),
+        ("bytes=", None),
+    ],
+)
+def test_byte_range(value: str, expected: tuple[int, int] | bool | None) -> None:
+    assert rfc.byte_range(value, 11) == expected
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ('"a"', True),
+        ('"b"', False),
+        ('W/"a"', False),  # If-Range needs a strong match (RFC 9110 §13.1.5)
+        ("Sun, 06 Nov 1994 08:49:37 GMT", True),
+        ("Sun, 06 Nov 1994 08:49:38 GMT", False),
+    ],
+)
+def test_if_range_holds(value: str, expected: bool) -> None:
+    assert rfc.if_range_holds(value, '"a"', "Sun, 06 Nov 1994 08:49:37 GMT") is expected
