@@ -11,11 +11,15 @@ functions of `addons/rfc9111.py`; this module is storage, eligibility and the ho
   default port dropped, percent-encoding normalised, query parameters sorted) and the
   request's values of the fields the response's `Vary` names. A URL's Vary field names are
   kept in a small index, so a lookup costs one index read and one hash.
-- Eligible: GET and HEAD (HEAD is answered from a stored GET) when `cache_enabled`, no
-  `Range`, and: the router's `errors.waypost(flow)["route_cache"]` is True, or it is None
+- Eligible: GET and HEAD (HEAD is answered from a stored GET) when `cache_enabled`, and: the router's `errors.waypost(flow)["route_cache"]` is True, or it is None
   (no routing opinion) and `cache_patterns` is empty or one glob matches the URL, its host or
   its path. False means bypass. Other methods pass through; unsafe ones with a 2xx/3xx
   answer invalidate the URL and its same-origin `Location` / `Content-Location` (§4.4).
+- Ranges: one byte range is cut from a usable stored 200 (206, or 416); with nothing usable
+  stored a Range request goes to the origin unstored (BYPASS).
+- Surrogate (`cache_surrogate`): for reverse-proxied and routed requests, CDN-Cache-Control or
+  Surrogate-Control (targeted at `cache_surrogate_name`) replaces Cache-Control and Expires
+  (RFC 9213 §2.2); `Surrogate-Capability` goes upstream, `Surrogate-Control` is not passed on.
 - Not stored: streamed bodies (`flow.response.stream`, `stream_large_bodies`), bodies over
   `cache_max_object_size`, responses with `Set-Cookie` (a shared cache must not hand one
   client's cookie to another), and whatever RFC 9111 §3 forbids.
@@ -47,7 +51,8 @@ Metrics (own collector on `addons.metrics.REGISTRY`): `cache_requests_total{resu
 
 Hooks: load, configure, running, done, request, response, error.
 Options: cache_enabled, cache_max_memory, cache_max_entries, cache_max_object_size,
-cache_default_ttl, cache_mode, cache_patterns, cache_coalesce_timeout, cache_max_waiters.
+cache_default_ttl, cache_mode, cache_patterns, cache_coalesce_timeout, cache_max_waiters,
+cache_surrogate, cache_surrogate_name.
 """
 
 from __future__ import annotations

@@ -58,7 +58,12 @@ class Child:
     """A process we started (own session, so a terminal ^C reaches only us); stopped by PID."""
 
     def __init__(
-        self, name: str, args: list[str], logfile: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        args: list[str],
+        logfile: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
     ):
         self.name = name
         self.args = args
@@ -69,8 +74,8 @@ class Child:
             stdin=subprocess.DEVNULL,
             stdout=self._out,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
             env=env,
+            cwd=cwd,
             start_new_session=True,
         )
         self.pid = self.proc.pid
