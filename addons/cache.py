@@ -69,7 +69,8 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from aiohttp import web
-from cachetools import LRUCache, TLRUCache, TTLCache
+from cachetools import Cache as BaseCache
+from cachetools import TLRUCache, TTLCache
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -423,10 +424,9 @@ class Store(TLRUCache):
         )
         self.max_entries = max_entries
         self.evictions = 0
-        # primary (method + URL) -> (Vary field names, keys of its stored variants)
-        self.index: LRUCache[str, tuple[tuple[str, ...], set[str]]] = LRUCache(
-            maxsize=max(1, max_entries)
-        )
+        # primary (method + URL) -> (Vary field names, keys of its stored variants). Exact:
+        # every way an entry leaves (eviction, expiry, drop) takes it out.
+        self.index: dict[str, tuple[tuple[str, ...], set[str]]] = {}
 
     def popitem(self) -> tuple[str, Entry]:
         key, entry = super().popitem()
@@ -434,18 +434,27 @@ class Store(TLRUCache):
         self._unindex(entry)
         return key, entry
 
+    def expire(self, time: float | None = None) -> list[tuple[str, Entry]]:
+        expired = super().expire(time)
+        for _key, entry in expired:
+            self._unindex(entry)
+        return expired
+
     def put(self, entry: Entry, vary: tuple[str, ...]) -> None:
         info = self.index.get(entry.primary)
-        if info is None or info[0] != vary:
+        if info is not None and info[0] != vary:
             # A new Vary replaces the old variants (they can no longer be selected).
-            if info is not None:
-                for k in info[1]:
-                    self.pop(k, None)
-            info = (vary, set())
-            self.index[entry.primary] = info
-        info[1].add(entry.key)
+            self.drop_url(entry.primary)
+        # Stored before it is indexed: making room may evict an older entry under this key.
         self[entry.key] = entry
-        while len(self) > self.max_entries:
+        if entry.key not in self:
+            return  # expired on arrival
+        info = self.index.get(entry.primary)
+        if info is None:
+            info = self.index[entry.primary] = (vary, set())
+        info[1].add(entry.key)
+        # The base class's count: TLRUCache's own len() runs an expiry pass each time.
+        while BaseCache.__len__(self) > self.max_entries:
             self.popitem()
 
     def drop(self, key: str) -> Entry | None:
@@ -464,6 +473,8 @@ class Store(TLRUCache):
         info = self.index.get(entry.primary)
         if info is not None:
             info[1].discard(entry.key)
+            if not info[1]:
+                del self.index[entry.primary]
 
     def entries(self) -> Iterator[Entry]:
         for key in list(self):
