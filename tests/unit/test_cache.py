@@ -438,3 +438,27 @@ def test_vary_absent_field_matches_only_absent() -> None:
         assert _fetch(c, "/va", h, {"X-Mode": ""}).response.headers["X-Cache-Status"] == "MISS"
         assert _fetch(c, "/va", h, {}).response.content == b"absent"
         assert _fetch(c, "/va", h, {}).response.headers["X-Cache-Status"] == "HIT"
+
+
+def test_the_url_index_follows_every_way_an_entry_leaves() -> None:
+    store = cache_mod.Store(10_000_000, 2)
+    now = time.time()
+
+    def put(url: str, lifetime: float) -> None:
+        fields = [("Cache-Control", f"max-age={lifetime:g}")]
+        entry = cache_mod.Entry(
+            f"k{url}", url, url, 200, "OK", fields, b"b", now, now, cache_mod.Settings(), None
+        )
+        entry.expires_at = now + lifetime
+        store.put(entry, ())
+
+    put("/a", 0.05)
+    put("/b", 60)
+    put("/c", 60)  # over max_entries: /a is evicted
+    assert set(store.index) == {"/b", "/c"} and store.evictions == 1
+    store.drop("k/b")
+    assert set(store.index) == {"/c"}
+    put("/d", 0.05)
+    time.sleep(0.1)
+    store.expire()  # expiry, not only eviction, takes it out of the index
+    assert set(store.index) == {"/c"} and len(store) == 1
