@@ -626,13 +626,13 @@ class Cache:
             str,
             "256MB",
             "Byte budget of the cache (bodies, headers, bookkeeping), e.g. 256MB; least "
-            "recently used entries are evicted beyond it. Changing it empties the cache.",
+            "recently used entries are evicted beyond it.",
         )
         loader.add_option(
             "cache_max_entries",
             int,
             10000,
-            "Most responses kept (all Vary variants count). Changing it empties the cache.",
+            "Most responses kept (all Vary variants count).",
         )
         loader.add_option(
             "cache_max_object_size",
@@ -714,6 +714,12 @@ class Cache:
             if store.maxsize != max_memory or store.max_entries != opts.cache_max_entries:
                 self.evictions_before += store.evictions
                 self.store = Store(max_memory, opts.cache_max_entries)
+                # Carried over least recently used first (popitem's order), so a smaller
+                # budget evicts those.
+                vary_of = {primary: info[0] for primary, info in store.index.items()}
+                while store:
+                    _key, entry = store.popitem()
+                    self.store.put(entry, vary_of.get(entry.primary, ()))
         if updated & {"cache_default_ttl", "cache_mode", "cache_surrogate_name"}:
             ttl = _duration("cache_default_ttl", opts.cache_default_ttl)
             device = opts.cache_surrogate_name

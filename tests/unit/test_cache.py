@@ -205,6 +205,19 @@ def test_max_entries() -> None:
         assert len(c.store) == 10
 
 
+def test_a_new_budget_keeps_the_most_recently_used_entries() -> None:
+    c = Cache()
+    with taddons.context(c) as tctx:
+        for i in range(10):
+            _fetch(c, f"/keep/{i}")
+        _fetch(c, "/keep/0")  # now the most recently used
+        tctx.configure(c, cache_max_entries=3)
+        assert len(c.store) == 3
+        for path in ("/keep/0", "/keep/9", "/keep/8"):
+            assert _fetch(c, path).response.headers["X-Cache-Status"] == "HIT", path
+        assert _fetch(c, "/keep/1").response.headers["X-Cache-Status"] == "MISS"
+
+
 def test_vary_selects_variants() -> None:
     c = Cache()
     with taddons.context(c):
@@ -320,7 +333,7 @@ def test_same_values_keep_the_store() -> None:
         tctx.configure(c, cache_max_memory="256MB", cache_max_entries=10000)
         assert len(c.store) == 1
         tctx.configure(c, cache_max_memory="128MB")
-        assert len(c.store) == 0
+        assert len(c.store) == 1  # a new budget keeps what fits
 
 
 def test_metrics_and_stats() -> None:
