@@ -6,7 +6,8 @@ functions of `addons/rfc9111.py`; this module is storage, eligibility and the ho
 - Storage: a cachetools `TLRUCache` (LRU order, a per-entry expiry, a byte budget through
   `getsizeof`), plus an entry-count limit. An entry is dropped when it can no longer be
   used: after its freshness lifetime plus what stale-while-revalidate / stale-if-error allow,
-  or one hour more when it has a validator (so it can be revalidated with a 304).
+  or one hour more when it has a validator (so it can be revalidated with a 304) or
+  `cache_stale_on_error` is on (so it can answer while the origin is down).
 - Key (PRD §4.4.1): SHA-256 over the method, the normalised URL (scheme and host lower case,
   default port dropped, percent-encoding normalised, query parameters sorted) and the
   request's values of the fields the response's `Vary` names. A URL's Vary field names are
@@ -31,8 +32,11 @@ functions of `addons/rfc9111.py`; this module is storage, eligibility and the ho
   it with aiohttp, connecting to the very IP address the stored response came from (so the
   Egress decision and its DNS pinning hold) with the request headers that went upstream.
   Behind an upstream proxy (no direct peer) the next request revalidates in the foreground.
-  stale-if-error answers for an origin 500/502/503/504 (not for connection failures: those
-  never reach the `response` hook).
+- stale-if-error (RFC 5861 §4) answers for an origin 500/502/503/504 and, through the patch
+  below, when the origin cannot be reached or fails before a complete response (refused,
+  connect or read timeout, DNS failure, connection closed); `cache_stale_on_error` also
+  answers stale then without stale-if-error (RFC 9111 §4.2.4). Never for must-revalidate,
+  proxy-revalidate or s-maxage responses, nor with entries purged since the lookup.
 - Headers on every cacheable answer: `X-Cache-Status` (HIT, MISS, STALE, REVALIDATED, BYPASS,
   EXPIRED), RFC 9211 `Cache-Status` (`waypost; hit; ttl=...` / `waypost; fwd=...`), and `Age`
   on stored answers. `errors.waypost(flow)["cache"]` records the same word and
@@ -49,10 +53,19 @@ mark stale instead of dropping -> `{"invalidated": n, "remaining": m}`;
 Metrics (own collector on `addons.metrics.REGISTRY`): `cache_requests_total{result}`,
 `cache_bytes`, `cache_entries`, `cache_evictions_total`.
 
-Hooks: load, configure, running, done, request, response, error.
+The patch (version-guarded for mitmproxy 11.0.2 and 12.3.1, a WARNING and no patch on any
+other version; undone in `done`): mitmproxy answers an origin failure below the hooks (the
+`error` hook, then its own 502/504). `HttpStream.handle_protocol_error` is wrapped at the
+bottom of Waypost's chain of patches to it, so the router's retries (addons/router.py) come
+first: for a flow with a stored entry, a complete request and nothing sent to the client yet,
+it fires `waypost_origin_unavailable`; when this addon answers there, the stored response
+goes out as a response set in the `request` hook would (`responseheaders`, `response`) and
+the error hook never fires.
+
+Hooks: load, configure, running, done, request, response, error, waypost_origin_unavailable.
 Options: cache_enabled, cache_max_memory, cache_max_entries, cache_max_object_size,
 cache_default_ttl, cache_mode, cache_patterns, cache_coalesce_timeout, cache_max_waiters,
-cache_surrogate, cache_surrogate_name.
+cache_surrogate, cache_surrogate_name, cache_stale_on_error.
 """
 
 from __future__ import annotations
@@ -64,6 +77,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -71,11 +85,14 @@ from urllib.parse import urljoin, urlsplit
 from aiohttp import web
 from cachetools import Cache as BaseCache
 from cachetools import TLRUCache, TTLCache
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, exceptions, http, version
+from mitmproxy import flow as mflow
+from mitmproxy.proxy import commands
+from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.mode_specs import ReverseMode
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from addons import errors
+from addons import errors, upstream
 from addons import rfc9111 as rfc
 from addons.units import parse_duration, parse_size
 
@@ -84,13 +101,15 @@ log = logging.getLogger("waypost.cache")
 RESULTS = ("HIT", "MISS", "STALE", "REVALIDATED", "BYPASS", "EXPIRED")
 SERVED_FROM_CACHE = frozenset({"HIT", "STALE", "REVALIDATED"})
 CACHE_NAME = "waypost"
-# How long past its usable life an entry with a validator is kept for a 304 revalidation.
+# How long past its usable life an entry with a validator is kept for a 304 revalidation
+# (and, with cache_stale_on_error, any entry, to answer while the origin is down).
 KEEP_VALIDATABLE = 3600.0
 # Per-entry bookkeeping beyond body and fields (object, key, URL), for the byte budget.
 ENTRY_OVERHEAD = 512
 UNCACHEABLE_TTL = 60.0
 BACKGROUND_TIMEOUT = 30.0
 _STATE = "waypost_cache"
+CHECKED_VERSIONS = frozenset({"11.0.2", "12.3.1"})
 _EMPTY = rfc.Directives()
 _SURROGATE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -154,10 +173,14 @@ def pattern_matches(rx: re.Pattern[str] | None, url: str) -> bool:
     return bool(rx.match(url) or rx.match(parts.hostname or "") or rx.match(path))
 
 
-def cache_status(result: str, ttl: float | None = None, fwd_status: int | None = None) -> str:
-    """The RFC 9211 Cache-Status member for one answer."""
+def cache_status(
+    result: str, ttl: float | None = None, fwd_status: int | None = None, error: str | None = None
+) -> str:
+    """The RFC 9211 Cache-Status member for one answer; `error` is why the origin gave no
+    response (a token such as connection_refused), sent as `detail` (§2.8): `fwd-status` is
+    for a status the origin sent, and absent it would mean the status of this answer."""
     parts = [CACHE_NAME]
-    if result in ("HIT", "STALE") and fwd_status is None:
+    if result in ("HIT", "STALE") and fwd_status is None and error is None:
         parts.append("hit")
     elif result == "BYPASS":
         parts.append("fwd=bypass")
@@ -169,6 +192,8 @@ def cache_status(result: str, ttl: float | None = None, fwd_status: int | None =
         parts.append(f"fwd-status={fwd_status}")
     if ttl is not None:
         parts.append(f"ttl={int(ttl)}")
+    if error is not None:
+        parts.append(f"detail={error}")
     return "; ".join(parts)
 
 
@@ -311,7 +336,7 @@ class Entry:
             + ENTRY_OVERHEAD
         )
         keep = max(self.swr, self.sie)
-        if self.etag or self.last_modified is not None:
+        if self.etag or self.last_modified is not None or settings.stale_on_error:
             keep = max(keep, KEEP_VALIDATABLE)
         self.expires_at = response_time + max(0.0, self.lifetime - self.initial_age) + keep
 
@@ -392,12 +417,17 @@ def _date(values: list[str]) -> float | None:
 
 
 class Settings:
-    __slots__ = ("default_ttl", "mode", "device")
+    __slots__ = ("default_ttl", "mode", "device", "stale_on_error")
 
     def __init__(
-        self, default_ttl: float = 300.0, mode: str = "rfc", device: str = "waypost"
+        self,
+        default_ttl: float = 300.0,
+        mode: str = "rfc",
+        device: str = "waypost",
+        stale_on_error: bool = False,
     ) -> None:
         self.default_ttl, self.mode, self.device = default_ttl, mode, device
+        self.stale_on_error = stale_on_error
 
 
 def response_directives(
@@ -577,15 +607,106 @@ def _define_collector() -> Collector:
     return collector
 
 
+def _define_hook() -> type[commands.StartHook]:
+    @dataclass
+    class OriginUnavailableHook(commands.StartHook):
+        """The origin failed before any response reached the client and no retry is left;
+        the flow has a stored entry the cache may answer with instead of the error."""
+
+        name = "waypost_origin_unavailable"
+        flow: http.HTTPFlow
+
+    return OriginUnavailableHook
+
+
 if __name__ == "addons.cache":
     COLLECTOR = _define_collector()
+    OriginUnavailableHook = _define_hook()
 else:
     # Loaded as a script (`-s addons/cache.py`, re-executed on reload): reuse the package
-    # module's collector instead of registering a second one.
+    # module's collector and hook instead of registering second ones.
     try:
-        from addons.cache import COLLECTOR
+        from addons.cache import COLLECTOR, OriginUnavailableHook
     except ImportError:
         COLLECTOR = _define_collector()
+        OriginUnavailableHook = _define_hook()
+
+
+# --- the patch: a stale answer instead of mitmproxy's error ---------------------------------
+
+_ORIGINAL = "__waypost_cache_original__"
+# How Waypost's patches of HttpStream.handle_protocol_error (router.py's, this one) point to
+# the function they wrap.
+_LINKS = ("__waypost_original__", _ORIGINAL)
+
+
+def _handle_protocol_error(self: Any, event: Any) -> Any:
+    # Where mitmproxy 11.0.2 / 12.3.1 fire the error hook and then send their own answer. One
+    # can still be sent instead for a response error (connect failure, origin closed or timed
+    # out) after a complete request, while nothing went to the client (a streamed response
+    # has sent its headers).
+    flow: http.HTTPFlow = self.flow
+    state: State | None = flow.metadata.get(_STATE)
+    if (
+        state is not None
+        and state.entry is not None
+        and not state.served
+        and isinstance(event, http_layer.ResponseProtocolError)
+        and self.client_state == self.state_done
+        and self.server_state
+        in (self.state_wait_for_response_headers, self.state_consume_response_body)
+    ):
+        flow.error = mflow.Error(event.message)
+        yield OriginUnavailableHook(flow)
+        if state.served:
+            flow.error = None
+            # What state_consume_request_body does with a response set in the request hook.
+            yield http_layer.HttpResponseHeadersHook(flow)
+            if (yield from self.check_killed(True)):
+                return
+            yield from self.send_response()
+            return
+    yield from getattr(_handle_protocol_error, _ORIGINAL)(self, event)
+
+
+def _link(fn: Any) -> str | None:
+    return next((a for a in _LINKS if hasattr(fn, a)), None)
+
+
+def install_patch() -> bool:
+    """Wrap HttpStream.handle_protocol_error below Waypost's other patches of it, so the
+    router's retries come first and a stale answer is the last resort, in whatever order the
+    addons load; idempotent. False if the mitmproxy version is unchecked."""
+    if version.VERSION not in CHECKED_VERSIONS:
+        log.warning(
+            "mitmproxy %s is not a version Waypost checked (%s): stale-if-error does not "
+            "cover unreachable origins",
+            version.VERSION,
+            ", ".join(sorted(CHECKED_VERSIONS)),
+        )
+        return False
+    uninstall_patch()
+    holder: Any = http_layer.HttpStream
+    attr = "handle_protocol_error"
+    fn = getattr(holder, attr)
+    while (link := _link(fn)) is not None:
+        holder, attr, fn = fn, link, getattr(fn, link)
+    setattr(_handle_protocol_error, _ORIGINAL, fn)
+    setattr(holder, attr, _handle_protocol_error)
+    return True
+
+
+def uninstall_patch() -> None:
+    """Take every copy of this patch (a script reload makes new ones) out of the chain."""
+    holder: Any = http_layer.HttpStream
+    attr = "handle_protocol_error"
+    fn = getattr(holder, attr)
+    while (link := _link(fn)) is not None:
+        if link == _ORIGINAL:
+            fn = getattr(fn, link)
+            setattr(holder, attr, fn)
+        else:
+            holder, attr, fn = fn, link, getattr(fn, link)
 
 
 # --- the addon -------------------------------------------------------------------------------
@@ -692,6 +813,18 @@ class Cache:
             "This cache's device token for Surrogate-Control targeting "
             '(`max-age=60;waypost`), announced as `Surrogate-Capability: waypost="Surrogate/1.0"`.',
         )
+        loader.add_option(
+            "cache_stale_on_error",
+            bool,
+            False,
+            "When the origin cannot be reached or fails before a complete response (refused, "
+            "timeout, DNS failure, connection closed), answer with the stored response even "
+            "without stale-if-error, as a disconnected cache may (RFC 9111 §4.2.4; nginx's "
+            "proxy_cache_use_stale error timeout); stored responses are then kept an hour past "
+            "their freshness. Never for must-revalidate, proxy-revalidate, s-maxage or "
+            "no-cache responses, nor for an origin's 5xx answers (stale-if-error only).",
+        )
+        install_patch()
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -720,14 +853,19 @@ class Cache:
                 while store:
                     _key, entry = store.popitem()
                     self.store.put(entry, vary_of.get(entry.primary, ()))
-        if updated & {"cache_default_ttl", "cache_mode", "cache_surrogate_name"}:
+        if updated & {
+            "cache_default_ttl",
+            "cache_mode",
+            "cache_surrogate_name",
+            "cache_stale_on_error",
+        }:
             ttl = _duration("cache_default_ttl", opts.cache_default_ttl)
             device = opts.cache_surrogate_name
             if not _SURROGATE_NAME.fullmatch(device):
                 raise exceptions.OptionsError(
                     f"cache_surrogate_name: {device!r} is not a token (letters, digits, -_.)"
                 )
-            self.settings = Settings(ttl, opts.cache_mode, device)
+            self.settings = Settings(ttl, opts.cache_mode, device, opts.cache_stale_on_error)
         if "cache_surrogate" in updated:
             self.surrogate = opts.cache_surrogate
         if "cache_patterns" in updated:
@@ -747,6 +885,7 @@ class Cache:
         COLLECTOR.source = self
 
     def done(self) -> None:
+        uninstall_patch()
         for task in list(_tasks):
             task.cancel()
         if self.session is not None:
@@ -945,6 +1084,7 @@ class Cache:
         result: str,
         age: float,
         fwd_status: int | None = None,
+        error: str | None = None,
     ) -> None:
         """Answer the flow from `entry` (a 304 when the client's own conditions hold)."""
         state.served = True
@@ -956,7 +1096,7 @@ class Cache:
         extra = [
             (b"Age", str(whole_age).encode()),
             (b"X-Cache-Status", result.encode()),
-            (b"Cache-Status", cache_status(result, ttl, fwd_status).encode()),
+            (b"Cache-Status", cache_status(result, ttl, fwd_status, error).encode()),
         ]
         if (inm is not None or ims is not None) and rfc.not_modified(
             inm, ims, entry.etag, entry.modified
@@ -1036,18 +1176,9 @@ class Cache:
             if entry is not None and resp.status_code == 304 and state.conditional:
                 self._revalidated(flow, state, entry, resp)
                 return
-            if (
-                entry is not None
-                and resp.status_code in rfc.ERROR_STATUSES
-                and rfc.stale_if_error(
-                    entry.age(time.time()),
-                    entry.lifetime,
-                    entry.cc,
-                    state.req_cc,
-                    entry.must_revalidate,
-                )
+            if resp.status_code in rfc.ERROR_STATUSES and self._serve_stale(
+                flow, state, fwd_status=resp.status_code
             ):
-                self._serve(flow, state, entry, "STALE", entry.age(time.time()), resp.status_code)
                 return
             if flow.request.data.method == b"HEAD":
                 self._mark(flow, resp, state.result)  # §4.3.5 (HEAD freshening) not done
@@ -1063,6 +1194,64 @@ class Cache:
         state: State | None = flow.metadata.get(_STATE)
         if state is not None:
             self._release(state)
+
+    def waypost_origin_unavailable(self, flow: http.HTTPFlow) -> None:
+        state: State | None = flow.metadata.get(_STATE)
+        if state is None or state.served or flow.error is None or not self.enabled:
+            return
+        message = flow.error.msg
+        if message.startswith("Connection killed") and "Cannot resolve " not in message:
+            # An addon refused the connection in server_connect (the egress policy) or killed
+            # the flow: not the origin being down. Egress's DNS failures come this way too.
+            return
+        meta = errors.waypost(flow)
+        reason = meta.get("timed_out") or upstream.reason_of(message)
+        if reason == "client_disconnected":
+            return
+        if not self._serve_stale(
+            flow, state, error=reason, disconnected=self.settings.stale_on_error
+        ):
+            return
+        # The error hook will not fire: what the router (breaker accounting), the access log
+        # and a flight's waiters would have learnt from it.
+        meta["backend_error"] = reason
+        self._release(state)
+        resp = flow.response
+        assert resp is not None
+        if flow.request.http_version.startswith("HTTP/1"):
+            # mitmproxy keeps a failed connect in the client connection's list and answers
+            # later requests on that connection with the same error without dialling again;
+            # its own error answer closed the connection, so does this one.
+            resp.headers["Connection"] = "close"
+        log.warning(
+            "upstream %s failed: %s -> %d STALE from the cache (%r) request_id=%s",
+            repr(f"{flow.request.host}:{flow.request.port}"),
+            reason,
+            resp.status_code,
+            message,
+            errors.request_id(flow),
+        )
+
+    def _serve_stale(
+        self,
+        flow: http.HTTPFlow,
+        state: State,
+        fwd_status: int | None = None,
+        error: str | None = None,
+        disconnected: bool = False,
+    ) -> bool:
+        """After an origin failure, answer with the entry found at lookup if RFC 5861 §4 (or,
+        `disconnected`, RFC 9111 §4.2.4) allows it; False if not."""
+        entry = state.entry
+        if entry is None or self.store.get(entry.key) is not entry:
+            return False  # purged since the lookup: never to be served again
+        age = entry.age(time.time())
+        if not rfc.stale_if_error(
+            age, entry.lifetime, entry.cc, state.req_cc, entry.must_revalidate, disconnected
+        ):
+            return False
+        self._serve(flow, state, entry, "STALE", age, fwd_status, error)
+        return True
 
     def _release(self, state: State) -> None:
         if state.leader:

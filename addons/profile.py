@@ -475,6 +475,7 @@ class Cache(_Section):
     max_waiters: Annotated[int, Field(ge=0)] = 100
     surrogate: bool = True
     surrogate_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "waypost"
+    stale_on_error: bool = False
 
     @model_validator(mode="after")
     def _object_fits(self) -> Cache:
@@ -850,6 +851,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "cache_max_waiters": (("cache", "max_waiters"), _same),
     "cache_surrogate": (("cache", "surrogate"), _same),
     "cache_surrogate_name": (("cache", "surrogate_name"), _same),
+    "cache_stale_on_error": (("cache", "stale_on_error"), _same),
     "acl_allowed_ips": (("security", "acl", "allowed_ips"), list),
     "acl_denied_ips": (("security", "acl", "denied_ips"), list),
     "acl_mode": (("security", "acl", "mode"), _same),

@@ -404,11 +404,23 @@ def reuse(
 
 
 def stale_if_error(
-    age: float, lifetime: float, resp_cc: Directives, req_cc: Directives, must_revalidate: bool
+    age: float,
+    lifetime: float,
+    resp_cc: Directives,
+    req_cc: Directives,
+    must_revalidate: bool,
+    disconnected: bool = False,
 ) -> bool:
-    """RFC 5861 §4: may a stale stored response answer instead of an origin error?"""
+    """RFC 5861 §4: may a stale stored response answer instead of an origin error?
+
+    `disconnected`: the origin could not be reached or failed before a complete response, and
+    the operator allows stale answers then whatever stale-if-error says (RFC 9111 §4.2.4: a
+    disconnected cache may serve stale unless a directive forbids it, as no-cache does).
+    """
     if must_revalidate:
         return False
+    if disconnected and not ("no-cache" in resp_cc and not resp_cc.fields("no-cache")):
+        return True
     staleness = age - lifetime
     limits = [d.seconds("stale-if-error") for d in (req_cc, resp_cc) if "stale-if-error" in d]
     return any(staleness <= (lim or 0) for lim in limits)

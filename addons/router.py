@@ -662,6 +662,10 @@ class Router:
         resp = flow.response
         if b is None or resp is None or flow.metadata.get(_DONE):
             return
+        failed = errors.waypost(flow).get("backend_error")
+        if failed is not None:  # the backend failed and the cache answered stale instead
+            self._outcome(flow, b, False, failed)
+            return
         status = resp.status_code
         ok = status not in FAILURE_STATUSES
         if status == 503:

@@ -3,17 +3,22 @@
 origin.set("/a", lambda req: (200, {"Cache-Control": "max-age=60"}, b"body"))
 origin.hits["/a"]         # requests that reached the origin for /a
 origin.requests["/a"]     # their headers, as a list of lower-cased dicts
+
+FlakyOrigin answers like an origin until told to fail in one of the ways an origin goes down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
 from aiohttp import web
+
+from tests.conftest import ThreadedServer
 
 Answer = tuple[int, dict[str, str] | list[tuple[str, str]], bytes]
 Handler = Callable[[web.Request], Answer]
@@ -97,3 +102,38 @@ def start_origin() -> Iterator[Origin]:
     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     t.join(10)
+
+
+class FlakyOrigin(ThreadedServer):
+    """A raw HTTP/1.1 origin. While `mode` is "ok" it answers each request with `headers` and
+    `body` (and closes); "close" closes the connection once the request is read; "truncate"
+    sends the head and half the body, then closes; "hang" answers nothing until the proxy
+    gives up (at most 10 s). `close()` closes its port: connections are refused."""
+
+    def __init__(self, headers: dict[str, str], body: bytes = b"stored body") -> None:
+        self.mode = "ok"
+        self.headers = headers
+        self.body = body
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            try:
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                if self.mode == "close":
+                    return
+                if self.mode == "hang":
+                    conn.recv(1)  # returns when the proxy closes the connection
+                    return
+                fields = {**self.headers, "Content-Length": str(len(self.body))}
+                head = "HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+                body = self.body[: len(self.body) // 2] if self.mode == "truncate" else self.body
+                conn.sendall(f"{head}Connection: close\r\n\r\n".encode() + body)
+            except OSError:
+                pass

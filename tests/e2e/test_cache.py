@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from tests.conftest import Backend, Proxy, start_proxy
-from tests.e2e.cache_helpers import Origin, http_date, start_origin
+from tests.e2e.cache_helpers import FlakyOrigin, Origin, http_date, start_origin
+from tests.e2e.router_helpers import REVERSE, NamedBackend, write_profile
 
 MANAGEMENT = r"management (?:app )?listening at https?://[0-9.]+:(\d+)"
 Get = Callable[..., httpx.Response]
@@ -573,6 +574,158 @@ def test_stale_if_error_serves_the_stored_response(origin: Origin, get: Get) -> 
     r = get("/sie")
     assert r.status_code == 200 and r.content == b"ok" and status(r) == "STALE"
     assert "fwd-status=503" in r.headers["cache-status"]
+
+
+# --- stale answers when the origin is down (no response at all) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def failover(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    """The cache with upstream.py (JSON errors, a read timeout) as a forward proxy: each test
+    dials origins of its own."""
+    p = start_proxy(
+        tmp_path_factory.mktemp("failover"),
+        scripts=("addons/cache.py", "addons/upstream.py"),
+        options={"upstream_read_timeout": "500ms"},
+    )
+    yield p
+    p.stop()
+
+
+@pytest.mark.parametrize(
+    "failure,detail",
+    [
+        ("refused", "connection_refused"),  # the origin's port is closed
+        ("close", "closed"),  # closes the connection before any response byte
+        ("truncate", "closed"),  # closes it in the middle of the body
+        ("hang", "read_timeout"),  # never answers: upstream_read_timeout
+    ],
+)
+def test_stale_if_error_answers_when_the_origin_fails_without_a_response(
+    failover: Proxy, failure: str, detail: str
+) -> None:
+    origin = FlakyOrigin({"Cache-Control": "max-age=1, stale-if-error=60", "Age": "5"})
+    url = f"http://127.0.0.1:{origin.port}/down"
+    try:
+        with httpx.Client(proxy=failover.url, timeout=10, trust_env=False) as c:
+            assert status(c.get(url)) == "MISS"
+            if failure == "refused":
+                origin.close()
+            else:
+                origin.mode = failure
+            r = c.get(url)
+    finally:
+        origin.close()
+    assert r.status_code == 200 and r.content == b"stored body" and status(r) == "STALE"
+    assert re.fullmatch(
+        rf"waypost; fwd=stale; ttl=-\d+; detail={detail}", r.headers["cache-status"]
+    )
+    # mitmproxy's error answer closed the client connection; so does this one.
+    assert r.headers["connection"] == "close"
+    failover.wait_for(rf"upstream '127\.0\.0\.1:{origin.port}' failed: {detail} -> 200 STALE")
+
+
+@pytest.mark.parametrize(
+    "cache_control,age",
+    [
+        ("max-age=1, stale-if-error=60, must-revalidate", "5"),
+        ("max-age=1, stale-if-error=60, proxy-revalidate", "5"),
+        ("max-age=1, s-maxage=1, stale-if-error=60", "5"),  # s-maxage implies proxy-revalidate
+        ("max-age=1, stale-if-error=3", "10"),  # 9 s stale: past the stale-if-error window
+        ("max-age=1", "5"),  # no stale-if-error, cache_stale_on_error off
+    ],
+)
+def test_without_permission_to_serve_stale_the_client_gets_the_502(
+    failover: Proxy, cache_control: str, age: str
+) -> None:
+    # The ETag keeps the entry stored (for a revalidation) long after its windows.
+    origin = FlakyOrigin({"Cache-Control": cache_control, "Age": age, "ETag": '"v1"'})
+    url = f"http://127.0.0.1:{origin.port}/strict"
+    try:
+        with httpx.Client(proxy=failover.url, timeout=10, trust_env=False) as c:
+            assert status(c.get(url)) == "MISS"
+            origin.close()
+            r = c.get(url)
+    finally:
+        origin.close()
+    assert r.status_code == 502 and r.json()["error"]["code"] == "BACKEND_UNREACHABLE"
+    assert "x-cache-status" not in r.headers
+
+
+def test_alone_in_reverse_mode_with_stale_on_error(tmp_path: Path) -> None:
+    backend = NamedBackend("o")
+    # mitmproxy's default connection_strategy (eager) connects when the client does, and
+    # drops the client when that fails, before any HTTP: lazy lets the request through.
+    p = start_reverse(
+        tmp_path,
+        backend,  # type: ignore[arg-type]
+        ("addons/cache.py",),
+        connection_strategy="lazy",
+        cache_stale_on_error=True,
+    )
+    try:
+        with httpx.Client(base_url=p.url, timeout=10, trust_env=False) as c:
+            for path, cc in (
+                ("/sie", "max-age=1, stale-if-error=60"),
+                ("/plain", "max-age=1"),  # no validator: kept for cache_stale_on_error
+                ("/must", "max-age=1, must-revalidate"),
+            ):
+                backend.headers = {"Cache-Control": cc, "Age": "5"}
+                assert status(c.get(path)) == "MISS"
+            backend.stop()
+            for path in ("/sie", "/plain"):
+                r = c.get(path)
+                assert r.status_code == 200 and status(r) == "STALE"
+                assert r.json()["path"] == path
+                assert r.headers["cache-status"].endswith("detail=connection_refused")
+            r = c.get("/must")
+            assert r.status_code == 502 and "x-cache-status" not in r.headers
+            backend.start()  # same port: the next request reaches it again
+            r = c.get("/plain")
+            assert r.status_code == 200 and status(r) == "EXPIRED"
+    finally:
+        p.stop()
+        backend.close()
+
+
+def test_router_retries_come_before_a_stale_answer(proxy_factory, tmp_path: Path) -> None:
+    a, b = NamedBackend("a"), NamedBackend("b")
+    try:
+        for backend in (a, b):
+            backend.headers = {"Cache-Control": "max-age=1, stale-if-error=60", "Age": "5"}
+        routing = {
+            "listeners": [{"mode": "reverse", "host": "127.0.0.1", "port": 0}],
+            "rules": [
+                {
+                    "name": "pool",
+                    "forward": {
+                        "backends": [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}]
+                    },
+                }
+            ],
+            "retries": {"max_attempts": 2, "backoff": "10ms"},
+        }
+        profile = write_profile(tmp_path, {"routing": routing, "health_checks": {"enabled": False}})
+        p = proxy_factory(options={"waypost_profile": str(profile)}, wait=False)
+        url = f"http://127.0.0.1:{p.wait_for(REVERSE, timeout=40).group(2)}/r"
+        with httpx.Client(timeout=10, trust_env=False) as c:
+            assert status(c.get(url)) == "MISS"
+            a.stop()
+            b.stop()
+            r = c.get(url)
+            assert r.status_code == 200 and status(r) == "STALE"
+            b.start()
+            answers = [c.get(url) for _ in range(2)]  # round robin: one of them tries a first
+        assert [(status(r), r.json()["backend"]) for r in answers] == [("EXPIRED", "b")] * 2
+        wait_until(lambda: len([j for j in p.json_lines() if j.get("message") == "request"]) >= 4)
+        lines = [j for j in p.json_lines() if j.get("message") == "request"]
+        stale = lines[1]
+        assert stale["cache"] == "STALE" and stale["status"] == 200 and stale["retries"] == 1
+        assert stale["backend_error"] == "connection_refused" and "error" not in stale
+        assert any(j.get("retries") == 1 and j["cache"] == "EXPIRED" for j in lines[2:])
+    finally:
+        a.close()
+        b.close()
 
 
 def test_concurrent_misses_make_one_origin_fetch(origin: Origin, reverse: Proxy) -> None:

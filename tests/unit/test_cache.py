@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 from mitmproxy import exceptions, http
+from mitmproxy import flow as mflow
+from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.test import taddons, tflow, tutils
 from prometheus_client import generate_latest
 
 from addons import cache as cache_mod
-from addons import errors
+from addons import errors, router
 from addons.cache import Cache, cache_key, cache_status, normalise_url, pattern_matches
 from addons.metrics import REGISTRY
 
@@ -69,6 +71,10 @@ def test_patterns(patterns: list[str], url: str, expected: bool) -> None:
         (("REVALIDATED", 60, 304), "waypost; fwd=stale; fwd-status=304; ttl=60"),
         (("STALE", -5, 503), "waypost; fwd=stale; fwd-status=503; ttl=-5"),
         (("STALE", -5), "waypost; hit; ttl=-5"),
+        (
+            ("STALE", -5, None, "connection_refused"),
+            "waypost; fwd=stale; ttl=-5; detail=connection_refused",
+        ),
     ],
 )
 def test_cache_status(args: tuple, expected: str) -> None:
@@ -475,3 +481,214 @@ def test_the_url_index_follows_every_way_an_entry_leaves() -> None:
     time.sleep(0.1)
     store.expire()  # expiry, not only eviction, takes it out of the index
     assert set(store.index) == {"/c"} and len(store) == 1
+
+
+# --- the origin down: stale answers instead of mitmproxy's error ----------------------------
+
+
+def _fail(c: Cache, path: str, message: str = "[Errno 111] Connect call failed") -> http.HTTPFlow:
+    """A request that goes upstream, whose origin then fails without a response."""
+    f = _flow(path)
+    assert c.request(f) is None and f.response is None
+    f.error = mflow.Error(message)
+    c.waypost_origin_unavailable(f)
+    return f
+
+
+STALE_5S = {"Cache-Control": "max-age=1, stale-if-error=60", "Age": "5"}
+
+
+def test_origin_down_is_answered_stale_within_stale_if_error() -> None:
+    c = Cache()
+    with taddons.context(c):
+        _fetch(c, "/down", STALE_5S, body=b"stored")
+        f = _fail(c, "/down")
+        resp = f.response
+        assert resp is not None and resp.content == b"stored"
+        assert resp.headers["X-Cache-Status"] == "STALE"
+        assert (
+            resp.headers["Cache-Status"] == "waypost; fwd=stale; ttl=-4; detail=connection_refused"
+        )
+        assert resp.headers["Connection"] == "close"
+        meta = errors.waypost(f)
+        assert meta["backend_error"] == "connection_refused" and meta["cache_hit"] is True
+        assert not c.inflight  # the leader's flight ends here: no error hook will come
+        f2 = _flow("/down", headers={"Cache-Control": "stale-if-error=0"})
+        f2.request.http_version = "HTTP/2.0"
+        c.request(f2)
+        f2.error = mflow.Error("server closed connection")
+        errors.waypost(f2)["timed_out"] = "read_timeout"
+        c.waypost_origin_unavailable(f2)
+        assert f2.response.headers["Cache-Status"].endswith("detail=read_timeout")
+        assert "Connection" not in f2.response.headers  # not a field HTTP/2 has
+        # the egress addon resolves names itself and kills the connection when it cannot
+        dns = (
+            "Connection killed: Cannot resolve origin.example: [Errno -2] Name or service not known"
+        )
+        assert _fail(c, "/down", dns).response.headers["Cache-Status"].endswith("dns_failure")
+
+
+@pytest.mark.parametrize(
+    "headers,message",
+    [
+        ({**STALE_5S, "Cache-Control": "max-age=1, stale-if-error=60, must-revalidate"}, None),
+        ({**STALE_5S, "Cache-Control": "max-age=1, stale-if-error=60, proxy-revalidate"}, None),
+        ({"Cache-Control": "max-age=1, stale-if-error=3", "Age": "10", "ETag": '"e"'}, None),
+        ({"Cache-Control": "max-age=1", "Age": "5", "ETag": '"e"'}, None),
+        # refused by a policy in server_connect, not down
+        (STALE_5S, "Connection killed: Waypost egress policy refused the connection (private)"),
+        (STALE_5S, "Connection killed."),  # flow.kill()
+    ],
+)
+def test_origin_down_gets_the_error_without_permission(
+    headers: dict[str, str], message: str | None
+) -> None:
+    c = Cache()
+    with taddons.context(c):
+        _fetch(c, "/strict", headers)
+        assert len(c.store) == 1
+        f = _fail(c, "/strict", *([message] if message else []))
+        assert f.response is None and "backend_error" not in errors.waypost(f)
+
+
+def test_a_range_request_is_not_answered_stale() -> None:
+    c = Cache()
+    with taddons.context(c):
+        _fetch(c, "/rng", STALE_5S)
+        f = _flow("/rng", headers={"Range": "bytes=0-1"})
+        assert c.request(f) is None and f.response is None  # to the origin, unstored
+        f.error = mflow.Error("[Errno 111] Connect call failed")
+        c.waypost_origin_unavailable(f)
+        assert f.response is None
+
+
+def test_a_purged_entry_is_not_answered_stale() -> None:
+    c = Cache()
+    with taddons.context(c):
+        _fetch(c, "/gone", STALE_5S)
+        f = _flow("/gone")
+        c.request(f)
+        c.purge(pattern="*")
+        f.error = mflow.Error("[Errno 111] Connect call failed")
+        c.waypost_origin_unavailable(f)
+        assert f.response is None
+        _fetch(c, "/gone5", STALE_5S)
+        f = _flow("/gone5")
+        c.request(f)
+        c.purge(pattern="*/gone5")
+        _respond(c, f, 503)  # the origin's 5xx: the same rule
+        assert f.response.status_code == 503
+
+
+def test_stale_on_error_answers_without_stale_if_error() -> None:
+    c = Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_stale_on_error=True)
+        _fetch(c, "/any", {"Cache-Control": "max-age=1", "Age": "5"}, body=b"kept")
+        _fetch(c, "/nc", {"Cache-Control": "no-cache", "ETag": '"n"'})
+        _fetch(c, "/must", {"Cache-Control": "max-age=1, must-revalidate", "Age": "5"})
+        assert len(c.store) == 3  # kept past their freshness, validator or not
+        assert _fail(c, "/any").response.content == b"kept"
+        assert _fail(c, "/nc").response is None
+        assert _fail(c, "/must").response is None
+        f = _flow("/any")
+        c.request(f)
+        _respond(c, f, 503, {})
+        assert f.response.status_code == 503  # an origin's 5xx needs stale-if-error
+
+
+def _stream(f: http.HTTPFlow, server_state: str = "wait_for_response_headers") -> object:
+    class Stream:
+        flow = f
+        sent: list[http.Response] = []
+
+        def state_done(self) -> None: ...
+        def state_wait_for_response_headers(self) -> None: ...
+        def state_consume_response_body(self) -> None: ...
+        def state_stream_response_body(self) -> None: ...
+
+        def check_killed(self, emit_error_hook: bool):  # type: ignore[no-untyped-def]
+            return False
+            yield
+
+        def send_response(self):  # type: ignore[no-untyped-def]
+            self.sent.append(self.flow.response)
+            yield "sent"
+
+    s = Stream()
+    s.client_state = s.state_done  # type: ignore[attr-defined]
+    s.server_state = getattr(s, f"state_{server_state}")  # type: ignore[attr-defined]
+    return s
+
+
+def _original(self: object, event: object):  # type: ignore[no-untyped-def]
+    yield "mitmproxy's error"
+
+
+@pytest.mark.parametrize(
+    "path,server_state,answered",
+    [
+        ("/p", "wait_for_response_headers", True),
+        ("/p", "consume_response_body", True),  # nothing sent to the client yet
+        ("/p", "stream_response_body", False),  # its headers are out: too late
+        ("/nothing-stored", "wait_for_response_headers", False),
+    ],
+)
+def test_patch_asks_the_cache_before_mitmproxys_error(
+    monkeypatch: pytest.MonkeyPatch, path: str, server_state: str, answered: bool
+) -> None:
+    c = Cache()
+    with taddons.context(c):  # load installs the patch
+        monkeypatch.setattr(cache_mod._handle_protocol_error, cache_mod._ORIGINAL, _original)
+        _fetch(c, "/p", STALE_5S)
+        f = _flow(path)
+        c.request(f)
+        stream = _stream(f, server_state)
+        gen = cache_mod._handle_protocol_error(stream, router._connect_error(1, "refused"))
+        commands = []
+        command = next(gen)
+        while True:
+            commands.append(type(command).__name__ if not isinstance(command, str) else command)
+            if isinstance(command, cache_mod.OriginUnavailableHook):
+                assert f.error is not None and f.error.msg == "refused"
+                c.waypost_origin_unavailable(command.flow)
+            try:
+                command = gen.send(None)
+            except StopIteration:
+                break
+    if answered:
+        assert commands == ["OriginUnavailableHook", "HttpResponseHeadersHook", "sent"]
+        assert f.error is None and stream.sent == [f.response]  # type: ignore[attr-defined]
+    else:
+        assert commands == ["mitmproxy's error"]
+
+
+def test_patch_sits_below_the_routers_in_either_load_order() -> None:
+    stream = http_layer.HttpStream
+    mitmproxys = _mitmproxys(stream.handle_protocol_error)
+    try:
+        for first, second in ((cache_mod, router), (router, cache_mod)):
+            cache_mod.uninstall_patch()
+            router.uninstall_patch()
+            assert first.install_patch() and second.install_patch()
+            # the router retries first; the stale answer comes last, above mitmproxy itself
+            assert stream.handle_protocol_error is router._handle_protocol_error
+            below = getattr(router._handle_protocol_error, router._ORIGINAL)
+            assert below is cache_mod._handle_protocol_error
+            assert getattr(below, cache_mod._ORIGINAL) is mitmproxys
+            cache_mod.install_patch()  # idempotent, also under the router's patch
+            assert getattr(router._handle_protocol_error, router._ORIGINAL) is below
+            cache_mod.uninstall_patch()
+            assert getattr(router._handle_protocol_error, router._ORIGINAL) is mitmproxys
+            router.uninstall_patch()
+            assert stream.handle_protocol_error is mitmproxys
+    finally:
+        cache_mod.uninstall_patch()
+        router.uninstall_patch()
+        stream.handle_protocol_error = mitmproxys  # type: ignore[method-assign]
+
+
+def _mitmproxys(fn: object) -> object:
+    while (link := cache_mod._link(fn)) is not None:
+        fn = getattr(fn, link)
+    return fn

@@ -235,6 +235,23 @@ def test_stale_if_error(
 
 
 @pytest.mark.parametrize(
+    "age,resp,must,expected",
+    [
+        (5000, "", False, True),  # RFC 9111 §4.2.4: disconnected, no directive forbids it
+        (70, "stale-if-error=5", False, True),  # beyond the window, still allowed
+        (70, "", True, False),  # must-revalidate / proxy-revalidate / s-maxage
+        (70, "no-cache", False, False),
+        (70, "no-cache, stale-if-error=30", False, True),  # as without disconnected
+        (70, 'no-cache="set-cookie"', False, True),  # qualified: only drops a field
+    ],
+)
+def test_stale_if_error_when_disconnected(
+    age: float, resp: str, must: bool, expected: bool
+) -> None:
+    assert rfc.stale_if_error(age, 60, CC([resp]), CC([]), must, disconnected=True) is expected
+
+
+@pytest.mark.parametrize(
     "inm,ims,etag,lm,expected",
     [
         ('"a"', None, '"a"', None, True),

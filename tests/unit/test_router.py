@@ -138,6 +138,20 @@ def test_responses_feed_the_breaker_and_retry_after() -> None:
         assert not backend.available(0.0 + backend.unavailable_until - 1, breaker_enabled=False)
 
 
+def test_a_stale_answer_after_a_backend_failure_counts_as_the_failure() -> None:
+    r = Router()
+    with taddons.context(r) as tctx:
+        tctx.configure(r, routing_rules=rules({"forward": {"target": A}}))
+        backend = r.backends["10.0.0.1:8080"]
+        f = _flow()
+        r.requestheaders(f)
+        r.request(f)
+        errors.waypost(f)["backend_error"] = "closed"  # the cache answered stale instead
+        f.response = tutils.tresp(status_code=200)
+        r.response(f)
+        assert backend.active == 0 and [x.reason for x in backend.failures] == ["closed"]
+
+
 @pytest.mark.parametrize(
     "option,value,message",
     [
