@@ -442,11 +442,14 @@ class Forwarding:
         if flow.request.data.method == b"CONNECT":
             return
         flow.metadata[_RESPONSE_DONE] = True
-        self._response_headers(flow.response, flow, self.via)
+        # A response from the cache (set in `request`, so this hook runs for it too) carries
+        # the Via it was first relayed with: appending ours again would record a second hop.
+        via = self.via and not errors.waypost(flow).get("cache_hit")
+        self._response_headers(flow.response, flow, via)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        # Answers made by an addon (errors, cache hits) skip `responseheaders`. They get the ids
-        # but no Via: Via records the hops a relayed message passed, and this one passed none.
+        # Answers that never saw `responseheaders` (mitmproxy's own errors) get the ids but no
+        # Via: Via records the hops a relayed message passed, and this one passed none.
         if flow.metadata.get(_RESPONSE_DONE) or flow.response is None or flow.websocket:
             return
         if flow.request.data.method == b"CONNECT":

@@ -776,6 +776,7 @@ def test_prd_9_2_second_request_is_a_hit(bundle: Proxy, backend: Backend) -> Non
     assert r1.headers["x-cache-status"] == "MISS"
     assert r2.headers["x-cache-status"] == "HIT" and r2.content == b"x" * 100
     assert backend.hits["/bytes/100"] == hits  # backend count unchanged
+    assert r2.headers.get_list("via") == r1.headers.get_list("via") == ["1.1 waypost"]
     wait_until(lambda: len([j for j in bundle.json_lines() if j.get("message") == "request"]) >= 2)
     lines = [j for j in bundle.json_lines() if j.get("message") == "request"]
     assert [j["cache_hit"] for j in lines[-2:]] == [False, True]
