@@ -1179,6 +1179,9 @@ class Cache:
             if resp.status_code in rfc.ERROR_STATUSES and self._serve_stale(
                 flow, state, fwd_status=resp.status_code
             ):
+                # The client sees a 200: the router's breaker and the access log still learn
+                # that the origin failed.
+                errors.waypost(flow)["backend_error"] = f"status {resp.status_code}"
                 return
             if flow.request.data.method == b"HEAD":
                 self._mark(flow, resp, state.result)  # §4.3.5 (HEAD freshening) not done

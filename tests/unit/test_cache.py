@@ -692,3 +692,14 @@ def _mitmproxys(fn: object) -> object:
     while (link := cache_mod._link(fn)) is not None:
         fn = getattr(fn, link)
     return fn
+
+
+def test_a_stale_answer_to_an_origin_5xx_records_the_backend_error() -> None:
+    c = Cache()
+    with taddons.context(c):
+        _fetch(c, "/sie5xx", STALE_5S, body=b"kept")
+        f = _flow("/sie5xx")
+        c.request(f)
+        _respond(c, f, 502, {})
+        assert f.response.status_code == 200 and f.response.content == b"kept"
+        assert errors.waypost(f)["backend_error"] == "status 502"  # for the router's breaker
