@@ -1,9 +1,9 @@
-"""Cache benchmark: hit and miss throughput of `addons/cache.py` against bare mitmdump.
+"""Cache benchmark: hits and misses of `addons/cache.py` against bare mitmdump.
 
 Usually started through `scripts/bench-cache`. Reuses `scripts/bench.py`'s nginx origin, wrk
 runner and process handling (everything on 127.0.0.1, stopped by PID before exit).
 
-    wrk (absolute-form GETs, keep-alive) -> mitmdump (-p 0) -> nginx (1 KB static file)
+    client (absolute-form GETs, keep-alive) -> mitmdump (-p 0) -> nginx (1 KB static file)
 
 Four setups per connection count, interleaved per repetition so drift on a shared machine
 hits them alike:
@@ -13,16 +13,40 @@ hits them alike:
 - cache, unique URLs     every request a MISS that is fetched, stored and later evicted
 The origin file's mtime is set 30 days back, so nginx's Last-Modified makes it heuristically
 fresh (RFC 9111 §4.2.2) and `cache_default_ttl=1h` caps that at an hour.
+
+Two modes:
+- default, throughput: wrk, closed loop (default --connections 10,100). Every connection
+  sends its next request as soon as the last one is answered, so the proxy is saturated and
+  wrk's latencies are mostly queueing: they compare throughput, not the cost of one request.
+  The repetition with the median req/s is kept.
+- --rate R, latency: R requests per second on each connection (default --connections 10),
+  open loop, from an asyncio client in this process. Arrivals are Poisson per connection
+  (exponential gaps, so a random first send too): connections do not fire in lock-step and
+  bursts happen as they would from independent clients. A request due while its connection
+  still waits for the previous answer is timed from when it was due, so it counts that wait
+  (no coordinated omission); one on an idle connection from when it was sent (asyncio's
+  timers wake up to a few ms late: the client's lateness, logged as send lag). No answer
+  within --timeout of the due time is a timeout.
+  Each connection is opened and sends one unmeasured request before the clock starts, so
+  client and upstream connects are not in the numbers. The repetition with the median p95 is
+  kept. Offered load should stay well below what the proxy serves (wrk mode shows that), or
+  this measures queueing again.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
+import math
 import os
+import random
+import re
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,20 +59,355 @@ request = function()
 end
 """
 
+# (row name, setup, every request for a new URL)
+RUNS = (
+    ("bare, one URL", "bare", False),
+    ("cache, one URL (HIT)", "cache", False),
+    ("bare, unique URLs", "bare", True),
+    ("cache, unique URLs (MISS)", "cache", True),
+)
+BASES = {"cache, one URL (HIT)": "bare, one URL", "cache, unique URLs (MISS)": "bare, unique URLs"}
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
     p.add_argument("--repeat", type=int, default=3, help="runs per setup, median kept (default 3)")
-    p.add_argument("--connections", default="10,100", help="comma-separated (default 10,100)")
-    p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per setup")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--timeout", default="10s")
+    p.add_argument(
+        "--connections",
+        help="comma-separated (default 10,100; with --rate 10)",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        help="latency mode: requests per second on EACH connection, Poisson arrivals,\n"
+        "open loop (see above); without it wrk measures throughput",
+    )
+    p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per setup (wrk)")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads")
+    p.add_argument(
+        "--timeout",
+        default="10s",
+        help="per-request timeout (default 10s); with --rate counted from the due time",
+    )
     p.add_argument("--start-timeout", type=float, default=30.0)
     p.add_argument("--size", type=int, default=1024, help="origin body bytes (default 1024)")
     a = p.parse_args(argv)
-    a.conn_list = [int(c) for c in a.connections.split(",") if c.strip()]
+    default = "10" if a.rate else "10,100"
+    a.conn_list = [int(c) for c in (a.connections or default).split(",") if c.strip()]
+    if a.rate is not None and a.rate <= 0:
+        p.error("--rate must be positive")
+    # wrk's syntax, so one --timeout serves both modes
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smh]?)", a.timeout.strip())
+    if not m:
+        p.error(f"--timeout: not a duration like 10s or 2m: {a.timeout!r}")
+    a.timeout_s = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
     return a
+
+
+# --- fixed-rate client -------------------------------------------------------------------------
+
+
+class BadResponse(Exception):
+    """A response this client cannot frame or that is not the origin's file."""
+
+
+@dataclass
+class RateResult:
+    latencies: list[float]  # seconds to the end of the body, 200s only (see rate_run)
+    lags: list[float]  # seconds from due time to actual send, when the connection was idle
+    non_200: int
+    errors: int  # socket errors and unframeable responses; the connection is reopened
+    timeouts: int
+    elapsed: float  # clock start to the last answer (at least --duration)
+
+
+@dataclass
+class RateRow:
+    setup: str
+    connections: int
+    offered: float
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    lag_p99_ms: float
+    non_200: int
+    errors: int
+    timeouts: int
+    origin_served: int
+    cpu_ms_per_req: float | None
+    ratio: float | None = None
+
+
+async def read_response(reader: asyncio.StreamReader, size: int) -> tuple[int, bool]:
+    """(status, server closes) of one response; its body is read and dropped."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    version, _, rest = head[0].partition(" ")
+    if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
+        raise BadResponse(f"status line {head[0]!r}")
+    status, length, close = int(rest[:3]), None, False
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        if name == "content-length":
+            length = int(value)
+        elif name == "connection":
+            close = "close" in value.lower()
+        elif name == "transfer-encoding":
+            raise BadResponse(f"Transfer-Encoding: {value.strip()} (only Content-Length is read)")
+    if length is None:
+        raise BadResponse("no Content-Length")
+    await reader.readexactly(length)
+    if status == 200 and length != size:
+        raise BadResponse(f"200 with {length} body bytes, the origin file has {size}")
+    return status, close
+
+
+RESPONSE_ERRORS = (
+    OSError,
+    asyncio.IncompleteReadError,
+    asyncio.LimitOverrunError,
+    ValueError,
+    BadResponse,
+)
+
+
+class Conn:
+    """One keep-alive client connection to the proxy, reopened after an error."""
+
+    def __init__(self, port: int, size: int):
+        self.port = port
+        self.size = size
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, req: bytes, timeout: float) -> int:
+        # asyncio.timeout, not wait_for: no extra task per request (the client shares the cores)
+        async with asyncio.timeout(timeout):
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+            assert self.reader is not None
+            self.writer.write(req)
+            status, close = await read_response(self.reader, self.size)
+        if close:
+            self.close()
+        return status
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+async def rate_run(
+    port: int,
+    make_request: Callable[[], bytes],
+    conns: int,
+    rate: float,
+    duration: float,
+    timeout: float,
+    size: int,
+    on_start: Callable[[], None],
+) -> RateResult:
+    """`conns` connections, each sending at Poisson times `rate` per second for `duration`."""
+    loop = asyncio.get_running_loop()
+    rng = random.Random()
+    res = RateResult([], [], 0, 0, 0, 0.0)
+    clients = [Conn(port, size) for _ in range(conns)]
+    start = end = last_done = 0.0
+
+    async def worker(conn: Conn) -> None:
+        nonlocal last_done
+        intended = start + rng.expovariate(rate)
+        while intended < end:
+            now = loop.time()
+            if now < intended:
+                await asyncio.sleep(intended - now)
+                # asyncio wakes up to a few ms late (epoll's ms timeouts, the shared cores):
+                # the client's lateness, not the proxy's, so timed from the actual send.
+                sent = loop.time()
+                res.lags.append(sent - intended)
+            else:
+                # Still waiting for the previous answer when this one was due: timed from
+                # `intended`, as a client on its own schedule would see it. Past the timeout it
+                # is counted, not sent, so a backlog drains instead of stretching the run.
+                sent = intended
+            budget = intended + timeout - loop.time()
+            if budget <= 0:
+                res.timeouts += 1
+            else:
+                try:
+                    status = await conn.request(make_request(), budget)
+                except TimeoutError:
+                    res.timeouts += 1
+                    conn.close()  # an answer may still come: this connection is out of step
+                except RESPONSE_ERRORS as e:
+                    res.errors += 1
+                    if res.errors <= 3:
+                        bench.log(f"request error: {e!r}")
+                    conn.close()
+                else:
+                    done = loop.time()
+                    last_done = max(last_done, done)
+                    if status == 200:
+                        res.latencies.append(done - sent)
+                    else:
+                        res.non_200 += 1
+            intended += rng.expovariate(rate)
+
+    try:
+        # Connect and prime every connection (the upstream one too) before the clock runs.
+        try:
+            primed = await asyncio.gather(*(c.request(make_request(), timeout) for c in clients))
+        except RESPONSE_ERRORS as e:  # TimeoutError is an OSError
+            raise bench.BenchError(f"priming request through port {port} failed: {e!r}") from e
+        if any(status != 200 for status in primed):
+            raise bench.BenchError(f"priming requests through port {port} got HTTP {primed}")
+        on_start()
+        start = loop.time()
+        end = last_done = start + duration
+        await asyncio.gather(*(worker(c) for c in clients))
+    finally:
+        for c in clients:
+            c.close()
+    res.elapsed = last_done - start
+    return res
+
+
+def percentile(sorted_xs: list[float], pct: float) -> float:
+    """Nearest-rank percentile (0 for no samples)."""
+    if not sorted_xs:
+        return 0.0
+    return sorted_xs[max(0, math.ceil(pct / 100 * len(sorted_xs)) - 1)]
+
+
+def measure_rate(
+    setup: bench.Setup,
+    name: str,
+    origin: bench.Origin,
+    make_request: Callable[[], bytes],
+    conns: int,
+    a: argparse.Namespace,
+    baseline_fds: int,
+) -> RateRow:
+    assert setup.child is not None
+    pid = setup.child.pid
+    bench.settle(pid, baseline_fds)
+    bench.check_loopback(setup)
+    before: dict[str, float] = {}
+
+    def on_start() -> None:
+        before.update(bench.proc_stat(pid), served=origin.served())
+
+    res = asyncio.run(
+        rate_run(
+            setup.port,
+            make_request,
+            conns,
+            a.rate,
+            a.duration,
+            a.timeout_s,
+            a.size,
+            on_start,
+        )
+    )
+    if not setup.child.alive():
+        raise bench.BenchError(f"{setup.name} died during the run:\n{setup.child.tail()}")
+    after, served = bench.proc_stat(pid), origin.served()
+    lat, lags = sorted(res.latencies), sorted(res.lags)
+    n = len(lat)
+    cpu = after["cpu_s"] - before["cpu_s"]
+    return RateRow(
+        setup=name,
+        connections=conns,
+        offered=conns * a.rate,
+        rps=n / res.elapsed,
+        p50_ms=percentile(lat, 50) * 1000,
+        p95_ms=percentile(lat, 95) * 1000,
+        p99_ms=percentile(lat, 99) * 1000,
+        max_ms=(lat[-1] if lat else 0.0) * 1000,
+        lag_p99_ms=percentile(lags, 99) * 1000,
+        non_200=res.non_200,
+        errors=res.errors,
+        timeouts=res.timeouts,
+        origin_served=int(served - before["served"]) - 1,  # minus the first status request
+        cpu_ms_per_req=cpu * 1000 / n if n else None,
+    )
+
+
+def rate_rows(
+    a: argparse.Namespace,
+    setups: dict[str, bench.Setup],
+    origin: bench.Origin,
+    baselines: dict[str, int],
+) -> list[RateRow]:
+    host = f"127.0.0.1:{origin.port}"
+
+    def request(url: str) -> bytes:
+        return f"GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+    one = request(origin.url)
+
+    def unique() -> Callable[[], bytes]:
+        # A fresh prefix per run: a URL the cache stored in an earlier run would be a hit.
+        prefix, counter = f"{origin.url}?n={random.getrandbits(48):x}-", itertools.count()
+        return lambda: request(f"{prefix}{next(counter)}")
+
+    rows: list[RateRow] = []
+    for conns in a.conn_list:
+        per: dict[str, list[RateRow]] = {name: [] for name, _, _ in RUNS}
+        for _rep in range(a.repeat):
+            for name, key, new_urls in RUNS:
+                setup = setups[key]
+                make = unique() if new_urls else lambda: one
+                r = measure_rate(setup, name, origin, make, conns, a, baselines[setup.name])
+                bench.log(
+                    f"{name:28} c={conns:<4} {r.rps:6.1f} req/s  p50 {r.p50_ms:6.2f}  "
+                    f"p95 {r.p95_ms:6.2f}  p99 {r.p99_ms:6.2f}  max {r.max_ms:6.1f} ms  "
+                    f"send lag p99 {r.lag_p99_ms:.2f} ms  "
+                    f"non-200 {r.non_200} errors {r.errors}+{r.timeouts}t  "
+                    f"origin served {r.origin_served}"
+                )
+                per[name].append(r)
+        # The repetition with the median p95, so every column comes from one real run.
+        chosen = {
+            n: sorted(rs, key=lambda r: r.p95_ms)[(len(rs) - 1) // 2] for n, rs in per.items()
+        }
+        for name, base in BASES.items():
+            if chosen[base].p95_ms:
+                chosen[name].ratio = chosen[name].p95_ms / chosen[base].p95_ms
+        rows.extend(chosen.values())
+    return rows
+
+
+def print_rate(rows: list[RateRow], a: argparse.Namespace, load: float) -> None:
+    print(
+        f"# cache latency bench: {a.rate:g} req/s per connection (Poisson, open loop), "
+        f"{a.duration:g}s runs, median p95 of {a.repeat}, {a.size} B body, "
+        f"load average {load:.2f} at start, {bench.loadavg():.2f} at end (2 shared cores: noisy)"
+    )
+    print(
+        "| setup | conns | offered req/s | req/s | p50 ms | p95 ms | p99 ms | max ms "
+        "| errors | CPU ms/req | origin served | p95 vs bare |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        cpu = f"{r.cpu_ms_per_req:.2f}" if r.cpu_ms_per_req is not None else "-"
+        ratio = f"{r.ratio:.2f}x" if r.ratio else "-"
+        errors = r.non_200 + r.errors + r.timeouts
+        print(
+            f"| {r.setup} | {r.connections} | {r.offered:g} | {r.rps:.1f} | {r.p50_ms:.2f} | "
+            f"{r.p95_ms:.2f} | {r.p99_ms:.2f} | {r.max_ms:.1f} | {errors} | {cpu} | "
+            f"{r.origin_served} | {ratio} |"
+        )
+    print(
+        "\nLatency: from the send (from the due time if the connection was still busy then) "
+        "to the last body byte, 200 responses only; req/s counts those over the run and its "
+        "drain. errors: non-200, socket errors and timeouts (split in the log lines above). "
+        "CPU ms/req: the proxy's utime+stime / 200 responses."
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -61,6 +420,7 @@ def main(argv: list[str]) -> int:
     bare = bench.Setup("bare", [], [])
     cache = bench.Setup("cache", ["addons/cache.py"], ["--set", "cache_default_ttl=1h"])
     rows: list[bench.Row] = []
+    rate: list[RateRow] = []
     with tempfile.TemporaryDirectory(prefix="waypost-bench-cache-") as tmpdir:
         tmp = Path(tmpdir)
         origin = bench.Origin(nginx, tmp, a.size)
@@ -85,36 +445,37 @@ def main(argv: list[str]) -> int:
                 for s in (bare, cache):
                     for lua in (hit_lua, miss_lua):
                         bench.run_wrk(wrk, lua, s.port, 10, a.threads, a.warmup, a.timeout)
-            runs = [
-                ("bare, one URL", bare, hit_lua),
-                ("cache, one URL (HIT)", cache, hit_lua),
-                ("bare, unique URLs", bare, miss_lua),
-                ("cache, unique URLs (MISS)", cache, miss_lua),
-            ]
-            for conns in a.conn_list:
-                per: dict[str, list[bench.Row]] = {name: [] for name, _, _ in runs}
-                for _rep in range(a.repeat):
-                    for name, setup, lua in runs:
-                        r = bench.measure(setup, origin, wrk, lua, conns, a, baselines[setup.name])
-                        r = replace(r, setup=name)
-                        bench.log(
-                            f"{name:28} c={conns:<4} {r.rps:7.0f} req/s  p95 {r.p95_ms:6.1f} ms"
-                            f"  origin served {r.origin_served}"
-                        )
-                        per[name].append(r)
-                chosen = {name: bench.median_row(rs) for name, rs in per.items()}
-                for name, base in (
-                    ("cache, one URL (HIT)", "bare, one URL"),
-                    ("cache, unique URLs (MISS)", "bare, unique URLs"),
-                ):
-                    if chosen[base].rps:
-                        chosen[name].ratio = chosen[name].rps / chosen[base].rps
-                rows.extend(chosen.values())
+            if a.rate:
+                rate = rate_rows(a, {"bare": bare, "cache": cache}, origin, baselines)
+            else:
+                for conns in a.conn_list:
+                    per: dict[str, list[bench.Row]] = {name: [] for name, _, _ in RUNS}
+                    for _rep in range(a.repeat):
+                        for name, key, new_urls in RUNS:
+                            setup = bare if key == "bare" else cache
+                            lua = miss_lua if new_urls else hit_lua
+                            r = bench.measure(
+                                setup, origin, wrk, lua, conns, a, baselines[setup.name]
+                            )
+                            r = replace(r, setup=name)
+                            bench.log(
+                                f"{name:28} c={conns:<4} {r.rps:7.0f} req/s  p95 {r.p95_ms:6.1f} ms"
+                                f"  origin served {r.origin_served}"
+                            )
+                            per[name].append(r)
+                    chosen = {name: bench.median_row(rs) for name, rs in per.items()}
+                    for name, base in BASES.items():
+                        if chosen[base].rps:
+                            chosen[name].ratio = chosen[name].rps / chosen[base].rps
+                    rows.extend(chosen.values())
         finally:
             for s in (bare, cache):
                 if s.child:
                     s.child.stop()
             origin.stop()
+    if a.rate:
+        print_rate(rate, a, load)
+        return 0
     print(
         f"# cache bench: {a.duration:g}s runs, median of {a.repeat}, {a.size} B body, "
         f"load average {load:.2f} at start, {bench.loadavg():.2f} at end (2 shared cores: noisy)"
