@@ -8,7 +8,9 @@ runner and process handling (everything on 127.0.0.1, stopped by PID before exit
 Four setups per connection count, interleaved per repetition so drift on a shared machine
 hits them alike:
 - bare, one URL          bare mitmdump, every request for the same URL
-- cache, one URL         mitmdump -s addons/cache.py: after the first request every one is a HIT
+- cache, one URL         mitmdump -s addons/leanchain.py -s addons/cache.py, the cache with the
+                         lean event chain the bundle always loads (--alone: cache.py only):
+                         after the first request every one is a HIT
 - bare, unique URLs      bare mitmdump, every request for a new URL (`?n=<random>`)
 - cache, unique URLs     every request a MISS that is fetched, stored and later evicted
 The origin file's mtime is set 30 days back, so nginx's Last-Modified makes it heuristically
@@ -92,6 +94,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--start-timeout", type=float, default=30.0)
     p.add_argument("--size", type=int, default=1024, help="origin body bytes (default 1024)")
+    p.add_argument(
+        "--alone",
+        action="store_true",
+        help="load addons/cache.py alone, without the bundle's addons/leanchain.py",
+    )
     a = p.parse_args(argv)
     default = "10" if a.rate else "10,100"
     a.conn_list = [int(c) for c in (a.connections or default).split(",") if c.strip()]
@@ -418,7 +425,8 @@ def main(argv: list[str]) -> int:
     if load > 0.3 * (os.cpu_count() or 1):
         bench.log(f"WARNING: load average {load:.2f}: the CPUs are shared, numbers are noisy")
     bare = bench.Setup("bare", [], [])
-    cache = bench.Setup("cache", ["addons/cache.py"], ["--set", "cache_default_ttl=1h"])
+    scripts = ["addons/cache.py"] if a.alone else ["addons/leanchain.py", "addons/cache.py"]
+    cache = bench.Setup("cache", scripts, ["--set", "cache_default_ttl=1h"])
     rows: list[bench.Row] = []
     rate: list[RateRow] = []
     with tempfile.TemporaryDirectory(prefix="waypost-bench-cache-") as tmpdir:
