@@ -107,9 +107,10 @@ _REASONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             r"|No address associated|\[Errno -\d+\]",
             "dns_failure",
         ),
+        # Before "refused": the egress policy's kill says "... refused the connection".
+        (r"^Connection killed", "connection_killed"),
         (r"\[Errno 111\]|refused", "connection_refused"),
         (r"unreachable|No route to host|\[Errno 113\]", "unreachable"),
-        (r"^Connection killed", "connection_killed"),
         (r"server closed connection|peer closed|closed by peer", "closed"),
         (r"Response body exceeds", "response_too_large"),
         (r"Request body exceeds", "request_too_large"),

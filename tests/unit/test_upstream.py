@@ -73,6 +73,22 @@ CASES = [
     ),
     (
         502,
+        "Connection killed: Waypost egress policy refused the connection (blocked_networks)",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "connection_killed",  # the policy, not the backend: the router does not count it
+    ),
+    (
+        502,
+        "Connection killed: Cannot resolve nowhere.invalid: [Errno -2] Name or service not known",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "dns_failure",
+    ),
+    (
+        502,
         "Connection killed: blocked by egress policy",
         None,
         "BACKEND_UNREACHABLE",
