@@ -12,8 +12,8 @@ functions of `addons/rfc9111.py`; this module is storage, eligibility and the ho
   default port dropped, percent-encoding normalised, query parameters sorted) and the
   request's values of the fields the response's `Vary` names. A URL's Vary field names are
   kept in a small index, so a lookup costs one index read and one hash.
-- Eligible: GET and HEAD (HEAD is answered from a stored GET) when `cache_enabled`, and: the router's `errors.waypost(flow)["route_cache"]` is True, or it is None
-  (no routing opinion) and `cache_patterns` is empty or one glob matches the URL, its host or
+- Eligible: GET and HEAD (HEAD is answered from a stored GET) when `cache_enabled`, and: the
+  router's `errors.waypost(flow)["route_cache"]` is True, or it is None (no routing opinion) and `cache_patterns` is empty or one glob matches the URL, its host or
   its path. False means bypass. Other methods pass through; unsafe ones with a 2xx/3xx
   answer invalidate the URL and its same-origin `Location` / `Content-Location` (§4.4).
 - Ranges: one byte range is cut from a usable stored 200 (206, or 416); with nothing usable
@@ -230,6 +230,7 @@ class Entry:
         "cc",
         "etag",
         "last_modified",
+        "last_modified_value",
         "modified",
         "response_time",
         "initial_age",
@@ -289,6 +290,7 @@ class Entry:
         self.cc = cc
         date = _date(get("date"))
         lm = get("last-modified")
+        self.last_modified_value = lm[0] if lm else None
         self.last_modified = rfc.parse_http_date(lm[0]) if lm else None
         # RFC 9111 §4.3.2: If-Modified-Since is evaluated against Last-Modified, else Date,
         # else the time the response was received.
@@ -1075,9 +1077,8 @@ class Cache:
             headers.pop(name, None)
         if entry.etag:
             headers["If-None-Match"] = entry.etag
-        lm = _getter(entry.fields)("last-modified")
-        if lm:
-            headers["If-Modified-Since"] = lm[0]
+        if entry.last_modified_value:
+            headers["If-Modified-Since"] = entry.last_modified_value
 
     def _serve(
         self,
@@ -1131,7 +1132,7 @@ class Cache:
         selected: tuple[int, int] | bool | None = None
         assert state.range is not None
         if state.if_range is None or rfc.if_range_holds(
-            state.if_range, entry.etag, next(iter(_getter(entry.fields)("last-modified")), None)
+            state.if_range, entry.etag, entry.last_modified_value
         ):
             selected = rfc.byte_range(state.range, length)
         if selected is None:
@@ -1206,13 +1207,11 @@ class Cache:
         if state is None or state.served or flow.error is None or not self.enabled:
             return
         message = flow.error.msg
-        if message.startswith("Connection killed") and "Cannot resolve " not in message:
-            # An addon refused the connection in server_connect (the egress policy) or killed
-            # the flow: not the origin being down. Egress's DNS failures come this way too.
-            return
         meta = errors.waypost(flow)
         reason = meta.get("timed_out") or upstream.reason_of(message)
-        if reason == "client_disconnected":
+        if reason in ("client_disconnected", "connection_killed"):
+            # Nobody to answer, or a policy (egress) refused the connection: not the origin
+            # being down. Egress's DNS failures are dns_failure, so they are answered.
             return
         if not self._serve_stale(
             flow, state, error=reason, disconnected=self.settings.stale_on_error
@@ -1420,9 +1419,8 @@ class Cache:
             ]
             if entry.etag:
                 headers.append(("If-None-Match", entry.etag))
-            lm = _getter(entry.fields)("last-modified")
-            if lm:
-                headers.append(("If-Modified-Since", lm[0]))
+            if entry.last_modified_value:
+                headers.append(("If-Modified-Since", entry.last_modified_value))
             host, port = origin.peer
             if ":" in host:
                 host = f"[{host}]"

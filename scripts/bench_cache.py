@@ -43,7 +43,6 @@ import itertools
 import math
 import os
 import random
-import re
 import sys
 import tempfile
 import time
@@ -52,7 +51,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench  # noqa: E402  (scripts/bench.py, next to this file)
+
+from addons.units import parse_duration  # noqa: E402
 
 MISS_LUA_REQUEST = """
 math.randomseed(os.time() + tonumber(tostring({{}}):sub(8), 16))
@@ -105,10 +107,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if a.rate is not None and a.rate <= 0:
         p.error("--rate must be positive")
     # wrk's syntax, so one --timeout serves both modes
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smh]?)", a.timeout.strip())
-    if not m:
-        p.error(f"--timeout: not a duration like 10s or 2m: {a.timeout!r}")
-    a.timeout_s = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    try:
+        a.timeout_s = parse_duration(a.timeout)
+    except ValueError as e:
+        p.error(f"--timeout: {e}")
     return a
 
 
