@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -95,19 +96,20 @@ def _raw_headers_decoded(self: web.Request) -> list[tuple[str, str]]:
 web.Request.raw_headers_decoded = _raw_headers_decoded  # type: ignore[attr-defined]
 
 
-@pytest.fixture(scope="session")
-def backend() -> Iterator[Backend]:
-    """An aiohttp origin on 127.0.0.1 in its own thread and loop, shared by the session."""
-    state = Backend("127.0.0.1", 0)
+@contextlib.contextmanager
+def serve_app(app: web.Application) -> Iterator[int]:
+    """Serve an aiohttp app on 127.0.0.1 in its own thread and loop; yields its port."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
-    runner = web.AppRunner(_backend_app(state), access_log=None)
+    runner = web.AppRunner(app, access_log=None)
+    port = 0
 
     async def start() -> None:
+        nonlocal port
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         ready.set()
 
     def run() -> None:
@@ -118,10 +120,20 @@ def backend() -> Iterator[Backend]:
     t = threading.Thread(target=run, daemon=True)
     t.start()
     assert ready.wait(10)
-    yield state
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    t.join(10)
+    try:
+        yield port
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(10)
+
+
+@pytest.fixture(scope="session")
+def backend() -> Iterator[Backend]:
+    """An aiohttp origin on 127.0.0.1 in its own thread and loop, shared by the session."""
+    state = Backend("127.0.0.1", 0)
+    with serve_app(_backend_app(state)) as state.port:
+        yield state
 
 
 class ThreadedServer:

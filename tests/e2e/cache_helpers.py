@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
 from aiohttp import web
 
-from tests.conftest import ThreadedServer
+from tests.conftest import ThreadedServer, serve_app
 
 Answer = tuple[int, dict[str, str] | list[tuple[str, str]], bytes]
 Handler = Callable[[web.Request], Answer]
@@ -77,31 +76,10 @@ class Origin:
 
 def start_origin() -> Iterator[Origin]:
     state = Origin()
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", state._handle)
-    runner = web.AppRunner(app, access_log=None)
-
-    async def start() -> None:
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        ready.set()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(start())
-        loop.run_forever()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert ready.wait(10)
-    yield state
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    t.join(10)
+    with serve_app(app) as state.port:
+        yield state
 
 
 class FlakyOrigin(ThreadedServer):

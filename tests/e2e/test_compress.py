@@ -12,7 +12,6 @@ import gzip
 import re
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 import zstandard
 from aiohttp import web
 
-from tests.conftest import Proxy, start_proxy
+from tests.conftest import Proxy, serve_app, start_proxy
 
 SCRIPT = ("addons/compress.py",)
 MANAGEMENT = r"management (?:app )?listening at https?://[0-9.]+:(\d+)"
@@ -86,31 +85,8 @@ def _origin_app() -> web.Application:
 
 @pytest.fixture(scope="module")
 def origin() -> Iterator[str]:
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    runner = web.AppRunner(_origin_app(), access_log=None)
-    port = 0
-
-    async def start() -> None:
-        nonlocal port
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        ready.set()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(start())
-        loop.run_forever()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert ready.wait(10)
-    yield f"http://127.0.0.1:{port}"
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    t.join(10)
+    with serve_app(_origin_app()) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
