@@ -94,7 +94,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from addons import errors, upstream
 from addons import rfc9111 as rfc
-from addons.units import parse_duration, parse_size
+from addons.kernel.units import parse_duration, parse_size
 
 log = logging.getLogger("waypost.cache")
 

@@ -64,8 +64,10 @@ from mitmproxy.proxy import mode_specs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import ValidationError
 
-from addons import errors, policy, units
-from addons.management import addressed_to_proxy, bearer_status, bind, spawn
+from addons import errors, policy
+from addons.kernel import units
+from addons.kernel.options import spawn
+from addons.management import addressed_to_proxy, bearer_status, bind
 from addons.profile import CliArgumentRule
 
 log = logging.getLogger("waypost.cli")

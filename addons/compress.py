@@ -59,7 +59,8 @@ from cachetools import LRUCache
 from mitmproxy import ctx, exceptions, http
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from addons import errors, units
+from addons import errors
+from addons.kernel import units
 from addons.profile import COMPRESSIBLE_TYPES as DEFAULT_CONTENT_TYPES
 
 log = logging.getLogger("waypost.compress")

@@ -34,7 +34,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from addons import units
+from addons.kernel import units
 
 log = logging.getLogger("waypost.drain")
 

@@ -46,8 +46,8 @@ from mitmproxy.proxy.layers.http import HttpLayer
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from addons import errors, policy
+from addons.kernel.units import parse_duration
 from addons.profile import FilterFile
-from addons.units import parse_duration
 
 log = logging.getLogger("waypost.filter")
 

@@ -43,7 +43,8 @@ from typing import NamedTuple
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 
-from addons import errors, units, wire
+from addons import errors, wire
+from addons.kernel import units
 
 log = logging.getLogger("waypost.hygiene")
 

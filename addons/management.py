@@ -38,7 +38,7 @@ import ipaddress
 import json
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -46,6 +46,7 @@ from mitmproxy import ctx, exceptions, http
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from addons import errors
+from addons.kernel.options import spawn
 from addons.metrics import REGISTRY
 
 log = logging.getLogger("waypost.management")
@@ -56,17 +57,6 @@ RESERVED_PREFIXES = (HEALTH_PREFIX, "/admin/")
 # Error codes the app uses beyond errors.STATUS (proposed additions to it).
 APP_CODES = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "ACCESS_DENIED", 404: "NOT_FOUND",
              405: "METHOD_NOT_ALLOWED", 422: "CONFIG_INVALID", 500: "INTERNAL_ERROR"}  # fmt: skip
-
-# The loop keeps only weak references to tasks.
-_tasks: set[asyncio.Task[Any]] = set()
-
-
-def spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-    task = asyncio.get_running_loop().create_task(coro)
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
-    return task
-
 
 # --- pure decisions --------------------------------------------------------------------------
 

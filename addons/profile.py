@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from addons.units import format_duration, parse_duration, parse_size
+from addons.kernel.units import format_duration, parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]

@@ -62,8 +62,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 from pydantic import TypeAdapter, ValidationError
 
-from addons import balance, errors, metrics, units, upstream
+from addons import balance, errors, metrics, upstream
 from addons.balance import Backend, Pool
+from addons.kernel import units
 from addons.profile import RouteRule
 
 log = logging.getLogger("waypost.router")

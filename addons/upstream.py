@@ -77,7 +77,8 @@ from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, server_hooks
 from mitmproxy.proxy.layers.http import ResponseProtocolError, _http1
 
-from addons import errors, units
+from addons import errors
+from addons.kernel import units
 
 log = logging.getLogger("waypost.upstream")
 

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench  # noqa: E402  (scripts/bench.py, next to this file)
 
-from addons.units import parse_duration  # noqa: E402
+from addons.kernel.units import parse_duration  # noqa: E402
 
 MISS_LUA_REQUEST = """
 math.randomseed(os.time() + tonumber(tostring({{}}):sub(8), 16))

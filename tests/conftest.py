@@ -22,8 +22,9 @@ from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
-_LISTENING = re.compile(r"proxy listening at \*?\[?([0-9a-f.:]+?)\]?:(\d+)")
-_MANAGEMENT = re.compile(r"management (?:app )?listening at https?://[0-9.]+:(\d+)")
+# Forward mode logs "HTTP(S) proxy listening at ...", reverse mode "Reverse proxy to URL listening at".
+_LISTENING = re.compile(r"(?i)proxy (?:to \S+ )?listening at \*?\[?([0-9a-f.:]+?)\]?:(\d+)")
+MANAGEMENT = re.compile(r"management (?:app )?listening at https?://[0-9.]+:(\d+)")
 
 
 # --- backend -------------------------------------------------------------------------------

@@ -442,7 +442,7 @@ def test_option_defaults_match_the_profile() -> None:
     for k, v in defaults.items():
         want = from_profile[k]
         if k in ("compress_min_size", "compress_offload_threshold", "compress_memo_size"):
-            from addons.units import parse_size
+            from addons.kernel.units import parse_size
 
             assert parse_size(v) == parse_size(want), k
         else:

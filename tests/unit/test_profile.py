@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from addons import profile
-from addons.units import format_duration, parse_duration, parse_size
+from addons.kernel.units import format_duration, parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parents[2]
 

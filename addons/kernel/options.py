@@ -1,0 +1,73 @@
+"""Turning flat option values into checked values, and what every addon's lifecycle needs.
+
+- `size`, `duration`, `choice`, `at_least`: parse one option value or raise `OptionsError`
+  naming the option, so `--set` and a profile fail with the same readable message.
+- `spawn`: start a background task the event loop keeps alive (it holds only weak references).
+- `once`: one object per process (a Prometheus collector, a hook class) however often a
+  script is reloaded: `-s addons/x.py` re-executes the module, the kernel is imported once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Collection, Coroutine
+from typing import Any, TypeVar
+
+from mitmproxy import exceptions
+
+from addons.kernel.units import parse_duration, parse_size
+
+T = TypeVar("T")
+
+_tasks: set[asyncio.Task[Any]] = set()
+_singletons: dict[str, Any] = {}
+
+
+def size(option: str, value: str | int, minimum: int = 0) -> int:
+    """Bytes from `10MB`, `512k` or a number; `OptionsError` naming `option` otherwise."""
+    try:
+        n = parse_size(value)
+    except ValueError as e:
+        raise exceptions.OptionsError(f"{option}: {e}") from None
+    return at_least(option, n, minimum)
+
+
+def duration(option: str, value: str | float, minimum: float = 0.0) -> float:
+    """Seconds from `30s`, `500ms`, `2m` or a number; `OptionsError` naming `option` otherwise."""
+    try:
+        seconds = parse_duration(value)
+    except ValueError as e:
+        raise exceptions.OptionsError(f"{option}: {e}") from None
+    return at_least(option, seconds, minimum)
+
+
+def at_least(option: str, value: T, minimum: Any) -> T:
+    if value < minimum:  # type: ignore[operator]
+        raise exceptions.OptionsError(f"{option}: must be {minimum} or more, got {value}")
+    return value
+
+
+def choice(option: str, value: str, choices: Collection[str]) -> str:
+    """`value` if it is one of `choices`; mitmproxy checks `choices=` only for typed options."""
+    if value not in choices:
+        raise exceptions.OptionsError(
+            f"{option}: {value!r} is not one of {', '.join(sorted(choices))}"
+        )
+    return value
+
+
+def spawn(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """Run `coro` as a task that is not garbage-collected before it ends."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return task
+
+
+def once(name: str, factory: Callable[[], T]) -> T:
+    """The process's one object called `name`, made by `factory` the first time it is asked for."""
+    try:
+        return _singletons[name]  # type: ignore[no-any-return]
+    except KeyError:
+        obj = _singletons[name] = factory()
+        return obj
