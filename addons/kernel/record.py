@@ -17,7 +17,7 @@ from mitmproxy import http
 class Record(TypedDict, total=False):
     """Every key is optional: an absent key means no addon had anything to say."""
 
-    # --- who asked ---
+    # --- the request ---
 
     # Written by errors.request_id (a valid incoming X-Request-ID, else a new UUID), the first
     # time anyone asks; read back through errors.request_id by error bodies, logs, the CLI.
@@ -54,8 +54,8 @@ class Record(TypedDict, total=False):
     # Requests hygiene repaired instead of refusing: "host_rewritten", "h2c_stripped".
     # Appended by hygiene; the access log shows them.
     hygiene: list[str]
-    # "passthrough" or "intercept": tlspolicy's choice for the connection's TLS, on flows that
-    # have one (CONNECT). The access log shows it.
+    # "passthrough" or "intercept": tlspolicy's choice for a tunnel's TLS, written on its
+    # CONNECT flow. The access log shows it.
     tls: str
 
     # --- routing and the backend ---
