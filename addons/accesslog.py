@@ -7,7 +7,7 @@
 - Access lines (logger `waypost.access`, INFO): message `request` from `response`/`error`, and
   `connect` from `http_connected`/`http_connect_error`, with request_id, client_ip, method,
   url (secret query values redacted), status, duration_ms, bytes_sent, bytes_received,
-  cache_hit, backend, and every decision recorded in `errors.waypost(flow)`. They go straight to
+  cache_hit, backend, and every decision recorded in `record(flow)`. They go straight to
   the output handler rather than through the root logger: mitmproxy's root handlers turn every
   record into an `add_log` event dispatched to all addons, which would cost more than the line.
 - In JSON mode, mitmproxy's per-connection chatter (`client connect`, `server connect`, ...
@@ -37,6 +37,7 @@ from urllib.parse import unquote_plus
 from mitmproxy import ctx, exceptions, http
 
 from addons import errors
+from addons.kernel.record import record
 
 log = logging.getLogger("waypost.accesslog")
 access_log = logging.getLogger("waypost.access")
@@ -247,7 +248,7 @@ def _url(req: http.Request) -> str:
 
 def access_fields(flow: http.HTTPFlow, now: float) -> dict[str, Any]:
     """The access line's fields for a finished (or failed) request or CONNECT."""
-    meta = errors.waypost(flow)
+    meta = record(flow)
     req = flow.request
     resp = flow.response
     client = meta.get("client_ip")

@@ -31,7 +31,7 @@ measurement). Identical bodies from the origin hit the memo too, after one hash 
 
 Runs in `response`, after the cache (which stores the identity body it got from the origin and
 answers hits in `request`), so hits are compressed for each client as it asks. The chosen
-coding is recorded as `errors.waypost(flow)["compression"]` for the access log.
+coding is recorded as `record(flow)["compression"]` for the access log.
 
 Metrics (on the metrics addon's registry): `compression_bytes_total{direction="in"|"out"}`
 (identity bytes taken in, encoded bytes sent out), `compression_responses_total{encoding}`,
@@ -59,8 +59,8 @@ from cachetools import LRUCache
 from mitmproxy import ctx, exceptions, http
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from addons import errors
 from addons.kernel import units
+from addons.kernel.record import record
 from addons.profile import COMPRESSIBLE_TYPES as DEFAULT_CONTENT_TYPES
 
 log = logging.getLogger("waypost.compress")
@@ -631,7 +631,7 @@ class Compress:
         st.bytes_in += len(body)
         st.bytes_out += len(encoded)
         st.responses[alg] = st.responses.get(alg, 0) + 1
-        errors.waypost(flow)["compression"] = alg
+        record(flow)["compression"] = alg
 
 
 _H1_NAMES = (b"Content-Encoding", b"Content-Length", b"Vary")

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 from mitmproxy import ctx, exceptions, http
 
 from addons import errors, policy
+from addons.kernel.record import record
 
 log = logging.getLogger("waypost.contentfilter")
 
@@ -153,7 +154,7 @@ class ContentFilter:
             return
         if flow.response or flow.error or not flow.live or flow.websocket:
             return
-        if errors.waypost(flow).get("local"):
+        if record(flow).get("local"):
             return
         ctype = flow.request.headers.get("content-type")
         rule = match(self.patterns, ctype)
@@ -164,7 +165,7 @@ class ContentFilter:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if not self.patterns or flow.response is None or flow.error or not flow.live:
             return
-        if flow.websocket or errors.waypost(flow).get("local"):
+        if flow.websocket or record(flow).get("local"):
             return
         flow.metadata[_CHECKED] = True
         ctype = flow.response.headers.get("content-type")
@@ -195,7 +196,7 @@ class ContentFilter:
         # A response set by an addon in `request` (a cache hit) never passed responseheaders;
         # its body is in memory and not sent yet, so it is judged here. The proxy's own error
         # answers are left alone.
-        if flow.websocket or errors.waypost(flow).get("error_code"):
+        if flow.websocket or record(flow).get("error_code"):
             return
         ctype = resp.headers.get("content-type")
         rule = match(self.patterns, ctype)
@@ -216,7 +217,7 @@ class ContentFilter:
         )
 
     def _refusal(self, flow: http.HTTPFlow, rule: str, where: str) -> http.Response:
-        errors.waypost(flow)["blocked_by"] = POLICY
+        record(flow)["blocked_by"] = POLICY
         return errors.make(
             "CONTENT_TYPE_BLOCKED",
             f"The {where}'s content type is blocked by rule {rule!r}.",

@@ -20,7 +20,7 @@ Hooks:
 - `http_connect_error`: a CONNECT killed in `server_connect` answers 403 JSON instead of 502.
 
 Flows the proxy reroutes to itself (the CLI addon sends `POST /cli/execute` on the proxy port to
-its own loopback listener, marking the flow `errors.waypost(flow)["local"] = "cli"`) pass, but only
+its own loopback listener, marking the flow `record(flow)["local"] = "cli"`) pass, but only
 to exactly that listener: `requestheaders` skips them and remembers (client, address), which
 `server_connect` then lets through. Every other flow still finds the management port and the CLI
 listener unreachable.
@@ -43,6 +43,7 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addons import errors
+from addons.kernel.record import record
 
 log = logging.getLogger("waypost.egress")
 
@@ -440,7 +441,7 @@ class Egress:
         if flow.response or flow.error or not flow.live or flow.request.method == "CONNECT":
             return
         target = (flow.request.host, flow.request.port)
-        if errors.waypost(flow).get("local") == "cli" and target in _cli_addrs():
+        if record(flow).get("local") == "cli" and target in _cli_addrs():
             self._local[(flow.client_conn.id, target)] = True
             return
         await self._check_flow(flow)
@@ -461,7 +462,7 @@ class Egress:
             self._deny(flow, verdict.rule, verdict.reason, "this destination")
 
     def _deny(self, flow: http.HTTPFlow, rule: str, reason: str, what: str) -> None:
-        meta = errors.waypost(flow)
+        meta = record(flow)
         meta["decision"] = "blocked"
         meta["blocked_by"] = "egress"
         meta["rule"] = rule

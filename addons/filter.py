@@ -46,6 +46,7 @@ from mitmproxy.proxy.layers.http import HttpLayer
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from addons import errors, policy
+from addons.kernel.record import record
 from addons.kernel.units import parse_duration
 from addons.profile import FilterFile
 
@@ -702,7 +703,7 @@ class Filter:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or flow.websocket:
             return
-        if flow.request.method == "CONNECT" or errors.waypost(flow).get("local"):
+        if flow.request.method == "CONNECT" or record(flow).get("local"):
             return
         self._check(flow)
 
@@ -725,7 +726,7 @@ class Filter:
             host=host,
             entry=verdict.entry,
         ):
-            errors.waypost(flow)["blocked_by"] = POLICY
+            record(flow)["blocked_by"] = POLICY
             flow.response = errors.make(
                 "DOMAIN_BLOCKED",
                 self.response_body or _message(host, verdict),

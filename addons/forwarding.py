@@ -8,7 +8,7 @@ Request side (`requestheaders`, never for CONNECT):
 - sets `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Real-IP`, trusting the
   incoming values only when the direct peer is in `forwarding_trusted_proxies`;
 - appends `Via` (RFC 9110 §7.6.3) and sets `X-Request-ID` (`errors.request_id`).
-The derived client IP is recorded as `waypost(flow)["client_ip"]` for logs and metrics.
+The derived client IP is recorded as `record(flow)["client_ip"]` for logs and metrics.
 
 Response side (`responseheaders`, and `response` for answers the proxy made itself): appends
 `Via` to relayed responses, echoes `X-Request-ID`, sends `X-Proxy-ID`.
@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from mitmproxy import ctx, exceptions, http
 
 from addons import errors
+from addons.kernel.record import record
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -175,8 +176,8 @@ def flow_client_ip(
 ) -> str:
     """The flow's client IP as Forwarding derives it, for policies that decide before Forwarding
     runs (ACL, rate limiting): the peer, or through trusted proxies the X-Forwarded-For /
-    X-Real-IP client. Recorded as `waypost(flow)["client_ip"]` (read by the access log)."""
-    meta = errors.waypost(flow)
+    X-Real-IP client. Recorded as `record(flow)["client_ip"]` (read by the access log)."""
+    meta = record(flow)
     ip = meta.get("client_ip")
     if ip is None:
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
@@ -404,14 +405,14 @@ class Forwarding:
             # wants the client behind our trusted proxies.
             if self.trusted:
                 ip = self._client_ip(flow, data.headers.fields, {})[0]
-                errors.waypost(flow)["client_ip"] = ip
+                record(flow)["client_ip"] = ip
             return
         if self.request_id:
             rid = errors.request_id(flow)  # reads an incoming X-Request-ID, so before the rewrite
         fields, pulled = split_fields(data.headers.fields, self.pull)
         hop = normalize_peer(flow.client_conn.peername[0] if flow.client_conn.peername else "")
         ip, from_trusted = self._client_ip(flow, fields, pulled)
-        errors.waypost(flow)["client_ip"] = ip
+        record(flow)["client_ip"] = ip
         if self.x_forwarded:
             incoming = pulled.get(b"x-forwarded-for") if from_trusted else None
             ours = hop.encode()
@@ -444,7 +445,7 @@ class Forwarding:
         flow.metadata[_RESPONSE_DONE] = True
         # A response from the cache (set in `request`, so this hook runs for it too) carries
         # the Via it was first relayed with: appending ours again would record a second hop.
-        via = self.via and not errors.waypost(flow).get("cache_hit")
+        via = self.via and not record(flow).get("cache_hit")
         self._response_headers(flow.response, flow, via)
 
     def response(self, flow: http.HTTPFlow) -> None:

@@ -30,7 +30,7 @@ Options: limits_max_url_length, limits_max_header_size, limits_max_headers_count
 limits_max_body_size, limits_header_timeout, limits_blocked_methods.
 
 Records `decision="blocked"`, `blocked_by="hygiene"`, `rule` (and `hygiene` for rewrites) in
-`errors.waypost(flow)` and logs each decision at WARNING on `waypost.hygiene`.
+`record(flow)` and logs each decision at WARNING on `waypost.hygiene`.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from mitmproxy.proxy import mode_specs
 
 from addons import errors, wire
 from addons.kernel import units
+from addons.kernel.record import record
 
 log = logging.getLogger("waypost.hygiene")
 
@@ -446,13 +447,13 @@ class Hygiene:
                     new,
                 )
                 request.headers["Host"] = new
-                errors.waypost(flow).setdefault("hygiene", []).append("host_rewritten")
+                record(flow).setdefault("hygiene", []).append("host_rewritten")
         if found.h2c:
             req.headers.fields = strip_h2c(req.headers.fields)
             log.warning(
                 "rule=h2c request_id=%s: h2c upgrade offer removed", errors.request_id(flow)
             )
-            errors.waypost(flow).setdefault("hygiene", []).append("h2c_stripped")
+            record(flow).setdefault("hygiene", []).append("h2c_stripped")
 
 
 def _refusal(found: Refusal | Fields) -> Refusal | None:
@@ -469,7 +470,7 @@ def _is_forward_proxy(flow: http.HTTPFlow) -> bool:
 
 
 def _refuse(flow: http.HTTPFlow, refusal: Refusal) -> None:
-    meta = errors.waypost(flow)
+    meta = record(flow)
     meta["decision"] = "blocked"
     meta["blocked_by"] = "hygiene"
     meta["rule"] = refusal.rule

@@ -47,6 +47,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from addons import errors
 from addons.kernel.options import spawn
+from addons.kernel.record import record
 from addons.metrics import REGISTRY
 
 log = logging.getLogger("waypost.management")
@@ -319,7 +320,7 @@ class Management:
         addrs = ps.listen_addrs() if ps else []
         if not addressed_to_proxy(req.host, req.port, flow.client_conn.sockname, addrs):
             return
-        errors.waypost(flow)["local"] = "health"  # not proxied traffic: metrics skip it
+        record(flow)["local"] = "health"  # not proxied traffic: metrics skip it
         status, payload = self.health(path.partition("?")[0])
         if status == 404:
             flow.response = errors.make("NOT_FOUND", "Unknown health endpoint.", flow, status=404)

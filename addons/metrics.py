@@ -3,7 +3,7 @@
 The metrics live in one `CollectorRegistry` per process (`REGISTRY`), which the management
 app (`addons/management.py`) exposes on its metrics path. Label values come only from a fixed
 method set, the status code and the `decision`/`rule` ids other addons record in
-`errors.waypost(flow)`, never from raw hosts or paths.
+`record(flow)`, never from raw hosts or paths.
 
 Metrics:
     http_requests_total{method,status,backend}
@@ -19,7 +19,7 @@ Metrics:
 
 Hooks: response, error, http_connected, http_connect_error, client_connected,
 client_disconnected. Options: none. Add it last in the chain so it sees every decision.
-Flows answered locally (`waypost(flow)["local"]`, e.g. health probes on the proxy port) are
+Flows answered locally (`record(flow)["local"]`, e.g. health probes on the proxy port) are
 not counted.
 """
 
@@ -39,7 +39,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from addons import errors
+from addons.kernel.record import record
 
 METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
@@ -134,7 +134,7 @@ else:
 
 
 def _record(flow: http.HTTPFlow, status: int | str, end: float) -> None:
-    meta = errors.waypost(flow)
+    meta = record(flow)
     if _COUNTED in flow.metadata or "local" in meta:
         return  # counted already / a probe the proxy answered
     flow.metadata[_COUNTED] = True

@@ -8,7 +8,7 @@ auditing:
         flow.response = errors.make("DOMAIN_BLOCKED", ..., flow)
 
 - `mode` "enforce": returns True (the caller refuses); the flow's record
-  (`errors.waypost(flow)`) gets `decision`, `rule` and `policy`, which the access line shows.
+  (`record(flow)`) gets `decision`, `rule` and `policy`, which the access line shows.
 - `mode` "shadow": returns False (the request passes); the outcome is `would_block` and is
   appended to the flow's `shadow` list, so one request can carry several shadow hits.
 - Either way: one WARNING event on logger `waypost.audit` (JSON fields policy, decision, rule,
@@ -28,6 +28,7 @@ from typing import Any
 from mitmproxy import http
 
 from addons import errors, metrics
+from addons.kernel.record import record
 
 log = logging.getLogger("waypost.audit")
 
@@ -54,7 +55,7 @@ def decide(
     }
     if flow is not None:
         fields["request_id"] = errors.request_id(flow)
-        meta = errors.waypost(flow)
+        meta = record(flow)
         if enforce:
             meta["decision"] = outcome
             meta["rule"] = rule

@@ -6,7 +6,7 @@ trust its CA) and the HTTP-level addons see their requests.
 
 Hooks:
 - `http_connect`: remembers the CONNECT flow of the tunnel, so the decision can be recorded on it
-  (`flow.metadata["waypost"]["tls"] = "passthrough" | "intercept"`).
+  (`record(flow)["tls"] = "passthrough" | "intercept"`).
 - `tls_clienthello`: matches the SNI (falling back to the CONNECT host) against the patterns and
   sets `ignore_connection` for every host that is not intercepted. Not on reverse listeners,
   which terminate TLS themselves.
@@ -24,7 +24,7 @@ from typing import NamedTuple
 from mitmproxy import ctx, exceptions, http, tls
 from mitmproxy.proxy import mode_specs
 
-from addons import errors
+from addons.kernel.record import record
 
 log = logging.getLogger("waypost.tlspolicy")
 
@@ -126,7 +126,7 @@ class TlsPolicy:
             data.ignore_connection = True
         decision = "intercept" if intercept else "passthrough"
         if flow is not None:
-            errors.waypost(flow)["tls"] = decision
+            record(flow)["tls"] = decision
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("tls %s for %r", decision, host)
 

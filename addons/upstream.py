@@ -14,7 +14,7 @@ Waypost JSON error (`addons/errors.py`) and adds the two timeouts mitmproxy lack
   `INTERNAL_ERROR` with the status kept.
 - A CONNECT whose upstream connect fails or times out gets the same JSON 502/504.
 
-Each failure is recorded in `errors.waypost(flow)` (`error_code`, `backend_error`: a short
+Each failure is recorded in `record(flow)` (`error_code`, `backend_error`: a short
 reason such as `connection_refused`, `dns_failure`, `connect_timeout`, `read_timeout`,
 `closed`, `invalid_response`, `self_connect`) and logged once at WARNING with host:port.
 
@@ -25,7 +25,7 @@ records and logs the failure), `http_connect_error` (CONNECT failures).
 Options:
 - `upstream_connect_timeout` (str, "10s"): TCP connect (DNS included) to the origin.
 - `upstream_read_timeout` (str, "60s"): wait for response headers after the request, and for
-  each next byte of the response body. A routing rule's `timeout` (`errors.waypost(flow)
+  each next byte of the response body. A routing rule's `timeout` (`record(flow)
   ["read_timeout"]`, set by the router) overrides it per request (checked at the sweep's
   granularity: read_timeout/10, 50 ms to 1 s).
 
@@ -79,6 +79,7 @@ from mitmproxy.proxy.layers.http import ResponseProtocolError, _http1
 
 from addons import errors
 from addons.kernel import units
+from addons.kernel.record import record
 
 log = logging.getLogger("waypost.upstream")
 
@@ -208,7 +209,7 @@ def event_status(code: Any) -> int | None:
 
 def error_bytes(status: int, message: str, flow: http.HTTPFlow | None) -> bytes:
     """The whole HTTP/1 error response mitmproxy sends, as Waypost JSON."""
-    meta = errors.waypost(flow) if flow is not None else {}
+    meta = record(flow) if flow is not None else {}
     failure = classify(status, message, meta.get("timed_out"))
     resp = errors.make(failure.code, failure.message, flow, {"Connection": "close"}, failure.status)
     return http1.assemble_response(resp)
@@ -390,7 +391,7 @@ class Upstream:
                 continue
             server = flow.server_conn
             # A routing rule's `timeout` (addons/router.py) overrides the global one.
-            timeout = errors.waypost(flow).get("read_timeout") or self.read_timeout
+            timeout = record(flow).get("read_timeout") or self.read_timeout
             deadline = read_deadline(
                 timeout,
                 flow.request.timestamp_end or now,
@@ -402,7 +403,7 @@ class Upstream:
                 continue
             del self._reading[flow.id]
             if server in handler.transports:
-                meta = errors.waypost(flow)
+                meta = record(flow)
                 meta["timed_out"] = "read_timeout"
                 meta["backend_error"] = "read_timeout"
                 handler.close_connection(server)
@@ -421,7 +422,7 @@ class Upstream:
         if flow.error is None or flow.error.msg == mflow.Error.KILLED_MESSAGE:
             return
         _ERRORED[flow.client_conn.id] = flow
-        meta = errors.waypost(flow)
+        meta = record(flow)
         timed_out = meta.get("timed_out")
         failure = classify(None, flow.error.msg, timed_out)
         if failure.reason == "client_disconnected":
@@ -437,7 +438,7 @@ class Upstream:
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         resp, server = flow.response, flow.server_conn
-        meta = errors.waypost(flow)
+        meta = record(flow)
         if resp is None or resp.status_code != 502 or not server.error or "error_code" in meta:
             return
         failure = classify(502, server.error)

@@ -14,6 +14,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addons import accesslog, errors
 from addons.accesslog import AccessLog, JsonFormatter, TextFormatter, redact_url
+from addons.kernel.record import record
 
 
 @pytest.mark.parametrize(
@@ -144,7 +145,7 @@ def lines(out: io.StringIO) -> list[dict]:
 def test_access_line_fields(term) -> None:
     addon, out, _ = term
     f = make_flow()
-    errors.waypost(f).update({"decision": "allowed", "rule": "*.example.com", "cache": "HIT"})
+    record(f).update({"decision": "allowed", "rule": "*.example.com", "cache": "HIT"})
     addon.response(f)
     addon.error(f)  # a later error on the same flow does not log twice
     (line,) = [x for x in lines(out) if x["logger"] == "waypost.access"]
@@ -167,7 +168,7 @@ def test_error_line(term) -> None:
     f = make_flow()
     f.response = None
     f.error = flow.Error("Connect call failed \x1b")
-    errors.waypost(f)["error_code"] = "BACKEND_UNREACHABLE"
+    record(f)["error_code"] = "BACKEND_UNREACHABLE"
     addon.error(f)
     (line,) = lines(out)
     assert line["status"] == 502 and line["error_code"] == "BACKEND_UNREACHABLE"
@@ -261,13 +262,13 @@ def test_benchmark_access_line(term) -> None:
     addon, out, _ = term
     base = make_flow()
     # as after forwarding.requestheaders: request id and client IP already recorded
-    errors.waypost(base).update({"decision": "allowed", "client_ip": "198.51.100.3"})
+    record(base).update({"decision": "allowed", "client_ip": "198.51.100.3"})
     errors.request_id(base)
     rounds, n = 8, 400
     flows = []
     for _ in range(rounds * n):
         f = base.copy()
-        f.metadata = {"waypost": dict(errors.waypost(base))}
+        f.metadata = {"waypost": dict(record(base))}
         flows.append(f)
     sample = accesslog.access_fields(base, time.time())
 

@@ -12,7 +12,8 @@ from mitmproxy.addons import block
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow
 
-from addons import acl, errors, forwarding, metrics
+from addons import acl, forwarding, metrics
+from addons.kernel.record import record
 
 
 def nets(*cidrs: str) -> acl.Networks:
@@ -94,7 +95,7 @@ def test_denied_client_gets_403_on_first_request_and_close() -> None:
         assert f.response.status_code == 403
         assert json.loads(f.response.content)["error"]["code"] == "ACCESS_DENIED"
         assert f.response.headers["connection"] == "close"
-        assert errors.waypost(f)["rule"] == "deny:192.0.2.0/24"
+        assert record(f)["rule"] == "deny:192.0.2.0/24"
         assert count(policy="acl", decision="deny", rule="deny:192.0.2.0/24") == before + 1
         c = flow_from(bad, b"CONNECT")
         a.http_connect(c)
@@ -135,7 +136,7 @@ def test_shadow_lets_through_and_reports_every_request(caplog: pytest.LogCapture
                 f = flow_from(c)
                 a.requestheaders(f)
                 assert f.response is None
-                assert errors.waypost(f)["shadow"] == ["acl:allowlist"]
+                assert record(f)["shadow"] == ["acl:allowlist"]
         assert [r.waypost["decision"] for r in caplog.records] == ["would_block"] * 2
         assert caplog.records[0].waypost["client_ip"] == "192.0.2.7"
 
@@ -154,7 +155,7 @@ def test_trusted_proxy_decides_per_request_on_x_forwarded_for() -> None:
         a.requestheaders(f)
         assert f.response.status_code == 403
         assert "connection" not in f.response.headers  # the proxy's connection serves others
-        assert errors.waypost(f)["client_ip"] == "203.0.113.9"
+        assert record(f)["client_ip"] == "203.0.113.9"
         f = flow_from(lb)
         f.request.headers["X-Forwarded-For"] = "198.51.100.4"
         a.requestheaders(f)

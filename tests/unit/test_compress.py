@@ -10,7 +10,7 @@ import zstandard
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import compress, errors, profile
+from addons import compress, profile
 from addons.compress import (
     Compress,
     merge_vary,
@@ -20,6 +20,7 @@ from addons.compress import (
     skip_reason,
     weaken_etag,
 )
+from addons.kernel.record import record
 
 ALL = ("zstd", "br", "gzip")
 TEXT = b"".join(b"<p>line %d of a page that compresses well</p>\n" % i for i in range(400))
@@ -281,7 +282,7 @@ def test_addon_compresses_and_fixes_headers(alg: str) -> None:
         assert r.headers["etag"] == 'W/"v1"'
         assert r.headers.get_all("vary") == ["Origin, Accept-Encoding"]
         assert "accept-ranges" not in r.headers
-        assert errors.waypost(f)["compression"] == alg
+        assert record(f)["compression"] == alg
 
 
 def test_addon_not_accepted_only_adds_vary() -> None:
@@ -294,7 +295,7 @@ def test_addon_not_accepted_only_adds_vary() -> None:
         assert "content-encoding" not in r.headers
         assert r.headers["etag"] == '"v1"'
         assert r.headers["vary"] == "Accept-Encoding"
-        assert "compression" not in errors.waypost(f)
+        assert "compression" not in record(f)
 
 
 def test_addon_skipped_response_untouched() -> None:

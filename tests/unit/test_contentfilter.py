@@ -9,7 +9,7 @@ from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow
 
 from addons import contentfilter as cf
-from addons import errors
+from addons.kernel.record import record
 
 PATTERNS = ["application/x-msdownload", "Video/*", r"/application/(x-)?zip(-compressed)?/"]
 
@@ -67,7 +67,7 @@ def test_response_is_replaced_before_the_body_and_origin_bytes_dropped() -> None
         assert json.loads(first)["error"]["code"] == "CONTENT_TYPE_BLOCKED"
         assert stream(b"more origin bytes") == b""
         assert stream(b"") == b""
-        assert errors.waypost(f)["blocked_by"] == "content_filter"
+        assert record(f)["blocked_by"] == "content_filter"
 
 
 def test_response_without_a_body_gets_the_403_body_back() -> None:
@@ -94,7 +94,7 @@ def test_allowed_type_and_shadow_mode_pass() -> None:
         g = _response_flow("video/mp4")
         addon.responseheaders(g)
         assert g.response.status_code == 200
-        assert errors.waypost(g)["shadow"] == ["content_filter:video/*"]
+        assert record(g)["shadow"] == ["content_filter:video/*"]
 
 
 def test_request_content_type_only_when_asked() -> None:
@@ -131,6 +131,6 @@ def test_response_set_in_request_is_judged_in_response() -> None:
         addon.response(ok)
         assert ok.response is first
         own = _response_flow("video/mp4")
-        errors.waypost(own)["error_code"] = "BACKEND_UNREACHABLE"
+        record(own)["error_code"] = "BACKEND_UNREACHABLE"
         addon.response(own)
         assert own.response.status_code == 200

@@ -7,6 +7,7 @@ import pytest
 from mitmproxy.test import tflow
 
 from addons import errors
+from addons.kernel.record import record
 
 
 @pytest.mark.parametrize("code, status", sorted(errors.STATUS.items()))
@@ -20,7 +21,7 @@ def test_make_builds_the_json_error(code: str, status: int) -> None:
     assert body["code"] == code and body["message"] == "why"
     assert body["request_id"] == resp.headers["x-request-id"] == errors.request_id(f)
     assert body["timestamp"].endswith("Z")
-    assert errors.waypost(f)["error_code"] == code
+    assert record(f)["error_code"] == code
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,10 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 
-from addons import errors, metrics
 from addons import filter as flt
+from addons import metrics
 from addons.filter import Entry
+from addons.kernel.record import record
 
 # --- names ----------------------------------------------------------------------------------
 
@@ -336,7 +337,7 @@ def test_plain_http_decides_on_the_dialled_host_not_the_host_header() -> None:
         assert err["rule"] == "*.ads.example"
         assert "*.ads.example" in err["message"]
         assert count("block", "*.ads.example") == before + 1
-        assert errors.waypost(f)["blocked_by"] == "filter"
+        assert record(f)["blocked_by"] == "filter"
 
         ok = tflow.tflow()
         ok.request.host = "allowed.example"
@@ -372,7 +373,7 @@ def test_shadow_mode_passes_and_records(caplog: pytest.LogCaptureFixture) -> Non
         with caplog.at_level(logging.WARNING, logger="waypost.audit"):
             addon.requestheaders(f)
         assert f.response is None
-        assert errors.waypost(f)["shadow"] == ["filter:shadow.example"]
+        assert record(f)["shadow"] == ["filter:shadow.example"]
         assert count("would_block", "shadow.example") == before + 1
         assert caplog.records[-1].waypost["decision"] == "would_block"
 
@@ -387,7 +388,7 @@ def test_custom_response_body_and_local_flows() -> None:
         assert json.loads(f.response.content)["error"]["message"] == "Nope."
         local = tflow.tflow()
         local.request.host = "x.example"
-        errors.waypost(local)["local"] = "cli"
+        record(local)["local"] = "cli"
         addon.requestheaders(local)
         assert local.response is None
 

@@ -10,6 +10,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addons import errors, forwarding
 from addons.forwarding import Forwarding, client_ip, parse_hop, parse_trusted, split_fields
+from addons.kernel.record import record
 
 TRUSTED = parse_trusted(["10.0.0.0/8", "2001:db8::/32", "::ffff:192.168.1.0/120"])
 
@@ -189,7 +190,7 @@ def test_request_headers_untrusted_peer() -> None:
         assert h["Via"] == "1.1 waypost"
         assert h["X-Request-ID"] == "abc-123"
         assert "Proxy-Authorization" not in h
-        assert errors.waypost(f)["client_ip"] == "198.51.100.20"
+        assert record(f)["client_ip"] == "198.51.100.20"
 
 
 def test_forwarded_proto_is_the_clients_scheme() -> None:
@@ -232,7 +233,7 @@ def test_answered_request_still_records_client_ip() -> None:
         f = make_flow(peer="10.0.0.2", headers={"X-Forwarded-For": "203.0.113.9"})
         f.response = errors.make("DOMAIN_BLOCKED", "no", f)
         fw.requestheaders(f)
-        assert errors.waypost(f)["client_ip"] == "203.0.113.9"
+        assert record(f)["client_ip"] == "203.0.113.9"
         assert "Via" not in f.request.headers
 
 

@@ -10,7 +10,8 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 
-from addons import errors, management
+from addons import management
+from addons.kernel.record import record
 from addons.management import Management
 
 LISTEN = [("127.0.0.1", 8080)]
@@ -166,7 +167,7 @@ def test_requestheaders_answers_health_on_the_proxy_port() -> None:
             assert f.response is not None and f.response.status_code == 200, path
             assert f.response.headers["content-type"] == "application/json"
             assert json.loads(f.response.content)["status"] in ("healthy", "ready", "started")
-            assert errors.waypost(f)["local"] == "health"
+            assert record(f)["local"] == "health"
         unknown = _health_flow("127.0.0.1", 8080, "/health/other")
         m.requestheaders(unknown)
         assert unknown.response.status_code == 404

@@ -8,7 +8,8 @@ from mitmproxy import connection, flow
 from mitmproxy.addons import script
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import errors, metrics
+from addons import metrics
+from addons.kernel.record import record
 
 ROOT = Path(__file__).resolve().parents[2]
 REG = metrics.REGISTRY
@@ -109,7 +110,7 @@ def test_policy_decisions_from_waypost_metadata() -> None:
     m = metrics.Metrics()
     with taddons.context(m):
         f = tflow.tflow(resp=True)
-        errors.waypost(f).update(decision="blocked", rule="ads")
+        record(f).update(decision="blocked", rule="ads")
         before = value("policy_decisions_total", policy="core", decision="blocked", rule="ads")
         m.response(f)
         assert (
@@ -127,7 +128,7 @@ def test_decision_series_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     m = metrics.Metrics()
     with taddons.context(m):
         f = tflow.tflow(resp=True)
-        errors.waypost(f).update(decision="blocked", rule="a-rule-never-seen")
+        record(f).update(decision="blocked", rule="a-rule-never-seen")
         before = value("policy_decisions_total", policy="core", decision="blocked", rule="_other")
         m.response(f)
         assert (
@@ -149,7 +150,7 @@ def test_locally_answered_flows_are_not_counted() -> None:
     m = metrics.Metrics()
     with taddons.context(m):
         f = tflow.tflow(resp=True)
-        errors.waypost(f)["local"] = "health"
+        record(f)["local"] = "health"
         before = requests("GET", "200")
         m.response(f)
         assert requests("GET", "200") == before
@@ -195,7 +196,7 @@ def test_benchmark_response_hook(capsys: pytest.CaptureFixture[str]) -> None:
         f = tflow.tflow(resp=True)
         f.request.content = b"x" * 100
         f.response.content = b"y" * 1000
-        errors.waypost(f).update(decision="allowed", rule="default")
+        record(f).update(decision="allowed", rule="default")
         n = 20000
         meta = f.metadata
         m.response(f)
@@ -222,7 +223,7 @@ def test_requests_carry_the_routed_backend() -> None:
     m = metrics.Metrics()
     with taddons.context(m):
         f = tflow.tflow(resp=True)
-        errors.waypost(f)["backend"] = "api-1"
+        record(f)["backend"] = "api-1"
         before = requests("GET", "200", "api-1")
         m.response(f)
         assert requests("GET", "200", "api-1") == before + 1

@@ -8,6 +8,7 @@ import pytest
 from mitmproxy.test import tflow
 
 from addons import errors, metrics, policy
+from addons.kernel.record import record
 
 
 def count(**labels: str) -> float:
@@ -19,12 +20,12 @@ def test_enforce_records_the_decision(caplog: pytest.LogCaptureFixture) -> None:
     before = count(policy="filter", decision="block", rule="ads")
     with caplog.at_level(logging.WARNING, logger="waypost.audit"):
         assert policy.decide("filter", "ads", "10.0.0.1", "enforce", f, host="x.ads.test")
-    meta = errors.waypost(f)
+    meta = record(f)
     assert (meta["decision"], meta["rule"], meta["policy"]) == ("block", "ads", "filter")
     assert count(policy="filter", decision="block", rule="ads") == before + 1
-    (record,) = caplog.records
-    assert record.levelno == logging.WARNING
-    assert record.waypost == {
+    (event,) = caplog.records
+    assert event.levelno == logging.WARNING
+    assert event.waypost == {
         "policy": "filter",
         "decision": "block",
         "rule": "ads",
@@ -40,7 +41,7 @@ def test_shadow_passes_and_keeps_every_hit(caplog: pytest.LogCaptureFixture) -> 
     with caplog.at_level(logging.WARNING, logger="waypost.audit"):
         assert not policy.decide("ratelimit", "default", "10.0.0.2", "shadow", f, decision="limit")
         assert not policy.decide("filter", "ads", "10.0.0.2", "shadow", f)
-    meta = errors.waypost(f)
+    meta = record(f)
     assert "decision" not in meta
     assert meta["shadow"] == ["ratelimit:default", "filter:ads"]
     assert count(policy="ratelimit", decision="would_block", rule="default") == before + 1

@@ -12,7 +12,8 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 
-from addons import errors, metrics, ratelimit
+from addons import metrics, ratelimit
+from addons.kernel.record import record
 from addons.ratelimit import Take, take
 
 # (full_at, now, rate, burst) -> (allowed, full_at after, remaining, retry_after, reset)
@@ -299,7 +300,7 @@ def test_exempt_rules_and_shadow(caplog: pytest.LogCaptureFixture) -> None:
                 f = flow("192.0.2.10", path="/login")
                 r.requestheaders(f)
                 assert f.response is None  # shadow rule
-        assert errors.waypost(f)["shadow"] == ["ratelimit:login"]
+        assert record(f)["shadow"] == ["ratelimit:login"]
         assert [rec.waypost["decision"] for rec in caplog.records] == ["would_block"] * 2
 
 
