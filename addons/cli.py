@@ -66,8 +66,8 @@ from pydantic import ValidationError
 
 from addons import errors, policy
 from addons.kernel import units
+from addons.kernel.endpoints import addressed_to_proxy, bearer_status, bind
 from addons.kernel.options import spawn
-from addons.management import addressed_to_proxy, bearer_status, bind
 from addons.profile import CliArgumentRule
 
 log = logging.getLogger("waypost.cli")
