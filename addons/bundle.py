@@ -8,7 +8,7 @@ from addons.accesslog import AccessLog
 from addons.acl import Acl
 from addons.backlog import Backlog
 from addons.cache import Cache
-from addons.cli import Cli
+from addons.clirun.addon import Cli
 from addons.compress import Compress
 from addons.config import Config
 from addons.contentfilter import ContentFilter

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hmac
 import ipaddress
 import json
 import logging
@@ -46,13 +45,13 @@ from mitmproxy import ctx, exceptions, http
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from addons import errors
+from addons.kernel.endpoints import addressed_to_proxy, bearer_status, bind
 from addons.kernel.options import spawn
 from addons.kernel.record import record
 from addons.metrics import REGISTRY
 
 log = logging.getLogger("waypost.management")
 
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 HEALTH_PREFIX = "/health/"
 RESERVED_PREFIXES = (HEALTH_PREFIX, "/admin/")
 # Error codes the app uses beyond errors.STATUS (proposed additions to it).
@@ -101,63 +100,6 @@ def startup(
     _, checks = readiness(listen_addrs, None)
     checks["running"] = {"ok": running}
     return all(c["ok"] for c in checks.values()), checks
-
-
-def _ip(host: str) -> str:
-    try:
-        addr = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return host.lower()
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return str(addr)
-
-
-def addressed_to_proxy(
-    host: str,
-    port: int,
-    sockname: tuple[Any, ...] | None,
-    listen_addrs: Iterable[tuple[Any, ...]],
-) -> bool:
-    """Whether a request's destination is the proxy itself (not an origin behind it).
-
-    True when host:port is the address the client connected to, or a loopback name / listen
-    address of ours with one of our listen ports.
-    """
-    host = _ip(host)
-    if sockname and port == sockname[1] and (host in LOOPBACK_NAMES or host == _ip(sockname[0])):
-        return True
-    for lhost, lport, *_ in listen_addrs:
-        if port == lport and (host in LOOPBACK_NAMES or host == _ip(lhost)):
-            return True
-    return False
-
-
-def bearer_status(header: str | None, token: str) -> int:
-    """200 for the right bearer token, 401 without a usable header, 403 for a wrong token."""
-    if not header:
-        return 401
-    scheme, _, value = header.strip().partition(" ")
-    value = value.strip()
-    if scheme.lower() != "bearer" or not value:
-        return 401
-    ok = hmac.compare_digest(value.encode("utf-8", "surrogateescape"), token.encode())
-    return 200 if ok else 403
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket, bound synchronously so failures surface in the hook itself."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 # --- the addon -------------------------------------------------------------------------------

@@ -19,10 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Proxy, json_body, raw_request, start_proxy, status_of
+from tests.conftest import MANAGEMENT, Proxy, json_body, raw_request, start_proxy, status_of
 from tests.e2e.cli_helpers import TOKEN, Stream, execute, group_members, wait_gone
 
-MANAGEMENT = r"management (?:app )?listening at https?://[0-9.]+:(\d+)"
 CLI_LISTENER = r"cli listening at 127\.0\.0\.1:(\d+)"
 ROOT_USER = os.geteuid() == 0
 # Commands run as nobody when the tests run as root: they must be readable by everyone.
@@ -111,10 +110,8 @@ def test_reverse_listener_serves_cli(proxy_factory: Callable[..., Proxy]) -> Non
             "connection_strategy": "lazy",
             "routing_default_backend": "http://127.0.0.1:9",
         },
-        wait=False,
     )
-    port = int(p.wait_for(r"listening at [0-9.]+:(\d+)").group(1))
-    r = execute(port, sh("echo via reverse"), host="backend.example")
+    r = execute(p.port, sh("echo via reverse"), host="backend.example")
     assert r.status == 200, r.body
     assert r.text("stdout") == "via reverse\n"
 

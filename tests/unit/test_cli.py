@@ -13,22 +13,20 @@ from mitmproxy import connection, exceptions
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow
 
-from addons import cli
-from addons.cli import (
+from addons.clirun import addon as cli
+from addons.clirun.endpoint import INTERNAL_HEADER
+from addons.clirun.options import parse_commands, parse_rules
+from addons.clirun.plan import (
     SAFE_PATH,
     Refusal,
     Settings,
-    Utf8Chunks,
     env_refusal,
-    exit_fields,
     limit_argv,
-    outcome_of,
-    parse_commands,
     parse_input_line,
     parse_request,
-    parse_rules,
-    read_usage,
 )
+from addons.clirun.runner import exit_fields, outcome_of, read_usage
+from addons.clirun.stream import Utf8Chunks
 from addons.egress import Egress
 
 COMMANDS = parse_commands(["/bin/echo", "/usr/bin/git", "/bin/sh"])
@@ -262,10 +260,10 @@ def test_requestheaders_reroutes_only_its_own_path_addressed_to_the_proxy() -> N
         f = tflow.tflow()
         f.client_conn.sockname = ("127.0.0.1", 8080)
         f.request.host, f.request.port, f.request.path = "127.0.0.1", 8080, "/cli/execute?x=1"
-        f.request.headers[cli.INTERNAL_HEADER] = "client-made"
+        f.request.headers[INTERNAL_HEADER] = "client-made"
         assert _marked(addon, f)
         assert (f.request.host, f.request.port, f.request.scheme) == ("127.0.0.1", 4321, "http")
-        assert f.request.headers[cli.INTERNAL_HEADER] == addon._secret
+        assert f.request.headers[INTERNAL_HEADER] == addon._secret
         assert f.request.stream is True
         f.response = tflow.tresp()
         addon.responseheaders(f)

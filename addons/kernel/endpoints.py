@@ -1,0 +1,74 @@
+"""What every endpoint the proxy serves itself needs: its socket, its token check, its address.
+
+- `bind`: a listening TCP socket, bound synchronously so a busy port fails in the hook itself.
+- `bearer_status`: 200, 401 or 403 for an `Authorization: Bearer <token>` header.
+- `addressed_to_proxy`: whether a request on the proxy port is meant for the proxy itself
+  (the management and CLI endpoints answer those) or for an origin behind it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _ip(host: str) -> str:
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host.lower()
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
+def addressed_to_proxy(
+    host: str,
+    port: int,
+    sockname: tuple[Any, ...] | None,
+    listen_addrs: Iterable[tuple[Any, ...]],
+) -> bool:
+    """Whether a request's destination is the proxy itself (not an origin behind it).
+
+    True when host:port is the address the client connected to, or a loopback name / listen
+    address of ours with one of our listen ports.
+    """
+    host = _ip(host)
+    if sockname and port == sockname[1] and (host in LOOPBACK_NAMES or host == _ip(sockname[0])):
+        return True
+    for lhost, lport, *_ in listen_addrs:
+        if port == lport and (host in LOOPBACK_NAMES or host == _ip(lhost)):
+            return True
+    return False
+
+
+def bearer_status(header: str | None, token: str) -> int:
+    """200 for the right bearer token, 401 without a usable header, 403 for a wrong token."""
+    if not header:
+        return 401
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() != "bearer" or not value:
+        return 401
+    ok = hmac.compare_digest(value.encode("utf-8", "surrogateescape"), token.encode())
+    return 200 if ok else 403
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket, bound synchronously so failures surface in the hook itself."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
