@@ -4,7 +4,7 @@
 - the proxy port: an origin-form `POST /cli/execute` addressed to the proxy itself, and the
   same path on reverse listeners. `requestheaders` reroutes such a flow to the CLI's own
   loopback listener (`clirun.listener`) with a per-process secret header, and marks it
-  `errors.waypost(flow)["local"] = "cli"`, which Egress lets through to exactly that listener.
+  `record(flow)["local"] = "cli"`, which Egress lets through to exactly that listener.
 
 Hooks:
 - load: declares the `cli_` options (`clirun.options.OPTIONS`).
@@ -38,6 +38,7 @@ from addons.clirun.endpoint import (
 from addons.clirun.listener import Listener, serve_loopback
 from addons.clirun.plan import Settings
 from addons.kernel.endpoints import addressed_to_proxy
+from addons.kernel.record import record
 
 log = logging.getLogger("waypost.cli")
 
@@ -106,7 +107,7 @@ class Cli:
             addrs = ps.listen_addrs() if ps else []
             if not addressed_to_proxy(req.host, req.port, flow.client_conn.sockname, addrs):
                 return
-        meta = errors.waypost(flow)
+        meta = record(flow)
         meta["local"] = "cli"
         meta["backend"] = "cli"
         peer = flow.client_conn.peername
@@ -119,5 +120,5 @@ class Cli:
         req.stream = True
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None and errors.waypost(flow).get("local") == "cli":
+        if flow.response is not None and record(flow).get("local") == "cli":
             flow.response.stream = True
