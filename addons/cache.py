@@ -93,7 +93,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from addons import errors, upstream
-from addons import rfc9111 as rfc
+from addons.caching import rfc9111 as rfc
 from addons.kernel.units import parse_duration, parse_size
 
 log = logging.getLogger("waypost.cache")
