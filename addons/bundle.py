@@ -7,7 +7,7 @@ observers (metrics, access log) come last so they see every decision.
 from addons.accesslog import AccessLog
 from addons.acl import Acl
 from addons.backlog import Backlog
-from addons.cache import Cache
+from addons.caching.addon import Cache
 from addons.clirun.addon import Cli
 from addons.compress import Compress
 from addons.config import Config

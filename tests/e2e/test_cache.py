@@ -1,7 +1,7 @@
 """The cache through a real mitmdump: RFC 9111 cases against a scripted origin, the PRD §9.2
 test through the bundle, the purge API and the cache metrics.
 
-The table runs against one `mitmdump -s addons/cache.py --mode reverse:<origin>` (the addon
+The tables run against one `mitmdump -s addons/cache.py --mode reverse:<origin>` (the addon
 alone, defaults only); each case uses its own path, so cases do not see each other's entries.
 """
 
@@ -16,12 +16,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Backend, Proxy, start_proxy
+from tests.conftest import MANAGEMENT, Backend, Proxy, start_proxy
 from tests.e2e.cache_helpers import FlakyOrigin, Origin, http_date, start_origin
 from tests.e2e.router_helpers import REVERSE, NamedBackend, write_profile
 
-MANAGEMENT = r"management (?:app )?listening at https?://[0-9.]+:(\d+)"
 Get = Callable[..., httpx.Response]
+
+
+def reverse_to(url: str) -> tuple[str, ...]:
+    return ("--mode", f"reverse:{url}")
 
 
 @pytest.fixture(scope="module")
@@ -29,27 +32,13 @@ def origin() -> Iterator[Origin]:
     yield from start_origin()
 
 
-def start_reverse(tmp: Path, origin: Origin, scripts: tuple[str, ...], **options: object) -> Proxy:
-    """mitmdump in reverse mode to the origin (conftest's start_proxy waits for the forward
-    mode's startup line)."""
-    p = start_proxy(
-        tmp,
-        scripts=scripts,
-        options=options,
-        extra_args=("--mode", f"reverse:{origin.url}"),
-        wait=False,
-    )
-    try:
-        p.port = int(p.wait_for(r"reverse proxy to \S+ listening at [0-9.]+:(\d+)").group(1))
-    except TimeoutError:
-        p.stop()
-        raise
-    return p
-
-
 @pytest.fixture(scope="module")
 def reverse(origin: Origin, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
-    p = start_reverse(tmp_path_factory.mktemp("cache"), origin, ("addons/cache.py",))
+    p = start_proxy(
+        tmp_path_factory.mktemp("cache"),
+        scripts=("addons/cache.py",),
+        extra_args=reverse_to(origin.url),
+    )
     yield p
     p.stop()
 
@@ -402,42 +391,62 @@ def test_rfc9111(case: tuple, origin: Origin, get: Get) -> None:
         assert "surrogate-control" not in r.headers  # it was for us, not for the client
 
 
-def test_if_modified_since_is_answered_from_date_without_last_modified(
-    origin: Origin, get: Get
-) -> None:
-    origin.set("/ims-date", (200, {"Cache-Control": "max-age=600", "Date": http_date(-100)}, b"d"))
-    get("/ims-date")
-    r = get("/ims-date", {"If-Modified-Since": http_date()})  # RFC 9111 §4.3.2
-    assert status(r) == "HIT" and r.status_code == 304
-    r = get("/ims-date", {"If-Modified-Since": http_date(-3600)})  # modified since then
-    assert status(r) == "HIT" and r.status_code == 200 and r.content == b"d"
+def _node_etags(request):
+    # Origins behind a load balancer: another node's ETag on the 304, same body.
+    h = {"Cache-Control": "max-age=10", "Age": "20", "ETag": '"node-a"'}
+    if request.headers.get("If-None-Match") == '"node-a"':
+        return 304, {**h, "ETag": '"node-b"'}, b""
+    return 200, h, b"body"
 
 
-def test_304_with_another_etag_freshens_the_stored_response(origin: Origin, get: Get) -> None:
-    def answer(request):
-        h = {"Cache-Control": "max-age=10", "Age": "20", "ETag": '"node-a"'}
-        if request.headers.get("If-None-Match") == '"node-a"':
-            return 304, {**h, "ETag": '"node-b"'}, b""  # another node's ETag, same body
-        return 200, h, b"body"
-
-    origin.set("/etag-farm", answer)
-    get("/etag-farm")
-    r = get("/etag-farm")
-    assert status(r) == "REVALIDATED" and r.status_code == 200 and r.content == b"body"
-    assert r.headers["etag"] == '"node-a"'  # a 304 does not relabel the stored body
+def _new_version_on_304(request):
+    h = [("Cache-Control", "max-age=10"), ("Age", "20"), ("ETag", '"e"')]
+    if request.headers.get("If-None-Match") == '"e"':
+        return 304, h + [("X-Version", "2"), ("Content-Length", "999")], b""
+    return 200, h + [("X-Version", "1")], b"twelve bytes"
 
 
-def test_age_is_generated_on_hits(origin: Origin, get: Get) -> None:
-    origin.set("/age", (200, {"Cache-Control": "max-age=600", "Age": "30"}, b"a"))
-    get("/age")
-    r = get("/age")
-    assert status(r) == "HIT" and int(r.headers["age"]) >= 30  # §4.2.3, §5.1
-    assert r.headers["cache-status"] == f"waypost; hit; ttl={600 - int(r.headers['age'])}"
-
-
-def test_hop_by_hop_and_connection_listed_fields_are_not_stored(origin: Origin, get: Get) -> None:
-    origin.set(
-        "/hop",
+# A stored response answering the next request: (the origin's answer, the next request's
+# fields and method, what answers it: X-Cache-Status, status, body, origin hits after it,
+# fields it has, fields it has not). "@-100" is an HTTP-date 100 s ago.
+AGAIN = [
+    pytest.param(
+        (200, {"Cache-Control": "max-age=600", "Date": "@-100"}, b"d"),
+        {"If-Modified-Since": "@0"},
+        "GET",
+        ("HIT", 304, b"", 1),
+        {},
+        (),
+        id="ims-against-date",  # RFC 9111 §4.3.2: Date stands in for Last-Modified
+    ),
+    pytest.param(
+        (200, {"Cache-Control": "max-age=600", "Date": "@-100"}, b"d"),
+        {"If-Modified-Since": "@-3600"},
+        "GET",
+        ("HIT", 200, b"d", 1),
+        {},
+        (),
+        id="ims-modified-since-then",
+    ),
+    pytest.param(
+        _node_etags,
+        {},
+        "GET",
+        ("REVALIDATED", 200, b"body", 2),
+        {"etag": '"node-a"'},  # a 304 does not relabel the stored body
+        (),
+        id="304-with-another-etag-freshens",
+    ),
+    pytest.param(
+        _new_version_on_304,
+        {},
+        "GET",
+        ("REVALIDATED", 200, b"twelve bytes", 2),
+        {"x-version": "2", "content-length": "12"},  # §3.2, §4.3.4: all but Content-Length
+        (),
+        id="304-updates-stored-fields",
+    ),
+    pytest.param(
         (
             200,
             [
@@ -448,32 +457,57 @@ def test_hop_by_hop_and_connection_listed_fields_are_not_stored(origin: Origin, 
             ],
             b"h",
         ),
-    )
-    get("/hop")
-    r = get("/hop")
-    assert status(r) == "HIT" and "x-secret" not in r.headers and r.headers["x-kept"] == "1"
+        {},
+        "GET",
+        ("HIT", 200, b"h", 1),
+        {"x-kept": "1"},
+        ("x-secret",),  # hop-by-hop and Connection-listed fields are not stored
+        id="hop-by-hop-not-stored",
+    ),
+    pytest.param(
+        (200, {"Cache-Control": "max-age=60"}, b"0123456789"),
+        {},
+        "HEAD",
+        ("HIT", 200, b"", 1),
+        {"content-length": "10"},
+        (),
+        id="head-from-stored-get",
+    ),
+]
 
 
-def test_304_updates_stored_headers_except_content_length(origin: Origin, get: Get) -> None:
-    version = {"n": 1}
+@pytest.mark.parametrize("answer,fields,method,expected,present,absent", AGAIN)
+def test_a_stored_response_answers_again(
+    request: pytest.FixtureRequest,
+    origin: Origin,
+    get: Get,
+    answer: Callable | tuple,
+    fields: dict[str, str],
+    method: str,
+    expected: tuple[str, int, bytes, int],
+    present: dict[str, str],
+    absent: tuple[str, ...],
+) -> None:
+    path = f"/again/{request.node.callspec.id}"
+    if isinstance(answer, tuple):
+        code, headers, body = answer
+        answer = (code, _headers(headers), body)
+    origin.set(path, answer)
+    get(path)
+    r = get(path, dict(_headers(fields)), method)
+    assert (status(r), r.status_code, r.content, origin.hits[path]) == expected
+    for name, value in present.items():
+        assert r.headers[name] == value, name
+    for name in absent:
+        assert name not in r.headers, name
 
-    def answer(request):
-        h = [
-            ("Cache-Control", "max-age=10"),
-            ("Age", "20"),
-            ("ETag", '"e"'),
-            ("X-Version", str(version["n"])),
-        ]
-        if request.headers.get("If-None-Match") == '"e"':
-            return 304, h + [("Content-Length", "999")], b""
-        return 200, h, b"twelve bytes"
 
-    origin.set("/merge", answer)
-    get("/merge")
-    version["n"] = 2
-    r = get("/merge")
-    assert status(r) == "REVALIDATED" and r.headers["x-version"] == "2"  # §3.2, §4.3.4
-    assert r.content == b"twelve bytes" and r.headers["content-length"] == "12"
+def test_age_is_generated_on_hits(origin: Origin, get: Get) -> None:
+    origin.set("/age", (200, {"Cache-Control": "max-age=600", "Age": "30"}, b"a"))
+    get("/age")
+    r = get("/age")
+    assert status(r) == "HIT" and int(r.headers["age"]) >= 30  # §4.2.3, §5.1
+    assert r.headers["cache-status"] == f"waypost; hit; ttl={600 - int(r.headers['age'])}"
 
 
 def test_ranges_are_cut_from_a_stored_complete_response(origin: Origin, get: Get) -> None:
@@ -498,41 +532,29 @@ def test_ranges_are_cut_from_a_stored_complete_response(origin: Origin, get: Get
     assert origin.hits["/range"] == 2
 
 
-def test_head_is_answered_from_a_stored_get(origin: Origin, get: Get) -> None:
-    origin.set("/head", (200, {"Cache-Control": "max-age=60"}, b"0123456789"))
-    get("/head")
-    r = get("/head", method="HEAD")
-    assert status(r) == "HIT" and r.headers["content-length"] == "10" and r.content == b""
-    assert origin.hits["/head"] == 1
-
-
-def test_unsafe_methods_pass_through_and_invalidate(origin: Origin, get: Get) -> None:
-    origin.set("/inv", (200, {"Cache-Control": "max-age=60"}, b"i"))
-    origin.set("/inv/other", (200, {"Cache-Control": "max-age=60"}, b"o"))
-    origin.set("/inv/cl", (200, {"Cache-Control": "max-age=60"}, b"l"))
-    for method in ("POST", "PUT", "DELETE"):
-        for path in ("/inv", "/inv/other", "/inv/cl"):
-            get(path)
-        origin.handlers["/inv"] = lambda r, m=method: (
-            (
-                201,
-                {
-                    "Location": "/inv/other",
-                    "Content-Location": "/inv/cl",
-                    "Cache-Control": "max-age=60",
-                },
-                b"c",
-            )
-            if r.method == m
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+def test_unsafe_methods_pass_through_and_invalidate(origin: Origin, get: Get, method: str) -> None:
+    path = f"/inv-{method.lower()}"
+    other, cl = f"{path}/other", f"{path}/cl"
+    origin.set(other, (200, {"Cache-Control": "max-age=60"}, b"o"))
+    origin.set(cl, (200, {"Cache-Control": "max-age=60"}, b"l"))
+    origin.set(
+        path,
+        lambda r: (
+            (201, {"Location": other, "Content-Location": cl, "Cache-Control": "max-age=60"}, b"c")
+            if r.method == method
             else (200, {"Cache-Control": "max-age=60"}, b"i")
-        )
-        before = origin.hits["/inv"]
-        r = get("/inv", method=method)
-        assert status(r) == "" and origin.hits["/inv"] == before + 1  # never cached
-        assert status(get("/inv")) == "MISS"  # §4.4 target invalidated
-        assert status(get("/inv/other")) == "MISS"  # and the Location target
-        assert status(get("/inv/cl")) == "MISS"  # and the Content-Location target
-        assert status(get("/inv")) == "HIT"
+        ),
+    )
+    for p in (path, other, cl):
+        get(p)
+    before = origin.hits[path]
+    r = get(path, method=method)
+    assert status(r) == "" and origin.hits[path] == before + 1  # never cached
+    assert status(get(path)) == "MISS"  # §4.4 target invalidated
+    assert status(get(other)) == "MISS"  # and the Location target
+    assert status(get(cl)) == "MISS"  # and the Content-Location target
+    assert status(get(path)) == "HIT"
 
 
 def test_stale_while_revalidate_answers_at_once_and_revalidates_in_background(
@@ -652,18 +674,16 @@ def test_without_permission_to_serve_stale_the_client_gets_the_502(
     assert "x-cache-status" not in r.headers
 
 
-def test_alone_in_reverse_mode_with_stale_on_error(tmp_path: Path) -> None:
+def test_alone_in_reverse_mode_with_stale_on_error(proxy_factory) -> None:
     backend = NamedBackend("o")
-    # mitmproxy's default connection_strategy (eager) connects when the client does, and
-    # drops the client when that fails, before any HTTP: lazy lets the request through.
-    p = start_reverse(
-        tmp_path,
-        backend,  # type: ignore[arg-type]
-        ("addons/cache.py",),
-        connection_strategy="lazy",
-        cache_stale_on_error=True,
-    )
     try:
+        # mitmproxy's default connection_strategy (eager) connects when the client does, and
+        # drops the client when that fails, before any HTTP: lazy lets the request through.
+        p = proxy_factory(
+            scripts=("addons/cache.py",),
+            options={"connection_strategy": "lazy", "cache_stale_on_error": True},
+            extra_args=reverse_to(backend.url),
+        )
         with httpx.Client(base_url=p.url, timeout=10, trust_env=False) as c:
             for path, cc in (
                 ("/sie", "max-age=1, stale-if-error=60"),
@@ -684,7 +704,6 @@ def test_alone_in_reverse_mode_with_stale_on_error(tmp_path: Path) -> None:
             r = c.get("/plain")
             assert r.status_code == 200 and status(r) == "EXPIRED"
     finally:
-        p.stop()
         backend.close()
 
 
@@ -810,28 +829,30 @@ def test_purge_api_and_stats(bundle: Proxy, backend: Backend) -> None:
         assert c.get(f"{backend.url}/echo/purge/0").headers["x-cache-status"] == "MISS"
 
 
-def test_purge_by_tag(origin: Origin, tmp_path: Path) -> None:
-    p = start_reverse(
-        tmp_path,
-        origin,
-        ("addons/cache.py", "addons/management.py"),
-        metrics_port=0,
-        admin_token="t",
-    )
-    try:
-        _purge_by_tag(p, origin)
-    finally:
-        p.stop()
+@pytest.fixture
+def admin_reverse(proxy_factory, origin: Origin) -> Callable[..., tuple[Proxy, str]]:
+    """Start the cache and the management app in reverse mode to the origin, with admin token
+    `t` and the given options: the proxy and the management app's URL."""
+
+    def start(**options: object) -> tuple[Proxy, str]:
+        p = proxy_factory(
+            scripts=("addons/cache.py", "addons/management.py"),
+            options={"metrics_port": 0, "admin_token": "t", **options},
+            extra_args=reverse_to(origin.url),
+        )
+        return p, f"http://127.0.0.1:{p.wait_for(MANAGEMENT).group(1)}"
+
+    return start
 
 
-def _purge_by_tag(p: Proxy, origin: Origin) -> None:
-    mport = int(p.wait_for(MANAGEMENT).group(1))
+def test_purge_by_tag(origin: Origin, admin_reverse: Callable[..., tuple[Proxy, str]]) -> None:
+    p, admin = admin_reverse()
     origin.set("/tag/a", (200, {"Cache-Control": "max-age=60", "Surrogate-Key": "red blue"}, b"a"))
     origin.set("/tag/b", (200, {"Cache-Control": "max-age=60", "Cache-Tag": "blue"}, b"b"))
     with httpx.Client(base_url=p.url, timeout=10, trust_env=False) as c:
         c.get("/tag/a")
         c.get("/tag/b")
-        with httpx.Client(base_url=f"http://127.0.0.1:{mport}", timeout=10, trust_env=False) as m:
+        with httpx.Client(base_url=admin, timeout=10, trust_env=False) as m:
             r = m.delete(
                 "/admin/cache", params={"tag": "red"}, headers={"Authorization": "Bearer t"}
             )
@@ -840,31 +861,21 @@ def _purge_by_tag(p: Proxy, origin: Origin) -> None:
         assert c.get("/tag/b").headers["x-cache-status"] == "HIT"
 
 
-def test_memory_stays_within_max_memory_under_a_flood(origin: Origin, tmp_path: Path) -> None:
-    p = start_reverse(
-        tmp_path,
-        origin,
-        ("addons/cache.py", "addons/management.py"),
-        metrics_port=0,
-        admin_token="t",
-        cache_max_memory="64KB",
-        cache_max_object_size="8KB",
-    )
-    try:
-        mport = int(p.wait_for(MANAGEMENT).group(1))
-        origin.set("/flood/*", (200, {"Cache-Control": "max-age=600"}, b"f" * 2048))
-        auth = {"Authorization": "Bearer t"}
-        with (
-            httpx.Client(base_url=p.url, timeout=10, trust_env=False) as c,
-            httpx.Client(base_url=f"http://127.0.0.1:{mport}", timeout=10, trust_env=False) as m,
-        ):
-            for i in range(200):
-                assert c.get(f"/flood/{i}").headers["x-cache-status"] == "MISS"
-                if i % 50 == 49:
-                    stats = m.get("/admin/cache/stats", headers=auth).json()
-                    assert stats["size"] <= 64 * 1024 == stats["max_memory"]
-            stats = m.get("/admin/cache/stats", headers=auth).json()
-            assert stats["evictions"] > 150 and 0 < stats["entries"] < 32
-            assert c.get("/flood/199").headers["x-cache-status"] == "HIT"
-    finally:
-        p.stop()
+def test_memory_stays_within_max_memory_under_a_flood(
+    origin: Origin, admin_reverse: Callable[..., tuple[Proxy, str]]
+) -> None:
+    p, admin = admin_reverse(cache_max_memory="64KB", cache_max_object_size="8KB")
+    origin.set("/flood/*", (200, {"Cache-Control": "max-age=600"}, b"f" * 2048))
+    auth = {"Authorization": "Bearer t"}
+    with (
+        httpx.Client(base_url=p.url, timeout=10, trust_env=False) as c,
+        httpx.Client(base_url=admin, timeout=10, trust_env=False) as m,
+    ):
+        for i in range(200):
+            assert c.get(f"/flood/{i}").headers["x-cache-status"] == "MISS"
+            if i % 50 == 49:
+                stats = m.get("/admin/cache/stats", headers=auth).json()
+                assert stats["size"] <= 64 * 1024 == stats["max_memory"]
+        stats = m.get("/admin/cache/stats", headers=auth).json()
+        assert stats["evictions"] > 150 and 0 < stats["entries"] < 32
+        assert c.get("/flood/199").headers["x-cache-status"] == "HIT"

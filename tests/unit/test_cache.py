@@ -13,9 +13,13 @@ from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.test import taddons, tflow, tutils
 from prometheus_client import generate_latest
 
-from addons import cache as cache_mod
 from addons import errors, router
-from addons.cache import Cache, cache_key, cache_status, normalise_url, pattern_matches
+from addons.caching import patch
+from addons.caching.addon import Cache
+from addons.caching.answer import cache_status
+from addons.caching.key import cache_key, compile_globs, normalise_url, pattern_matches
+from addons.caching.store import Entry, Settings, Store
+from addons.kernel.record import record
 from addons.metrics import REGISTRY
 
 
@@ -59,7 +63,7 @@ def test_cache_key_is_sha256_over_method_url_and_vary() -> None:
     ],
 )
 def test_patterns(patterns: list[str], url: str, expected: bool) -> None:
-    assert pattern_matches(cache_mod.compile_globs(patterns), url) is expected
+    assert pattern_matches(compile_globs(patterns), url) is expected
 
 
 @pytest.mark.parametrize(
@@ -139,12 +143,12 @@ def test_miss_then_hit_then_head() -> None:
     with taddons.context(c):
         f1 = _fetch(c)
         assert f1.response.headers["X-Cache-Status"] == "MISS"
-        assert errors.waypost(f1)["cache"] == "MISS"
+        assert record(f1)["cache"] == "MISS"
         f2 = _fetch(c)
         assert f2.response.headers["X-Cache-Status"] == "HIT"
         assert f2.response.content == b"hello"
         assert f2.response.headers["Age"] == "0"
-        assert errors.waypost(f2)["cache_hit"] is True
+        assert record(f2)["cache_hit"] is True
         f3 = _fetch(c, method="HEAD")
         assert f3.response.headers["X-Cache-Status"] == "HIT"
         assert f3.response.raw_content == b""
@@ -163,7 +167,7 @@ def test_route_cache_and_patterns_decide_eligibility() -> None:
         for route, path, expected in ((True, "/api/r", "HIT"), (False, "/static/y", "BYPASS")):
             for _ in range(2):
                 f = _flow(path)
-                errors.waypost(f)["route_cache"] = route
+                record(f)["route_cache"] = route
                 c.request(f)
                 if f.response is None:
                     _respond(c, f, headers={"Cache-Control": "max-age=60"})
@@ -194,9 +198,9 @@ def test_memory_stays_within_max_memory_under_a_flood_of_unique_urls() -> None:
         tctx.configure(c, cache_max_memory="256KB", cache_max_object_size="8KB")
         for i in range(3000):
             _fetch(c, f"/flood/{i}", body=b"x" * 1024)
-            assert c.store.currsize <= 256 * 1024
-        assert c.store.evictions > 2000
-        assert len(c.store) < 256
+            assert c.shared.store.currsize <= 256 * 1024
+        assert c.shared.store.evictions > 2000
+        assert len(c.shared.store) < 256
         # the newest are still there, the oldest are gone
         assert _fetch(c, "/flood/2999").response.headers["X-Cache-Status"] == "HIT"
         assert _fetch(c, "/flood/0").response.headers["X-Cache-Status"] == "MISS"
@@ -208,7 +212,7 @@ def test_max_entries() -> None:
         tctx.configure(c, cache_max_entries=10)
         for i in range(50):
             _fetch(c, f"/n/{i}")
-        assert len(c.store) == 10
+        assert len(c.shared.store) == 10
 
 
 def test_a_new_budget_keeps_the_most_recently_used_entries() -> None:
@@ -218,7 +222,7 @@ def test_a_new_budget_keeps_the_most_recently_used_entries() -> None:
             _fetch(c, f"/keep/{i}")
         _fetch(c, "/keep/0")  # now the most recently used
         tctx.configure(c, cache_max_entries=3)
-        assert len(c.store) == 3
+        assert len(c.shared.store) == 3
         for path in ("/keep/0", "/keep/9", "/keep/8"):
             assert _fetch(c, path).response.headers["X-Cache-Status"] == "HIT", path
         assert _fetch(c, "/keep/1").response.headers["X-Cache-Status"] == "MISS"
@@ -267,9 +271,9 @@ def test_purge_by_pattern_tag_and_soft() -> None:
         _fetch(c, "/p/1", {"Cache-Control": "max-age=60", "Surrogate-Key": "red blue"})
         _fetch(c, "/p/2", {"Cache-Control": "max-age=60", "Cache-Tag": "blue,green", "ETag": '"e"'})
         _fetch(c, "/q/1")
-        assert c.purge(tag="red") == 1
-        assert c.purge(pattern="http://origin.example/q/*") == 1
-        assert c.purge(tag="blue", soft=True) == 1
+        assert c.admin.purge(tag="red") == 1
+        assert c.admin.purge(pattern="http://origin.example/q/*") == 1
+        assert c.admin.purge(tag="blue", soft=True) == 1
         f = _flow("/p/2")
         c.request(f)
         assert f.response is None  # soft-purged: revalidated with the origin
@@ -277,8 +281,8 @@ def test_purge_by_pattern_tag_and_soft() -> None:
         _respond(c, f, 304, {"Cache-Control": "max-age=60", "ETag": '"e"'}, b"")
         assert f.response.headers["X-Cache-Status"] == "REVALIDATED"
         assert f.response.content == b"hello"
-        assert c.purge(pattern="origin.example") == 1  # a glob over the host
-        assert len(c.store) == 0
+        assert c.admin.purge(pattern="origin.example") == 1  # a glob over the host
+        assert len(c.shared.store) == 0
 
 
 async def test_concurrent_misses_are_coalesced() -> None:
@@ -337,9 +341,9 @@ def test_same_values_keep_the_store() -> None:
     with taddons.context(c) as tctx:
         _fetch(c)
         tctx.configure(c, cache_max_memory="256MB", cache_max_entries=10000)
-        assert len(c.store) == 1
+        assert len(c.shared.store) == 1
         tctx.configure(c, cache_max_memory="128MB")
-        assert len(c.store) == 1  # a new budget keeps what fits
+        assert len(c.shared.store) == 1  # a new budget keeps what fits
 
 
 def test_metrics_and_stats() -> None:
@@ -352,7 +356,7 @@ def test_metrics_and_stats() -> None:
         assert 'cache_requests_total{result="MISS"} 1.0' in text
         assert "cache_entries 1.0" in text
         assert "cache_evictions_total 0.0" in text
-        stats = c.stats()
+        stats = c.admin.stats()
         assert stats["entries"] == 1 and stats["hit_rate"] == 0.5 and stats["miss_rate"] == 0.5
 
 
@@ -434,19 +438,19 @@ def test_background_revalidation_results() -> None:
     with taddons.context(c):
         h = {"Cache-Control": "max-age=1, stale-while-revalidate=60", "ETag": '"b"'}
         _fetch(c, "/bg", h)
-        entry = next(iter(c.store.entries()))
+        entry = next(iter(c.shared.store.entries()))
         now = time.time()
         fresh = [("Cache-Control", "max-age=600"), ("ETag", '"b"')]
-        c._background_result(entry, 304, "Not Modified", fresh, b"", now, now)
-        assert entry.lifetime == 600 and c.store.get(entry.key) is entry
-        c._background_result(entry, 503, "Unavailable", [], b"", now, now)
-        assert c.store.get(entry.key) is entry  # an error keeps the stale entry
-        c._background_result(entry, 200, "OK", [("Cache-Control", "max-age=60")], b"new", now, now)
-        new = c.store.get(entry.key)
+        c.revalidator.apply(entry, 304, "Not Modified", fresh, b"", now, now)
+        assert entry.lifetime == 600 and c.shared.store.get(entry.key) is entry
+        c.revalidator.apply(entry, 503, "Unavailable", [], b"", now, now)
+        assert c.shared.store.get(entry.key) is entry  # an error keeps the stale entry
+        c.revalidator.apply(entry, 200, "OK", [("Cache-Control", "max-age=60")], b"new", now, now)
+        new = c.shared.store.get(entry.key)
         assert new is not entry and new.body == b"new"
-        c.purge(pattern="*")
-        c._background_result(new, 304, "Not Modified", fresh, b"", now, now)
-        assert len(c.store) == 0  # purged while revalidating: not put back
+        c.admin.purge(pattern="*")
+        c.revalidator.apply(new, 304, "Not Modified", fresh, b"", now, now)
+        assert len(c.shared.store) == 0  # purged while revalidating: not put back
 
 
 def test_vary_absent_field_matches_only_absent() -> None:
@@ -460,14 +464,12 @@ def test_vary_absent_field_matches_only_absent() -> None:
 
 
 def test_the_url_index_follows_every_way_an_entry_leaves() -> None:
-    store = cache_mod.Store(10_000_000, 2)
+    store = Store(10_000_000, 2)
     now = time.time()
 
     def put(url: str, lifetime: float) -> None:
         fields = [("Cache-Control", f"max-age={lifetime:g}")]
-        entry = cache_mod.Entry(
-            f"k{url}", url, url, 200, "OK", fields, b"b", now, now, cache_mod.Settings(), None
-        )
+        entry = Entry(f"k{url}", url, url, 200, "OK", fields, b"b", now, now, Settings(), None)
         entry.expires_at = now + lifetime
         store.put(entry, ())
 
@@ -510,14 +512,14 @@ def test_origin_down_is_answered_stale_within_stale_if_error() -> None:
             resp.headers["Cache-Status"] == "waypost; fwd=stale; ttl=-4; detail=connection_refused"
         )
         assert resp.headers["Connection"] == "close"
-        meta = errors.waypost(f)
+        meta = record(f)
         assert meta["backend_error"] == "connection_refused" and meta["cache_hit"] is True
-        assert not c.inflight  # the leader's flight ends here: no error hook will come
+        assert not c.flights.inflight  # the leader's flight ends here: no error hook will come
         f2 = _flow("/down", headers={"Cache-Control": "stale-if-error=0"})
         f2.request.http_version = "HTTP/2.0"
         c.request(f2)
         f2.error = mflow.Error("server closed connection")
-        errors.waypost(f2)["timed_out"] = "read_timeout"
+        record(f2)["timed_out"] = "read_timeout"
         c.waypost_origin_unavailable(f2)
         assert f2.response.headers["Cache-Status"].endswith("detail=read_timeout")
         assert "Connection" not in f2.response.headers  # not a field HTTP/2 has
@@ -546,9 +548,9 @@ def test_origin_down_gets_the_error_without_permission(
     c = Cache()
     with taddons.context(c):
         _fetch(c, "/strict", headers)
-        assert len(c.store) == 1
+        assert len(c.shared.store) == 1
         f = _fail(c, "/strict", *([message] if message else []))
-        assert f.response is None and "backend_error" not in errors.waypost(f)
+        assert f.response is None and "backend_error" not in record(f)
 
 
 def test_a_range_request_is_not_answered_stale() -> None:
@@ -568,14 +570,14 @@ def test_a_purged_entry_is_not_answered_stale() -> None:
         _fetch(c, "/gone", STALE_5S)
         f = _flow("/gone")
         c.request(f)
-        c.purge(pattern="*")
+        c.admin.purge(pattern="*")
         f.error = mflow.Error("[Errno 111] Connect call failed")
         c.waypost_origin_unavailable(f)
         assert f.response is None
         _fetch(c, "/gone5", STALE_5S)
         f = _flow("/gone5")
         c.request(f)
-        c.purge(pattern="*/gone5")
+        c.admin.purge(pattern="*/gone5")
         _respond(c, f, 503)  # the origin's 5xx: the same rule
         assert f.response.status_code == 503
 
@@ -587,7 +589,7 @@ def test_stale_on_error_answers_without_stale_if_error() -> None:
         _fetch(c, "/any", {"Cache-Control": "max-age=1", "Age": "5"}, body=b"kept")
         _fetch(c, "/nc", {"Cache-Control": "no-cache", "ETag": '"n"'})
         _fetch(c, "/must", {"Cache-Control": "max-age=1, must-revalidate", "Age": "5"})
-        assert len(c.store) == 3  # kept past their freshness, validator or not
+        assert len(c.shared.store) == 3  # kept past their freshness, validator or not
         assert _fail(c, "/any").response.content == b"kept"
         assert _fail(c, "/nc").response is None
         assert _fail(c, "/must").response is None
@@ -639,17 +641,17 @@ def test_patch_asks_the_cache_before_mitmproxys_error(
 ) -> None:
     c = Cache()
     with taddons.context(c):  # load installs the patch
-        monkeypatch.setattr(cache_mod._handle_protocol_error, cache_mod._ORIGINAL, _original)
+        monkeypatch.setattr(patch._handle_protocol_error, patch._ORIGINAL, _original)
         _fetch(c, "/p", STALE_5S)
         f = _flow(path)
         c.request(f)
         stream = _stream(f, server_state)
-        gen = cache_mod._handle_protocol_error(stream, router._connect_error(1, "refused"))
+        gen = patch._handle_protocol_error(stream, router._connect_error(1, "refused"))
         commands = []
         command = next(gen)
         while True:
             commands.append(type(command).__name__ if not isinstance(command, str) else command)
-            if isinstance(command, cache_mod.OriginUnavailableHook):
+            if isinstance(command, patch.OriginUnavailableHook):
                 assert f.error is not None and f.error.msg == "refused"
                 c.waypost_origin_unavailable(command.flow)
             try:
@@ -667,29 +669,29 @@ def test_patch_sits_below_the_routers_in_either_load_order() -> None:
     stream = http_layer.HttpStream
     mitmproxys = _mitmproxys(stream.handle_protocol_error)
     try:
-        for first, second in ((cache_mod, router), (router, cache_mod)):
-            cache_mod.uninstall_patch()
+        for first, second in ((patch, router), (router, patch)):
+            patch.uninstall_patch()
             router.uninstall_patch()
             assert first.install_patch() and second.install_patch()
             # the router retries first; the stale answer comes last, above mitmproxy itself
             assert stream.handle_protocol_error is router._handle_protocol_error
             below = getattr(router._handle_protocol_error, router._ORIGINAL)
-            assert below is cache_mod._handle_protocol_error
-            assert getattr(below, cache_mod._ORIGINAL) is mitmproxys
-            cache_mod.install_patch()  # idempotent, also under the router's patch
+            assert below is patch._handle_protocol_error
+            assert getattr(below, patch._ORIGINAL) is mitmproxys
+            patch.install_patch()  # idempotent, also under the router's patch
             assert getattr(router._handle_protocol_error, router._ORIGINAL) is below
-            cache_mod.uninstall_patch()
+            patch.uninstall_patch()
             assert getattr(router._handle_protocol_error, router._ORIGINAL) is mitmproxys
             router.uninstall_patch()
             assert stream.handle_protocol_error is mitmproxys
     finally:
-        cache_mod.uninstall_patch()
+        patch.uninstall_patch()
         router.uninstall_patch()
         stream.handle_protocol_error = mitmproxys  # type: ignore[method-assign]
 
 
 def _mitmproxys(fn: object) -> object:
-    while (link := cache_mod._link(fn)) is not None:
+    while (link := patch._link(fn)) is not None:
         fn = getattr(fn, link)
     return fn
 
@@ -702,4 +704,4 @@ def test_a_stale_answer_to_an_origin_5xx_records_the_backend_error() -> None:
         c.request(f)
         _respond(c, f, 502, {})
         assert f.response.status_code == 200 and f.response.content == b"kept"
-        assert errors.waypost(f)["backend_error"] == "status 502"  # for the router's breaker
+        assert record(f)["backend_error"] == "status 502"  # for the router's breaker

@@ -6,7 +6,7 @@ import calendar
 
 import pytest
 
-from addons import rfc9111 as rfc
+from addons.caching import rfc9111 as rfc
 
 T = float(calendar.timegm((1994, 11, 6, 8, 49, 37, 0, 0, 0)))
 CC = rfc.parse_cache_control

@@ -1,8 +1,9 @@
 """RFC 9111 (HTTP caching) decisions for a shared cache: pure functions over plain values.
 
 No mitmproxy, no clock of its own: headers come in as lists of `(name, value)` str pairs or
-as already-parsed values, times as POSIX seconds passed by the caller. `addons/cache.py`
-is the only user; everything here is tested by tables in `tests/unit/test_rfc9111.py`.
+as already-parsed values, times as POSIX seconds passed by the caller. The cache package
+(`addons/caching/`) is the only user; everything here is tested by tables in
+`tests/unit/test_rfc9111.py`.
 
     parse_http_date(value) -> float | None           RFC 9110 §5.6.7, strictly
     parse_cache_control(values) -> Directives        RFC 9111 §5.2 (+ RFC 5861)

@@ -1,0 +1,105 @@
+"""Purge and statistics: the cache's management routes (admin bearer token, checked by the
+management app, which finds them through the addon's duck-typed `management_routes`).
+
+- `DELETE /admin/cache` with `pattern=<glob over URL or host>` and/or
+  `tag=<Surrogate-Key / Cache-Tag>`, `soft=true` to mark stale instead of dropping
+  -> `{"invalidated": n, "remaining": m}`.
+- `GET /admin/cache/stats` -> sizes, limits, hit and miss rates, evictions, counts by result.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from addons import errors
+from addons.caching.answer import RESULTS, SERVED_FROM_CACHE
+from addons.caching.key import compile_globs
+from addons.caching.state import Shared
+
+log = logging.getLogger("waypost.cache")
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+class Admin:
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+
+    def purge(self, pattern: str | None = None, tag: str | None = None, soft: bool = False) -> int:
+        """Drop (or with soft, mark stale) the entries whose URL or host match the glob and/or
+        that carry the tag. Returns how many."""
+        rx = compile_globs([pattern]) if pattern else None
+        store = self.shared.store
+        n = 0
+        for entry in list(store.entries()):
+            if rx is not None and not (
+                rx.match(entry.url) or rx.match(urlsplit(entry.url).hostname or "")
+            ):
+                continue
+            if tag is not None and tag not in entry.tags:
+                continue
+            if soft:
+                entry.stale = True
+            else:
+                store.drop(entry.key)
+            n += 1
+        return n
+
+    def stats(self) -> dict[str, Any]:
+        shared = self.shared
+        counts = shared.counts
+        lookups = sum(counts.get(r, 0) for r in RESULTS if r != "BYPASS")
+        hits = sum(counts.get(r, 0) for r in SERVED_FROM_CACHE)
+        misses = counts.get("MISS", 0) + counts.get("EXPIRED", 0)
+        store = shared.store
+        return {
+            "enabled": shared.enabled,
+            "size": store.currsize,
+            "max_memory": store.maxsize,
+            "entries": len(store),
+            "max_entries": store.max_entries,
+            "hit_rate": round(hits / lookups, 4) if lookups else 0.0,
+            "miss_rate": round(misses / lookups, 4) if lookups else 0.0,
+            "evictions": shared.evictions(),
+            "results": {r: counts.get(r, 0) for r in RESULTS},
+        }
+
+    def routes(self) -> dict[str, Handler]:
+        return {"/admin/cache": self._purge, "/admin/cache/stats": self._stats}
+
+    async def _purge(self, request: web.Request) -> web.Response:
+        if request.method != "DELETE":
+            return _error(405, "METHOD_NOT_ALLOWED", "Use DELETE.", {"Allow": "DELETE"})
+        pattern = request.query.get("pattern") or None
+        tag = request.query.get("tag") or None
+        if pattern is None and tag is None:
+            return _error(400, "BAD_REQUEST", "Give pattern=<glob over URL or host> or tag=<tag>.")
+        soft = request.query.get("soft", "").lower() in ("1", "true", "yes")
+        n = self.purge(pattern, tag, soft)
+        log.info(
+            "cache purge",
+            extra={"waypost": {"pattern": pattern, "tag": tag, "soft": soft, "invalidated": n}},
+        )
+        return web.json_response({"invalidated": n, "remaining": len(self.shared.store)})
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        if request.method not in ("GET", "HEAD"):
+            return _error(405, "METHOD_NOT_ALLOWED", "Use GET.", {"Allow": "GET, HEAD"})
+        return web.json_response(self.stats())
+
+
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    rid = errors.new_request_id()
+    return web.Response(
+        status=status,
+        body=errors.body(code, message, rid),
+        content_type="application/json",
+        headers={"X-Request-ID": rid, **(headers or {})},
+    )
