@@ -68,7 +68,7 @@ from addons import errors, policy
 from addons.kernel import units
 from addons.kernel.options import spawn
 from addons.management import addressed_to_proxy, bearer_status, bind
-from addons.profile import CliArgumentRule
+from addons.schema import CliArgumentRule
 
 log = logging.getLogger("waypost.cli")
 
