@@ -173,6 +173,30 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
     assert loaded.where(("server", "host")).endswith("p.yaml:1")
 
 
+def test_environment_table_is_derived_from_the_schema() -> None:
+    assert schema.ENV_OVERRIDES == {
+        "PROXY_HOST": ("server", "host"),
+        "PROXY_PORT": ("server", "port"),
+        "SHUTDOWN_TIMEOUT": ("server", "shutdown_timeout"),
+        "CONNECT_TIMEOUT": ("server", "timeouts", "connect"),
+        "READ_TIMEOUT": ("server", "timeouts", "read"),
+        "LOG_LEVEL": ("logging", "level"),
+        "LOG_FORMAT": ("logging", "format"),
+        "LOG_OUTPUT": ("logging", "output"),
+        "LOG_FILE": ("logging", "file"),
+        "METRICS_ENABLED": ("metrics", "enabled"),
+        "METRICS_HOST": ("metrics", "host"),
+        "METRICS_PORT": ("metrics", "port"),
+        "MAX_BODY_SIZE": ("limits", "max_body_size"),
+        "TRUSTED_PROXIES": ("security", "trusted_proxies"),
+        "RATE_LIMIT_RPS": ("security", "rate_limiting", "requests_per_second"),
+        "ADMIN_TOKEN": ("admin", "token"),
+        "CLI_TOKEN": ("cli", "token"),
+        "CLI_TIMEOUT": ("cli", "process_timeout"),
+        "CACHE_MAX_MEMORY": ("cache", "max_memory"),
+    }
+
+
 def test_environment_errors_name_the_variable(tmp_path: Path) -> None:
     with pytest.raises(schema.ProfileError) as e:
         schema.load(write(tmp_path, ISSUE_PROFILE), {"PROXY_PORT": "http"})
