@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, Field, model_validator
 
@@ -15,8 +16,6 @@ _ROUTE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
 def _backend_url(value: Any) -> str:
     """`http://host[:port]` or `https://...`, no path: a backend the router connects to."""
-    from urllib.parse import urlsplit
-
     text = str(value).strip()
     try:
         parts = urlsplit(text)
