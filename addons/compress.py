@@ -61,7 +61,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from addons.kernel import units
 from addons.kernel.record import record
-from addons.profile import COMPRESSIBLE_TYPES as DEFAULT_CONTENT_TYPES
+from addons.schema import COMPRESSIBLE_TYPES as DEFAULT_CONTENT_TYPES
 
 log = logging.getLogger("waypost.compress")
 

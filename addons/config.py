@@ -1,7 +1,7 @@
 """Config: choose the profile, validate it, apply it as flat options, reload it on change.
 
 The profile never reaches the addons directly: it becomes their flat options
-(`profile.to_options`), applied with one `ctx.options.update()`. That update is atomic: when
+(`schema.to_options`), applied with one `ctx.options.update()`. That update is atomic: when
 any addon's `configure` refuses a value, mitmproxy rolls every option back, so a bad reload
 leaves the old config in force.
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions
 
-from addons import profile
+from addons import schema
 
 log = logging.getLogger("waypost.config")
 
@@ -37,7 +37,7 @@ class Config:
     def __init__(self) -> None:
         self.loaded = False
         self.error: str | None = None
-        self.current: profile.Loaded | None = None
+        self.current: schema.Loaded | None = None
         self._applied: dict[str, Any] = {}
         self._mtime: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -60,8 +60,8 @@ class Config:
             return
         path = self.path()
         try:
-            loaded = profile.load(path, os.environ)
-        except profile.ProfileError as e:
+            loaded = schema.load(path, os.environ)
+        except schema.ProfileError as e:
             self.error = str(e)
             raise exceptions.OptionsError(str(e)) from None
         self._apply(loaded)
@@ -97,8 +97,8 @@ class Config:
         """Re-read the profile now; on any error keep the running config. For /admin/reload."""
         path = self.path()
         try:
-            loaded = profile.load(path, os.environ)
-        except profile.ProfileError as e:
+            loaded = schema.load(path, os.environ)
+        except schema.ProfileError as e:
             return self._refused(str(e))
         return self._swap(loaded, path)
 
@@ -106,13 +106,13 @@ class Config:
         path = self.path()
         try:
             # Parsing and validation run off the event loop; only the swap happens on it.
-            loaded = await asyncio.to_thread(profile.load, path, dict(os.environ))
-        except profile.ProfileError as e:
+            loaded = await asyncio.to_thread(schema.load, path, dict(os.environ))
+        except schema.ProfileError as e:
             self._refused(str(e))
             return
         self._swap(loaded, path)
 
-    def _swap(self, loaded: profile.Loaded, path: str | None) -> tuple[bool, str]:
+    def _swap(self, loaded: schema.Loaded, path: str | None) -> tuple[bool, str]:
         try:
             self._apply(loaded)
         except exceptions.OptionsError as e:
@@ -136,8 +136,8 @@ class Config:
                 self._mtime = mtime
                 await self._reload_async()
 
-    def _apply(self, loaded: profile.Loaded) -> None:
-        wanted = profile.to_options(loaded.profile)
+    def _apply(self, loaded: schema.Loaded) -> None:
+        wanted = schema.to_options(loaded.profile)
         for key in loaded.profile.mitmproxy:
             if key not in ctx.options:
                 raise exceptions.OptionsError(
@@ -183,8 +183,8 @@ class Config:
             return getattr(ctx.options, key) != self._applied[key]
         return ctx.options.has_changed(key)
 
-    def _locate(self, loaded: profile.Loaded, message: str) -> str:
-        for option, (path, _) in profile.OPTIONS.items():
+    def _locate(self, loaded: schema.Loaded, message: str) -> str:
+        for option, (path, _) in schema.OPTIONS.items():
             if option in message:
                 return f"{loaded.where(path)}: {'.'.join(path)}: {message}"
         return f"{loaded.source}: {message}"

@@ -48,7 +48,7 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 from addons import errors, policy
 from addons.kernel.record import record
 from addons.kernel.units import parse_duration
-from addons.profile import FilterFile
+from addons.schema import FilterFile
 
 log = logging.getLogger("waypost.filter")
 

@@ -50,7 +50,7 @@ from mitmproxy import connection, ctx, exceptions, http
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from addons import acl, errors, forwarding, metrics, policy
-from addons.profile import RateLimitRule
+from addons.schema import RateLimitRule
 
 log = logging.getLogger("waypost.ratelimit")
 

@@ -65,7 +65,7 @@ from pydantic import TypeAdapter, ValidationError
 from addons import balance, errors, metrics, upstream
 from addons.balance import Backend, Pool
 from addons.kernel import units
-from addons.profile import RouteRule
+from addons.schema import RouteRule
 
 log = logging.getLogger("waypost.router")
 

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from addons.clirun.plan import Rule, Settings, env_refusal
 from addons.kernel.options import at_least, duration, size
-from addons.profile import CliArgumentRule
+from addons.schema import CliArgumentRule
 
 log = logging.getLogger("waypost.cli")
 

@@ -10,7 +10,7 @@ import zstandard
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import compress, profile
+from addons import compress, schema
 from addons.compress import (
     Compress,
     merge_vary,
@@ -434,7 +434,7 @@ def test_option_defaults_match_the_profile() -> None:
             k: tctx.options.default(k) for k in tctx.options.keys() if k.startswith("compress_")
         }
     from_profile = {
-        k: v for k, v in profile.to_options(profile.Profile()).items() if k.startswith("compress_")
+        k: v for k, v in schema.to_options(schema.Profile()).items() if k.startswith("compress_")
     }
     assert set(defaults) == set(from_profile)
     # The one deliberate difference: loading compress.py alone opts in; the profile opts out.
@@ -453,8 +453,8 @@ def test_option_defaults_match_the_profile() -> None:
 def test_profile_section_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
     p = tmp_path / "p.yaml"
     p.write_text("compression:\n  algorithms: [gzip, lz4]\n  levels: {br: 12}\n  min_size: big\n")
-    with pytest.raises(profile.ProfileError) as e:
-        profile.load(p, {})
+    with pytest.raises(schema.ProfileError) as e:
+        schema.load(p, {})
     text = str(e.value)
     assert "compression.algorithms.1" in text
     assert "compression.levels.br" in text

@@ -463,7 +463,7 @@ async def test_watcher_task_starts_and_stops(tmp_path: Path) -> None:
 
 
 def test_profile_section_becomes_the_flat_options(tmp_path: Path) -> None:
-    from addons import profile
+    from addons import schema
 
     path = tmp_path / "p.yaml"
     path.write_text(
@@ -479,7 +479,7 @@ def test_profile_section_becomes_the_flat_options(tmp_path: Path) -> None:
         "    response: {body: No.}\n"
         "  content_filtering: {blocked_types: [video/*], check_request: true}\n"
     )
-    opts = profile.to_options(profile.load(path, {}).profile)
+    opts = schema.to_options(schema.load(path, {}).profile)
     assert opts["filter_mode"] == "shadow"
     assert opts["filter_list_mode"] == "mixed"
     assert opts["filter_blocked"] == ["*.ads.example"]
@@ -496,9 +496,9 @@ def test_profile_section_becomes_the_flat_options(tmp_path: Path) -> None:
 
 
 def test_profile_points_a_list_mode_in_mode_to_list_mode(tmp_path: Path) -> None:
-    from addons import profile
+    from addons import schema
 
     path = tmp_path / "p.yaml"
     path.write_text("security:\n  filtering:\n    mode: allowlist\n")
-    with pytest.raises(profile.ProfileError, match=r"p\.yaml:3: .*allowlist goes in list_mode"):
-        profile.load(path, {})
+    with pytest.raises(schema.ProfileError, match=r"p\.yaml:3: .*allowlist goes in list_mode"):
+        schema.load(path, {})

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from addons import profile
+from addons import schema
 from addons.kernel.units import format_duration, parse_duration, parse_size
+from addons.schema import validate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,12 +73,12 @@ def test_format_duration_round_trips(seconds: float, text: str) -> None:
 
 
 def test_issue_profile_validates(tmp_path: Path) -> None:
-    loaded = profile.load(write(tmp_path, ISSUE_PROFILE), {})
+    loaded = schema.load(write(tmp_path, ISSUE_PROFILE), {})
     p = loaded.profile
     assert p.server.shutdown_timeout == 30
     assert p.limits.max_body_size == 10 * 1024 * 1024
     assert p.security.egress.connect_ports == ["443"]
-    opts = profile.to_options(p)
+    opts = schema.to_options(p)
     assert opts["listen_port"] == 8080
     assert opts["limits_max_body_size"] == str(10 * 1024 * 1024)
     assert opts["server_shutdown_timeout"] == "30s"
@@ -86,12 +87,12 @@ def test_issue_profile_validates(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "profiles").glob("*.yaml")))
 def test_shipped_profiles_validate(name: str) -> None:
-    profile.load(ROOT / "profiles" / name, {})
+    schema.load(ROOT / "profiles" / name, {})
 
 
 def test_default_profile_file_matches_builtin_defaults() -> None:
-    shipped = profile.load(ROOT / "profiles" / "default.yaml", {}).profile
-    assert shipped == profile.Profile()
+    shipped = schema.load(ROOT / "profiles" / "default.yaml", {}).profile
+    assert shipped == schema.Profile()
 
 
 def test_every_error_reported_at_once_with_lines(tmp_path: Path) -> None:
@@ -105,8 +106,8 @@ security:
   trusted_proxies: [10.0.0.0/8, nonsense]
   egress: {connect_ports: [443, 99999, "9000-8000"]}
 """
-    with pytest.raises(profile.ProfileError) as e:
-        profile.load(write(tmp_path, text), {})
+    with pytest.raises(schema.ProfileError) as e:
+        schema.load(write(tmp_path, text), {})
     problems = e.value.problems
     src = str(tmp_path / "p.yaml")
     assert any(p.startswith(f"{src}:1: server.port") for p in problems)
@@ -124,8 +125,8 @@ security:
 
 
 def test_duplicate_keys_and_unknown_sections(tmp_path: Path) -> None:
-    with pytest.raises(profile.ProfileError) as e:
-        profile.load(write(tmp_path, "server: {port: 1}\nbogus: {}\nserver: {port: 2}\n"), {})
+    with pytest.raises(schema.ProfileError) as e:
+        schema.load(write(tmp_path, "server: {port: 1}\nbogus: {}\nserver: {port: 2}\n"), {})
     assert any(":3: server: duplicate key" in p for p in e.value.problems)
     assert any(":2: bogus: unknown key (allowed: server," in p for p in e.value.problems)
 
@@ -140,17 +141,17 @@ def test_duplicate_keys_and_unknown_sections(tmp_path: Path) -> None:
     ],
 )
 def test_shape_errors(tmp_path: Path, text: str, fragment: str) -> None:
-    with pytest.raises(profile.ProfileError, match=fragment):
-        profile.load(write(tmp_path, text), {})
+    with pytest.raises(schema.ProfileError, match=fragment):
+        schema.load(write(tmp_path, text), {})
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(profile.ProfileError, match="cannot read the profile"):
-        profile.load(tmp_path / "nope.yaml", {})
+    with pytest.raises(schema.ProfileError, match="cannot read the profile"):
+        schema.load(tmp_path / "nope.yaml", {})
 
 
 def test_empty_file_means_defaults(tmp_path: Path) -> None:
-    assert profile.load(write(tmp_path, ""), {}).profile == profile.Profile()
+    assert schema.load(write(tmp_path, ""), {}).profile == schema.Profile()
 
 
 def test_environment_overrides_file(tmp_path: Path) -> None:
@@ -162,7 +163,7 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         "ADMIN_TOKEN": "s3cret",
         "METRICS_PORT": "9191",
     }
-    loaded = profile.load(write(tmp_path, ISSUE_PROFILE), env)
+    loaded = schema.load(write(tmp_path, ISSUE_PROFILE), env)
     p = loaded.profile
     assert (p.server.port, p.logging.level, p.metrics.port) == (3128, "debug", 9191)
     assert p.security.trusted_proxies == ["10.0.0.0/8", "192.168.0.0/16"]
@@ -172,32 +173,56 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
     assert loaded.where(("server", "host")).endswith("p.yaml:1")
 
 
+def test_environment_table_is_derived_from_the_schema() -> None:
+    assert schema.ENV_OVERRIDES == {
+        "PROXY_HOST": ("server", "host"),
+        "PROXY_PORT": ("server", "port"),
+        "SHUTDOWN_TIMEOUT": ("server", "shutdown_timeout"),
+        "CONNECT_TIMEOUT": ("server", "timeouts", "connect"),
+        "READ_TIMEOUT": ("server", "timeouts", "read"),
+        "LOG_LEVEL": ("logging", "level"),
+        "LOG_FORMAT": ("logging", "format"),
+        "LOG_OUTPUT": ("logging", "output"),
+        "LOG_FILE": ("logging", "file"),
+        "METRICS_ENABLED": ("metrics", "enabled"),
+        "METRICS_HOST": ("metrics", "host"),
+        "METRICS_PORT": ("metrics", "port"),
+        "MAX_BODY_SIZE": ("limits", "max_body_size"),
+        "TRUSTED_PROXIES": ("security", "trusted_proxies"),
+        "RATE_LIMIT_RPS": ("security", "rate_limiting", "requests_per_second"),
+        "ADMIN_TOKEN": ("admin", "token"),
+        "CLI_TOKEN": ("cli", "token"),
+        "CLI_TIMEOUT": ("cli", "process_timeout"),
+        "CACHE_MAX_MEMORY": ("cache", "max_memory"),
+    }
+
+
 def test_environment_errors_name_the_variable(tmp_path: Path) -> None:
-    with pytest.raises(profile.ProfileError) as e:
-        profile.load(write(tmp_path, ISSUE_PROFILE), {"PROXY_PORT": "http"})
+    with pytest.raises(schema.ProfileError) as e:
+        schema.load(write(tmp_path, ISSUE_PROFILE), {"PROXY_PORT": "http"})
     assert e.value.problems[0].startswith("environment variable PROXY_PORT: server.port:")
 
 
 def test_every_option_maps_from_an_existing_key() -> None:
-    opts = profile.to_options(profile.Profile())
-    assert set(profile.OPTIONS) <= set(opts)
-    for path, _ in profile.OPTIONS.values():
-        obj: object = profile.Profile()
+    opts = schema.to_options(schema.Profile())
+    assert set(schema.OPTIONS) <= set(opts)
+    for path, _ in schema.OPTIONS.values():
+        obj: object = schema.Profile()
         for key in path:
             obj = getattr(obj, key)
 
 
 def test_mitmproxy_section_overrides_core_defaults(tmp_path: Path) -> None:
-    loaded = profile.load(
+    loaded = schema.load(
         write(tmp_path, "mitmproxy: {stream_large_bodies: 5m, block_global: false}\n"), {}
     )
-    opts = profile.to_options(loaded.profile)
+    opts = schema.to_options(loaded.profile)
     assert opts["stream_large_bodies"] == "5m"
     assert opts["block_global"] is False
 
 
 def test_validate_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert profile.main([str(ROOT / "profiles" / "prod.yaml")]) == 0
+    assert validate.main([str(ROOT / "profiles" / "prod.yaml")]) == 0
     assert "valid" in capsys.readouterr().out
-    assert profile.main([str(write(tmp_path, "mitmproxy: {no_such_option: 1}\n"))]) == 1
+    assert validate.main([str(write(tmp_path, "mitmproxy: {no_such_option: 1}\n"))]) == 1
     assert "mitmproxy.no_such_option: not a mitmproxy option" in capsys.readouterr().err

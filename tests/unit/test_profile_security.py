@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mitmproxy.test import taddons
 
-from addons import profile, ratelimit
+from addons import ratelimit, schema
 
 SECTIONS = """\
 security:
@@ -31,14 +31,14 @@ security:
 """
 
 
-def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> profile.Loaded:
+def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> schema.Loaded:
     p = tmp_path / "p.yaml"
     p.write_text(text)
-    return profile.load(p, env or {})
+    return schema.load(p, env or {})
 
 
 def test_sections_become_options(tmp_path: Path) -> None:
-    opts = profile.to_options(load(tmp_path, SECTIONS).profile)
+    opts = schema.to_options(load(tmp_path, SECTIONS).profile)
     assert opts["acl_allowed_ips"] == ["10.0.0.0/8", "::ffff:c0a8:0/112"]
     assert opts["acl_mode"] == "shadow"
     assert opts["ratelimit_requests_per_second"] == "2.5"
@@ -62,7 +62,7 @@ def test_sections_become_options(tmp_path: Path) -> None:
 
 
 def test_defaults_turn_everything_off() -> None:
-    opts = profile.to_options(profile.Profile())
+    opts = schema.to_options(schema.Profile())
     assert opts["acl_allowed_ips"] == [] and opts["acl_denied_ips"] == []
     assert opts["ratelimit_requests_per_second"] == "0"
     assert opts["ratelimit_rules"] == ""
@@ -72,7 +72,7 @@ def test_defaults_turn_everything_off() -> None:
 def test_rate_limit_rps_env(tmp_path: Path) -> None:
     loaded = load(tmp_path, SECTIONS, {"RATE_LIMIT_RPS": "100"})
     assert loaded.profile.security.rate_limiting.requests_per_second == 100
-    with pytest.raises(profile.ProfileError, match="environment variable RATE_LIMIT_RPS"):
+    with pytest.raises(schema.ProfileError, match="environment variable RATE_LIMIT_RPS"):
         load(tmp_path, SECTIONS, {"RATE_LIMIT_RPS": "lots"})
 
 
@@ -98,7 +98,7 @@ def test_rate_limit_rps_env(tmp_path: Path) -> None:
     ],
 )
 def test_errors_name_the_line(tmp_path: Path, text: str, fragment: str) -> None:
-    with pytest.raises(profile.ProfileError) as e:
+    with pytest.raises(schema.ProfileError) as e:
         load(tmp_path, text)
     assert fragment in str(e.value)
 
@@ -106,7 +106,7 @@ def test_errors_name_the_line(tmp_path: Path, text: str, fragment: str) -> None:
 def test_bundle_addons_accept_the_profile_options(tmp_path: Path) -> None:
     from addons import acl, forwarding, secheaders
 
-    opts = profile.to_options(load(tmp_path, SECTIONS).profile)
+    opts = schema.to_options(load(tmp_path, SECTIONS).profile)
     addons = [forwarding.Forwarding(), acl.Acl(), ratelimit.RateLimit(), secheaders.SecHeaders()]
     with taddons.context(*addons) as tctx:
         mine = {

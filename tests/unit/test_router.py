@@ -10,7 +10,7 @@ from mitmproxy import exceptions
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import errors, profile, router
+from addons import errors, router, schema
 from addons.router import Router
 
 A = "http://10.0.0.1:8080"
@@ -237,8 +237,8 @@ routing:
       forward: {}
 circuit_breaker: {failure_threshold: 0}
 """
-    with pytest.raises(profile.ProfileError) as e:
-        profile.load(write(tmp_path, text), {})
+    with pytest.raises(schema.ProfileError) as e:
+        schema.load(write(tmp_path, text), {})
     problems = "\n".join(e.value.problems)
     assert ":8: routing.rules.1.match.headers.0: regex '(' does not compile" in problems
     assert ":11: routing.rules.2.forward: forward needs either target" in problems
@@ -252,7 +252,7 @@ routing:
   listeners: [{mode: forward}, {mode: reverse, port: 8081}, {mode: reverse, host: 0.0.0.0, port: 8082}]
   default_backend: http://app.internal
 """
-    opts = profile.to_options(profile.load(write(tmp_path, text), {}).profile)
+    opts = schema.to_options(schema.load(write(tmp_path, text), {}).profile)
     assert opts["mode"] == [
         "regular",
         "reverse:http://app.internal:80@8081",
@@ -260,14 +260,12 @@ routing:
     ]
     assert opts["connection_strategy"] == "lazy" and opts["keep_host_header"] is True
     assert opts["routing_default_backend"] == "http://app.internal:80"
-    assert "mode" not in profile.to_options(profile.Profile())
+    assert "mode" not in schema.to_options(schema.Profile())
 
 
 def test_profile_reverse_listener_needs_a_backend(tmp_path: Path) -> None:
-    with pytest.raises(
-        profile.ProfileError, match="needs routing.rules or routing.default_backend"
-    ):
-        profile.load(write(tmp_path, "routing: {listeners: [{port: 8081}]}\n"), {})
+    with pytest.raises(schema.ProfileError, match="needs routing.rules or routing.default_backend"):
+        schema.load(write(tmp_path, "routing: {listeners: [{port: 8081}]}\n"), {})
 
 
 def test_profile_rules_round_trip_through_the_flat_option(tmp_path: Path) -> None:
@@ -283,7 +281,7 @@ routing:
         timeout: 2s
       cache: false
 """
-    opts = profile.to_options(profile.load(write(tmp_path, text), {}).profile)
+    opts = schema.to_options(schema.load(write(tmp_path, text), {}).profile)
     parsed = router.parse_rules(opts["routing_rules"])
     assert parsed[0].match.host == "*.example.com" and parsed[0].match.method == ["GET"]
     assert parsed[0].forward.timeout == 2.0 and parsed[0].cache is False

@@ -14,7 +14,7 @@ from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons
 from OpenSSL import SSL
 
-from addons import profile
+from addons import schema
 from addons.tlslistener import (
     KeypairError,
     TlsListener,
@@ -206,11 +206,11 @@ def test_addon_refuses_bad_options(
 def test_profile_section_maps_to_options(files: dict[str, str], tmp_path: Path) -> None:
     p = tmp_path / "p.yaml"
     p.write_text(f"server:\n  tls:\n    cert: {files['cert']}\n    key: {files['key']}\n")
-    opts = profile.to_options(profile.load(p, {}).profile)
+    opts = schema.to_options(schema.load(p, {}).profile)
     assert opts["tls_listener_cert"] == files["cert"]
     assert opts["tls_listener_key"] == files["key"]
     assert opts["tls_listener_chain"] == ""
-    assert profile.to_options(profile.load(None, {}).profile)["tls_listener_cert"] == ""
+    assert schema.to_options(schema.load(None, {}).profile)["tls_listener_cert"] == ""
 
 
 @pytest.mark.parametrize(
@@ -230,8 +230,8 @@ def test_profile_errors_point_at_the_line(
 ) -> None:
     p = tmp_path / "bad.yaml"
     p.write_text("server:\n  tls:\n" + section.format(**files))
-    with pytest.raises(profile.ProfileError) as e:
-        profile.load(p, {})
+    with pytest.raises(schema.ProfileError) as e:
+        schema.load(p, {})
     assert any(problem in x for x in e.value.problems), e.value.problems
 
 

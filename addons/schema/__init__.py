@@ -1,0 +1,39 @@
+"""Profiles: the YAML schema, strict validation with file/line errors, env overrides, and the
+map from a profile to the addons' flat options.
+
+A profile is parsed into an immutable `Profile` (pydantic, unknown keys refused), then turned
+into the flat options of the addons (`to_options`), which is all the addons ever read.
+
+    load("profiles/prod.yaml", os.environ) -> Loaded    # raises ProfileError listing every problem
+    to_options(loaded.profile) -> {"listen_port": 8080, "cache_max_memory": "268435456", ...}
+
+Modules: fields (value types, `Section`, `Env`), models (`Profile` and its general sections),
+security and routes (those sections), env (the environment table, derived from `Env` marks),
+loading (YAML, line map, errors), options (the option map), validate (`python -m addons.schema`).
+"""
+
+from __future__ import annotations
+
+from addons.schema.env import ENV_OVERRIDES
+from addons.schema.loading import Loaded, ProfileError, load
+from addons.schema.models import COMPRESSIBLE_TYPES, CliArgumentRule, Profile
+from addons.schema.options import CORE_DEFAULTS, OPTIONS, listener_options, to_options
+from addons.schema.routes import RouteRule
+from addons.schema.security import FilterFile, RateLimitRule
+
+__all__ = [
+    "COMPRESSIBLE_TYPES",
+    "CORE_DEFAULTS",
+    "ENV_OVERRIDES",
+    "OPTIONS",
+    "CliArgumentRule",
+    "FilterFile",
+    "Loaded",
+    "Profile",
+    "ProfileError",
+    "RateLimitRule",
+    "RouteRule",
+    "listener_options",
+    "load",
+    "to_options",
+]
