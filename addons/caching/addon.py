@@ -28,6 +28,7 @@ from addons.caching.lookup import Lookup, Waiting
 from addons.caching.revalidate import Flights, Revalidator
 from addons.caching.state import Shared, state_of
 from addons.caching.storing import Storing
+from addons.kernel.options import declare
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.cache")
@@ -45,7 +46,7 @@ class Cache:
         COLLECTOR.source = self.shared
 
     def load(self, loader: Any) -> None:
-        options.declare(loader)
+        declare(loader, options.OPTIONS)
         patch.install_patch()
 
     def configure(self, updated: set[str]) -> None:

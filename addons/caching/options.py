@@ -11,14 +11,13 @@ from mitmproxy import exceptions
 from addons.caching.key import compile_globs
 from addons.caching.state import Shared
 from addons.caching.store import Settings
-from addons.kernel.options import at_least, duration, size
+from addons.kernel.options import Option, at_least, duration, size
 
 _SURROGATE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
-# (name, type, default, help, choices); each help on one line for mitmproxy (see STYLE.md).
-OPTIONS: tuple[tuple[str, Any, Any, str, Sequence[str] | None], ...] = (
-    ("cache_enabled", bool, True, "Answer cacheable GET/HEAD requests from memory.", None),
-    (
+OPTIONS: tuple[Option, ...] = (
+    Option("cache_enabled", bool, True, "Answer cacheable GET/HEAD requests from memory.", None),
+    Option(
         "cache_max_memory",
         str,
         "256MB",
@@ -26,15 +25,15 @@ OPTIONS: tuple[tuple[str, Any, Any, str, Sequence[str] | None], ...] = (
         "recently used entries are evicted beyond it.",
         None,
     ),
-    ("cache_max_entries", int, 10000, "Most responses kept (all Vary variants count).", None),
-    (
+    Option("cache_max_entries", int, 10000, "Most responses kept (all Vary variants count).", None),
+    Option(
         "cache_max_object_size",
         str,
         "1MB",
         "Largest body stored, e.g. 1MB (bodies streamed by stream_large_bodies are never stored).",
         None,
     ),
-    (
+    Option(
         "cache_default_ttl",
         str,
         "300s",
@@ -42,7 +41,7 @@ OPTIONS: tuple[tuple[str, Any, Any, str, Sequence[str] | None], ...] = (
         "default_ttl also the lifetime of heuristically cacheable responses without one.",
         None,
     ),
-    (
+    Option(
         "cache_mode",
         str,
         "rfc",
@@ -50,7 +49,7 @@ OPTIONS: tuple[tuple[str, Any, Any, str, Sequence[str] | None], ...] = (
         "default_ttl: as rfc, and responses without any get cache_default_ttl.",
         ["rfc", "default_ttl"],
     ),
-    (
+    Option(
         "cache_patterns",
         Sequence[str],
         [],
@@ -58,7 +57,7 @@ OPTIONS: tuple[tuple[str, Any, Any, str, Sequence[str] | None], ...] = (
         "any URL. A router rule's cache setting overrides them.",
         None,
     ),
-    (
+    Option(
         "cache_coalesce_timeout",
         str,
         "5s",
@@ -66,14 +65,14 @@ OPTIONS: tuple[tuple[str, Any, Any, str, Sequence[str] | None], ...] = (
         "going upstream themselves.",
         None,
     ),
-    (
+    Option(
         "cache_max_waiters",
         int,
         100,
         "Most requests waiting for one URL's origin fetch; more go upstream at once.",
         None,
     ),
-    (
+    Option(
         "cache_surrogate",
         bool,
         True,
@@ -83,7 +82,7 @@ OPTIONS: tuple[tuple[str, Any, Any, str, Sequence[str] | None], ...] = (
         "Surrogate-Capability is sent upstream and Surrogate-Control is not passed on.",
         None,
     ),
-    (
+    Option(
         "cache_surrogate_name",
         str,
         "waypost",
@@ -91,7 +90,7 @@ OPTIONS: tuple[tuple[str, Any, Any, str, Sequence[str] | None], ...] = (
         '(`max-age=60;waypost`), announced as `Surrogate-Capability: waypost="Surrogate/1.0"`.',
         None,
     ),
-    (
+    Option(
         "cache_stale_on_error",
         bool,
         False,
@@ -107,11 +106,6 @@ OPTIONS: tuple[tuple[str, Any, Any, str, Sequence[str] | None], ...] = (
 
 _BUDGET = {"cache_max_memory", "cache_max_entries", "cache_max_object_size"}
 _SETTINGS = {"cache_default_ttl", "cache_mode", "cache_surrogate_name", "cache_stale_on_error"}
-
-
-def declare(loader: Any) -> None:
-    for name, typespec, default, help, choices in OPTIONS:
-        loader.add_option(name, typespec, default, help, choices=choices)
 
 
 def apply(shared: Shared, opts: Any, updated: set[str]) -> None:

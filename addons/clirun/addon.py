@@ -38,6 +38,7 @@ from addons.clirun.endpoint import (
 from addons.clirun.listener import Listener, serve_loopback
 from addons.clirun.plan import Settings
 from addons.kernel.endpoints import addressed_to_proxy
+from addons.kernel.options import declare
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.cli")
@@ -56,8 +57,7 @@ class Cli:
         return self.endpoint.settings
 
     def load(self, loader: Any) -> None:
-        for name, typespec, default, help_text in options.OPTIONS:
-            loader.add_option(name, typespec, default, help_text)
+        declare(loader, options.OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         if not any(k.startswith("cli_") for k in updated):

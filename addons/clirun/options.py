@@ -21,7 +21,7 @@ from mitmproxy import exceptions
 from pydantic import ValidationError
 
 from addons.clirun.plan import Rule, Settings, env_refusal
-from addons.kernel.options import at_least, duration, size
+from addons.kernel.options import Option, at_least, duration, size
 from addons.schema import CliArgumentRule
 
 log = logging.getLogger("waypost.cli")
@@ -36,107 +36,107 @@ SETPRIV_CANDIDATES = ("/usr/bin/setpriv", "/bin/setpriv")
 
 # Flat options: name, type, default, help (single-line: a multi-line help resets the option
 # on every script reload).
-OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
-    (
+OPTIONS: tuple[Option, ...] = (
+    Option(
         "cli_enabled",
         bool,
         False,
         "Serve POST /cli/execute (management port, and proxy port addressed to the "
         "proxy or on reverse listeners). Also needs cli_token.",
     ),
-    (
+    Option(
         "cli_token",
         str,
         "",
         "Bearer token for /cli/execute (Authorization: Bearer <token>); empty: the "
         "CLI_TOKEN environment variable; none at all keeps the endpoint off.",
     ),
-    (
+    Option(
         "cli_allowed_commands",
         Sequence[str],
         [],
         "Absolute paths of the programs a request may run, named by base name or exact "
         "path; nothing else ever runs.",
     ),
-    (
+    Option(
         "cli_argument_rules",
         str,
         "",
         'JSON object, command name -> {"prefix": [fixed leading args], "patterns": '
         '[regexes every client argument must fully match], "max_args": N}.',
     ),
-    (
+    Option(
         "cli_env_allowlist",
         Sequence[str],
         [],
         "Environment variable names a request may set (loader variables such as LD_*, "
         "PYTHON*, PATH are always refused).",
     ),
-    (
+    Option(
         "cli_max_concurrent",
         int,
         10,
         "Processes running at once; more requests get 429 RATE_LIMITED with Retry-After.",
     ),
-    (
+    Option(
         "cli_process_timeout",
         str,
         "30s",
         "Wall-clock limit per process (and the cap of a request's timeout); then "
         "SIGTERM, grace period, SIGKILL to its process group.",
     ),
-    (
+    Option(
         "cli_grace_period",
         str,
         "5s",
         "Time between SIGTERM and SIGKILL after a timeout or the output cap.",
     ),
-    (
+    Option(
         "cli_max_memory_per_process",
         str,
         "512MB",
         "RLIMIT_AS (address space) of each process; 0 = no limit.",
     ),
-    (
+    Option(
         "cli_max_cpu_time",
         str,
         "60s",
         "RLIMIT_CPU of each process (SIGXCPU, then SIGKILL a second later); 0 = no limit.",
     ),
-    (
+    Option(
         "cli_max_file_size",
         str,
         "64MB",
         "RLIMIT_FSIZE: largest file a process may write (SIGXFSZ); 0 = no limit.",
     ),
-    (
+    Option(
         "cli_max_processes",
         int,
         64,
         "RLIMIT_NPROC: processes of the user the command runs as (counts all of that "
         "user's processes); 0 = no limit.",
     ),
-    (
+    Option(
         "cli_max_output_bytes",
         str,
         "10MB",
         "stdout plus stderr bytes relayed per execution; beyond it the output is "
         "truncated and the process stopped.",
     ),
-    (
+    Option(
         "cli_working_directory",
         str,
         "/",
         "Fixed working directory of every process (absolute path).",
     ),
-    (
+    Option(
         "cli_run_as_user",
         str,
         "nobody",
         "When the proxy runs as root, commands run as this user (its primary group, no "
         "supplementary groups); empty or root: as root (not recommended).",
     ),
-    (
+    Option(
         "cli_heartbeat_interval",
         str,
         "10s",

@@ -1,5 +1,6 @@
 """Turning flat option values into checked values, and what every addon's lifecycle needs.
 
+- `Option`, `declare`: an addon's options as one table, declared in `load` with one call.
 - `size`, `duration`, `choice`, `at_least`: parse one option value or raise `OptionsError`
   naming the option, so `--set` and a profile fail with the same readable message.
 - `spawn`: start a background task the event loop keeps alive (it holds only weak references).
@@ -10,8 +11,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Collection, Coroutine, Iterable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 from mitmproxy import exceptions
 
@@ -21,6 +22,22 @@ T = TypeVar("T")
 
 _tasks: set[asyncio.Task[Any]] = set()
 _singletons: dict[str, Any] = {}
+
+
+class Option(NamedTuple):
+    """One flat option; `help` stays on one line (mitmproxy resets an option whose stored,
+    flattened help differs from the raw one on a script reload)."""
+
+    name: str
+    typespec: Any
+    default: Any
+    help: str
+    choices: Sequence[str] | None = None
+
+
+def declare(loader: Any, table: Iterable[Option]) -> None:
+    for o in table:
+        loader.add_option(o.name, o.typespec, o.default, o.help, o.choices)
 
 
 def size(option: str, value: str | int, minimum: int = 0) -> int:
