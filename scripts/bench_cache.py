@@ -1,7 +1,7 @@
 """Cache benchmark: hits and misses of `addons/cache.py` against bare mitmdump.
 
-Usually started through `scripts/bench-cache`. Reuses `scripts/bench.py`'s nginx origin, wrk
-runner and process handling (everything on 127.0.0.1, stopped by PID before exit).
+Usually started through `scripts/bench-cache`. The nginx origin, wrk runner and process
+handling are scripts/benchlib.py's (everything on 127.0.0.1, stopped by PID before exit).
 
     client (absolute-form GETs, keep-alive) -> mitmdump (-p 0) -> nginx (1 KB static file)
 
@@ -50,10 +50,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import bench  # noqa: E402  (scripts/bench.py, next to this file)
+import benchlib
 
+sys.path.insert(0, str(benchlib.ROOT))
 from addons.kernel.units import parse_duration  # noqa: E402
 
 MISS_LUA_REQUEST = """
@@ -255,7 +254,7 @@ async def rate_run(
                 except RESPONSE_ERRORS as e:
                     res.errors += 1
                     if res.errors <= 3:
-                        bench.log(f"request error: {e!r}")
+                        benchlib.log(f"request error: {e!r}")
                     conn.close()
                 else:
                     done = loop.time()
@@ -271,9 +270,9 @@ async def rate_run(
         try:
             primed = await asyncio.gather(*(c.request(make_request(), timeout) for c in clients))
         except RESPONSE_ERRORS as e:  # TimeoutError is an OSError
-            raise bench.BenchError(f"priming request through port {port} failed: {e!r}") from e
+            raise benchlib.BenchError(f"priming request through port {port} failed: {e!r}") from e
         if any(status != 200 for status in primed):
-            raise bench.BenchError(f"priming requests through port {port} got HTTP {primed}")
+            raise benchlib.BenchError(f"priming requests through port {port} got HTTP {primed}")
         on_start()
         start = loop.time()
         end = last_done = start + duration
@@ -293,9 +292,9 @@ def percentile(sorted_xs: list[float], pct: float) -> float:
 
 
 def measure_rate(
-    setup: bench.Setup,
+    setup: benchlib.Setup,
     name: str,
-    origin: bench.Origin,
+    origin: benchlib.Origin,
     make_request: Callable[[], bytes],
     conns: int,
     a: argparse.Namespace,
@@ -303,12 +302,12 @@ def measure_rate(
 ) -> RateRow:
     assert setup.child is not None
     pid = setup.child.pid
-    bench.settle(pid, baseline_fds)
-    bench.check_loopback(setup)
+    benchlib.settle(pid, baseline_fds)
+    benchlib.check_loopback(setup)
     before: dict[str, float] = {}
 
     def on_start() -> None:
-        before.update(bench.proc_stat(pid), served=origin.served())
+        before.update(benchlib.proc_stat(pid), served=origin.served())
 
     res = asyncio.run(
         rate_run(
@@ -323,8 +322,8 @@ def measure_rate(
         )
     )
     if not setup.child.alive():
-        raise bench.BenchError(f"{setup.name} died during the run:\n{setup.child.tail()}")
-    after, served = bench.proc_stat(pid), origin.served()
+        raise benchlib.BenchError(f"{setup.name} died during the run:\n{setup.child.tail()}")
+    after, served = benchlib.proc_stat(pid), origin.served()
     lat, lags = sorted(res.latencies), sorted(res.lags)
     n = len(lat)
     cpu = after["cpu_s"] - before["cpu_s"]
@@ -348,8 +347,8 @@ def measure_rate(
 
 def rate_rows(
     a: argparse.Namespace,
-    setups: dict[str, bench.Setup],
-    origin: bench.Origin,
+    setups: dict[str, benchlib.Setup],
+    origin: benchlib.Origin,
     baselines: dict[str, int],
 ) -> list[RateRow]:
     host = f"127.0.0.1:{origin.port}"
@@ -372,7 +371,7 @@ def rate_rows(
                 setup = setups[key]
                 make = unique() if new_urls else lambda: one
                 r = measure_rate(setup, name, origin, make, conns, a, baselines[setup.name])
-                bench.log(
+                benchlib.log(
                     f"{name:28} c={conns:<4} {r.rps:6.1f} req/s  p50 {r.p50_ms:6.2f}  "
                     f"p95 {r.p95_ms:6.2f}  p99 {r.p99_ms:6.2f}  max {r.max_ms:6.1f} ms  "
                     f"send lag p99 {r.lag_p99_ms:.2f} ms  "
@@ -381,12 +380,9 @@ def rate_rows(
                 )
                 per[name].append(r)
         # The repetition with the median p95, so every column comes from one real run.
-        chosen = {
-            n: sorted(rs, key=lambda r: r.p95_ms)[(len(rs) - 1) // 2] for n, rs in per.items()
-        }
+        chosen = {n: benchlib.median_by(rs, lambda r: r.p95_ms) for n, rs in per.items()}
         for name, base in BASES.items():
-            if chosen[base].p95_ms:
-                chosen[name].ratio = chosen[name].p95_ms / chosen[base].p95_ms
+            chosen[name].ratio = benchlib.ratio(chosen[name].p95_ms, chosen[base].p95_ms)
         rows.extend(chosen.values())
     return rows
 
@@ -395,22 +391,28 @@ def print_rate(rows: list[RateRow], a: argparse.Namespace, load: float) -> None:
     print(
         f"# cache latency bench: {a.rate:g} req/s per connection (Poisson, open loop), "
         f"{a.duration:g}s runs, median p95 of {a.repeat}, {a.size} B body, "
-        f"load average {load:.2f} at start, {bench.loadavg():.2f} at end (2 shared cores: noisy)"
+        f"{benchlib.load_label(load)}"
     )
-    print(
-        "| setup | conns | offered req/s | req/s | p50 ms | p95 ms | p99 ms | max ms "
-        "| errors | CPU ms/req | origin served | p95 vs bare |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        cpu = f"{r.cpu_ms_per_req:.2f}" if r.cpu_ms_per_req is not None else "-"
-        ratio = f"{r.ratio:.2f}x" if r.ratio else "-"
-        errors = r.non_200 + r.errors + r.timeouts
-        print(
-            f"| {r.setup} | {r.connections} | {r.offered:g} | {r.rps:.1f} | {r.p50_ms:.2f} | "
-            f"{r.p95_ms:.2f} | {r.p99_ms:.2f} | {r.max_ms:.1f} | {errors} | {cpu} | "
-            f"{r.origin_served} | {ratio} |"
-        )
+    head = ["setup", "conns", "offered req/s", "req/s", "p50 ms", "p95 ms", "p99 ms", "max ms"]
+    head += ["errors", "CPU ms/req", "origin served", "p95 vs bare"]
+    body = [
+        [
+            r.setup,
+            r.connections,
+            f"{r.offered:g}",
+            f"{r.rps:.1f}",
+            f"{r.p50_ms:.2f}",
+            f"{r.p95_ms:.2f}",
+            f"{r.p99_ms:.2f}",
+            f"{r.max_ms:.1f}",
+            r.non_200 + r.errors + r.timeouts,
+            benchlib.cell(r.cpu_ms_per_req, ".2f"),
+            r.origin_served,
+            benchlib.cell(r.ratio, ".2f", "x"),
+        ]
+        for r in rows
+    ]
+    print(benchlib.table(head, body))
     print(
         "\nLatency: from the send (from the due time if the connection was still busy then) "
         "to the last body byte, 200 responses only; req/s counts those over the run and its "
@@ -421,94 +423,84 @@ def print_rate(rows: list[RateRow], a: argparse.Namespace, load: float) -> None:
 
 def main(argv: list[str]) -> int:
     a = parse_args(argv)
-    wrk, nginx = bench.ensure_tools()
-    bench.raise_nofile()
-    load = bench.loadavg()
-    if load > 0.3 * (os.cpu_count() or 1):
-        bench.log(f"WARNING: load average {load:.2f}: the CPUs are shared, numbers are noisy")
-    bare = bench.Setup("bare", [], [])
+    tools = benchlib.ensure_tools({"wrk": "wrk", "nginx": "nginx"})
+    wrk = tools["wrk"]
+    benchlib.raise_nofile()
+    load = benchlib.load_at_start()
+    bare = benchlib.Setup("bare", [], [])
     scripts = ["addons/cache.py"] if a.alone else ["addons/leanchain.py", "addons/cache.py"]
-    cache = bench.Setup("cache", scripts, ["--set", "cache_default_ttl=1h"])
-    rows: list[bench.Row] = []
+    cache = benchlib.Setup("cache", scripts, ["--set", "cache_default_ttl=1h"])
+    rows: list[benchlib.Row] = []
     rate: list[RateRow] = []
     with tempfile.TemporaryDirectory(prefix="waypost-bench-cache-") as tmpdir:
         tmp = Path(tmpdir)
-        origin = bench.Origin(nginx, tmp, a.size)
-        page = tmp / "www" / bench.PAGE.lstrip("/")
+        origin = benchlib.Origin(tools["nginx"], tmp, os.urandom(a.size))
         old = time.time() - 30 * 86400
-        os.utime(page, (old, old))
+        os.utime(origin.page, (old, old))
         try:
             origin.start()
-            host = f"127.0.0.1:{origin.port}"
-            hit_lua, miss_lua = tmp / "hit.lua", tmp / "miss.lua"
-            hit_lua.write_text(bench.WRK_LUA.format(url=origin.url, host=host))
-            miss_lua.write_text(
-                bench.WRK_LUA.format(url=origin.url, host=host)
-                + MISS_LUA_REQUEST.format(url=origin.url)
-            )
+            hit_lua = origin.wrk_script(tmp / "hit.lua")
+            miss_lua = origin.wrk_script(tmp / "miss.lua", MISS_LUA_REQUEST.format(url=origin.url))
             baselines = {}
             for s in (bare, cache):
-                bench.start_proxy(s, tmp, origin, a.start_timeout)
+                benchlib.start_proxy(s, tmp, origin, a.start_timeout)
                 assert s.child is not None
-                baselines[s.name] = bench.proc_stat(s.child.pid)["fds"]
+                baselines[s.name] = benchlib.proc_stat(s.child.pid)["fds"]
             if a.warmup > 0:
                 for s in (bare, cache):
                     for lua in (hit_lua, miss_lua):
-                        bench.run_wrk(wrk, lua, s.port, 10, a.threads, a.warmup, a.timeout)
+                        url = f"http://127.0.0.1:{s.port}/"
+                        benchlib.run_wrk(wrk, lua, url, 10, a.warmup, a.threads, a.timeout)
             if a.rate:
                 rate = rate_rows(a, {"bare": bare, "cache": cache}, origin, baselines)
             else:
                 for conns in a.conn_list:
-                    per: dict[str, list[bench.Row]] = {name: [] for name, _, _ in RUNS}
+                    per: dict[str, list[benchlib.Row]] = {name: [] for name, _, _ in RUNS}
                     for _rep in range(a.repeat):
                         for name, key, new_urls in RUNS:
                             setup = bare if key == "bare" else cache
                             lua = miss_lua if new_urls else hit_lua
-                            r = bench.measure(
+                            r = benchlib.measure(
                                 setup, origin, wrk, lua, conns, a, baselines[setup.name]
                             )
                             r = replace(r, setup=name)
-                            bench.log(
+                            benchlib.log(
                                 f"{name:28} c={conns:<4} {r.rps:7.0f} req/s  p95 {r.p95_ms:6.1f} ms"
                                 f"  origin served {r.origin_served}"
                             )
                             per[name].append(r)
-                    chosen = {name: bench.median_row(rs) for name, rs in per.items()}
+                    chosen = {name: benchlib.median_row(rs) for name, rs in per.items()}
                     for name, base in BASES.items():
-                        if chosen[base].rps:
-                            chosen[name].ratio = chosen[name].rps / chosen[base].rps
+                        chosen[name].ratio = benchlib.ratio(chosen[name].rps, chosen[base].rps)
                     rows.extend(chosen.values())
         finally:
-            for s in (bare, cache):
-                if s.child:
-                    s.child.stop()
-            origin.stop()
+            benchlib.stop_all([bare.child, cache.child, origin.child])
     if a.rate:
         print_rate(rate, a, load)
         return 0
     print(
         f"# cache bench: {a.duration:g}s runs, median of {a.repeat}, {a.size} B body, "
-        f"load average {load:.2f} at start, {bench.loadavg():.2f} at end (2 shared cores: noisy)"
+        f"{benchlib.load_label(load)}"
     )
-    print(
-        "| setup | conns | req/s | p50 ms | p95 ms | p99 ms | CPU ms/req | origin served | vs bare |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        cpu = f"{r.cpu_ms_per_req:.2f}" if r.cpu_ms_per_req is not None else "-"
-        ratio = f"{r.ratio:.2f}x" if r.ratio else "-"
-        print(
-            f"| {r.setup} | {r.connections} | {r.rps:.0f} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | "
-            f"{r.p99_ms:.1f} | {cpu} | {r.origin_served} | {ratio} |"
-        )
+    head = ["setup", "conns", "req/s", "p50 ms", "p95 ms", "p99 ms", "CPU ms/req"]
+    head += ["origin served", "vs bare"]
+    body = [
+        [
+            r.setup,
+            r.connections,
+            f"{r.rps:.0f}",
+            f"{r.p50_ms:.1f}",
+            f"{r.p95_ms:.1f}",
+            f"{r.p99_ms:.1f}",
+            benchlib.cell(r.cpu_ms_per_req, ".2f"),
+            r.origin_served,
+            benchlib.cell(r.ratio, ".2f", "x"),
+        ]
+        for r in rows
+    ]
+    print(benchlib.table(head, body))
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except bench.BenchError as e:
-        bench.log(f"error: {e}")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    benchlib.run(main)

@@ -20,16 +20,13 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
+import benchlib
+
 TOKEN = "bench-cli-token"
 
 
@@ -109,14 +106,7 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))] * 1000
 
 
-def row(name: str, values: list[float]) -> str:
-    return (
-        f"| {name} | {len(values)} | {pct(values, 50):.1f} | {pct(values, 95):.1f} | "
-        f"{max(values) * 1000:.1f} |"
-    )
-
-
-async def bench(args: argparse.Namespace, port: int, mport: int, bare: int) -> None:
+async def bench(args: argparse.Namespace, port: int, mport: int, bare: int, load: float) -> None:
     results: dict[str, list[float]] = {}
     server, origin = await origin_server()
     for _ in range(args.rounds):
@@ -129,66 +119,47 @@ async def bench(args: argparse.Namespace, port: int, mport: int, bare: int) -> N
             await asyncio.sleep(args.hold + 0.2)  # the previous round's processes are gone
         got_d = await asyncio.gather(*(direct(args.hold) for _ in range(args.concurrency)))
         results.setdefault("direct spawn: first stdout line", []).extend(got_d)
-    print(f"\n{args.concurrency} concurrent streams x {args.rounds} rounds, load average "
-          f"{os.getloadavg()[0]:.2f} at the end\n")  # fmt: skip
-    print("| what | n | p50 ms | p95 ms | max ms |\n|---|---|---|---|---|")
-    for name, values in results.items():
-        print(row(name, values))
+    print(
+        f"\n{args.concurrency} concurrent streams x {args.rounds} rounds, {benchlib.load_label(load)}\n"
+    )
+    head = ["what", "n", "p50 ms", "p95 ms", "max ms"]
+    body = [
+        [name, len(vs), f"{pct(vs, 50):.1f}", f"{pct(vs, 95):.1f}", f"{max(vs) * 1000:.1f}"]
+        for name, vs in results.items()
+    ]
+    print(benchlib.table(head, body))
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--concurrency", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--hold", type=float, default=0.5, help="seconds each stream stays open")
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            MITMDUMP, "--listen-host", "127.0.0.1", "-p", "0", "--set", f"confdir={tmp}",
-            "-s", str(ROOT / "addons" / "bundle.py"), "--set", "metrics_port=0",
+    args = ap.parse_args(argv)
+    load = benchlib.load_at_start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WAYPOST_")}
+    env["PYTHONUNBUFFERED"] = "1"  # the listening lines are read from the log file
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        cmd = benchlib.mitmdump_args(
+            tmp / "confdir-waypost", "-p", "0",
+            "-s", str(benchlib.ROOT / "addons" / "bundle.py"), "--set", "metrics_port=0",
             "--set", "cli_enabled=true", "--set", f"cli_token={TOKEN}",
             "--set", "cli_allowed_commands=/bin/sh",
             "--set", f"cli_max_concurrent={args.concurrency}",
-        ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WAYPOST_")}
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, cwd=ROOT)  # fmt: skip
-        bare_cmd = [MITMDUMP, "--listen-host", "127.0.0.1", "-p", "0", "--set", f"confdir={tmp}",
-                    "--set", "flow_detail=0"]  # fmt: skip
-        bare = subprocess.Popen(bare_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env)  # fmt: skip
+        )  # fmt: skip
+        bare_cmd = benchlib.mitmdump_args(tmp / "confdir-bare", "-p", "0", "--set", "flow_detail=0")
+        proc = benchlib.Child("mitmdump", cmd, tmp / "waypost.out", env)
+        bare = benchlib.Child("bare mitmdump", bare_cmd, tmp / "bare.out", env)
         try:
-            assert bare.stdout is not None
-            bare_port = 0
-            while not bare_port:
-                line = bare.stdout.readline()
-                if not line:
-                    print("bare mitmdump did not start", file=sys.stderr)
-                    return 1
-                if m := re.search(r"proxy listening at [0-9.]+:(\d+)", line):
-                    bare_port = int(m.group(1))
-            threading.Thread(target=bare.stdout.read, daemon=True).start()
-            port = mport = 0
-            deadline = time.monotonic() + 60
-            assert proc.stdout is not None
-            while not (port and mport):
-                line = proc.stdout.readline()
-                if not line or time.monotonic() > deadline:
-                    print("mitmdump did not start", file=sys.stderr)
-                    return 1
-                if m := re.search(r"proxy listening at [0-9.]+:(\d+)", line):
-                    port = int(m.group(1))
-                if m := re.search(r"management listening at http://[0-9.]+:(\d+)", line):
-                    mport = int(m.group(1))
-            # Keep reading mitmdump's output (access lines), or it blocks on a full pipe.
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            asyncio.run(bench(args, port, mport, bare_port))
+            (m,) = bare.wait_for(benchlib.LISTENING)
+            bare_port = int(m.group(1))
+            m, mm = proc.wait_for(benchlib.LISTENING, benchlib.MANAGEMENT)
+            asyncio.run(bench(args, int(m.group(1)), int(mm.group(1)), bare_port, load))
         finally:
-            for p in (proc, bare):
-                p.terminate()
-                p.wait(15)
+            benchlib.stop_all([proc, bare])
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    benchlib.run(main)

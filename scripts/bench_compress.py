@@ -1,6 +1,6 @@
 """Load test of compression: bare mitmdump against mitmdump with addons/compress.py.
 
-Usually started through `scripts/bench-compress`. Reuses scripts/bench.py's machinery (nginx
+Usually started through `scripts/bench-compress`. Uses scripts/benchlib.py's machinery (nginx
 origin, wrk, interleaved runs, median of repetitions, CPU per request), with a generated HTML
 page (scripts/compress_cost.py's corpus) as the origin's file and `Accept-Encoding` sent by
 wrk. The setups, all in the same run:
@@ -25,12 +25,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib
+import compress_cost
 
-import bench  # noqa: E402
-import compress_cost  # noqa: E402
-
-ROOT = bench.ROOT
+ROOT = benchlib.ROOT
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -50,92 +48,92 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def setups(a: argparse.Namespace) -> list[bench.Setup]:
+def setups(a: argparse.Namespace) -> list[benchlib.Setup]:
     comp = str(ROOT / "addons/compress.py")
     hit = str(ROOT / "scripts/bench_hit.py")
-    out = [bench.Setup("bare", [], [])]
+    out = [benchlib.Setup("bare", [], [])]
     algs = [x.strip() for x in a.algorithms.split(",") if x.strip()]
     for prefix, scripts in (("", []), ("hit", [hit])):
         if prefix and a.no_hit:
             continue
         if prefix:
-            out.append(bench.Setup("hit", scripts, []))
+            out.append(benchlib.Setup("hit", scripts, []))
         for alg in algs:
             name = f"{prefix}+{alg}" if prefix else alg
             opts = ["--set", f"compress_algorithms={alg}"]
             out.append(
-                bench.Setup(name, [*scripts, comp], [*opts, "--set", "compress_memo_size=0"])
+                benchlib.Setup(name, [*scripts, comp], [*opts, "--set", "compress_memo_size=0"])
             )
             if not a.no_memo:
-                out.append(bench.Setup(f"{name}+memo", [*scripts, comp], opts))
+                out.append(benchlib.Setup(f"{name}+memo", [*scripts, comp], opts))
     return out
 
 
 def main(argv: list[str]) -> int:
     a = parse_args(argv)
-    wrk, nginx = bench.ensure_tools()
-    bench.raise_nofile()
+    tools = benchlib.ensure_tools({"wrk": "wrk", "nginx": "nginx"})
+    wrk = tools["wrk"]
+    benchlib.raise_nofile()
     import mitmproxy.version
 
     body = compress_cost.corpus(a.kind, a.size)
     ctype = compress_cost.CONTENT_TYPES[a.kind].split(";")[0]
-    # The origin serves its one file with this type (bench.py's config says octet-stream).
-    bench.NGINX_CONF = bench.NGINX_CONF.replace("application/octet-stream", ctype)
-    load_start = bench.loadavg()
+    load_start = benchlib.load_at_start()
     ss = setups(a)
-    rows: list[bench.Row] = []
+    rows: list[benchlib.Row] = []
     with tempfile.TemporaryDirectory(prefix="waypost-bench-compress-") as tmpdir:
         tmp = Path(tmpdir)
-        origin = bench.Origin(nginx, tmp, 1)
-        (tmp / "www" / bench.PAGE.lstrip("/")).write_bytes(body)
+        origin = benchlib.Origin(tools["nginx"], tmp, body, content_type=ctype)
         try:
             origin.start()
-            lua = tmp / "absolute.lua"
-            lua.write_text(
-                bench.WRK_LUA.format(url=origin.url, host=f"127.0.0.1:{origin.port}")
-                + 'wrk.headers["Accept-Encoding"] = "gzip, deflate, br, zstd"\n'
+            lua = origin.wrk_script(
+                tmp / "absolute.lua", 'wrk.headers["Accept-Encoding"] = "gzip, deflate, br, zstd"\n'
             )
             baselines = {}
             for s in ss:
-                bench.start_proxy(s, tmp, origin, a.start_timeout)
+                benchlib.start_proxy(s, tmp, origin, a.start_timeout)
                 assert s.child is not None
-                baselines[s.name] = bench.proc_stat(s.child.pid)["fds"]
+                baselines[s.name] = benchlib.proc_stat(s.child.pid)["fds"]
             if a.warmup > 0:
                 for s in ss:
-                    bench.run_wrk(wrk, lua, s.port, a.connections, 1, a.warmup, a.timeout)
-            per: dict[str, list[bench.Row]] = {s.name: [] for s in ss}
+                    url = f"http://127.0.0.1:{s.port}/"
+                    benchlib.run_wrk(wrk, lua, url, a.connections, a.warmup, 1, a.timeout)
+            per: dict[str, list[benchlib.Row]] = {s.name: [] for s in ss}
             for _ in range(a.repeat):
                 for s in ss:
-                    r = bench.measure(s, origin, wrk, lua, a.connections, a, baselines[s.name])
-                    bench.log(f"{s.name:18} {r.rps:7.0f} req/s  CPU {r.cpu_ms_per_req} ms/req")
+                    r = benchlib.measure(s, origin, wrk, lua, a.connections, a, baselines[s.name])
+                    benchlib.log(f"{s.name:18} {r.rps:7.0f} req/s  CPU {r.cpu_ms_per_req} ms/req")
                     per[s.name].append(r)
-            chosen = [bench.median_row(per[s.name]) for s in ss]
+            chosen = [benchlib.median_row(per[s.name]) for s in ss]
             base = {"bare": chosen[0]}
             for r in chosen:
                 if r.setup.startswith("hit") and r.setup != "hit":
                     ref = next(x for x in chosen if x.setup == "hit")
                 else:
                     ref = base["bare"]
-                if r is not ref and ref.rps:
-                    r.ratio = r.rps / ref.rps
+                if r is not ref:
+                    r.ratio = benchlib.ratio(r.rps, ref.rps)
                 rows.append(r)
         finally:
-            for s in ss:
-                if s.child:
-                    s.child.stop()
-            origin.stop()
+            benchlib.stop_all([*(s.child for s in ss), origin.child])
     print(
         f"mitmproxy {mitmproxy.version.VERSION}, Python {sys.version.split()[0]}, "
         f"{a.kind} page of {a.size} bytes ({ctype}), {a.connections} connections, "
-        f"{a.duration:g}s x {a.repeat} (median), load average {load_start:.2f} before / "
-        f"{bench.loadavg():.2f} after"
+        f"{a.duration:g}s x {a.repeat} (median), {benchlib.load_label(load_start)}"
     )
-    print("| setup | req/s | p50 ms | p95 ms | CPU ms/req | ratio |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        cpu = "-" if r.cpu_ms_per_req is None else f"{r.cpu_ms_per_req:.2f}"
-        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
-        print(f"| {r.setup} | {r.rps:.0f} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | {cpu} | {ratio} |")
+    head = ["setup", "req/s", "p50 ms", "p95 ms", "CPU ms/req", "ratio"]
+    body = [
+        [
+            r.setup,
+            f"{r.rps:.0f}",
+            f"{r.p50_ms:.1f}",
+            f"{r.p95_ms:.1f}",
+            benchlib.cell(r.cpu_ms_per_req, ".2f"),
+            benchlib.cell(r.ratio, ".2f", "x"),
+        ]
+        for r in rows
+    ]
+    print(benchlib.table(head, body))
     print("ratio: against bare for the plain setups, against `hit` for the hit+ setups")
     for s in ss:
         print(f"{s.name}: {shlex.join([*s.scripts, *s.args])}")
@@ -143,8 +141,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except bench.BenchError as e:
-        bench.log(f"error: {e}")
-        sys.exit(1)
+    benchlib.run(main)

@@ -29,8 +29,9 @@ import tracemalloc
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import benchlib
 
+sys.path.insert(0, str(benchlib.ROOT))
 from mitmproxy.test import taddons, tflow  # noqa: E402
 
 from addons import contentfilter as cf  # noqa: E402
@@ -38,11 +39,7 @@ from addons import filter as flt  # noqa: E402
 
 
 def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return benchlib.proc_status("self").get("VmRSS", 0) * 1024
 
 
 def names(n: int) -> list[str]:

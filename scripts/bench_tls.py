@@ -25,51 +25,43 @@ import argparse
 import os
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trustme
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (scripts/bench.py: processes, /proc readers, tool install)
-from bench import (  # noqa: E402
-    BIN,
+from benchlib import (
+    PAGE,
+    WRK_SUMMARY,
     BenchError,
     Child,
-    fetch,
-    find_tool,
+    Origin,
+    cell,
+    ensure_tools,
     free_port,
+    load_at_start,
+    load_label,
     log,
+    loopback_sets,
+    median_by,
+    mitmdump_args,
     proc_stat,
+    raise_nofile,
+    run,
+    run_tool,
+    run_wrk,
     settle,
+    stop_all,
+    table,
     tool_version,
+    wait_http,
+    wrk_rps,
 )
 
-PAGE = "/1k.bin"
-
-NGINX_CONF = """\
-worker_processes 1;
-worker_rlimit_nofile 16384;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-{user}
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    keepalive_requests 10000000;
-    keepalive_timeout 120s;
-    client_body_temp_path {tmp}/nginx-body;
-    proxy_temp_path {tmp}/nginx-proxy;
-    fastcgi_temp_path {tmp}/nginx-fastcgi;
-    uwsgi_temp_path {tmp}/nginx-uwsgi;
-    scgi_temp_path {tmp}/nginx-scgi;
-    default_type application/octet-stream;
-    root {tmp}/www;
+# Three servers: plain HTTP/1.1, the same closing after every response, and TLS with h2.
+SERVERS = """\
     server {{ listen 127.0.0.1:{http} backlog=4096; location = /nginx_status {{ stub_status; }} }}
     # The same origin closing every connection after one response (Connection: close).
     server {{ listen 127.0.0.1:{close} backlog=4096; keepalive_timeout 0; }}
@@ -78,53 +70,7 @@ http {{
         ssl_certificate {tmp}/origin.pem;
         ssl_certificate_key {tmp}/origin.pem;
     }}
-}}
 """
-
-
-class Origin:
-    """nginx with three servers: plain HTTP/1.1, the same closing after every response, and
-    TLS with h2. `accepts()` counts the TCP connections it accepted (all servers)."""
-
-    def __init__(self, nginx: str, tmp: Path, size: int, ca: trustme.CA) -> None:
-        self.nginx, self.tmp = nginx, tmp
-        (tmp / "www").mkdir()
-        (tmp / "www" / PAGE.lstrip("/")).write_bytes(os.urandom(size))
-        ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(
-            str(tmp / "origin.pem")
-        )
-        self.ports = {"http": 0, "close": 0, "https": 0}
-        self.child: Child | None = None
-
-    def start(self) -> None:
-        self.ports = {k: free_port() for k in self.ports}
-        conf = self.tmp / "nginx.conf"
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf.write_text(NGINX_CONF.format(tmp=self.tmp, user=user, **self.ports))
-        self.child = Child(
-            "nginx",
-            [self.nginx, "-p", str(self.tmp), "-e", str(self.tmp / "nginx-error.log")]
-            + ["-c", str(conf), "-g", "daemon off;"],
-            self.tmp / "nginx.out",
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.child.alive():
-            try:
-                if fetch(f"http://127.0.0.1:{self.ports['http']}{PAGE}", timeout=2)[0] == 200:
-                    log(f"origin: nginx pid {self.child.pid}, ports {self.ports}")
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise BenchError(f"nginx did not start:\n{self.child.tail()}")
-
-    def accepts(self) -> int:
-        _, body = fetch(f"http://127.0.0.1:{self.ports['http']}/nginx_status", timeout=5)
-        return int(body.decode().splitlines()[2].split()[0])
-
-    def stop(self) -> None:
-        if self.child:
-            self.child.stop()
 
 
 @dataclass
@@ -140,44 +86,29 @@ def start_proxy(
     name: str, waypost: bool, target: str, tmp: Path, files: dict[str, Path], a: argparse.Namespace
 ) -> Proxy:
     port = free_port()
-    confdir = tmp / f"confdir-{name}"
-    confdir.mkdir()
-    args = [str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1"]
-    args += ["--mode", f"reverse:{target}@127.0.0.1:{port}"]
-    for k, v in {
-        "confdir": confdir,
-        "flow_detail": 0,
-        "connection_strategy": "lazy",
-        "ssl_verify_upstream_trusted_ca": files["ca"],
-    }.items():
-        args += ["--set", f"{k}={v}"]
+    args = mitmdump_args(
+        tmp / f"confdir-{name}",
+        "-q",
+        "--mode", f"reverse:{target}@127.0.0.1:{port}",
+        "--set", "flow_detail=0",
+        "--set", "connection_strategy=lazy",
+        "--set", f"ssl_verify_upstream_trusted_ca={files['ca']}",
+    )  # fmt: skip
     env = None
     if waypost:
-        mport = str(free_port())
-        args += ["-s", "addons/bundle.py", "--set", f"waypost_profile={a.profile}"]
-        for k, v in {
-            "egress_allowed_networks": "127.0.0.1/32",
-            "metrics_host": "127.0.0.1",
-            "metrics_port": mport,
-            "tls_listener_cert": files["cert"],
-            "tls_listener_key": files["key"],
-        }.items():
-            args += ["--set", f"{k}={v}"]
-        env = {**os.environ, "METRICS_HOST": "127.0.0.1", "METRICS_PORT": mport}
+        sets, extra_env = loopback_sets()
+        args += ["-s", "addons/bundle.py", "--set", f"waypost_profile={a.profile}", *sets]
+        args += ["--set", f"tls_listener_cert={files['cert']}"]
+        args += ["--set", f"tls_listener_key={files['key']}"]
+        env = {**os.environ, **extra_env}
     log(f"{name}: {shlex.join(args)}")
     p = Proxy(name, args, Child(name, args, tmp / f"{name}.out", env), port)
     assert p.child is not None
-    deadline = time.monotonic() + a.start_timeout
-    while time.monotonic() < deadline and p.child.alive():
-        try:
-            if fetch(f"http://127.0.0.1:{port}{PAGE}", timeout=5)[0] == 200:
-                p.fds = proc_stat(p.child.pid)["fds"]
-                log(f"{name}: pid {p.child.pid}, reverse listener 127.0.0.1:{port} -> {target}")
-                return p
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise BenchError(f"{name} did not start:\n{p.child.tail()}")
+    if wait_http(p.child, f"http://127.0.0.1:{port}{PAGE}", a.start_timeout, 0.2) is None:
+        raise BenchError(f"{name} did not start:\n{p.child.tail()}")
+    p.fds = proc_stat(p.child.pid)["fds"]
+    log(f"{name}: pid {p.child.pid}, reverse listener 127.0.0.1:{port} -> {target}")
+    return p
 
 
 @dataclass
@@ -194,24 +125,6 @@ class Row:
     reps: list[float] = field(default_factory=list)
 
 
-def run(args: list[str], timeout: float) -> str:
-    proc = subprocess.Popen(
-        args,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-        raise BenchError(f"did not finish: {shlex.join(args)}") from None
-    return out
-
-
 def h2load(tool: str, port: int, case: str, a: argparse.Namespace) -> dict:
     """One h2load run; case is "h1.1", "h2" (one stream per connection) or "h2 xM"."""
     # The warm-up keeps the TLS handshakes of the connection storm out of the measurement.
@@ -220,7 +133,7 @@ def h2load(tool: str, port: int, case: str, a: argparse.Namespace) -> dict:
         args += ["--h1", "-m", "1"]
     else:
         args += ["-m", case.partition("x")[2] or "1"]
-    out = run(args + [f"https://127.0.0.1:{port}{PAGE}"], a.duration + 60)
+    _, out = run_tool(args + [f"https://127.0.0.1:{port}{PAGE}"], a.duration + 60)
     m = re.search(
         r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", out
     )
@@ -246,37 +159,20 @@ def _ms(v: str) -> str:
     return f"{n / 1000 if unit == 'us' else n * 1000 if unit == 's' else n:.1f}"
 
 
-WRK_LUA = """\
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('WAYPOST_WRK %d %d %d %d %d\\n', summary.requests, summary.duration,
-    e.connect + e.read + e.write + e.status + e.timeout,
-    latency:percentile(50), latency:percentile(95)))
-  io.write(string.format('WAYPOST_P99 %d\\n', latency:percentile(99)))
-end
-"""
-
-
 def wrk(tool: str, lua: Path, port: int, close: bool, a: argparse.Namespace) -> dict:
-    args = [tool, "-t", "1", "-c", str(a.connections), "-d", f"{a.duration:g}s", "-s", str(lua)]
-    if close:
-        args += ["-H", "Connection: close"]
-    out = run(args + [f"http://127.0.0.1:{port}{PAGE}"], a.duration + 60)
-    m = re.search(r"WAYPOST_WRK (\d+) (\d+) (\d+) (\d+) (\d+)", out)
-    p99 = re.search(r"WAYPOST_P99 (\d+)", out)
-    if not m or not p99:
-        raise BenchError(f"wrk gave no summary:\n{out}")
-    n, dur = int(m.group(1)), int(m.group(2))
+    url = f"http://127.0.0.1:{port}{PAGE}"
+    extra = ["-H", "Connection: close"] if close else []
+    w = run_wrk(tool, lua, url, a.connections, a.duration, extra=extra)
     return {
-        "requests": n,
-        "failed": int(m.group(3)),
-        "rps": n / (dur / 1e6) if dur else 0.0,
-        "lat_ms": f"p50 {int(m.group(4)) / 1000:.1f}, p95 {int(m.group(5)) / 1000:.1f}, "
-        f"p99 {int(p99.group(1)) / 1000:.1f}",
+        "requests": w["requests"],
+        "failed": w["connect"] + w["read"] + w["write"] + w["status"] + w["timeout"],
+        "rps": wrk_rps(w),
+        "lat_ms": f"p50 {w['p50_us'] / 1000:.1f}, p95 {w['p95_us'] / 1000:.1f}, "
+        f"p99 {w['p99_us'] / 1000:.1f}",
     }
 
 
-def measure(p: Proxy, origin: Origin, name: str, case: str, go) -> Row:  # noqa: ANN001
+def measure(p: Proxy, origin: Origin, name: str, case: str, go: Callable[[], dict]) -> Row:
     assert p.child is not None
     settle(p.child.pid, p.fds)
     before, acc0 = proc_stat(p.child.pid), origin.accepts()
@@ -300,8 +196,7 @@ def measure(p: Proxy, origin: Origin, name: str, case: str, go) -> Row:  # noqa:
 
 
 def median(rows: list[Row]) -> Row:
-    ordered = sorted(rows, key=lambda r: r.rps)
-    row = ordered[(len(ordered) - 1) // 2]
+    row = median_by(rows, lambda r: r.rps)
     row.reps = [round(r.rps) for r in rows]
     return row
 
@@ -326,43 +221,13 @@ def render(rows: list[Row], meta: str) -> str:
             f"{r.rps:.0f}",
             r.lat_ms,
             str(r.failed),
-            "-" if r.cpu_ms_per_req is None else f"{r.cpu_ms_per_req:.2f}",
-            "-" if r.upstream_per_req is None else f"{r.upstream_per_req:.2f}",
+            cell(r.cpu_ms_per_req, ".2f"),
+            cell(r.upstream_per_req, ".2f"),
             "/".join(map(str, r.reps)),
         ]
         for r in rows
     ]
-    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    return "\n".join(
-        [meta, "", line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-        + [line(b) for b in body]
-    )
-
-
-def ensure(tools: dict[str, str]) -> dict[str, str]:
-    """name -> Debian package; installs the missing ones as root with apt-get."""
-    missing = {n: pkg for n, pkg in tools.items() if not find_tool(n)}
-    if missing:
-        pkgs = sorted(set(missing.values()))
-        if os.geteuid() != 0 or not find_tool("apt-get"):
-            raise BenchError(f"missing {', '.join(missing)}: apt-get install {' '.join(pkgs)}")
-        log(f"installing {' '.join(pkgs)} with apt-get")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-q"], check=True, env=env, timeout=600)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-q", "--no-install-recommends", *pkgs],
-            check=True,
-            env=env,
-            timeout=900,
-        )
-    found = {n: find_tool(n) for n in tools}
-    if not all(found.values()):
-        raise BenchError(f"still missing after apt-get: {[n for n, p in found.items() if not p]}")
-    return found  # type: ignore[return-value]
+    return "\n".join([meta, "", table(head, body, align="left")])
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -391,12 +256,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     a = parse_args(argv)
-    signal.signal(signal.SIGTERM, bench._on_sigterm)
-    tools = ensure({"nginx": "nginx", "wrk": "wrk", "h2load": "nghttp2-client"})
-    bench.raise_nofile()
+    tools = ensure_tools({"nginx": "nginx", "wrk": "wrk", "h2load": "nghttp2-client"})
+    raise_nofile()
     import mitmproxy.version
 
-    load0 = os.getloadavg()[0]
+    load0 = load_at_start()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="waypost-bench-tls-") as tmpdir:
         tmp = Path(tmpdir)
@@ -406,7 +270,16 @@ def main(argv: list[str]) -> int:
         leaf.cert_chain_pems[0].write_to_path(str(files["cert"]))
         leaf.private_key_pem.write_to_path(str(files["key"]))
         ca.cert_pem.write_to_path(str(files["ca"]))
-        origin = Origin(tools["nginx"], tmp, a.size, ca)
+        ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(
+            str(tmp / "origin.pem")
+        )
+        origin = Origin(
+            tools["nginx"],
+            tmp,
+            os.urandom(a.size),
+            servers=SERVERS,
+            ports=("http", "close", "https"),
+        )
         proxies: list[Proxy] = []
         try:
             origin.start()
@@ -423,7 +296,7 @@ def main(argv: list[str]) -> int:
                 }
                 cases = ["keep-alive", "Connection: close"]
             lua = tmp / "summary.lua"
-            lua.write_text(WRK_LUA)
+            lua.write_text(WRK_SUMMARY)
             for label, target in targets.items():
                 setups = [] if a.no_bare else [("bare", False)]
                 setups.append(("waypost", True))
@@ -449,30 +322,18 @@ def main(argv: list[str]) -> int:
                             log(f"{label:18} {p.name:8} {case:18} {r.rps:7.0f} req/s  {r.lat_ms}")
                             per[p.name].append(r)
                     rows += [median(per[p.name]) for p in group]
-                for p in group:
-                    assert p.child is not None
-                    p.child.stop()
+                stop_all(p.child for p in group)
         finally:
-            for p in proxies:
-                if p.child:
-                    p.child.stop()
-            origin.stop()
+            stop_all([*(p.child for p in proxies), origin.child])
     meta = (
         f"scripts/bench {a.which}: nproc {os.cpu_count()}, Python {sys.version.split()[0]}, "
         f"mitmproxy {mitmproxy.version.VERSION}, {tool_version([tools['h2load'], '--version'])}, "
         f"{a.connections} connections, {a.duration:g}s runs, median of {a.repeat}, "
-        f"{a.size} byte responses, load average {load0:.2f} before / {os.getloadavg()[0]:.2f} after"
+        f"{a.size} byte responses, {load_label(load0)}"
     )
     print(render(rows, meta))
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except BenchError as e:
-        log(f"error: {e}")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        log("interrupted")
-        sys.exit(130)
+    run(main)

@@ -35,6 +35,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import benchlib
 import brotli
 import zstandard
 
@@ -270,15 +271,15 @@ def main(argv: list[str]) -> int:
     )
     a = p.parse_args(argv)
     if a.hook:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        print("| body | coding | hook us, memo off | hook us, memo on |")
-        print("|---|---|---|---|")
+        sys.path.insert(0, str(benchlib.ROOT))
+        head = ["body", "coding", "hook us, memo off", "hook us, memo on"]
+        print(benchlib.table(head, []))  # the rows as they are measured
         for size in map(int, a.sizes.split(",")):
             for alg in (None, "gzip", "br", "zstd"):
                 off = hook_us(alg, size, memo=False)
                 on = hook_us(alg, size, memo=True)
                 label = f"html {size_label(size)}"
-                print(f"| {label} | {alg or 'none asked'} | {off:.0f} | {on:.1f} |")
+                print(benchlib.md_row([label, alg or "none asked", f"{off:.0f}", f"{on:.1f}"]))
         return 0
     levels = LEVELS
     if a.levels:
@@ -319,14 +320,20 @@ def main(argv: list[str]) -> int:
         f"brotli {brotli.__version__}, zstandard {zstandard.__version__}"
     )
     print(f"one asyncio.to_thread round trip: {hop:.0f} us (median)\n")
-    print("| body | bytes | algorithm | level | us | MB/s | saved |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        mbs = r["bytes"] / r["us"] if r["us"] else 0.0
-        print(
-            f"| {r['body']} | {r['bytes']} | {r['algorithm']} | {r['level']} | {r['us']:.0f} "
-            f"| {mbs:.0f} | {r['saved_pct']:.1f}% |"
-        )
+    head = ["body", "bytes", "algorithm", "level", "us", "MB/s", "saved"]
+    body = [
+        [
+            r["body"],
+            r["bytes"],
+            r["algorithm"],
+            r["level"],
+            f"{r['us']:.0f}",
+            f"{r['bytes'] / r['us'] if r['us'] else 0.0:.0f}",
+            f"{r['saved_pct']:.1f}%",
+        ]
+        for r in rows
+    ]
+    print(benchlib.table(head, body))
     return 0
 
 

@@ -13,10 +13,10 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import benchlib
 
+sys.path.insert(0, str(benchlib.ROOT))
 from mitmproxy.test import taddons, tflow  # noqa: E402
 
 from addons import acl, forwarding, ratelimit, secheaders  # noqa: E402

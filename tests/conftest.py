@@ -13,9 +13,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from aiohttp import web
@@ -25,6 +26,8 @@ MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
 # Forward mode logs "HTTP(S) proxy listening at ...", reverse mode "Reverse proxy to URL listening at".
 _LISTENING = re.compile(r"(?i)proxy (?:to \S+ )?listening at \*?\[?([0-9a-f.:]+?)\]?:(\d+)")
 MANAGEMENT = re.compile(r"management (?:app )?listening at https?://[0-9.]+:(\d+)")
+
+T = TypeVar("T")
 
 
 # --- backend -------------------------------------------------------------------------------
@@ -137,9 +140,22 @@ def backend() -> Iterator[Backend]:
         yield state
 
 
+def read_head(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes] | None:
+    """Read until a blank line ends a message head: (head without the blank line, the bytes
+    after it), or None if the peer closes first. `buf` holds bytes already read; the
+    socket's timeout applies to every read."""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            return None
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
 class ThreadedServer:
     """A raw TCP server on 127.0.0.1 for tests that need their own origin; subclasses answer
-    each accepted connection in `handle`, on a thread of its own."""
+    each accepted connection in `handle`, on a thread of its own, with a 5 s socket timeout."""
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
@@ -159,6 +175,7 @@ class ThreadedServer:
             except OSError:
                 return
             self.accepts += 1
+            conn.settimeout(5)
             threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
 
     def handle(self, conn: socket.socket) -> None:
@@ -324,6 +341,36 @@ def _complete(resp: bytes) -> bool:
     head, _, rest = resp.partition(b"\r\n\r\n")
     m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
     return bool(m) and len(rest) >= int(m.group(1))
+
+
+def read_to_close(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it closes the connection (raises on timeout)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def connect_tunnel(proxy_port: int, target: str) -> socket.socket:
+    """A socket with an established CONNECT tunnel to `target` (host:port)."""
+    s = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    got = read_head(s)
+    assert got is not None and not got[1], got
+    assert status_of(got[0]) == 200, got[0]
+    return s
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05) -> T:
+    """Call `predicate` until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
 
 
 def status_of(resp: bytes) -> int:

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import socket
 import ssl
-import time
-from collections.abc import Callable
-from typing import TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tests.conftest import ThreadedServer, status_of
-
-T = TypeVar("T")
+from tests.conftest import ThreadedServer, read_head
 
 
 class TypeOrigin(ThreadedServer):
@@ -23,17 +18,11 @@ class TypeOrigin(ThreadedServer):
         super().__init__()
 
     def handle(self, conn: socket.socket) -> None:
-        conn.settimeout(5)
         buf = b""
         with conn:
             try:
-                while True:
-                    while b"\r\n\r\n" not in buf:
-                        data = conn.recv(65536)
-                        if not data:
-                            return
-                        buf += data
-                    head, _, buf = buf.partition(b"\r\n\r\n")
+                while (got := read_head(conn, buf)) is not None:
+                    head, buf = got
                     method, target = head.split(b" ", 2)[:2]
                     self._answer(conn, method.decode(), target.decode())
             except OSError:
@@ -62,12 +51,9 @@ class TypeOrigin(ThreadedServer):
 
 def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
     """One HTTP/1.1 response (Content-Length framed) from a keep-alive socket: (head, body)."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = sock.recv(65536)
-        assert data, buf
-        buf += data
-    head, _, body = buf.partition(b"\r\n\r\n")
+    got = read_head(sock)
+    assert got is not None
+    head, body = got
     length = 0
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
@@ -81,19 +67,6 @@ def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
     return head, body
 
 
-def connect_tunnel(proxy_port: int, target: str) -> socket.socket:
-    """A socket with an established CONNECT tunnel to `target` (host:port)."""
-    s = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
-    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        data = s.recv(1)
-        assert data, head
-        head += data
-    assert status_of(head) == 200, head
-    return s
-
-
 def tls_through(sock: socket.socket, sni: str, cafile: str) -> bytes:
     """TLS handshake with `sni` inside an open tunnel, one GET, the answer (raises on refusal)."""
     client = ssl.create_default_context(cafile=cafile)
@@ -101,14 +74,3 @@ def tls_through(sock: socket.socket, sni: str, cafile: str) -> bytes:
     with client.wrap_socket(sock, server_hostname=sni) as tls:
         tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         return tls.recv(65536)
-
-
-def poll(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval)

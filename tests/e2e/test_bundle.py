@@ -9,9 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Backend, json_body, raw_request, status_of
-
-MANAGEMENT = r"management (?:app )?listening at https?://[0-9.]+:(\d+)"
+from tests.conftest import MANAGEMENT, Backend, json_body, raw_request, status_of, wait_until
 
 
 def write_profile(tmp_path: Path, text: str, name: str = "profile.yaml") -> Path:
@@ -55,16 +53,6 @@ def client(p) -> httpx.Client:
 
 def access_lines(p, message: str = "request") -> list[dict]:
     return [j for j in p.json_lines() if j.get("message") == message and "request_id" in j]
-
-
-def wait_until(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])

@@ -22,10 +22,9 @@ import pytest
 import zstandard
 from aiohttp import web
 
-from tests.conftest import Proxy, serve_app, start_proxy
+from tests.conftest import MANAGEMENT, Proxy, serve_app, start_proxy
 
 SCRIPT = ("addons/compress.py",)
-MANAGEMENT = r"management (?:app )?listening at https?://[0-9.]+:(\d+)"
 
 
 def page(size: int) -> bytes:

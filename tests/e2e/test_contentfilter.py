@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Backend, status_of
-from tests.e2e.filter_helpers import TypeOrigin, poll, read_response
+from tests.conftest import Backend, read_head, status_of, wait_until
+from tests.e2e.filter_helpers import TypeOrigin, read_response
 
 SCRIPTS = ("addons/contentfilter.py",)
 BLOCKED = ["application/x-msdownload", "video/*", "/application/(x-)?zip/"]
@@ -70,10 +70,8 @@ def test_head_of_a_blocked_type(proxy_factory, origin: TypeOrigin):
     with socket.create_connection(("127.0.0.1", p.port), timeout=20) as s:
         target = f"127.0.0.1:{origin.port}"
         s.sendall(f"HEAD http://{target}/ct/video/mp4 HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            buf += s.recv(65536)
-        assert status_of(buf) == 403
+        head, _ = read_head(s)
+        assert status_of(head) == 403
         head, body = request(s, origin.port, "/ct/text/plain?n=3")
         assert status_of(head) == 200 and body == b"ooo"
 
@@ -141,4 +139,4 @@ def test_bundle_profile(proxy_factory, origin: TypeOrigin, tmp_path: Path):
             j.get("error_code") == "CONTENT_TYPE_BLOCKED" and j["status"] == 403 for j in lines
         )
 
-    poll(blocked_line)
+    wait_until(blocked_line)

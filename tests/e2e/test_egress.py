@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import ThreadedServer, json_body, raw_request, status_of
+from tests.conftest import ThreadedServer, json_body, raw_request, read_head, status_of
 
 EGRESS = "addons/egress.py"
 FAKE_MANAGEMENT = "tests/e2e/fake_management.py"
@@ -18,18 +18,12 @@ class CountingOrigin(ThreadedServer):
     """A keep-alive HTTP/1.1 origin on 127.0.0.1 that counts the TCP connections it accepts."""
 
     def handle(self, conn: socket.socket) -> None:
-        conn.settimeout(5)
         buf = b""
         with conn:
             try:
-                while True:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                    while b"\r\n\r\n" in buf:
-                        _, _, buf = buf.partition(b"\r\n\r\n")
-                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                while (got := read_head(conn, buf)) is not None:
+                    _, buf = got
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             except OSError:
                 return
 

@@ -14,12 +14,19 @@ import httpx
 import pytest
 import trustme
 
-from tests.conftest import Backend, json_body, raw_request, status_of
-from tests.e2e.filter_helpers import connect_tunnel, poll, tls_through
+from tests.conftest import (
+    MANAGEMENT,
+    Backend,
+    connect_tunnel,
+    json_body,
+    raw_request,
+    status_of,
+    wait_until,
+)
+from tests.e2e.filter_helpers import tls_through
 from tests.e2e.test_tlspolicy import TlsOrigin
 
 FILTER = "addons/filter.py"
-MANAGEMENT = r"management (?:app )?listening at https?://[0-9.]+:(\d+)"
 
 
 def get(proxy_port: int, url: str, host: str | None = None) -> bytes:
@@ -222,7 +229,7 @@ def test_hot_reload_under_traffic_without_a_failed_request(
                 os.replace(tmp, lst)  # atomic rename, as most tools write
             else:
                 lst.write_text(body)  # rewritten in place
-            poll(lambda g=gen: status_of(get(p.port, f"http://x.gen{g}.test/")) == 403, 15)
+            wait_until(lambda g=gen: status_of(get(p.port, f"http://x.gen{g}.test/")) == 403, 15)
             assert status_of(get(p.port, f"http://gen{gen - 1}.test/")) == 502
         # A bad file keeps the list it had.
         lst.write_text("<html>503 from the list mirror</html>\n")
@@ -279,7 +286,7 @@ def test_bundle_profile_plain_http_and_connect(proxy_factory, backend: Backend, 
         access = [j for j in p.json_lines() if j.get("message") == "request"]
         return [j for j in access if j.get("error_code") == "DOMAIN_BLOCKED"]
 
-    blocked = poll(blocked_lines)
+    blocked = wait_until(blocked_lines)
     assert blocked[0]["rule"] == "*.ads.test"
     audit = [j for j in p.json_lines() if j.get("logger") == "waypost.audit"]
     assert any(j["decision"] == "would_block" and j["rule"] == "trial" for j in audit)

@@ -11,7 +11,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import json_body, raw_request, status_of
+from tests.conftest import json_body, raw_request, read_head, status_of
 
 SCRIPTS = ("addons/forwarding.py", "addons/accesslog.py")
 
@@ -138,11 +138,10 @@ class OneShotWebsocketOrigin:
             return
         with conn:
             conn.settimeout(10)
-            while b"\r\n\r\n" not in self.request:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                self.request += chunk
+            got = read_head(conn)
+            if got is None:
+                return
+            self.request = got[0] + b"\r\n\r\n" + got[1]
             key = next(
                 line.split(b":", 1)[1].strip()
                 for line in self.request.split(b"\r\n")

@@ -10,7 +10,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Backend, Proxy, json_body, raw_request, start_proxy, status_of
+from tests.conftest import (
+    Backend,
+    Proxy,
+    json_body,
+    raw_request,
+    read_to_close,
+    start_proxy,
+    status_of,
+)
 
 OPTIONS = {
     "limits_header_timeout": "1s",
@@ -291,9 +299,7 @@ def test_streamed_content_length_over_limit(streaming_proxy: Proxy, backend: Bac
 def test_silent_connection_closed_after_timeout(proxy: Proxy) -> None:
     start = time.monotonic()
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
-        resp = b""
-        while chunk := s.recv(65536):
-            resp += chunk
+        resp = read_to_close(s)
     assert time.monotonic() - start < 4
     _assert_error(resp, 408, "REQUEST_TIMEOUT")
 
@@ -308,9 +314,7 @@ def test_keepalive_head_deadline_counts_from_first_byte(proxy: Proxy, backend: B
         time.sleep(1.3)  # idle between requests is not the head timeout
         s.sendall(b"GET ")
         start = time.monotonic()
-        resp = b""
-        while chunk := s.recv(65536):
-            resp += chunk
+        resp = read_to_close(s)
     assert time.monotonic() - start < 3
     _assert_error(resp, 408, "REQUEST_TIMEOUT")
 

@@ -12,10 +12,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, Backend, Proxy, json_body, raw_request, status_of
+from tests.conftest import MANAGEMENT, ROOT, Backend, Proxy, json_body, raw_request, status_of
 
 SCRIPTS = ("addons/metrics.py", "addons/management.py")
-MANAGEMENT = r"management (?:app )?listening at https?://[0-9.]+:(\d+)"
 
 
 def start(proxy_factory: Callable[..., Proxy], **options: object) -> tuple[Proxy, int]:

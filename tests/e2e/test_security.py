@@ -7,18 +7,23 @@ from __future__ import annotations
 import json
 import re
 import socket
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import trustme
 
-from tests.conftest import Backend, json_body, raw_request, status_of
+from tests.conftest import (
+    MANAGEMENT,
+    Backend,
+    json_body,
+    raw_request,
+    read_head,
+    read_to_close,
+    status_of,
+    wait_until,
+)
 from tests.e2e.test_tlspolicy import TlsOrigin
-
-MANAGEMENT = r"management (?:app )?listening at https?://[0-9.]+:(\d+)"
-REVERSE = r"reverse proxy to \S+ listening at \[?[0-9a-f.:]+?\]?:(\d+)"
 
 PROFILE = """\
 server: {{host: 127.0.0.1, port: 8080, shutdown_timeout: 2s, timeouts: {{connect: 2s, read: 5s}}}}
@@ -40,10 +45,7 @@ def bundle(proxy_factory, tmp_path: Path, backend: Backend):
         options = {"waypost_profile": str(path), **kwargs.pop("options", {})}
         if reverse:
             options["mode"] = f"reverse:{reverse}"
-            p = proxy_factory(options=options, wait=False, **kwargs)
-            p.port = int(p.wait_for(REVERSE).group(1))
-        else:
-            p = proxy_factory(options=options, **kwargs)
+        p = proxy_factory(options=options, **kwargs)
         p.mgmt_port = int(p.wait_for(MANAGEMENT).group(1))
         return p
 
@@ -68,30 +70,10 @@ def head_of(resp: bytes) -> dict[str, str]:
     return {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
 
 
-def closed_after_answer(sock: socket.socket) -> bytes:
-    """Read until the proxy closes the connection (raises on timeout)."""
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-
-
 def audit(p, policy: str) -> list[dict]:
     return [
         j for j in p.json_lines() if j.get("logger") == "waypost.audit" and j["policy"] == policy
     ]
-
-
-def wait_until(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")  # pragma: no cover
 
 
 def metric(p, name: str, **labels: str) -> float:
@@ -116,7 +98,7 @@ def test_acl_denied_client_plain_http_and_connect(bundle, backend: Backend) -> N
     ):
         with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
             s.sendall(request.encode())
-            resp = closed_after_answer(s)  # the answer, then the proxy closes
+            resp = read_to_close(s)  # the answer, then the proxy closes
         assert status_of(resp) == 403
         body = json_body(resp)
         assert body["error"]["code"] == "ACCESS_DENIED"
@@ -176,14 +158,11 @@ def test_acl_shadow_passes_and_reports(bundle, backend: Backend) -> None:
 
 
 def read_response(s: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(head_of(data).get("content-length", "0"))
+    got = read_head(s)
+    if got is None:
+        return b""
+    head, body = got
+    length = int(head_of(head).get("content-length", "0"))
     while len(body) < length:
         chunk = s.recv(65536)
         if not chunk:

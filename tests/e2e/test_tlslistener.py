@@ -115,6 +115,18 @@ def start_listener(
     return proxy, int(m.group(2))
 
 
+def h2_listener(proxy_factory, files: dict[str, Path], origin: Hypercorn, **options: object) -> int:
+    """The port of a listener in front of the h2 TLS origin, trusting the origin's CA."""
+    _, port = start_listener(
+        proxy_factory,
+        files,
+        f"https://127.0.0.1:{origin.port}",
+        ssl_verify_upstream_trusted_ca=origin.ca,
+        **options,
+    )
+    return port
+
+
 def get(port: int, files: dict[str, Path], http2: bool, path: str = "/x") -> httpx.Response:
     # httpx offers "http/1.1, h2" with http2=True: the listener must pick h2 by itself.
     with httpx.Client(verify=str(files["ca"]), http2=http2, timeout=10, trust_env=False) as client:
@@ -136,12 +148,7 @@ def served_certificate(port: int) -> x509.Certificate:
 def test_h2_origin_gets_the_clients_protocol(
     proxy_factory, server_files, h2_origin: Hypercorn, http2: bool
 ) -> None:
-    _, port = start_listener(
-        proxy_factory,
-        server_files,
-        f"https://127.0.0.1:{h2_origin.port}",
-        ssl_verify_upstream_trusted_ca=h2_origin.ca,
-    )
+    port = h2_listener(proxy_factory, server_files, h2_origin)
     r = get(port, server_files, http2)
     assert r.status_code == 200
     assert r.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
@@ -192,13 +199,7 @@ async def test_http3_gets_the_same_certificate(proxy_factory, server_files, back
 
 
 def test_http2_off_gives_http11(proxy_factory, server_files, h2_origin: Hypercorn) -> None:
-    _, port = start_listener(
-        proxy_factory,
-        server_files,
-        f"https://127.0.0.1:{h2_origin.port}",
-        ssl_verify_upstream_trusted_ca=h2_origin.ca,
-        http2=False,
-    )
+    port = h2_listener(proxy_factory, server_files, h2_origin, http2=False)
     r = get(port, server_files, http2=True)
     assert r.http_version == "HTTP/1.1"
     assert r.json()["http_version"] == "1.1"
@@ -209,12 +210,7 @@ def test_http2_off_gives_http11(proxy_factory, server_files, h2_origin: Hypercor
 def test_curl_negotiates(
     proxy_factory, server_files, h2_origin: Hypercorn, flag: str, want: str
 ) -> None:
-    _, port = start_listener(
-        proxy_factory,
-        server_files,
-        f"https://127.0.0.1:{h2_origin.port}",
-        ssl_verify_upstream_trusted_ca=h2_origin.ca,
-    )
+    port = h2_listener(proxy_factory, server_files, h2_origin)
     out = subprocess.run(
         ["curl", "-sS", "--max-time", "10", "--cacert", str(server_files["ca"]), flag]
         + ["-w", "\n%{http_version}", f"https://localhost:{port}/c"],

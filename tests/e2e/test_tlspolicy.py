@@ -13,7 +13,7 @@ import pytest
 import trustme
 from cryptography import x509
 
-from tests.conftest import ThreadedServer, status_of
+from tests.conftest import ThreadedServer, connect_tunnel, read_head
 
 SCRIPTS = ("addons/egress.py", "addons/tlspolicy.py")
 
@@ -30,15 +30,10 @@ class TlsOrigin(ThreadedServer):
         super().__init__()
 
     def handle(self, conn: socket.socket) -> None:
-        conn.settimeout(5)
         try:
             with self.ctx.wrap_socket(conn, server_side=True) as tls:
-                buf = b""
-                while b"\r\n\r\n" not in buf:
-                    data = tls.recv(65536)
-                    if not data:
-                        return
-                    buf += data
+                if read_head(tls) is None:
+                    return
                 tls.sendall(
                     b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\norigin\n"
                 )
@@ -68,14 +63,7 @@ def _options(origin: TlsOrigin, **extra: object) -> dict[str, object]:
 
 def _issuer_through_tunnel(proxy_port: int, host: str, port: int) -> x509.Name:
     """Open a CONNECT tunnel with a raw socket, handshake TLS inside it, return the cert issuer."""
-    with socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as s:
-        s.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            data = s.recv(1)
-            assert data, head
-            head += data
-        assert status_of(head) == 200, head
+    with connect_tunnel(proxy_port, f"{host}:{port}") as s:
         client = ssl.create_default_context()
         client.check_hostname = False
         client.verify_mode = ssl.CERT_NONE  # we only want to see which certificate is presented
