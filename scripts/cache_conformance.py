@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib as bench  # noqa: E402  (scripts/benchlib.py: Child, free_port)
+import benchlib  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent / "conformance"
@@ -160,7 +160,7 @@ def install(cache_dir: Path = CACHE_DIR) -> Path:
     return suite
 
 
-def _wait_http(url: str, child: bench.Child, timeout: float) -> None:
+def _wait_http(url: str, child: benchlib.Child, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and child.alive():
         try:
@@ -182,14 +182,14 @@ def run(
 ) -> dict[str, object]:
     """One run of the whole suite through mitmdump: the raw results by test id."""
     node = shutil.which("node") or "node"
-    origin_port, proxy_port = bench.free_port(), bench.free_port()
+    origin_port, proxy_port = benchlib.free_port(), benchlib.free_port()
     env = {
         **os.environ,
         "npm_config_port": str(origin_port),
         "npm_package_config_protocol": "http",
         "npm_package_config_pidfile": str(workdir / "server.pid"),
     }
-    origin = bench.Child(
+    origin = benchlib.Child(
         "cache-tests origin",
         [node, "--import", (HERE / "loopback.mjs").as_uri(), "server/server.mjs"],
         workdir / "origin.out",
@@ -204,7 +204,7 @@ def run(
         args += ["-s", s]
     for o in options:
         args += ["--set", o]
-    proxy = bench.Child("mitmdump", args, workdir / "mitmdump.out")
+    proxy = benchlib.Child("mitmdump", args, workdir / "mitmdump.out")
     try:
         _wait_http(f"http://127.0.0.1:{origin_port}/", origin, 30)
         _wait_http(f"http://127.0.0.1:{proxy_port}/", proxy, 30)

@@ -17,7 +17,7 @@ from email.utils import formatdate
 
 from aiohttp import web
 
-from tests.conftest import ThreadedServer, serve_app
+from tests.conftest import ThreadedServer, read_head, serve_app
 
 Answer = tuple[int, dict[str, str] | list[tuple[str, str]], bytes]
 Handler = Callable[[web.Request], Answer]
@@ -97,13 +97,9 @@ class FlakyOrigin(ThreadedServer):
     def handle(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(10)
-            data = b""
             try:
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
+                if read_head(conn) is None:
+                    return
                 if self.mode == "close":
                     return
                 if self.mode == "hang":

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import MANAGEMENT, Backend, Proxy, start_proxy
+from tests.conftest import MANAGEMENT, Backend, Proxy, start_proxy, wait_until
 from tests.e2e.cache_helpers import FlakyOrigin, Origin, http_date, start_origin
 from tests.e2e.router_helpers import REVERSE, NamedBackend, write_profile
 
@@ -57,14 +57,6 @@ def get(reverse: Proxy) -> Iterator[Get]:
 
 def status(r: httpx.Response) -> str:
     return r.headers.get("x-cache-status", "")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 # --- the RFC 9111 table: (id, origin headers, request sequence expectations) ------------------
