@@ -167,6 +167,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--no-waypost", action="store_true", help="bench bare mitmdump only")
     p.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also bench the bundle of another checkout (e.g. a git worktree of the previous "
+        "release) as setup 'baseline', interleaved with the others in the same run",
+    )
+    p.add_argument(
         "--proxy-args",
         default="",
         help="extra mitmdump arguments for the Waypost setup (shell-quoted string)",
@@ -196,6 +202,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--connections: at least one count >= 1")
     if a.duration <= 0 or a.repeat < 1 or a.threads < 1 or a.size < 1:
         p.error("--duration, --repeat, --threads and --size must be positive")
+    if a.baseline and (a.no_waypost or a.scripts):
+        p.error("--baseline compares bundles: not with --no-waypost or --scripts")
     if a.no_bare and a.no_waypost:
         p.error("nothing to bench: --no-bare and --no-waypost")
     return a
@@ -205,28 +213,42 @@ def build_setups(a: argparse.Namespace) -> list[Setup]:
     setups = []
     if not a.no_bare:
         setups.append(Setup("bare", [], shlex.split(a.bare_args)))
-    if not a.no_waypost:
-        # The cache is off: nginx's static file would be a hit after the first request, and this
-        # measures the pipeline on proxied requests (scripts/bench-cache measures the cache).
+    if a.no_waypost:
+        return setups
+    if a.scripts:
+        files = [s.strip() for s in a.scripts.split(",") if s.strip()]
+        for f in files:
+            if not (ROOT / f).is_file():
+                raise BenchError(f"--scripts: {f} does not exist")
         sets, env = loopback_sets()
-        common = ["--set", "cache_enabled=false", *sets]
-        if a.scripts:
-            files = [s.strip() for s in a.scripts.split(",") if s.strip()]
-            for f in files:
-                if not (ROOT / f).is_file():
-                    raise BenchError(f"--scripts: {f} does not exist")
-            setups.append(Setup("waypost", files, common + shlex.split(a.proxy_args), env))
-        else:
-            if not (ROOT / "addons/bundle.py").is_file():
-                raise BenchError(
-                    "addons/bundle.py does not exist yet: "
-                    "pass --scripts addons/a.py,addons/b.py or --no-waypost"
-                )
-            if not (ROOT / a.profile).is_file():
-                raise BenchError(f"profile {a.profile} does not exist (--profile)")
-            args = ["--set", f"waypost_profile={a.profile}", *common, *shlex.split(a.proxy_args)]
-            setups.append(Setup("waypost", ["addons/bundle.py"], args, env))
+        setups.append(Setup("waypost", files, pipeline_args(a, sets), env))
+        return setups
+    setups.append(bundle_setup("waypost", ROOT, a))
+    if a.baseline:
+        setups.append(bundle_setup("baseline", Path(a.baseline).resolve(), a))
     return setups
+
+
+def pipeline_args(a: argparse.Namespace, sets: list[str]) -> list[str]:
+    # The cache is off: nginx's static file would be a hit after the first request, and this
+    # measures the pipeline on proxied requests (scripts/bench-cache measures the cache).
+    return ["--set", "cache_enabled=false", *sets, *shlex.split(a.proxy_args)]
+
+
+def bundle_setup(name: str, tree: Path, a: argparse.Namespace) -> Setup:
+    """The bundle of the checkout `tree` with the profile `a.profile` of that checkout; another
+    checkout's `addons` package comes first on PYTHONPATH, so the venv's editable install of
+    this one is not what runs."""
+    bundle, profile = tree / "addons/bundle.py", tree / a.profile
+    if not bundle.is_file():
+        raise BenchError(f"{bundle} does not exist (pass --scripts or --no-waypost)")
+    if not profile.is_file():
+        raise BenchError(f"profile {profile} does not exist (--profile)")
+    sets, env = loopback_sets()
+    if tree != ROOT:
+        env["PYTHONPATH"] = str(tree)
+    args = ["--set", f"waypost_profile={profile}", *pipeline_args(a, sets)]
+    return Setup(name, [str(bundle)], args, env)
 
 
 def main(argv: list[str]) -> int:
