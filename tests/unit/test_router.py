@@ -10,8 +10,10 @@ from mitmproxy import exceptions
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import errors, profile, router
-from addons.router import Router
+from addons import errors, profile
+from addons.kernel import patching
+from addons.routing import options, retry
+from addons.routing.router import Router
 
 A = "http://10.0.0.1:8080"
 B = "http://10.0.0.2:8080"
@@ -205,12 +207,12 @@ def test_backend_state_survives_a_reload_and_egress_exemption() -> None:
 def test_retry_patch_is_installed_on_checked_versions() -> None:
     r = Router()
     with taddons.context(r):
-        assert r._patched is (router.version.VERSION in router.CHECKED_VERSIONS)
+        assert r._patched is patching.checked(patching.version.VERSION)
         if r._patched:
-            stream = router.http_layer.HttpStream
-            assert stream.make_server_connection is router._make_server_connection
+            stream = retry.http_layer.HttpStream
+            assert stream.make_server_connection is retry._make_server_connection
     r.done()
-    assert router.http_layer.HttpStream.make_server_connection is not router._make_server_connection
+    assert retry.http_layer.HttpStream.make_server_connection is not retry._make_server_connection
 
 
 # --- profile sections ------------------------------------------------------------------------
@@ -284,7 +286,7 @@ routing:
       cache: false
 """
     opts = profile.to_options(profile.load(write(tmp_path, text), {}).profile)
-    parsed = router.parse_rules(opts["routing_rules"])
+    parsed = options.parse_rules(opts["routing_rules"])
     assert parsed[0].match.host == "*.example.com" and parsed[0].match.method == ["GET"]
     assert parsed[0].forward.timeout == 2.0 and parsed[0].cache is False
     r = Router()
