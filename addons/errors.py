@@ -7,10 +7,10 @@ through `make()`, so clients and log readers see one shape:
 
 - `reason_of` / `classify`: a mitmproxy error message (and the status mitmproxy would send) as
   a short reason (`connection_refused`, `closed`, ...) and the Waypost code and status.
-- `install_error_page`: the one patch of mitmproxy's HTTP/1 error page (`_http1.make_error_
-  response`, used for unparsable request heads, protocol errors, and the wire guards'
-  refusals in `addons/kernel/wire.py`), so those answers are JSON too. Installed through
-  `addons/kernel/patching.py` by the addons that need it (hygiene, upstream).
+- `install_error_page`: the one patch of mitmproxy's HTTP/1 error page
+  (`_http1.make_error_response`, used for unparsable request heads, protocol errors and the
+  wire guards' refusals in `addons/kernel/wire.py`), so those answers are JSON too; installed
+  through `addons/kernel/patching.py` by the addons that need it (hygiene, upstream).
 """
 
 from __future__ import annotations
