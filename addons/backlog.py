@@ -8,8 +8,8 @@ mitmproxy's `ServerInstance.start` and re-listens every TCP socket it opened, in
 listeners restarted later by a mode or listen-address change. The kernel caps the value at
 net.core.somaxconn.
 
-Patched only on mitmproxy 11.0.x and 12.x (whose `mode_servers` was read); elsewhere a WARNING
-says the backlog stays mitmproxy's.
+Patched through `addons/kernel/patching.py`, so only on the mitmproxy versions it checked;
+elsewhere a WARNING says the backlog stays mitmproxy's.
 
 Hooks: load, configure, running. Options: listen_backlog.
 """
@@ -21,17 +21,11 @@ import socket
 from typing import Any
 
 from mitmproxy import ctx, exceptions
-from mitmproxy import version as mitmproxy_version
 from mitmproxy.proxy import mode_servers
 
+from addons.kernel import patching
+
 log = logging.getLogger("waypost.backlog")
-
-_ORIGINAL = "__waypost_original__"
-
-
-def supported(version: str) -> bool:
-    parts = version.split(".")
-    return parts[0] == "12" or parts[:2] == ["11", "0"]
 
 
 def relisten(servers: list[Any], backlog: int) -> int:
@@ -53,11 +47,19 @@ def relisten(servers: list[Any], backlog: int) -> int:
 
 
 async def _start(self: Any) -> None:
-    installed = mode_servers.ServerInstance.start  # after a script reload, not this module's
-    await getattr(installed, _ORIGINAL)(self)
-    backlog = getattr(installed, "backlog", 0)
-    if backlog > 0:
-        relisten(getattr(self, "_servers", []), backlog)
+    await _start.__waypost_wrapped__(self)  # type: ignore[attr-defined]
+    if _start.backlog > 0:  # type: ignore[attr-defined]
+        relisten(getattr(self, "_servers", []), _start.backlog)  # type: ignore[attr-defined]
+
+
+_start.backlog = 0  # type: ignore[attr-defined]
+START = patching.Patch(
+    key="backlog.start",
+    target=mode_servers.ServerInstance,
+    name="start",
+    replacement=_start,
+    missing="no hook runs when a listener is opened (nor an option for asyncio's backlog)",
+)
 
 
 class Backlog:
@@ -77,9 +79,9 @@ class Backlog:
         backlog = ctx.options.listen_backlog
         if backlog < 0:
             raise exceptions.OptionsError(f"listen_backlog: must be 0 or more, got {backlog}")
-        if not install():
+        if not patching.install(START, unchecked="listen_backlog is not applied"):
             return
-        mode_servers.ServerInstance.start.backlog = backlog  # type: ignore[attr-defined]
+        _start.backlog = backlog  # type: ignore[attr-defined]
         self._relisten_running()
 
     def running(self) -> None:
@@ -90,23 +92,9 @@ class Backlog:
     def _relisten_running(self) -> None:
         backlog = ctx.options.listen_backlog
         ps = ctx.master.addons.get("proxyserver")
-        if ps is not None and backlog > 0 and hasattr(mode_servers.ServerInstance.start, _ORIGINAL):
+        if ps is not None and backlog > 0 and patching.installed(START.key):
             for instance in ps.servers:
                 relisten(getattr(instance, "_servers", []), backlog)
-
-
-def install() -> bool:
-    """Wrap ServerInstance.start once per process; False on an unchecked mitmproxy version."""
-    start = mode_servers.ServerInstance.start
-    if hasattr(start, _ORIGINAL):
-        return True
-    version = mitmproxy_version.VERSION
-    if not supported(version):
-        log.warning("listen_backlog is not applied: mitmproxy %s was not checked", version)
-        return False
-    setattr(_start, _ORIGINAL, start)
-    mode_servers.ServerInstance.start = _start  # type: ignore[method-assign]
-    return True
 
 
 addons = [Backlog()]

@@ -21,7 +21,7 @@ from addons.leanchain import LeanChain
 from addons.management import Management
 from addons.metrics import Metrics
 from addons.ratelimit import RateLimit
-from addons.router import Router
+from addons.routing.router import Router
 from addons.secheaders import SecHeaders
 from addons.tlslistener import TlsListener
 from addons.tlspolicy import TlsPolicy

@@ -4,6 +4,13 @@ Every response the proxy generates (a refusal, a limit, a rewritten mitmproxy er
 through `make()`, so clients and log readers see one shape:
 
     {"error": {"code": "...", "message": "...", "request_id": "...", "timestamp": "..."}}
+
+- `reason_of` / `classify`: a mitmproxy error message (and the status mitmproxy would send) as
+  a short reason (`connection_refused`, `closed`, ...) and the Waypost code and status.
+- `install_error_page`: the one patch of mitmproxy's HTTP/1 error page
+  (`_http1.make_error_response`, used for unparsable request heads, protocol errors and the
+  wire guards' refusals in `addons/kernel/wire.py`), so those answers are JSON too; installed
+  through `addons/kernel/patching.py` by the addons that need it (hygiene, upstream).
 """
 
 from __future__ import annotations
@@ -17,10 +24,13 @@ import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from mitmproxy import http
+from mitmproxy.net.http import http1
+from mitmproxy.proxy.layers.http import _http1
 
+from addons.kernel import patching, wire
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost")
@@ -49,11 +59,6 @@ STATUS: dict[str, int] = {
 
 # Client-supplied ids are echoed into headers and logs, so only a conservative token survives.
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-
-
-# Until the lead converts addons/cache.py, cli.py and router.py (split into packages in
-# parallel branches) to record(flow); then this line goes.
-waypost = record
 
 
 def request_id(flow: http.HTTPFlow) -> str:
@@ -152,3 +157,151 @@ def _refuse(hook: Callable[..., Any], flow: http.HTTPFlow) -> None:
     log.exception("hook %s failed; refusing the request", hook.__qualname__)
     record(flow)["decision"] = "internal_error"
     flow.response = make("INTERNAL_ERROR", "The proxy could not process this request.", flow)
+
+
+# --- mitmproxy's errors as Waypost's ---------------------------------------------------------
+
+CONNECT_TIMEOUT_MARK = "upstream connect timeout"
+
+
+class Failure(NamedTuple):
+    code: str  # one of STATUS
+    status: int
+    reason: str  # short machine reason, recorded as backend_error (or client_error)
+    message: str  # for the client
+
+
+_REASONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(p, re.IGNORECASE), r)
+    for p, r in (
+        (r"Client disconnected|reset by client", "client_disconnected"),
+        (re.escape(CONNECT_TIMEOUT_MARK), "connect_timeout"),
+        (r"Request destination unknown", "self_connect"),
+        (r"\[Errno 110\]|timed out", "connect_timeout"),
+        (
+            r"Name or service not known|nodename nor servname|name resolution|getaddrinfo"
+            r"|No address associated|\[Errno -\d+\]",
+            "dns_failure",
+        ),
+        # Before "refused": the egress policy's kill says "... refused the connection".
+        (r"^Connection killed", "connection_killed"),
+        (r"\[Errno 111\]|refused", "connection_refused"),
+        (r"unreachable|No route to host|\[Errno 113\]", "unreachable"),
+        (r"server closed connection|peer closed|closed by peer", "closed"),
+        (r"Response body exceeds", "response_too_large"),
+        (r"Request body exceeds", "request_too_large"),
+        (
+            r"Cannot parse HTTP response|unexpected server response|response.*validat",
+            "invalid_response",
+        ),
+        (r"^\[Errno|Connect call failed|Cannot connect|Cannot open connection", "connect_failed"),
+    )
+)
+
+_MESSAGES = {
+    "connect_timeout": "The backend did not accept the connection in time.",
+    "read_timeout": "The backend did not respond in time.",
+    "self_connect": "Request destination unknown: the request is addressed to the proxy itself.",
+    "dns_failure": "The backend host name could not be resolved.",
+    "connection_refused": "The backend refused the connection.",
+    "unreachable": "The backend is unreachable.",
+    "connection_killed": "The connection to the backend was refused by policy.",
+    "closed": "The backend closed the connection without a complete response.",
+    "response_too_large": "The backend response exceeds the proxy's body size limit.",
+    "request_too_large": "The request body exceeds the proxy's body size limit.",
+    "invalid_response": "The backend sent an invalid response.",
+    "connect_failed": "The backend could not be reached.",
+}
+
+
+def reason_of(message: str) -> str:
+    """A short reason for a mitmproxy error message (`connection_refused`, `closed`, ...)."""
+    for rx, reason in _REASONS:
+        if rx.search(message):
+            return reason
+    return "error"
+
+
+def classify(status: int | None, message: str, timed_out: str | None = None) -> Failure:
+    """Map a mitmproxy error (status it would send, message) to the Waypost error.
+
+    `status` None means unknown (the `error` hook only has the message): inferred from it.
+    `timed_out` is "connect_timeout"/"read_timeout" when one of our timers fired.
+    """
+    reason = timed_out or reason_of(message)
+    if reason == "client_disconnected":  # nobody is left to answer
+        return Failure("BAD_REQUEST", 400, reason, "The client disconnected.")
+    if reason in ("connect_timeout", "read_timeout") and (status is None or status >= 500):
+        return Failure("BACKEND_TIMEOUT", 504, reason, _MESSAGES[reason])
+    if status is None:
+        if reason == "request_too_large":
+            status = 413
+        elif reason == "error" and message.startswith(("HTTP/1 protocol error", "HTTP/2")):
+            status = 400
+        else:
+            status = 502
+    if status == 413:
+        return Failure(
+            "PAYLOAD_TOO_LARGE", 413, "request_too_large", _MESSAGES["request_too_large"]
+        )
+    if status == 502:
+        text = _MESSAGES.get(reason, "The backend could not be reached.")
+        return Failure("BACKEND_UNREACHABLE", 502, reason, text)
+    if status == 400:
+        return Failure("BAD_REQUEST", 400, "bad_request", f"Malformed request: {message}")
+    for code, code_status in STATUS.items():
+        if code_status == status:
+            return Failure(code, status, reason, message)
+    return Failure("INTERNAL_ERROR", status, reason, message)
+
+
+def http1_error(code: str, message: str, status: int, flow: http.HTTPFlow | None = None) -> bytes:
+    """A whole HTTP/1 error response that closes the connection, as mitmproxy writes its own."""
+    return http1.assemble_response(make(code, message, flow, {"Connection": "close"}, status))
+
+
+# --- the error-page patch ----------------------------------------------------------------------
+
+# Errors of the client's request, answered with the caller's message (the wire guards' reasons,
+# the parser's complaint); anything else is a mitmproxy error and goes through `classify`.
+CLIENT_ERRORS: dict[int, str] = {
+    400: "BAD_REQUEST",
+    408: "REQUEST_TIMEOUT",
+    413: "PAYLOAD_TOO_LARGE",
+    414: "URI_TOO_LONG",
+    431: "HEADERS_TOO_LARGE",
+}
+
+
+def error_page(status_code: int, message: str = "") -> bytes:
+    """`_http1.make_error_response` as Waypost JSON (a fresh request id: there is no flow)."""
+    code = CLIENT_ERRORS.get(status_code)
+    if code is None:
+        failure = classify(status_code, message)
+        return http1_error(failure.code, failure.message, failure.status)
+    limits = wire.limits()
+    if status_code == 413 and limits is not None and limits.max_body is not None:
+        message = f"The request body exceeds the limit of {limits.max_body} bytes."
+    return http1_error(code, message, status_code)
+
+
+ERROR_PAGE = patching.Patch(
+    key="errors.error_page",
+    target=_http1,
+    name="make_error_response",
+    replacement=error_page,
+    missing="no hook sees the HTTP/1 error page mitmproxy writes for an unparsable request "
+    "head or a protocol error (it is not a flow's response)",
+)
+
+
+def install_error_page(by: str) -> bool:
+    """Make mitmproxy's HTTP/1 error pages JSON while `by` (an addon) needs it; idempotent.
+
+    False on a mitmproxy version that was not checked.
+    """
+    return patching.install(ERROR_PAGE, unchecked="mitmproxy's own error pages stay HTML", by=by)
+
+
+def uninstall_error_page(by: str) -> None:
+    patching.uninstall(ERROR_PAGE.key, by=by)

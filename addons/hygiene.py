@@ -4,7 +4,7 @@ mitmproxy forwards several request shapes verbatim that let a request hide from 
 desynchronise a backend (obs-folded and bare-CR header values, NUL bytes, `GET *`, `HTTP/2.0`
 on an HTTP/1 connection, missing or duplicate Host, `Upgrade: h2c`). This addon refuses or
 normalises them before any other addon decides, and installs the guards below the hooks
-(`addons/wire.py`: head size cap, header timeout, trailers, leading empty lines, streamed
+(`addons/kernel/wire.py`: head size cap, header timeout, trailers, leading empty lines, streamed
 chunked body limit).
 
 Checks, in order (all answer 400 BAD_REQUEST unless noted, with `Connection: close`):
@@ -43,8 +43,8 @@ from typing import NamedTuple
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 
-from addons import errors, wire
-from addons.kernel import units
+from addons import errors
+from addons.kernel import units, wire
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.hygiene")
@@ -385,6 +385,8 @@ class Hygiene:
                 if opts.body_size_limit != wanted:
                     opts.update(body_size_limit=wanted)
         if updated & (names | {"limits_header_timeout"}):
+            # The wire guards answer with mitmproxy's error page, which errors.py makes JSON.
+            errors.install_error_page("hygiene")
             self.wire_active = wire.install()
             lim = self.limits
             wire.configure(

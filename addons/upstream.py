@@ -48,11 +48,12 @@ How the timeouts work, without patching:
   another stream's traffic can delay the timeout, never cause one. With an HTTP/2 upstream
   (only over intercepted TLS) closing the connection ends every stream on it.
 
-The one patch (version-guarded for mitmproxy 11.0.2 and 12.3.1, a WARNING and no patch on any
-other version; undone in `done`, so a script reload never stacks wrappers):
-- `proxy/layers/http/_http1.py`: `Http1Server.send` for `ResponseProtocolError` and the module
-  function `make_error_response` (also used by `read_headers` for unparsable requests) build
-  the JSON body instead of HTML. The flow comes from our `error` hook, which mitmproxy runs
+The patches (through `addons/kernel/patching.py`: only on the mitmproxy versions it checked,
+a WARNING and no patch on any other; undone in `done`):
+- `proxy/layers/http/_http1.py`: `Http1Server.send` for `ResponseProtocolError` builds the JSON
+  body (classified by `errors.classify`) instead of HTML, and errors.py's error page replaces
+  the module function `make_error_response` (also used by `read_headers` for unparsable
+  requests). The flow comes from our `error` hook, which mitmproxy runs
   before it sends the error (`HttpStream.handle_protocol_error`, `check_body_size`); the
   flow is matched to the HTTP/1 connection by `flow.request is server.request`.
   11.0.2 carries an int status in `event.code` (444 = no response); 12.3.1 an `ErrorCode`
@@ -66,119 +67,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import weakref
-from typing import Any, NamedTuple
+from typing import Any
 
-from mitmproxy import connection, ctx, exceptions, http, version
+from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy import flow as mflow
-from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, server_hooks
 from mitmproxy.proxy.layers.http import ResponseProtocolError, _http1
 
 from addons import errors
-from addons.kernel import units
+from addons.errors import CONNECT_TIMEOUT_MARK, Failure, classify
+from addons.kernel import patching, units
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.upstream")
 
-CHECKED_VERSIONS = frozenset({"11.0.2", "12.3.1"})
-CONNECT_TIMEOUT_MARK = "upstream connect timeout"
-
 # Flows whose error our `error` hook saw, by client connection id, for the HTTP/1 error writer.
 _ERRORED: weakref.WeakValueDictionary[str, http.HTTPFlow] = weakref.WeakValueDictionary()
-
-
-class Failure(NamedTuple):
-    code: str  # one of errors.STATUS
-    status: int
-    reason: str  # short machine reason, recorded as backend_error (or client_error)
-    message: str  # for the client
-
-
-_REASONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
-    (re.compile(p, re.IGNORECASE), r)
-    for p, r in (
-        (r"Client disconnected|reset by client", "client_disconnected"),
-        (re.escape(CONNECT_TIMEOUT_MARK), "connect_timeout"),
-        (r"Request destination unknown", "self_connect"),
-        (r"\[Errno 110\]|timed out", "connect_timeout"),
-        (
-            r"Name or service not known|nodename nor servname|name resolution|getaddrinfo"
-            r"|No address associated|\[Errno -\d+\]",
-            "dns_failure",
-        ),
-        # Before "refused": the egress policy's kill says "... refused the connection".
-        (r"^Connection killed", "connection_killed"),
-        (r"\[Errno 111\]|refused", "connection_refused"),
-        (r"unreachable|No route to host|\[Errno 113\]", "unreachable"),
-        (r"server closed connection|peer closed|closed by peer", "closed"),
-        (r"Response body exceeds", "response_too_large"),
-        (r"Request body exceeds", "request_too_large"),
-        (
-            r"Cannot parse HTTP response|unexpected server response|response.*validat",
-            "invalid_response",
-        ),
-        (r"^\[Errno|Connect call failed|Cannot connect|Cannot open connection", "connect_failed"),
-    )
-)
-
-_MESSAGES = {
-    "connect_timeout": "The backend did not accept the connection in time.",
-    "read_timeout": "The backend did not respond in time.",
-    "self_connect": "Request destination unknown: the request is addressed to the proxy itself.",
-    "dns_failure": "The backend host name could not be resolved.",
-    "connection_refused": "The backend refused the connection.",
-    "unreachable": "The backend is unreachable.",
-    "connection_killed": "The connection to the backend was refused by policy.",
-    "closed": "The backend closed the connection without a complete response.",
-    "response_too_large": "The backend response exceeds the proxy's body size limit.",
-    "request_too_large": "The request body exceeds the proxy's body size limit.",
-    "invalid_response": "The backend sent an invalid response.",
-    "connect_failed": "The backend could not be reached.",
-}
-
-
-def reason_of(message: str) -> str:
-    """A short reason for a mitmproxy error message (`connection_refused`, `closed`, ...)."""
-    for rx, reason in _REASONS:
-        if rx.search(message):
-            return reason
-    return "error"
-
-
-def classify(status: int | None, message: str, timed_out: str | None = None) -> Failure:
-    """Map a mitmproxy error (status it would send, message) to the Waypost error.
-
-    `status` None means unknown (the `error` hook only has the message): inferred from it.
-    `timed_out` is "connect_timeout"/"read_timeout" when one of our timers fired.
-    """
-    reason = timed_out or reason_of(message)
-    if reason == "client_disconnected":  # nobody is left to answer
-        return Failure("BAD_REQUEST", 400, reason, "The client disconnected.")
-    if reason in ("connect_timeout", "read_timeout") and (status is None or status >= 500):
-        return Failure("BACKEND_TIMEOUT", 504, reason, _MESSAGES[reason])
-    if status is None:
-        if reason == "request_too_large":
-            status = 413
-        elif reason == "error" and message.startswith(("HTTP/1 protocol error", "HTTP/2")):
-            status = 400
-        else:
-            status = 502
-    if status == 413:
-        return Failure(
-            "PAYLOAD_TOO_LARGE", 413, "request_too_large", _MESSAGES["request_too_large"]
-        )
-    if status == 502:
-        text = _MESSAGES.get(reason, "The backend could not be reached.")
-        return Failure("BACKEND_UNREACHABLE", 502, reason, text)
-    if status == 400:
-        return Failure("BAD_REQUEST", 400, "bad_request", f"Malformed request: {message}")
-    for code, code_status in errors.STATUS.items():
-        if code_status == status:
-            return Failure(code, status, reason, message)
-    return Failure("INTERNAL_ERROR", status, reason, message)
 
 
 def read_deadline(
@@ -211,23 +117,16 @@ def error_bytes(status: int, message: str, flow: http.HTTPFlow | None) -> bytes:
     """The whole HTTP/1 error response mitmproxy sends, as Waypost JSON."""
     meta = record(flow) if flow is not None else {}
     failure = classify(status, message, meta.get("timed_out"))
-    resp = errors.make(failure.code, failure.message, flow, {"Connection": "close"}, failure.status)
-    return http1.assemble_response(resp)
+    return errors.http1_error(failure.code, failure.message, failure.status, flow)
 
 
 # --- the patch ------------------------------------------------------------------------------
-
-_ORIGINAL = "__waypost_original__"
-
-
-def _json_make_error_response(status_code: int, message: str = "") -> bytes:
-    return error_bytes(status_code, message, None)
 
 
 def _send(self: _http1.Http1Server, event: Any) -> Any:
     if isinstance(event, ResponseProtocolError):
         return _send_error(self, event)
-    return getattr(_send, _ORIGINAL)(self, event)
+    return _send.__waypost_wrapped__(self, event)  # type: ignore[attr-defined]
 
 
 def _send_error(self: _http1.Http1Server, event: ResponseProtocolError) -> Any:
@@ -243,29 +142,25 @@ def _send_error(self: _http1.Http1Server, event: ResponseProtocolError) -> Any:
     yield commands.CloseConnection(self.conn)
 
 
+SEND = patching.Patch(
+    key="upstream.send",
+    target=_http1.Http1Server,
+    name="send",
+    replacement=_send,
+    missing="the error hook cannot change the error page mitmproxy then writes for a failed "
+    "upstream (`ResponseProtocolError`): it is not the flow's response",
+)
+
+
 def install_patch() -> bool:
     """Patch mitmproxy's HTTP/1 error responses; idempotent. False if the version is unchecked."""
-    if version.VERSION not in CHECKED_VERSIONS:
-        log.warning(
-            "mitmproxy %s is not a version Waypost checked (%s): its own error pages stay HTML",
-            version.VERSION,
-            ", ".join(sorted(CHECKED_VERSIONS)),
-        )
-        return False
-    uninstall_patch()
-    setattr(_send, _ORIGINAL, _http1.Http1Server.send)
-    setattr(_json_make_error_response, _ORIGINAL, _http1.make_error_response)
-    _http1.Http1Server.send = _send  # type: ignore[method-assign]
-    _http1.make_error_response = _json_make_error_response
-    return True
+    unchecked = "its own error pages stay HTML"
+    return patching.install(SEND, unchecked=unchecked) and errors.install_error_page("upstream")
 
 
 def uninstall_patch() -> None:
-    send = _http1.Http1Server.__dict__.get("send")
-    if hasattr(send, _ORIGINAL):
-        _http1.Http1Server.send = getattr(send, _ORIGINAL)  # type: ignore[method-assign]
-    if hasattr(_http1.make_error_response, _ORIGINAL):
-        _http1.make_error_response = getattr(_http1.make_error_response, _ORIGINAL)
+    patching.uninstall(SEND.key)
+    errors.uninstall_error_page("upstream")
 
 
 # --- the addon ------------------------------------------------------------------------------

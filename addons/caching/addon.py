@@ -18,7 +18,7 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from addons import errors, upstream
+from addons import errors
 from addons.caching import options, patch
 from addons.caching import rfc9111 as rfc
 from addons.caching.admin import Admin, Handler
@@ -47,7 +47,7 @@ class Cache:
 
     def load(self, loader: Any) -> None:
         declare(loader, options.OPTIONS)
-        patch.install_patch()
+        patch.install()
 
     def configure(self, updated: set[str]) -> None:
         options.apply(self.shared, ctx.options, updated)
@@ -57,7 +57,7 @@ class Cache:
         COLLECTOR.source = self.shared
 
     def done(self) -> None:
-        patch.uninstall_patch()
+        patch.uninstall()
         self.revalidator.close()
 
     def request(self, flow: http.HTTPFlow) -> Waiting | None:
@@ -108,7 +108,7 @@ class Cache:
         if state is None or state.served or flow.error is None or not self.shared.enabled:
             return
         meta = record(flow)
-        reason = meta.get("timed_out") or upstream.reason_of(flow.error.msg)
+        reason = meta.get("timed_out") or errors.reason_of(flow.error.msg)
         if reason in ("client_disconnected", "connection_killed"):
             # Nobody to answer, or a policy (egress) refused the connection: not the origin
             # being down. Egress's DNS failures are dns_failure, so they are answered.

@@ -1,10 +1,10 @@
 """A stale answer instead of mitmproxy's error: the `waypost_origin_unavailable` hook.
 
 mitmproxy answers an origin failure below the hooks (the `error` hook, then its own 502/504);
-no hook lets an addon answer instead. The patch (version-guarded for mitmproxy 11.0.2 and
-12.3.1, a WARNING and no patch on any other version; undone in the addon's `done`) wraps
-`HttpStream.handle_protocol_error` at the bottom of Waypost's chain of patches to it, so the
-router's retries (addons/router.py) come first: for a flow with a stored entry, a complete
+no hook lets an addon answer instead. The patch (through `kernel.patching`: only on the
+checked mitmproxy versions, a WARNING and no patch on any other; undone in the addon's `done`)
+wraps `HttpStream.handle_protocol_error` below the router's retry patch (`order`), so the
+router's retries come first: for a flow with a stored entry, a complete
 request and nothing sent to the client yet, it fires `waypost_origin_unavailable`; when the
 cache answers there, the stored response goes out as a response set in the `request` hook
 would (`responseheaders`, `response`) and the error hook never fires.
@@ -15,20 +15,16 @@ mitmproxy's hook names) once however often `addons/cache.py` is reloaded.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import flow as mflow
-from mitmproxy import http, version
+from mitmproxy import http
 from mitmproxy.proxy import commands
 from mitmproxy.proxy.layers import http as http_layer
 
 from addons.caching.state import state_of
-
-log = logging.getLogger("waypost.cache")
-
-CHECKED_VERSIONS = frozenset({"11.0.2", "12.3.1"})
+from addons.kernel import patching
 
 
 @dataclass
@@ -38,12 +34,6 @@ class OriginUnavailableHook(commands.StartHook):
 
     name = "waypost_origin_unavailable"
     flow: http.HTTPFlow
-
-
-_ORIGINAL = "__waypost_cache_original__"
-# How Waypost's patches of HttpStream.handle_protocol_error (router.py's, this one) point to
-# the function they wrap.
-_LINKS = ("__waypost_original__", _ORIGINAL)
 
 
 def _handle_protocol_error(self: Any, event: Any) -> Any:
@@ -72,44 +62,25 @@ def _handle_protocol_error(self: Any, event: Any) -> Any:
                 return
             yield from self.send_response()
             return
-    yield from getattr(_handle_protocol_error, _ORIGINAL)(self, event)
+    yield from _handle_protocol_error.__waypost_wrapped__(self, event)  # type: ignore[attr-defined]
 
 
-def _link(fn: Any) -> str | None:
-    return next((a for a in _LINKS if hasattr(fn, a)), None)
+STALE_IF_ERROR = patching.Patch(
+    key="caching.stale_if_error",
+    target=http_layer.HttpStream,
+    name="handle_protocol_error",
+    replacement=_handle_protocol_error,
+    missing="the error hook cannot answer instead of mitmproxy's error once the origin failed",
+    order=1,  # below the router's retries (order 0): a retry first, a stale answer last
+)
 
 
-def install_patch() -> bool:
-    """Wrap HttpStream.handle_protocol_error below Waypost's other patches of it, so the
-    router's retries come first and a stale answer is the last resort, in whatever order the
-    addons load; idempotent. False if the mitmproxy version is unchecked."""
-    if version.VERSION not in CHECKED_VERSIONS:
-        log.warning(
-            "mitmproxy %s is not a version Waypost checked (%s): stale-if-error does not "
-            "cover unreachable origins",
-            version.VERSION,
-            ", ".join(sorted(CHECKED_VERSIONS)),
-        )
-        return False
-    uninstall_patch()
-    holder: Any = http_layer.HttpStream
-    attr = "handle_protocol_error"
-    fn = getattr(holder, attr)
-    while (link := _link(fn)) is not None:
-        holder, attr, fn = fn, link, getattr(fn, link)
-    setattr(_handle_protocol_error, _ORIGINAL, fn)
-    setattr(holder, attr, _handle_protocol_error)
-    return True
+def install() -> bool:
+    """Install the patch (again, in place, on a reload); False on an unchecked mitmproxy."""
+    return patching.install(
+        STALE_IF_ERROR, unchecked="stale-if-error does not cover unreachable origins", by="cache"
+    )
 
 
-def uninstall_patch() -> None:
-    """Take this patch out of the chain, wherever it sits."""
-    holder: Any = http_layer.HttpStream
-    attr = "handle_protocol_error"
-    fn = getattr(holder, attr)
-    while (link := _link(fn)) is not None:
-        if link == _ORIGINAL:
-            fn = getattr(fn, link)
-            setattr(holder, attr, fn)
-        else:
-            holder, attr, fn = fn, link, getattr(fn, link)
+def uninstall() -> None:
+    patching.uninstall(STALE_IF_ERROR.key, by="cache")

@@ -72,7 +72,7 @@ class Record(TypedDict, total=False):
     # The backend that served the request, a config id: the router's backend name, or "cli".
     # Written by the router and the CLI; read by metrics (label) and the access log.
     backend: str
-    # Why the backend failed: a reason from upstream.reason_of ("connection_refused",
+    # Why the backend failed: a reason from errors.reason_of ("connection_refused",
     # "connect_timeout", "read_timeout", "closed", ...) or "status NNN" when the cache answered
     # stale for a failed origin. Written by upstream and the cache; read by the router's
     # breaker.

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 from mitmproxy.http import Headers
 
-from addons import balance
-from addons.balance import Backend, Breaker, Health, Pool
+from addons.routing import balance
+from addons.routing.balance import Backend, Breaker, Health, Pool
 
 
 @pytest.mark.parametrize(

@@ -13,14 +13,16 @@ from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.test import taddons, tflow, tutils
 from prometheus_client import generate_latest
 
-from addons import errors, router
+from addons import errors
 from addons.caching import patch
 from addons.caching.addon import Cache
 from addons.caching.answer import cache_status
 from addons.caching.key import cache_key, compile_globs, normalise_url, pattern_matches
 from addons.caching.store import Entry, Settings, Store
+from addons.kernel.patching import CHAIN
 from addons.kernel.record import record
 from addons.metrics import REGISTRY
+from addons.routing import retry as router
 
 
 @pytest.mark.parametrize(
@@ -641,7 +643,7 @@ def test_patch_asks_the_cache_before_mitmproxys_error(
 ) -> None:
     c = Cache()
     with taddons.context(c):  # load installs the patch
-        monkeypatch.setattr(patch._handle_protocol_error, patch._ORIGINAL, _original)
+        monkeypatch.setattr(patch._handle_protocol_error, CHAIN, _original)
         _fetch(c, "/p", STALE_5S)
         f = _flow(path)
         c.request(f)
@@ -670,29 +672,29 @@ def test_patch_sits_below_the_routers_in_either_load_order() -> None:
     mitmproxys = _mitmproxys(stream.handle_protocol_error)
     try:
         for first, second in ((patch, router), (router, patch)):
-            patch.uninstall_patch()
-            router.uninstall_patch()
-            assert first.install_patch() and second.install_patch()
+            patch.uninstall()
+            router.uninstall()
+            assert first.install() and second.install()
             # the router retries first; the stale answer comes last, above mitmproxy itself
             assert stream.handle_protocol_error is router._handle_protocol_error
-            below = getattr(router._handle_protocol_error, router._ORIGINAL)
+            below = getattr(router._handle_protocol_error, CHAIN)
             assert below is patch._handle_protocol_error
-            assert getattr(below, patch._ORIGINAL) is mitmproxys
-            patch.install_patch()  # idempotent, also under the router's patch
-            assert getattr(router._handle_protocol_error, router._ORIGINAL) is below
-            patch.uninstall_patch()
-            assert getattr(router._handle_protocol_error, router._ORIGINAL) is mitmproxys
-            router.uninstall_patch()
+            assert getattr(below, CHAIN) is mitmproxys
+            patch.install()  # idempotent, also under the router's patch
+            assert getattr(router._handle_protocol_error, CHAIN) is below
+            patch.uninstall()
+            assert getattr(router._handle_protocol_error, CHAIN) is mitmproxys
+            router.uninstall()
             assert stream.handle_protocol_error is mitmproxys
     finally:
-        patch.uninstall_patch()
-        router.uninstall_patch()
+        patch.uninstall()
+        router.uninstall()
         stream.handle_protocol_error = mitmproxys  # type: ignore[method-assign]
 
 
 def _mitmproxys(fn: object) -> object:
-    while (link := patch._link(fn)) is not None:
-        fn = getattr(fn, link)
+    while hasattr(fn, CHAIN):
+        fn = getattr(fn, CHAIN)
     return fn
 
 

@@ -4,9 +4,11 @@ import json
 import uuid
 
 import pytest
+from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.test import tflow
 
 from addons import errors
+from addons.errors import Failure, classify, reason_of
 from addons.kernel.record import record
 
 
@@ -73,3 +75,174 @@ async def test_fail_closed_refuses_on_exception_in_async_hooks() -> None:
     f = tflow.tflow()
     await Policy().request(f)
     assert f.response.status_code == 500
+
+
+# --- mitmproxy's errors as Waypost's (moved from test_upstream.py with errors.classify) -------
+
+# What mitmproxy says (status it would send, message), and what the client must get.
+CASES = [
+    (
+        502,
+        "[Errno 111] Connect call failed ('127.0.0.1', 9)",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "connection_refused",
+    ),
+    (502, "[Errno -2] Name or service not known", None, "BACKEND_UNREACHABLE", 502, "dns_failure"),
+    (
+        502,
+        "[Errno -3] Temporary failure in name resolution",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "dns_failure",
+    ),
+    (502, "[Errno 101] Network is unreachable", None, "BACKEND_UNREACHABLE", 502, "unreachable"),
+    (502, "[Errno 113] No route to host", None, "BACKEND_UNREACHABLE", 502, "unreachable"),
+    (
+        502,
+        "[Errno 110] Connect call failed ('10.0.0.1', 80)",
+        None,
+        "BACKEND_TIMEOUT",
+        504,
+        "connect_timeout",
+    ),
+    (502, "upstream connect timeout (1s)", None, "BACKEND_TIMEOUT", 504, "connect_timeout"),
+    (502, "server closed connection", "read_timeout", "BACKEND_TIMEOUT", 504, "read_timeout"),
+    (502, "server closed connection", None, "BACKEND_UNREACHABLE", 502, "closed"),
+    (
+        502,
+        "Cannot parse HTTP response: bad status",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "invalid_response",
+    ),
+    (
+        502,
+        "Response body exceeds mitmproxy's body_size_limit.",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "response_too_large",
+    ),
+    (
+        502,
+        "Connection killed: Request destination unknown. Unable to figure out where this request "
+        "should be forwarded to.",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "self_connect",
+    ),
+    (
+        502,
+        "Connection killed: Waypost egress policy refused the connection (blocked_networks)",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "connection_killed",  # the policy, not the backend: the router does not count it
+    ),
+    (
+        502,
+        "Connection killed: Cannot resolve nowhere.invalid: [Errno -2] Name or service not known",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "dns_failure",
+    ),
+    (
+        502,
+        "Connection killed: blocked by egress policy",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "connection_killed",
+    ),
+    (
+        413,
+        "Request body exceeds mitmproxy's body_size_limit.",
+        None,
+        "PAYLOAD_TOO_LARGE",
+        413,
+        "request_too_large",
+    ),
+    (
+        400,
+        "HTTP request has no host header, destination unknown.",
+        None,
+        "BAD_REQUEST",
+        400,
+        "bad_request",
+    ),
+    (400, "Bad HTTP request line: b'x'", None, "BAD_REQUEST", 400, "bad_request"),
+    (504, "gateway timeout", None, "BACKEND_TIMEOUT", 504, "error"),
+    (503, "whatever", None, "CIRCUIT_OPEN", 503, "error"),
+    (499, "client closed", None, "INTERNAL_ERROR", 499, "error"),
+    # status unknown (the `error` hook only has the message): inferred
+    (
+        None,
+        "[Errno 111] Connect call failed ('127.0.0.1', 9)",
+        None,
+        "BACKEND_UNREACHABLE",
+        502,
+        "connection_refused",
+    ),
+    (None, "upstream connect timeout (10s)", None, "BACKEND_TIMEOUT", 504, "connect_timeout"),
+    (None, "server closed connection", "read_timeout", "BACKEND_TIMEOUT", 504, "read_timeout"),
+    (
+        None,
+        "Request body exceeds mitmproxy's body_size_limit.",
+        None,
+        "PAYLOAD_TOO_LARGE",
+        413,
+        "request_too_large",
+    ),
+    (None, "HTTP/1 protocol error: bad chunk", None, "BAD_REQUEST", 400, "bad_request"),
+]
+
+
+@pytest.mark.parametrize(("status", "message", "timed_out", "code", "out_status", "reason"), CASES)
+def test_classify(
+    status: int | None, message: str, timed_out: str | None, code: str, out_status: int, reason: str
+) -> None:
+    f = classify(status, message, timed_out)
+    assert (f.code, f.status, f.reason) == (code, out_status, reason)
+    assert f.message
+
+
+def test_a_timeout_never_hides_a_client_error() -> None:
+    assert classify(400, "bad", "read_timeout").code == "BAD_REQUEST"
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [("", "error"), ("something odd", "error"), ("Cannot connect to x:1: boom", "connect_failed")],
+)
+def test_reason_of(message: str, reason: str) -> None:
+    assert reason_of(message) == reason
+
+
+def test_failure_is_a_plain_tuple() -> None:
+    assert Failure("BAD_REQUEST", 400, "bad_request", "x")._asdict()["status"] == 400
+
+
+# --- the error page (wire's and upstream's replacements of make_error_response, now one) ------
+
+
+def _page(raw: bytes) -> tuple[int, str]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower()
+    assert b"connection: close" in head.lower()
+    return int(head.split()[1]), json.loads(body)["error"]["code"]
+
+
+def test_make_error_response_json_for_client_errors() -> None:
+    errors.install_error_page("test_errors")
+    try:
+        assert _page(_http1.make_error_response(400, "bad")) == (400, "BAD_REQUEST")
+        # One page for every status now (hygiene alone used to leave mitmproxy's HTML here).
+        assert _page(_http1.make_error_response(502, "upstream")) == (502, "BACKEND_UNREACHABLE")
+    finally:
+        errors.uninstall_error_page("test_errors")

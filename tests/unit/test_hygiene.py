@@ -8,8 +8,9 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow
 
-from addons import hygiene, wire
+from addons import hygiene
 from addons.hygiene import Fields, Hygiene, Limits, Refusal
+from addons.kernel import wire
 
 L = Limits(max_url_length=100, max_header_size=300, max_headers_count=5, max_body_size=1000)
 

@@ -3,8 +3,7 @@
 The scan reads addons/**/*.py with `ast`. A record is a `record(...)` call, a name a function
 binds to one (`meta = record(flow)`, also as a branch of `... if ... else ...`), or a parameter
 annotated `Record`. On a record it checks subscripts, `.get`/`.setdefault`/`.pop`/`.update`
-and `"key" in`; a key must be a string literal. `errors.waypost(...)` counts as a record call
-too, until cache.py, cli.py and router.py are converted to `record(flow)`.
+and `"key" in`; a key must be a string literal.
 """
 
 from __future__ import annotations
@@ -32,15 +31,7 @@ class Use(NamedTuple):
 def _record_call(node: ast.AST) -> bool:
     if not isinstance(node, ast.Call):
         return False
-    func = node.func
-    if isinstance(func, ast.Name):
-        return func.id == "record"
-    return (
-        isinstance(func, ast.Attribute)
-        and func.attr == "waypost"
-        and isinstance(func.value, ast.Name)
-        and func.value.id == "errors"
-    )
+    return isinstance(node.func, ast.Name) and node.func.id == "record"
 
 
 def _record_value(node: ast.AST | None) -> bool:
@@ -152,7 +143,7 @@ def test_every_declared_key_is_documented() -> None:
     "source, expected",
     [
         ('def f(flow):\n    record(flow)["k"] = 1', ("k", True)),
-        ('def f(flow):\n    return errors.waypost(flow).get("k")', ("k", False)),
+        ('def f(flow):\n    return record(flow).get("k")', ("k", False)),
         ('def f(flow):\n    m = record(flow)\n    m.setdefault("k", []).append(1)', ("k", True)),
         ('def f(flow):\n    m = record(flow) if flow else {}\n    return m.pop("k")', ("k", False)),
         ("def f(flow):\n    m = record(flow)\n    m.update(k=1)", ("k", True)),

@@ -10,8 +10,11 @@ from mitmproxy import exceptions
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import errors, router, schema
-from addons.router import Router
+from addons import schema
+from addons.kernel import patching
+from addons.kernel.record import record
+from addons.routing import options, retry
+from addons.routing.router import Router
 
 A = "http://10.0.0.1:8080"
 B = "http://10.0.0.2:8080"
@@ -48,7 +51,7 @@ def test_forward_mode_rule_matches_and_rewrites_in_request() -> None:
         )  # fmt: skip
         f = _flow()
         r.requestheaders(f)
-        meta = errors.waypost(f)
+        meta = record(f)
         assert meta["route"] == "api" and meta["route_cache"] is True
         assert f.request.host == "api.example.com"  # not yet: the cache looks up first
         r.request(f)
@@ -58,7 +61,7 @@ def test_forward_mode_rule_matches_and_rewrites_in_request() -> None:
         other = _flow(host="www.example.com")
         r.requestheaders(other)
         r.request(other)
-        assert "route" not in errors.waypost(other) and other.request.host == "www.example.com"
+        assert "route" not in record(other) and other.request.host == "www.example.com"
 
 
 def test_non_get_requests_are_rewritten_in_requestheaders() -> None:
@@ -69,7 +72,7 @@ def test_non_get_requests_are_rewritten_in_requestheaders() -> None:
         r.requestheaders(f)
         assert f.request.host == "10.0.0.1"
         assert f.request.headers["Host"] == "api.example.com"  # preserve_host
-        assert errors.waypost(f)["route"] == "rule1"
+        assert record(f)["route"] == "rule1"
 
 
 def test_reverse_mode_default_backend_and_404() -> None:
@@ -79,7 +82,7 @@ def test_reverse_mode_default_backend_and_404() -> None:
         f = _reverse(_flow())
         r.requestheaders(f)
         r.request(f)
-        assert f.request.host == "10.0.0.2" and errors.waypost(f)["route"] == "default"
+        assert f.request.host == "10.0.0.2" and record(f)["route"] == "default"
         tctx.configure(
             r,
             routing_default_backend="",
@@ -88,7 +91,7 @@ def test_reverse_mode_default_backend_and_404() -> None:
         f = _reverse(_flow())
         r.requestheaders(f)
         assert f.response.status_code == 404
-        assert errors.waypost(f)["error_code"] == "NOT_FOUND"
+        assert record(f)["error_code"] == "NOT_FOUND"
 
 
 def test_all_circuits_open_answers_503_at_once() -> None:
@@ -146,7 +149,7 @@ def test_a_stale_answer_after_a_backend_failure_counts_as_the_failure() -> None:
         f = _flow()
         r.requestheaders(f)
         r.request(f)
-        errors.waypost(f)["backend_error"] = "closed"  # the cache answered stale instead
+        record(f)["backend_error"] = "closed"  # the cache answered stale instead
         f.response = tutils.tresp(status_code=200)
         r.response(f)
         assert backend.active == 0 and [x.reason for x in backend.failures] == ["closed"]
@@ -205,12 +208,12 @@ def test_backend_state_survives_a_reload_and_egress_exemption() -> None:
 def test_retry_patch_is_installed_on_checked_versions() -> None:
     r = Router()
     with taddons.context(r):
-        assert r._patched is (router.version.VERSION in router.CHECKED_VERSIONS)
+        assert r._patched is patching.checked(patching.version.VERSION)
         if r._patched:
-            stream = router.http_layer.HttpStream
-            assert stream.make_server_connection is router._make_server_connection
+            stream = retry.http_layer.HttpStream
+            assert stream.make_server_connection is retry._make_server_connection
     r.done()
-    assert router.http_layer.HttpStream.make_server_connection is not router._make_server_connection
+    assert retry.http_layer.HttpStream.make_server_connection is not retry._make_server_connection
 
 
 # --- profile sections ------------------------------------------------------------------------
@@ -282,7 +285,7 @@ routing:
       cache: false
 """
     opts = schema.to_options(schema.load(write(tmp_path, text), {}).profile)
-    parsed = router.parse_rules(opts["routing_rules"])
+    parsed = options.parse_rules(opts["routing_rules"])
     assert parsed[0].match.host == "*.example.com" and parsed[0].match.method == ["GET"]
     assert parsed[0].forward.timeout == 2.0 and parsed[0].cache is False
     r = Router()

@@ -1,4 +1,4 @@
-"""Unit tests: the mitmproxy error -> Waypost error table, the patch, and the hooks."""
+"""Unit tests: the patch and the hooks (the error table is errors.classify, in test_errors)."""
 
 from __future__ import annotations
 
@@ -12,151 +12,8 @@ from mitmproxy.proxy.layers.http import ResponseProtocolError, _http1
 from mitmproxy.test import taddons, tflow
 
 from addons import upstream
-from addons.upstream import Failure, classify, event_status, reason_of
-
-# What mitmproxy says (status it would send, message), and what the client must get.
-CASES = [
-    (
-        502,
-        "[Errno 111] Connect call failed ('127.0.0.1', 9)",
-        None,
-        "BACKEND_UNREACHABLE",
-        502,
-        "connection_refused",
-    ),
-    (502, "[Errno -2] Name or service not known", None, "BACKEND_UNREACHABLE", 502, "dns_failure"),
-    (
-        502,
-        "[Errno -3] Temporary failure in name resolution",
-        None,
-        "BACKEND_UNREACHABLE",
-        502,
-        "dns_failure",
-    ),
-    (502, "[Errno 101] Network is unreachable", None, "BACKEND_UNREACHABLE", 502, "unreachable"),
-    (502, "[Errno 113] No route to host", None, "BACKEND_UNREACHABLE", 502, "unreachable"),
-    (
-        502,
-        "[Errno 110] Connect call failed ('10.0.0.1', 80)",
-        None,
-        "BACKEND_TIMEOUT",
-        504,
-        "connect_timeout",
-    ),
-    (502, "upstream connect timeout (1s)", None, "BACKEND_TIMEOUT", 504, "connect_timeout"),
-    (502, "server closed connection", "read_timeout", "BACKEND_TIMEOUT", 504, "read_timeout"),
-    (502, "server closed connection", None, "BACKEND_UNREACHABLE", 502, "closed"),
-    (
-        502,
-        "Cannot parse HTTP response: bad status",
-        None,
-        "BACKEND_UNREACHABLE",
-        502,
-        "invalid_response",
-    ),
-    (
-        502,
-        "Response body exceeds mitmproxy's body_size_limit.",
-        None,
-        "BACKEND_UNREACHABLE",
-        502,
-        "response_too_large",
-    ),
-    (
-        502,
-        "Connection killed: Request destination unknown. Unable to figure out where this request "
-        "should be forwarded to.",
-        None,
-        "BACKEND_UNREACHABLE",
-        502,
-        "self_connect",
-    ),
-    (
-        502,
-        "Connection killed: Waypost egress policy refused the connection (blocked_networks)",
-        None,
-        "BACKEND_UNREACHABLE",
-        502,
-        "connection_killed",  # the policy, not the backend: the router does not count it
-    ),
-    (
-        502,
-        "Connection killed: Cannot resolve nowhere.invalid: [Errno -2] Name or service not known",
-        None,
-        "BACKEND_UNREACHABLE",
-        502,
-        "dns_failure",
-    ),
-    (
-        502,
-        "Connection killed: blocked by egress policy",
-        None,
-        "BACKEND_UNREACHABLE",
-        502,
-        "connection_killed",
-    ),
-    (
-        413,
-        "Request body exceeds mitmproxy's body_size_limit.",
-        None,
-        "PAYLOAD_TOO_LARGE",
-        413,
-        "request_too_large",
-    ),
-    (
-        400,
-        "HTTP request has no host header, destination unknown.",
-        None,
-        "BAD_REQUEST",
-        400,
-        "bad_request",
-    ),
-    (400, "Bad HTTP request line: b'x'", None, "BAD_REQUEST", 400, "bad_request"),
-    (504, "gateway timeout", None, "BACKEND_TIMEOUT", 504, "error"),
-    (503, "whatever", None, "CIRCUIT_OPEN", 503, "error"),
-    (499, "client closed", None, "INTERNAL_ERROR", 499, "error"),
-    # status unknown (the `error` hook only has the message): inferred
-    (
-        None,
-        "[Errno 111] Connect call failed ('127.0.0.1', 9)",
-        None,
-        "BACKEND_UNREACHABLE",
-        502,
-        "connection_refused",
-    ),
-    (None, "upstream connect timeout (10s)", None, "BACKEND_TIMEOUT", 504, "connect_timeout"),
-    (None, "server closed connection", "read_timeout", "BACKEND_TIMEOUT", 504, "read_timeout"),
-    (
-        None,
-        "Request body exceeds mitmproxy's body_size_limit.",
-        None,
-        "PAYLOAD_TOO_LARGE",
-        413,
-        "request_too_large",
-    ),
-    (None, "HTTP/1 protocol error: bad chunk", None, "BAD_REQUEST", 400, "bad_request"),
-]
-
-
-@pytest.mark.parametrize(("status", "message", "timed_out", "code", "out_status", "reason"), CASES)
-def test_classify(
-    status: int | None, message: str, timed_out: str | None, code: str, out_status: int, reason: str
-) -> None:
-    f = classify(status, message, timed_out)
-    assert (f.code, f.status, f.reason) == (code, out_status, reason)
-    assert f.message
-
-
-def test_a_timeout_never_hides_a_client_error() -> None:
-    assert classify(400, "bad", "read_timeout").code == "BAD_REQUEST"
-
-
-@pytest.mark.parametrize(
-    ("message", "reason"),
-    [("", "error"), ("something odd", "error"), ("Cannot connect to x:1: boom", "connect_failed")],
-)
-def test_reason_of(message: str, reason: str) -> None:
-    assert reason_of(message) == reason
+from addons.kernel import patching
+from addons.upstream import event_status
 
 
 def test_event_status_int_codes_of_mitmproxy_11() -> None:
@@ -192,7 +49,7 @@ def test_patch_is_idempotent_and_undone() -> None:
         assert upstream.install_patch()
         assert upstream.install_patch()  # a script reload installs again: no double wrapper
         assert _http1.Http1Server.send is upstream._send
-        assert upstream._send.__waypost_original__ is original_send  # type: ignore[attr-defined]
+        assert upstream._send.__waypost_wrapped__ is original_send  # type: ignore[attr-defined]
         body = _http1.make_error_response(400, "bad")
         assert b"application/json" in body and b'"BAD_REQUEST"' in body
         addon.done()
@@ -201,7 +58,7 @@ def test_patch_is_idempotent_and_undone() -> None:
 
 
 def test_unchecked_version_is_left_alone(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
-    monkeypatch.setattr(upstream.version, "VERSION", "99.0.0")
+    monkeypatch.setattr(patching.version, "VERSION", "99.0.0")
     original = _http1.Http1Server.send
     assert not upstream.install_patch()
     assert _http1.Http1Server.send is original
@@ -284,10 +141,6 @@ def test_configure_rejects_bad_durations(name: str) -> None:
         tctx.configure(addon, **{name: "250ms"})
         assert getattr(addon, name.removeprefix("upstream_")) == 0.25
         addon.done()
-
-
-def test_failure_is_a_plain_tuple() -> None:
-    assert Failure("BAD_REQUEST", 400, "bad_request", "x")._asdict()["status"] == 400
 
 
 @pytest.mark.parametrize(

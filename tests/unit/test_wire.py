@@ -23,28 +23,20 @@ from mitmproxy.proxy.layers.http._events import (
 )
 from mitmproxy.test import taddons, tflow
 
-from addons import wire
+from addons import errors
+from addons.kernel import patching, wire
 
 pytestmark = pytest.mark.skipif(
-    not wire.supported(version.VERSION), reason="wire guards only patch mitmproxy 11.0/12"
+    not patching.checked(version.VERSION), reason="wire guards only patch checked versions"
 )
 
 
-@pytest.mark.parametrize(
-    ("v", "ok"),
-    [
-        ("11.0.2", True),
-        ("11.0.0", True),
-        ("11.1.0", False),
-        ("12.3.1", True),
-        ("12.0.0", True),
-        ("13.0.0", False),
-        ("10.4.2", False),
-        ("13.0.0.dev", False),
-    ],
-)
-def test_supported(v: str, ok: bool) -> None:
-    assert wire.supported(v) is ok
+@pytest.fixture(autouse=True)
+def _error_page() -> Iterator[None]:
+    # The refusals are mitmproxy's error page, which errors.py makes JSON (hygiene installs it).
+    errors.install_error_page("test_wire")
+    yield
+    errors.uninstall_error_page("test_wire")
 
 
 def test_install_is_idempotent() -> None:
@@ -240,12 +232,6 @@ def test_error_bytes(status: int, code: str) -> None:
     raw = wire.error_bytes(status, "nope")
     assert _status(raw) == (status, code)
     assert b"connection: close" in raw.lower()
-
-
-def test_make_error_response_json_for_client_errors() -> None:
-    wire.install()
-    assert _status(_http1.make_error_response(400, "bad")) == (400, "BAD_REQUEST")
-    assert b"text/html" in _http1.make_error_response(502, "upstream").lower()
 
 
 def test_first_data_timeout(monkeypatch: pytest.MonkeyPatch) -> None:

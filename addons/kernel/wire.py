@@ -29,41 +29,36 @@ limits change. Everything here runs before a flow exists, so no hook could do it
    the reader stops at the limit, the client gets 413 PAYLOAD_TOO_LARGE if no byte of the
    response was sent yet (the connection is closed in any case) and the stream gets a request
    protocol error, which closes the upstream connection.
-6. `_http1.make_error_response` (mitmproxy's HTML error page, used for unparseable request
-   heads and client-side protocol errors) answers JSON for 400, 408, 413, 414 and 431, so the
-   client sees Waypost's error shape; other statuses keep mitmproxy's page.
 
-Error bodies here use `errors.body()` with a fresh uuid (there is no flow), with
-`Content-Type: application/json` and `Connection: close`.
+The refusals are written by mitmproxy's own `_http1.make_error_response`, which
+`addons/errors.py` makes Waypost's JSON error (`install_error_page`; hygiene installs both),
+with `Connection: close`.
 
-Patched only on mitmproxy 11.0.x and 12.x, whose code was read; on any other version
-`install()` logs a WARNING that the wire guards are not active and leaves mitmproxy alone.
-`install()` is idempotent per process (the state lives on mitmproxy's `_http1` module, so a
-script reload, even one that re-imports this module, never wraps twice).
+Patched through `addons/kernel/patching.py`, so only on the mitmproxy versions it lists; on any
+other `install()` logs a WARNING that the wire guards are not active and leaves mitmproxy
+alone. This module is imported once per process: the limits live here, and `install()` is
+idempotent.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any
 
 import h11
 from h11._readers import ChunkedReader
-from mitmproxy import http
 from mitmproxy import version as mitmproxy_version
 from mitmproxy.connection import ConnectionState
-from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import RequestProtocolError
 
-from addons import errors
+from addons.kernel import patching
 
 try:  # mitmproxy 12: protocol errors carry an ErrorCode; 11: an HTTP status.
     from mitmproxy.proxy.layers.http._events import ErrorCode
@@ -76,14 +71,6 @@ log = logging.getLogger("waypost.wire")
 
 MAX_EMPTY_LINES = 16
 
-CODES: dict[int, str] = {
-    400: "BAD_REQUEST",
-    408: "REQUEST_TIMEOUT",
-    413: "PAYLOAD_TOO_LARGE",
-    414: "URI_TOO_LONG",
-    431: "HEADERS_TOO_LARGE",
-}
-
 
 @dataclass
 class WireLimits:
@@ -94,22 +81,12 @@ class WireLimits:
     max_body: int | None = None
 
 
-def supported(version: str) -> bool:
-    """True for the mitmproxy lines whose HTTP/1 reader these patches were written against."""
-    parts = version.split(".")
-    return parts[0] == "12" or parts[:2] == ["11", "0"]
+_limits = WireLimits()  # one per process: this module is imported once
 
 
 def error_bytes(status: int, message: str) -> bytes:
-    """A complete HTTP/1 JSON error response for `status`, closing the connection."""
-    rid = errors.new_request_id()
-    resp = http.Response.make(
-        status,
-        errors.body(CODES.get(status, "BAD_REQUEST"), message, rid),
-        {"Content-Type": "application/json", "Connection": "close", "X-Request-ID": rid},
-    )
-    resp.reason = HTTPStatus(status).phrase
-    return http1.assemble_response(resp)
+    """mitmproxy's HTTP/1 error page for `status` (Waypost's JSON once errors.py patched it)."""
+    return _http1.make_error_response(status, message)
 
 
 def _peer(conn: Any) -> str:
@@ -153,23 +130,6 @@ class LimitedChunkedReader(ChunkedReader):
         return ev
 
 
-class _Installed:
-    """The originals and the limits, kept on mitmproxy's `_http1` module (one per process)."""
-
-    def __init__(self) -> None:
-        self.limits = WireLimits()
-        server = _http1.Http1Server
-        self.handle_event: Callable[..., Any] = _http1.Http1Connection._handle_event
-        self.read_headers: Callable[..., Any] = server.read_headers
-        self.make_body_reader: Callable[..., Any] = _http1.make_body_reader
-        self.make_error_response: Callable[..., Any] = _http1.make_error_response
-        self.proxy_modes = (modes.HttpProxy, modes.HttpUpstreamProxy)
-
-
-def _state() -> _Installed | None:
-    return getattr(_http1, "_waypost_wire", None)
-
-
 def h11_vulnerable(version: str) -> bool:
     """h11 before 0.16.0 is affected by CVE-2025-43859."""
     try:
@@ -181,7 +141,7 @@ def h11_vulnerable(version: str) -> bool:
 
 def install() -> bool:
     """Apply the patches once per process; returns whether the wire guards are active."""
-    if _state() is not None:
+    if installed():
         return True
     if h11_vulnerable(h11.__version__):
         log.warning(
@@ -190,44 +150,29 @@ def install() -> bool:
             "upgrades it)",
             h11.__version__,
         )
-    version = mitmproxy_version.VERSION
-    server = _http1.Http1Server
-    if (
-        not supported(version)
-        or "_handle_event" in vars(server)
-        or not hasattr(h11, "LocalProtocolError")
+    if not patching.install(
+        *PATCHES,
+        unchecked="the wire guards are not active (header size/timeout limits, trailer and "
+        "empty-line fixes are off)",
     ):
-        log.warning(
-            "wire guards are not active: mitmproxy %s is not a version they were written for "
-            "(11.0.x, 12.x); header size/timeout limits, trailer and empty-line fixes are off",
-            version,
-        )
         return False
-    st = _Installed()
-    _http1._waypost_wire = st  # type: ignore[attr-defined]
-    server._handle_event = _server_handle_event  # type: ignore[method-assign]
-    server.read_headers = _server_read_headers  # type: ignore[method-assign]
-    server.body_reader = property(_get_reader, _set_reader)  # type: ignore[assignment]
-    server._wp_deadline = None  # type: ignore[attr-defined]
-    server._wp_timer = False  # type: ignore[attr-defined]
-    for mode in st.proxy_modes:
-        mode._handle_event = _proxy_mode_start  # type: ignore[method-assign]
-    _http1.make_body_reader = _make_body_reader
-    _http1.make_error_response = _make_error_response
-    log.info("wire guards active on mitmproxy %s", version)
+    log.info("wire guards active on mitmproxy %s", mitmproxy_version.VERSION)
     return True
 
 
+def installed() -> bool:
+    return patching.installed(PATCHES[0].key)
+
+
 def configure(*, max_head: int | None, header_timeout: float, max_body: int | None) -> None:
-    """Set the limits the patches enforce (no effect when they are not installed)."""
-    st = _state()
-    if st is not None:
-        st.limits = WireLimits(max_head, header_timeout, max_body)
+    """Set the limits the patches enforce (no effect on mitmproxy when they are not installed)."""
+    _limits.max_head = max_head
+    _limits.header_timeout = header_timeout
+    _limits.max_body = max_body
 
 
 def limits() -> WireLimits | None:
-    st = _state()
-    return st.limits if st is not None else None
+    return _limits if installed() else None
 
 
 # --- the patches ---------------------------------------------------------------------------
@@ -235,24 +180,10 @@ def limits() -> WireLimits | None:
 Gen = Generator[commands.Command, Any, None]
 
 
-def _installed() -> _Installed:
-    return _http1._waypost_wire  # type: ignore[attr-defined,no-any-return]
-
-
 def _make_body_reader(expected_size: int | None) -> Any:
-    st = _installed()
     if expected_size is None:
-        return LimitedChunkedReader(st.limits.max_head)
-    return st.make_body_reader(expected_size)
-
-
-def _make_error_response(status_code: int, message: str = "") -> bytes:
-    st = _installed()
-    if status_code not in CODES:
-        return st.make_error_response(status_code, message)
-    if status_code == 413 and st.limits.max_body is not None:
-        message = f"The request body exceeds the limit of {st.limits.max_body} bytes."
-    return error_bytes(status_code, message)
+        return LimitedChunkedReader(_limits.max_head)
+    return _make_body_reader.__waypost_wrapped__(expected_size)  # type: ignore[attr-defined]
 
 
 def _get_reader(self: Any) -> Any:
@@ -261,8 +192,7 @@ def _get_reader(self: Any) -> Any:
 
 def _set_reader(self: Any, reader: Any) -> None:
     if isinstance(reader, LimitedChunkedReader):
-        st = _state()
-        reader.limit = st.limits.max_body if st is not None else None
+        reader.limit = _limits.max_body
     self.__dict__["body_reader"] = reader
 
 
@@ -275,13 +205,13 @@ def _refuse(self: Any, status: int, message: str) -> Gen:
 
 
 def _server_read_headers(self: Any, event: events.Event) -> Gen:
-    st = _installed()
+    read_headers = _server_read_headers.__waypost_wrapped__  # type: ignore[attr-defined]
     if not isinstance(event, events.DataReceived):
-        yield from st.read_headers(self, event)
+        yield from read_headers(self, event)
         return
     for _ in range(MAX_EMPTY_LINES + 1):
         before = len(self.buf)
-        yield from st.read_headers(self, event)
+        yield from read_headers(self, event)
         if self.state != self.read_headers or not self.buf or len(self.buf) >= before:
             return
         # h11 consumed one leading empty line and stopped (RFC 9112 §2.2: ignore it).
@@ -291,12 +221,11 @@ def _server_read_headers(self: Any, event: events.Event) -> Gen:
 
 
 def _server_handle_event(self: Any, event: events.Event) -> Gen:
-    st = _installed()
+    lim = _limits
     if isinstance(event, events.Wakeup):
-        yield from _on_wakeup(self, st.limits)
+        yield from _on_wakeup(self, lim)
         return
-    yield from st.handle_event(self, event)
-    lim = st.limits
+    yield from _server_handle_event.__waypost_wrapped__(self, event)  # type: ignore[attr-defined]
     state = self.state
     if state == self.read_headers:
         if lim.max_head is not None and len(self.buf) > lim.max_head:
@@ -381,7 +310,7 @@ def _proxy_mode_start(self: Any, event: events.Event) -> Gen:
     if not isinstance(event, events.Start):
         raise AssertionError(f"Unexpected event: {event}")
     child = layer.NextLayer(self.context)
-    timeout = _installed().limits.header_timeout
+    timeout = _limits.header_timeout
     if timeout <= 0:
         self._handle_event = child.handle_event
         yield from child.handle_event(event)
@@ -409,3 +338,60 @@ def _first_data_timeout(self: Any, child: layer.NextLayer, timeout: float) -> Ge
         client, error_bytes(408, f"No request was received within {timeout:g}s.")
     )
     yield commands.CloseConnection(client)
+
+
+def _http_proxy_start(self: Any, event: events.Event) -> Gen:
+    return _proxy_mode_start(self, event)
+
+
+def _upstream_proxy_start(self: Any, event: events.Event) -> Gen:
+    return _proxy_mode_start(self, event)
+
+
+_HEAD = "no hook runs before a request head is complete"
+PATCHES = (
+    patching.Patch(
+        "wire.handle_event",
+        _http1.Http1Server,
+        "_handle_event",
+        _server_handle_event,
+        f"{_HEAD}: head size cap, header timeout, pipelined data, chunked body limit",
+    ),
+    patching.Patch(
+        "wire.read_headers",
+        _http1.Http1Server,
+        "read_headers",
+        _server_read_headers,
+        f"{_HEAD}: a request after empty lines waits forever (h11 eats one per read)",
+    ),
+    patching.Patch(
+        "wire.body_reader",
+        _http1.Http1Server,
+        "body_reader",
+        property(_get_reader, _set_reader),
+        "no hook sees a chunked body as it is read: its limit is set on the reader",
+    ),
+    patching.Patch("wire.deadline", _http1.Http1Server, "_wp_deadline", None, "header timer state"),
+    patching.Patch("wire.timer", _http1.Http1Server, "_wp_timer", False, "header timer state"),
+    patching.Patch(
+        "wire.http_proxy_start",
+        modes.HttpProxy,
+        "_handle_event",
+        _http_proxy_start,
+        f"{_HEAD}, nor before the first byte of a regular-mode connection",
+    ),
+    patching.Patch(
+        "wire.upstream_proxy_start",
+        modes.HttpUpstreamProxy,
+        "_handle_event",
+        _upstream_proxy_start,
+        f"{_HEAD}, nor before the first byte of an upstream-mode connection",
+    ),
+    patching.Patch(
+        "wire.make_body_reader",
+        _http1,
+        "make_body_reader",
+        _make_body_reader,
+        "no hook sees chunk framing: trailers raise NotImplementedError, lines are unbounded",
+    ),
+)
