@@ -32,7 +32,7 @@ explicitly (to a non-default value) on the command line or in the profile's `mit
 section, and turns it back on when the allowlist is emptied again.
 
 Hooks: client_connected, client_disconnected, http_connect, requestheaders.
-Options: acl_allowed_ips, acl_denied_ips, acl_mode.
+Options: acl_allowed_ips, acl_denied_ips, acl_mode; forwarding_trusted_proxies (kernel/net.py).
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ are not capped.
 
 Hooks: running, done, client_connected, client_disconnected, http_connect, requestheaders.
 Options: ratelimit_requests_per_second, ratelimit_burst, ratelimit_mode, ratelimit_exempt,
-ratelimit_rules, ratelimit_max_connections_per_ip, ratelimit_max_clients.
+ratelimit_rules, ratelimit_max_connections_per_ip, ratelimit_max_clients;
+forwarding_trusted_proxies (declared by `addons/kernel/net.py`).
 """
 
 from __future__ import annotations
