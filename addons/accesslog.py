@@ -5,7 +5,8 @@
   `timestamp` (ISO 8601 UTC, ms, Z), `level`, `logger`, `message` and any extra fields. Text
   mode keeps mitmproxy's line format and appends `key=value` fields.
 - Access lines (logger `waypost.access`, INFO): message `request` from `response`/`error`, and
-  `connect` from `http_connected`/`http_connect_error`, with request_id, client_ip, method,
+  `connect` from `http_connected`/`http_connect_error`, with request_id, client_ip
+  (`kernel.net.client_ip`: through `forwarding_trusted_proxies`, as the policies see it), method,
   url (secret query values redacted), status, duration_ms, bytes_sent, bytes_received,
   cache_hit, backend, and every decision recorded in `record(flow)`. They go straight to
   the output handler rather than through the root logger: mitmproxy's root handlers turn every
@@ -18,7 +19,8 @@
   errors stay on stdout, where startup failures are reported.
 
 Hooks: configure, done, response, error, http_connected, http_connect_error.
-Options: log_level, log_format, log_output, log_file.
+Options: log_level, log_format, log_output, log_file; forwarding_trusted_proxies (declared by
+`addons/kernel/net.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from urllib.parse import unquote_plus
 from mitmproxy import ctx, exceptions, http
 
 from addons import errors
+from addons.kernel import net
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.accesslog")
@@ -251,11 +254,6 @@ def access_fields(flow: http.HTTPFlow, now: float) -> dict[str, Any]:
     meta = record(flow)
     req = flow.request
     resp = flow.response
-    client = meta.get("client_ip")
-    if client is None and flow.client_conn.peername:
-        client = flow.client_conn.peername[0]
-        if client.startswith("::ffff:") and "." in client:
-            client = client[7:]
     if resp is not None:
         status: int | None = resp.status_code
         end = resp.timestamp_end or now
@@ -275,7 +273,7 @@ def access_fields(flow: http.HTTPFlow, now: float) -> dict[str, Any]:
     tunnel = method == "CONNECT"
     fields: dict[str, Any] = {
         "request_id": errors.request_id(flow),
-        "client_ip": client,
+        "client_ip": net.client_ip(flow) or None,
         "method": method,
         "url": redact_url(_url(req)),
         "status": status,
@@ -306,6 +304,7 @@ class AccessLog:
         self.chatter_level: int | None = None
 
     def load(self, loader) -> None:
+        net.load(loader)  # client_ip honours forwarding_trusted_proxies
         loader.add_option(
             "log_level",
             str,
@@ -342,6 +341,7 @@ class AccessLog:
         )
 
     def configure(self, updated: set[str]) -> None:
+        net.configure(updated)
         if not updated & {"log_level", "log_format", "log_output", "log_file", "termlog_verbosity"}:
             return
         opts = ctx.options

@@ -16,8 +16,10 @@ answer, so there the connection is closed at once.
 
 Behind trusted proxies (`forwarding_trusted_proxies`, the profile's `security.trusted_proxies`)
 one connection carries many clients: for a trusted peer the ACL is decided per request on the
-client address that `addons/forwarding.py` derives from X-Forwarded-For / X-Real-IP, and a
-refusal answers that request only. From any other peer those headers are ignored.
+client address derived from X-Forwarded-For / X-Real-IP (`kernel.net.client_ip`, the one the
+forwarding headers and every log use), and a refusal answers that request only. From any other
+peer those headers are ignored. The option is declared by `addons/kernel/net.py`, so it works
+with this addon loaded alone.
 
 `acl_mode` `shadow` lets refused clients through; every request they make is logged as
 `would_block` and counted (`addons/policy.py`). Rule ids: `deny:<cidr>` (the matching entry
@@ -30,84 +32,37 @@ explicitly (to a non-default value) on the command line or in the profile's `mit
 section, and turns it back on when the allowlist is emptied again.
 
 Hooks: client_connected, client_disconnected, http_connect, requestheaders.
-Options: acl_allowed_ips, acl_denied_ips, acl_mode.
+Options: acl_allowed_ips, acl_denied_ips, acl_mode; forwarding_trusted_proxies (kernel/net.py).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
 
-from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy import connection, ctx, http
 from mitmproxy.proxy import mode_specs
 
-from addons import errors, forwarding, policy
+from addons import errors, policy
+from addons.kernel import net
 
 log = logging.getLogger("waypost.acl")
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Answers cached per client address (peer or X-Forwarded-For derived); cleared when full.
 _CACHE_MAX = 4096
 _HTTP_REVERSE_SCHEMES = frozenset({"http", "https", "http3"})
 
 
-class Networks(NamedTuple):
-    """CIDRs indexed for a lookup whose cost depends on the number of distinct prefix lengths
-    (at most 33 or 129), not on the number of entries: per (version, prefix length) the set of
-    network addresses as integers, and the configured text of each entry (the rule id)."""
-
-    v4: tuple[tuple[int, dict[int, str]], ...]
-    v6: tuple[tuple[int, dict[int, str]], ...]
-
-    def __bool__(self) -> bool:
-        return bool(self.v4 or self.v6)
-
-
-def index(nets: Iterable[Network]) -> Networks:
-    tables: dict[tuple[int, int], dict[int, str]] = {}
-    for net in nets:
-        bits = net.max_prefixlen - net.prefixlen
-        key = (net.version, bits)
-        tables.setdefault(key, {}).setdefault(int(net.network_address) >> bits, str(net))
-    # Longest prefix first: the most specific entry names the rule.
-    v4 = tuple(sorted(((b, t) for (v, b), t in tables.items() if v == 4), key=lambda x: x[0]))
-    v6 = tuple(sorted(((b, t) for (v, b), t in tables.items() if v == 6), key=lambda x: x[0]))
-    return Networks(v4, v6)
-
-
-def parse_networks(entries: Sequence[str]) -> Networks:
-    """CIDRs (or addresses) to an index; IPv4-mapped IPv6 networks become IPv4 ones.
-    Raises ValueError naming the bad entry."""
-    return index(forwarding.parse_trusted(entries))
-
-
-def lookup(nets: Networks, ip: forwarding.IPAddress) -> str | None:
-    """The entry (as configured) of the most specific network containing `ip`, or None."""
-    value = int(ip)
-    for bits, table in nets.v4 if ip.version == 4 else nets.v6:
-        found = table.get(value >> bits)
-        if found is not None:
-            return found
-    return None
-
-
-def parse_ip(text: str) -> forwarding.IPAddress | None:
-    """A client address as text (peer or derived) to an address; IPv4-mapped IPv6 unmapped."""
-    return forwarding.parse_hop(text) if text else None
-
-
-def verdict(ip: forwarding.IPAddress | None, allowed: Networks, denied: Networks) -> str | None:
+def verdict(ip: net.IPAddress | None, allowed: net.Networks, denied: net.Networks) -> str | None:
     """The rule refusing this client, or None if it may connect. Unparseable: refused when an
     allowlist exists (it cannot be shown to be in it), else allowed."""
     if ip is None:
         return "allowlist" if allowed else None
     if denied:
-        hit = lookup(denied, ip)
+        hit = net.lookup(denied, ip)
         if hit is not None:
             return f"deny:{hit}"
-    if allowed and lookup(allowed, ip) is None:
+    if allowed and net.lookup(allowed, ip) is None:
         return "allowlist"
     return None
 
@@ -121,11 +76,9 @@ def speaks_http(mode: mode_specs.ProxyMode) -> bool:
 
 class Acl:
     def __init__(self) -> None:
-        self.allowed = Networks((), ())
-        self.denied = Networks((), ())
+        self.allowed = net.NO_NETWORKS
+        self.denied = net.NO_NETWORKS
         self.mode = "enforce"
-        self.trusted: tuple[forwarding.Network, ...] = ()
-        self.hop_cache: dict[str, forwarding.Classified] = {}
         self._cache: dict[str, str | None] = {}
         # client.id -> the refusing rule, for connections whose requests must be refused (or,
         # in shadow mode, reported); client ids of trusted proxies, decided per request.
@@ -134,6 +87,7 @@ class Acl:
         self._block_global_set: bool | None = None
 
     def load(self, loader: object) -> None:
+        net.load(loader)
         add = loader.add_option  # type: ignore[attr-defined]
         add(
             "acl_allowed_ips",
@@ -156,26 +110,14 @@ class Acl:
         )
 
     def configure(self, updated: set[str]) -> None:
+        net.configure(updated)
         opts = ctx.options
         for name, attr in (("acl_allowed_ips", "allowed"), ("acl_denied_ips", "denied")):
             if name in updated:
-                try:
-                    nets = parse_networks(getattr(opts, name))
-                except ValueError as e:
-                    raise exceptions.OptionsError(
-                        f"{name}: {e} (use CIDRs such as 10.0.0.0/8 or 2001:db8::/32)"
-                    ) from None
-                setattr(self, attr, nets)
+                setattr(self, attr, net.networks_option(name, getattr(opts, name)))
                 self._cache = {}
         if "acl_mode" in updated:
             self.mode = opts.acl_mode
-        if "forwarding_trusted_proxies" in updated:
-            # Forwarding has validated the same option already (it raises on bad entries).
-            try:
-                self.trusted = forwarding.parse_trusted(opts.forwarding_trusted_proxies)
-            except ValueError:
-                self.trusted = ()
-            self.hop_cache = {}
         if "acl_allowed_ips" in updated and "block_global" in opts:
             self._hand_over_block_global(bool(self.allowed))
 
@@ -201,7 +143,9 @@ class Acl:
             return cache[text]
         if len(cache) >= _CACHE_MAX:
             cache.clear()
-        rule = cache[text] = verdict(parse_ip(text), self.allowed, self.denied)
+        rule = cache[text] = verdict(
+            net.parse_ip(text) if text else None, self.allowed, self.denied
+        )
         return rule
 
     # --- connection: decide once ---
@@ -209,10 +153,10 @@ class Acl:
     def client_connected(self, client: connection.Client) -> None:
         if client.error or not (self.allowed or self.denied):
             return
-        peer = forwarding.normalize_peer(client.peername[0] if client.peername else "")
-        if self.trusted and forwarding.cached_classify(peer, self.trusted, self.hop_cache)[1]:
+        if net.trusted_peer(client):
             self.proxied.add(client.id)
             return
+        peer = net.peer_ip(client)
         rule = self._rule_for(peer)
         if rule is None:
             return
@@ -243,7 +187,7 @@ class Acl:
         cid = flow.client_conn.id
         rule = self.refused.get(cid)
         if rule is not None:
-            peer = forwarding.normalize_peer(flow.client_conn.peername[0])
+            peer = net.peer_ip(flow.client_conn)
             if policy.decide("acl", rule, peer, self.mode, flow, decision="deny"):
                 flow.response = errors.make(
                     "ACCESS_DENIED",
@@ -252,7 +196,7 @@ class Acl:
                     {"Connection": "close"},
                 )
         elif cid in self.proxied:
-            ip = forwarding.flow_client_ip(flow, self.trusted, self.hop_cache)
+            ip = net.client_ip(flow)
             rule = self._rule_for(ip)
             if rule is not None and policy.decide(
                 "acl", rule, ip, self.mode, flow, decision="deny"

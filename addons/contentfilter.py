@@ -18,6 +18,7 @@ It applies where the proxy sees HTTP: plain-HTTP proxying, reverse listeners and
 hosts. Passed-through HTTPS tunnels carry no visible Content-Type.
 
 Options: `content_filter_mode`, `content_filter_blocked_types`, `content_filter_check_request`.
+The audit's `client_ip` is `kernel.net.client_ip` (through `forwarding_trusted_proxies`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, NamedTuple
 from mitmproxy import ctx, exceptions, http
 
 from addons import errors, policy
+from addons.kernel import net
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.contentfilter")
@@ -117,6 +119,7 @@ class ContentFilter:
         self.check_request = False
 
     def load(self, loader: Any) -> None:
+        net.load(loader)  # the audit's client_ip honours forwarding_trusted_proxies
         loader.add_option(
             "content_filter_mode",
             str,
@@ -138,6 +141,7 @@ class ContentFilter:
         )
 
     def configure(self, updated: set[str]) -> None:
+        net.configure(updated)
         if "content_filter_blocked_types" in updated:
             try:
                 self.patterns = parse_types(ctx.options.content_filter_blocked_types)
@@ -204,11 +208,10 @@ class ContentFilter:
             flow.response = self._refusal(flow, rule, "response")
 
     def _decide(self, flow: http.HTTPFlow, rule: str, ctype: str | None, where: str) -> bool:
-        client = flow.client_conn.peername[0] if flow.client_conn.peername else None
         return policy.decide(
             POLICY,
             rule,
-            client,
+            net.client_ip(flow) or None,
             self.mode,
             flow,
             decision="block",

@@ -43,13 +43,13 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addons import errors
+from addons.kernel import net
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.egress")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 PortRange = tuple[int, int]
-Range = tuple[int, int, int]  # (ip version, first, last) as integers
 
 DNS_CACHE_SECONDS = 30.0
 DNS_FAILURE_CACHE_SECONDS = 5.0
@@ -154,32 +154,14 @@ def classify(ip: IPAddress) -> str | None:
     return None
 
 
-def parse_networks(specs: Sequence[str]) -> tuple[Range, ...]:
-    """CIDRs (or single addresses) as integer ranges; ValueError names the bad entry."""
-    out = []
-    for spec in specs:
-        try:
-            net = ipaddress.ip_network(spec.strip(), strict=False)
-        except ValueError as e:
-            raise ValueError(f"{spec!r} is not a CIDR network ({e})") from None
-        out.append((net.version, int(net.network_address), int(net.broadcast_address)))
-    return tuple(out)
-
-
-def in_ranges(ranges: tuple[Range, ...], ip: IPAddress) -> bool:
-    """Whether `ip`, or the IPv4 address it embeds, lies in one of `ranges`."""
-    if not ranges:
+def in_networks(nets: net.Networks, ip: IPAddress) -> bool:
+    """Whether `ip`, or the IPv4 address it embeds, lies in one of `nets`."""
+    if not nets:
         return False
-    candidates = [ip]
+    if net.lookup(nets, ip) is not None:
+        return True
     v4 = embedded_v4(ip)
-    if v4 is not None:
-        candidates.append(v4)
-    for cand in candidates:
-        version, value = cand.version, int(cand)
-        for rv, first, last in ranges:
-            if rv == version and first <= value <= last:
-                return True
-    return False
+    return v4 is not None and net.lookup(nets, v4) is not None
 
 
 # --- ports ------------------------------------------------------------------------------------
@@ -253,7 +235,7 @@ def check(
     port: int,
     *,
     block_private: bool,
-    allowed: tuple[Range, ...],
+    allowed: net.Networks,
     listen_addrs: Sequence[tuple[str, int]],
     is_local: Callable[[IPAddress], bool],
 ) -> Verdict | None:
@@ -263,7 +245,7 @@ def check(
             return Verdict("management_port", f"{ip} port {port} is the management app", str(ip))
         if block_private:
             label = classify(ip)
-            if label is not None and not in_ranges(allowed, ip):
+            if label is not None and not in_networks(allowed, ip):
                 return Verdict("block_private", f"{ip} is {label}", str(ip))
     return None
 
@@ -296,7 +278,7 @@ class Egress:
     def __init__(self) -> None:
         self.connect_ports: tuple[PortRange, ...] = ((443, 443),)
         self.block_private = True
-        self.allowed: tuple[Range, ...] = ()
+        self.allowed = net.NO_NETWORKS
         self._dns: TTLCache[str, tuple[IPAddress, ...]] = TTLCache(
             DNS_CACHE_SIZE, DNS_CACHE_SECONDS
         )
@@ -354,12 +336,9 @@ class Egress:
         if "egress_block_private" in updated:
             self.block_private = ctx.options.egress_block_private
         if "egress_allowed_networks" in updated:
-            try:
-                self.allowed = parse_networks(ctx.options.egress_allowed_networks)
-            except ValueError as e:
-                raise exceptions.OptionsError(
-                    f"egress_allowed_networks: {e} (use CIDRs such as 10.0.0.0/8)"
-                ) from None
+            self.allowed = net.networks_option(
+                "egress_allowed_networks", ctx.options.egress_allowed_networks
+            )
 
     # --- resolution ---
 
@@ -472,7 +451,7 @@ class Egress:
         log.warning(
             "egress blocked rule=%s client=%s target=%r reason=%s",
             rule,
-            _client_ip(flow.client_conn.peername),
+            net.client_ip(flow) or "-",
             f"{flow.request.host}:{flow.request.port}",
             reason,
         )
@@ -510,7 +489,7 @@ class Egress:
             log.warning(
                 "egress killed connection rule=%s client=%s target=%r reason=%s",
                 verdict.rule,
-                _client_ip(data.client.peername),
+                net.peer_ip(data.client) or "-",
                 f"{host}:{port}",
                 verdict.reason,
             )
@@ -568,10 +547,6 @@ def _operator_backend(client: connection.Client, address: tuple[str, int]) -> bo
         return False
     exempt = getattr(router, "egress_exempt", None)
     return bool(exempt(client, address)) if exempt is not None else False
-
-
-def _client_ip(peername: tuple[str, int] | None) -> str:
-    return peername[0] if peername else "-"
 
 
 addons = [Egress()]

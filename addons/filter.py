@@ -1,8 +1,8 @@
 """Domain filtering: block (or allow only) destinations by host name, from inline lists and files.
 
-Names are normalised (lowercase, no trailing dot, IDNA A-labels) and looked up in a suffix index:
-one dict of exact names and one of wildcard suffixes per list, probed once per label of the
-host, so a lookup costs the same with ten entries or a million.
+Names are normalised (lowercase, no trailing dot, IDNA A-labels) and looked up in a suffix index
+(`addons/kernel/hosts.py`): one dict of exact names and one of wildcard suffixes per list,
+probed once per label of the host, so a lookup costs the same with ten entries or a million.
 
 - `blocklist` (default): a host matching `blocked` is refused, unless it also matches `allowed`.
 - `allowlist`: only hosts matching `allowed` pass.
@@ -23,21 +23,19 @@ Hooks:
 
 Options: `filter_mode`, `filter_list_mode`, `filter_blocked`, `filter_allowed`, `filter_files`,
 `filter_ip_literals`, `filter_check_sni`, `filter_reload_interval`, `filter_response_body`.
+The audit's `client_ip` is `kernel.net.client_ip` (through `forwarding_trusted_proxies`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import re
-import socket
 from collections.abc import Callable, Generator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import idna
 import pydantic
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.net.tls import starts_like_tls_record
@@ -46,6 +44,8 @@ from mitmproxy.proxy.layers.http import HttpLayer
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from addons import errors, policy
+from addons.kernel import hosts, net
+from addons.kernel.hosts import HostIndex, Pattern
 from addons.kernel.record import record
 from addons.kernel.units import parse_duration
 from addons.schema import FilterFile
@@ -55,88 +55,6 @@ log = logging.getLogger("waypost.filter")
 POLICY = "filter"
 LIST_MODES = ("blocklist", "allowlist", "mixed")
 IP_LITERALS = ("allow", "deny", "check")
-
-# --- names ------------------------------------------------------------------------------------
-
-_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-_NAME = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}")
-
-
-def normalise(name: str) -> str:
-    """`name` as the index keys it: lowercase, no trailing dot, IDNA A-labels.
-
-    ValueError when it is not a host name (RFC 1123 labels, plus `_`, which real lists use).
-    """
-    host = name.strip().rstrip(".")
-    if not host.isascii():
-        try:
-            # UTS #46 mapping, as browsers do: full-width dots, case, compatibility forms.
-            host = idna.encode(host, uts46=True).decode("ascii")
-        except idna.IDNAError as e:
-            raise ValueError(f"{name!r} is not a valid internationalised name ({e})") from None
-    host = host.lower()
-    if len(host) > 253 or not _NAME.fullmatch(host):
-        raise ValueError(f"{name!r} is not a host name")
-    return host
-
-
-def host_key(host: str) -> str:
-    """The lookup key of a host from a flow: cheap for ASCII names, which is nearly all of them."""
-    if host.isascii():
-        return host.lower().rstrip(".")
-    try:
-        return normalise(host)
-    except ValueError:
-        return host.lower().rstrip(".")
-
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def ip_literal(host: str) -> IPAddress | None:
-    """The address when `host` is an IP literal, including the legacy IPv4 forms that
-    getaddrinfo accepts (`127.1`, `0x7f.0.0.1`): a name whose last label is numeric is an
-    address to the resolver, never a DNS name."""
-    if not host:
-        return None
-    if ":" in host:
-        try:
-            return ipaddress.IPv6Address(host.strip("[]").partition("%")[0])
-        except ValueError:
-            return None
-    last = host.rpartition(".")[2]
-    if not (last.isdigit() or last.startswith("0x")):
-        return None
-    try:
-        return ipaddress.IPv4Address(host)
-    except ValueError:
-        pass
-    try:
-        return ipaddress.IPv4Address(socket.inet_aton(host))
-    except OSError:
-        return None
-
-
-class Entry(NamedTuple):
-    name: str
-    wildcard: bool  # *.name: every subdomain of name, not name itself
-
-
-def parse_pattern(text: str) -> Entry:
-    """`example.com`, `*.example.com` or an IP address; ValueError says what is wrong."""
-    spec = text.strip()
-    if spec.startswith("*."):
-        base = spec[2:]
-        if "*" in base:
-            raise ValueError(f"{text!r}: only a leading *. wildcard is supported")
-        return Entry(normalise(base), True)
-    if "*" in spec:
-        raise ValueError(f"{text!r}: only a leading *. wildcard is supported (*.example.com)")
-    ip = ip_literal(spec)
-    if ip is not None:
-        return Entry(str(ip), False)
-    return Entry(normalise(spec), False)
-
 
 # --- list files -------------------------------------------------------------------------------
 
@@ -169,7 +87,7 @@ class ListStats(NamedTuple):
     junk_lines: tuple[int, ...]  # the first few junk line numbers, for the log
 
 
-def parse_line(line: str) -> list[Entry] | None:
+def parse_line(line: str) -> list[Pattern] | None:
     """The entries of one list line; None for a comment or blank line; ValueError for junk.
 
     Formats: `name` or `*.name` (plain), `IP name [name...]` (hosts file), `||name^` (AdBlock
@@ -187,17 +105,21 @@ def parse_line(line: str) -> list[Entry] | None:
             # Paths, options ($third-party, $important) and bare prefixes change what the rule
             # means; a domain filter cannot honour them, so they are junk, not a wider block.
             raise ValueError("not a plain ||name^ AdBlock domain rule")
-        name = normalise(text[2:-1])
-        return [Entry(name, False), Entry(name, True)]
+        name = hosts.normalise(text[2:-1])
+        return [Pattern(name, False), Pattern(name, True)]
     tokens = text.split()
     if len(tokens) == 1:
-        return [parse_pattern(tokens[0])]
-    if tokens[0] not in _SINKHOLES and ip_literal(tokens[0]) is None:
+        return [hosts.parse_pattern(tokens[0])]
+    if tokens[0] not in _SINKHOLES and hosts.ip_literal(tokens[0]) is None:
         raise ValueError("not a name, a hosts-file line or an AdBlock rule")
-    return [Entry(normalise(t), False) for t in tokens[1:] if t.lower() not in _HOSTS_BOILERPLATE]
+    return [
+        Pattern(hosts.normalise(t), False)
+        for t in tokens[1:]
+        if t.lower() not in _HOSTS_BOILERPLATE
+    ]
 
 
-def parse_list(lines: Iterable[str], sink: Callable[[Entry], None]) -> ListStats:
+def parse_list(lines: Iterable[str], sink: Callable[[Pattern], None]) -> ListStats:
     """Hand every entry of a list file to `sink`; count what was skipped. Never raises for a
     line. Entries go straight into the index, so a million-line file is never held twice."""
     entries = comments = junk = 0
@@ -219,65 +141,13 @@ def parse_list(lines: Iterable[str], sink: Callable[[Entry], None]) -> ListStats
     return ListStats(entries, comments, junk, tuple(junk_lines))
 
 
-# --- the index ----------------------------------------------------------------------------------
-
-
-class Match(NamedTuple):
-    rule: str  # the rule id: an inline pattern or a list file's id (a metric label)
-    entry: str  # the entry that matched (`*.ads.example.com`), for logs and the client
-
-
-class DomainIndex:
-    """Exact names and wildcard suffixes of one list, each in a dict keyed by the name.
-
-    A lookup probes the exact dict once and the suffix dict once per label of the host, so its
-    cost depends on the host's depth, not on how many entries the list has.
-    """
-
-    __slots__ = ("exact", "suffixes")
-
-    def __init__(self) -> None:
-        self.exact: dict[str, str] = {}
-        self.suffixes: dict[str, str] = {}
-
-    def add(self, entry: Entry, rule: str) -> None:
-        # The first source to list a name keeps it (inline entries come before files).
-        (self.suffixes if entry.wildcard else self.exact).setdefault(entry.name, rule)
-
-    def __len__(self) -> int:
-        return len(self.exact) + len(self.suffixes)
-
-    def match(self, host: str) -> Match | None:
-        rule = self.exact.get(host)
-        if rule is not None:
-            return Match(rule, host)
-        suffixes = self.suffixes
-        if suffixes:
-            dot = host.find(".")
-            while dot != -1:
-                parent = host[dot + 1 :]
-                rule = suffixes.get(parent)
-                if rule is not None:
-                    return Match(rule, "*." + parent)
-                dot = host.find(".", dot + 1)
-        return None
-
-
-def build_index(entries: Iterable[Entry], rule: str | None = None) -> DomainIndex:
-    """An index of `entries`, all under `rule`, or (rule None) each under its own pattern."""
-    index = DomainIndex()
-    for e in entries:
-        index.add(e, rule if rule is not None else ("*." + e.name if e.wildcard else e.name))
-    return index
-
-
 # --- the decision -------------------------------------------------------------------------------
 
 
 class Source(NamedTuple):
     rule: str | None  # None: inline, each entry is its own rule
     mode: str  # enforce | shadow
-    index: DomainIndex
+    index: HostIndex[str]
 
 
 class Rules(NamedTuple):
@@ -296,7 +166,9 @@ class Verdict(NamedTuple):
     mode: str
 
 
-def _first(sources: tuple[Source, ...], names: Sequence[str]) -> tuple[Match, str] | None:
+def _first(
+    sources: tuple[Source, ...], names: Sequence[str]
+) -> tuple[hosts.Match[str], str] | None:
     for source in sources:
         for name in names:
             m = source.index.match(name)
@@ -308,7 +180,7 @@ def _first(sources: tuple[Source, ...], names: Sequence[str]) -> tuple[Match, st
 def decide(rules: Rules, host: str) -> Verdict | None:
     """Why `host` (a host_key) must be refused, or None when it may pass."""
     names: Sequence[str] = (host,)
-    ip = ip_literal(host)
+    ip = hosts.ip_literal(host)
     if ip is not None:
         if rules.ip_literals == "allow":
             return None
@@ -368,10 +240,6 @@ def parse_file_specs(text: str) -> tuple[FileSpec, ...]:
     return specs
 
 
-def parse_patterns(specs: Sequence[str]) -> list[Entry]:
-    return [parse_pattern(spec) for spec in specs]
-
-
 # --- list files: loading and watching -----------------------------------------------------------
 
 
@@ -390,7 +258,7 @@ def signature(path: str) -> FileSignature | None:
 
 
 class LoadedList(NamedTuple):
-    index: DomainIndex
+    index: HostIndex[str]
     stats: ListStats
     signature: FileSignature | None
 
@@ -406,7 +274,7 @@ def load_list(path: str, rule: str) -> LoadedList:
     or wrong file): the caller keeps the list it had.
     """
     sig = signature(path)
-    index = DomainIndex()
+    index: HostIndex[str] = HostIndex()
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             stats = parse_list(f, lambda entry: index.add(entry, rule))
@@ -476,13 +344,14 @@ class Filter:
         self.check_sni = True
         self.reload_interval = 2.0
         self.response_body = ""
-        self._inline_blocked = Source(None, "enforce", DomainIndex())
-        self._inline_allowed = Source(None, "enforce", DomainIndex())
+        self._inline_blocked = Source(None, "enforce", HostIndex())
+        self._inline_allowed = Source(None, "enforce", HostIndex())
         self._files: dict[str, _Watched] = {}  # by rule id, in configuration order
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = False
 
     def load(self, loader: Any) -> None:
+        net.load(loader)  # the audit's client_ip honours forwarding_trusted_proxies
         loader.add_option(
             "filter_mode",
             str,
@@ -542,16 +411,15 @@ class Filter:
         )
 
     def configure(self, updated: set[str]) -> None:
+        net.configure(updated)
         o = ctx.options
         rebuild = False
         if "filter_blocked" in updated or "filter_allowed" in updated:
             try:
-                blocked = build_index(parse_patterns(o.filter_blocked))
-                allowed = build_index(parse_patterns(o.filter_allowed))
+                blocked = hosts.build_index(hosts.parse_patterns(o.filter_blocked))
+                allowed = hosts.build_index(hosts.parse_patterns(o.filter_allowed))
             except ValueError as e:
-                raise exceptions.OptionsError(
-                    f"filter_blocked/filter_allowed: {e} (use example.com, *.example.com or an IP)"
-                ) from None
+                raise exceptions.OptionsError(f"filter_blocked/filter_allowed: {e}") from None
             self._inline_blocked = self._inline_blocked._replace(index=blocked)
             self._inline_allowed = self._inline_allowed._replace(index=allowed)
             rebuild = True
@@ -665,7 +533,7 @@ class Filter:
                 if w.loaded is not None:
                     w.loaded = w.loaded._replace(signature=sig)
                 else:
-                    w.loaded = LoadedList(DomainIndex(), ListStats(0, 0, 0, ()), sig)
+                    w.loaded = LoadedList(HostIndex(), ListStats(0, 0, 0, ()), sig)
                 log.warning(
                     "filter list %s refused, keeping the list loaded before: %s", w.spec.path, e
                 )
@@ -711,11 +579,11 @@ class Filter:
         rules = self.rules
         if not (rules.blocked or rules.list_mode != "blocklist" or rules.ip_literals == "deny"):
             return
-        host = host_key(flow.request.host)
+        host = hosts.host_key(flow.request.host)
         verdict = decide(rules, host)
         if verdict is None:
             return
-        client = flow.client_conn.peername[0] if flow.client_conn.peername else None
+        client = net.client_ip(flow) or None
         if policy.decide(
             POLICY,
             verdict.rule,
@@ -754,11 +622,11 @@ class Filter:
         if hello is None or not hello.sni:
             return  # incomplete: asked again with more data; no SNI: the CONNECT decided
         rules = self.rules
-        host = host_key(hello.sni)
+        host = hosts.host_key(hello.sni)
         verdict = decide(rules, host)
         if verdict is None:
             return
-        client = context.client.peername[0] if context.client.peername else None
+        client = net.peer_ip(context.client) or None
         target = context.server.address
         if policy.decide(
             POLICY,

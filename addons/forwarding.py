@@ -8,33 +8,31 @@ Request side (`requestheaders`, never for CONNECT):
 - sets `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Real-IP`, trusting the
   incoming values only when the direct peer is in `forwarding_trusted_proxies`;
 - appends `Via` (RFC 9110 §7.6.3) and sets `X-Request-ID` (`errors.request_id`).
-The derived client IP is recorded as `record(flow)["client_ip"]` for logs and metrics.
+The client IP is `kernel.net.client_ip(flow)`, the one every policy decides on; it is recorded
+as `record(flow)["client_ip"]` for logs and metrics.
 
 Response side (`responseheaders`, and `response` for answers the proxy made itself): appends
 `Via` to relayed responses, echoes `X-Request-ID`, sends `X-Proxy-ID`.
 
-Options: forwarding_trusted_proxies, forwarding_x_forwarded, forwarding_via,
+Options: forwarding_trusted_proxies (declared and parsed by `addons/kernel/net.py`, which every
+addon reading the client address loads), forwarding_x_forwarded, forwarding_via,
 forwarding_request_id, forwarding_proxy_id.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from mitmproxy import ctx, exceptions, http
 
 from addons import errors
+from addons.kernel import net
 from addons.kernel.record import record
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # RFC 9110 §5.6.2 token: Via's pseudonym and our X-Proxy-ID must be one.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _DEFAULT_PROXY_ID = "waypost"
-_CACHE_MAX = 4096
 # Set once a response got its headers, so `response` does not repeat `responseheaders`.
 _RESPONSE_DONE = "waypost.forwarding.response"
 
@@ -57,150 +55,6 @@ _PROTECTED = frozenset({b"connection", b"host", b"content-length", b"transfer-en
 
 
 # --- pure decisions ----------------------------------------------------------------------------
-
-
-def parse_trusted(entries: Iterable[str]) -> tuple[Network, ...]:
-    """CIDRs (or single addresses) to networks; raises ValueError naming the bad entry."""
-    nets = []
-    for entry in entries:
-        try:
-            net = ipaddress.ip_network(entry.strip(), strict=False)
-        except ValueError as e:
-            raise ValueError(f"{entry!r} is not an IP address or CIDR ({e})") from None
-        nets.append(_unmap_network(net))
-    return tuple(nets)
-
-
-def _unmap_network(net: Network) -> Network:
-    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
-        mapped = net.network_address.ipv4_mapped
-        if mapped is not None:
-            return ipaddress.IPv4Network(f"{mapped}/{net.prefixlen - 96}")
-    return net
-
-
-def normalize_peer(ip: str) -> str:
-    """A socket peer address as the client IP: IPv4-mapped IPv6 becomes IPv4."""
-    if ip.startswith("::ffff:") and "." in ip:
-        return ip[7:]
-    return ip
-
-
-def parse_hop(value: str) -> IPAddress | None:
-    """One X-Forwarded-For / X-Real-IP entry as an address, or None if it is not one.
-
-    Accepts `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]:80`; unmaps `::ffff:a.b.c.d`.
-    """
-    value = value.strip()
-    if value.startswith("["):
-        value = value[1 : value.find("]")] if "]" in value else ""
-    elif value.count(":") == 1:
-        value = value.partition(":")[0]
-    try:
-        ip = ipaddress.ip_address(value)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-def is_trusted(ip: IPAddress, trusted: Sequence[Network]) -> bool:
-    return any(ip in net for net in trusted)
-
-
-Classified = tuple[str | None, bool]  # (canonical address or None, in a trusted network)
-
-
-def classify(value: str, trusted: Sequence[Network]) -> Classified:
-    ip = parse_hop(value)
-    return (None, False) if ip is None else (str(ip), is_trusted(ip, trusted))
-
-
-def cached_classify(
-    value: str, trusted: Sequence[Network], cache: dict[str, Classified] | None
-) -> Classified:
-    """`classify` memoised in `cache` (bounded: cleared when full)."""
-    if cache is None:
-        return classify(value, trusted)
-    found = cache.get(value)
-    if found is None:
-        if len(cache) >= _CACHE_MAX:
-            cache.clear()
-        found = cache[value] = classify(value, trusted)
-    return found
-
-
-def client_ip(
-    peer: str,
-    xff: str | None,
-    real_ip: str | None,
-    trusted: Sequence[Network],
-    cache: dict[str, Classified] | None = None,
-) -> tuple[str, bool]:
-    """The client IP and whether the direct peer is a trusted proxy.
-
-    Behind trusted proxies the client is the right-most X-Forwarded-For hop that is not itself
-    trusted (hops are appended left to right, so only the right end is vouched for). An entry
-    that is not an address ends the walk at the last address we could believe. With no
-    X-Forwarded-For, a trusted peer's X-Real-IP is believed. `cache` memoises parsing (the
-    same few proxies and clients repeat; ipaddress parsing costs microseconds).
-    """
-    peer = normalize_peer(peer)
-    if not trusted:
-        return peer, False
-
-    def lookup(value: str) -> Classified:
-        return cached_classify(value, trusted, cache)
-
-    peer_ip, peer_trusted = lookup(peer)
-    if peer_ip is None or not peer_trusted:
-        return peer, False
-    if xff:
-        current = peer_ip
-        for hop in reversed(xff.split(",")):
-            ip, hop_trusted = lookup(hop.strip())
-            if ip is None:
-                break
-            current = ip
-            if not hop_trusted:
-                break
-        return current, True
-    if real_ip and (ip := lookup(real_ip.strip())[0]) is not None:
-        return ip, True
-    return peer, True
-
-
-def flow_client_ip(
-    flow: http.HTTPFlow, trusted: Sequence[Network], cache: dict[str, Classified] | None = None
-) -> str:
-    """The flow's client IP as Forwarding derives it, for policies that decide before Forwarding
-    runs (ACL, rate limiting): the peer, or through trusted proxies the X-Forwarded-For /
-    X-Real-IP client. Recorded as `record(flow)["client_ip"]` (read by the access log)."""
-    meta = record(flow)
-    ip = meta.get("client_ip")
-    if ip is None:
-        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
-        if trusted:
-            xff: list[bytes] = []
-            real: bytes | None = None
-            for name, value in flow.request.data.headers.fields:  # one pass, no Headers lookups
-                lname = name.lower()
-                if lname == b"x-forwarded-for":
-                    xff.append(value)
-                elif lname == b"x-real-ip" and real is None:
-                    real = value
-            ip = client_ip(
-                peer,
-                b", ".join(xff).decode("latin-1") if xff else None,
-                real.decode("latin-1") if real is not None else None,
-                trusted,
-                cache,
-            )[0]
-        else:
-            ip = normalize_peer(peer)
-        meta["client_ip"] = ip
-    return ip
 
 
 def via_value(http_version: str, proxy_id: str) -> str:
@@ -281,8 +135,6 @@ def split_fields(
 
 class Forwarding:
     def __init__(self) -> None:
-        self.trusted: tuple[Network, ...] = ()
-        self.hop_cache: dict[str, Classified] = {}
         self.proxy_id: str = _DEFAULT_PROXY_ID
         self.proxy_id_header: str = _DEFAULT_PROXY_ID
         self.x_forwarded = True
@@ -293,15 +145,7 @@ class Forwarding:
         self.pull_response: frozenset[bytes] = _REQUEST_ID | _PROXY_ID
 
     def load(self, loader) -> None:
-        loader.add_option(
-            "forwarding_trusted_proxies",
-            Sequence[str],
-            [],
-            "Proxies (IP addresses or CIDRs, e.g. 10.0.0.0/8) whose incoming X-Forwarded-For and "
-            "X-Real-IP are believed. From any other peer these headers are replaced, and the "
-            "client IP is the socket peer. Behind trusted proxies the client IP is the right-most "
-            "X-Forwarded-For entry that is not itself a trusted proxy.",
-        )
+        net.load(loader)
         loader.add_option(
             "forwarding_x_forwarded",
             bool,
@@ -335,14 +179,7 @@ class Forwarding:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if "forwarding_trusted_proxies" in updated:
-            try:
-                self.trusted = parse_trusted(ctx.options.forwarding_trusted_proxies)
-                self.hop_cache = {}
-            except ValueError as e:
-                raise exceptions.OptionsError(
-                    f"forwarding_trusted_proxies: {e} (use addresses or CIDRs like 10.0.0.0/8)"
-                ) from None
+        net.configure(updated)
         if "forwarding_proxy_id" in updated:
             pid = ctx.options.forwarding_proxy_id
             if pid and not _TOKEN.fullmatch(pid):
@@ -377,22 +214,6 @@ class Forwarding:
             value = self.via_values[http_version] = via_value(version, self.proxy_id).encode()
         return value
 
-    def _client_ip(
-        self, flow: http.HTTPFlow, fields: Iterable[tuple[bytes, bytes]], pulled: dict
-    ) -> tuple[str, bool]:
-        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
-        if not self.trusted:
-            return normalize_peer(peer), False
-        xff = pulled.get(b"x-forwarded-for") or _get(fields, b"x-forwarded-for")
-        real = pulled.get(b"x-real-ip") or _get(fields, b"x-real-ip")
-        return client_ip(
-            peer,
-            b", ".join(xff).decode("latin-1") if xff else None,
-            real[0].decode("latin-1") if real else None,
-            self.trusted,
-            self.hop_cache,
-        )
-
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.error or not flow.live or flow.websocket:
             return
@@ -400,20 +221,16 @@ class Forwarding:
         data = req.data
         if data.method == b"CONNECT":
             return
+        # Derived (and recorded for the log) from the incoming headers, so before the rewrite.
+        ip = net.client_ip(flow)
         if flow.response:
-            # Answered by an earlier addon: nothing goes upstream, but its log line still
-            # wants the client behind our trusted proxies.
-            if self.trusted:
-                ip = self._client_ip(flow, data.headers.fields, {})[0]
-                record(flow)["client_ip"] = ip
-            return
+            return  # answered by an earlier addon: nothing goes upstream
         if self.request_id:
             rid = errors.request_id(flow)  # reads an incoming X-Request-ID, so before the rewrite
         fields, pulled = split_fields(data.headers.fields, self.pull)
-        hop = normalize_peer(flow.client_conn.peername[0] if flow.client_conn.peername else "")
-        ip, from_trusted = self._client_ip(flow, fields, pulled)
-        record(flow)["client_ip"] = ip
         if self.x_forwarded:
+            from_trusted = net.trusted_peer(flow.client_conn)
+            hop = net.peer_ip(flow.client_conn)
             incoming = pulled.get(b"x-forwarded-for") if from_trusted else None
             ours = hop.encode()
             fields.append((b"X-Forwarded-For", b", ".join([*incoming, ours]) if incoming else ours))

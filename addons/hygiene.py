@@ -44,7 +44,7 @@ from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 
 from addons import errors
-from addons.kernel import units, wire
+from addons.kernel import net, units, wire
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.hygiene")
@@ -481,7 +481,7 @@ def _refuse(flow: http.HTTPFlow, refusal: Refusal) -> None:
         refusal.rule,
         errors.STATUS[refusal.code],
         errors.request_id(flow),
-        flow.client_conn.peername[0] if flow.client_conn.peername else "?",
+        net.client_ip(flow) or "?",
         refusal.message,
     )
     # The rest of this connection cannot be trusted to be framed the way we read it.

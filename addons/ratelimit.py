@@ -2,8 +2,8 @@
 
 Requests and CONNECTs (`requestheaders`, `http_connect`) each take one token from the bucket of
 their client IP (the socket peer, or behind `forwarding_trusted_proxies` the X-Forwarded-For
-client, derived as `addons/forwarding.py` does). A bucket holds `burst` tokens and refills at
-`requests_per_second`. An empty bucket answers 429 RATE_LIMITED with
+client: `kernel.net.client_ip`, the address every policy and log uses). A bucket holds `burst`
+tokens and refills at `requests_per_second`. An empty bucket answers 429 RATE_LIMITED with
 - `Retry-After`: whole seconds until the next token, rounded up;
 - `RateLimit-Policy: "<id>";q=<burst>;w=<seconds to refill the whole burst>` and
   `RateLimit: "<id>";r=<tokens left>;t=<seconds until the bucket is full again>`, the
@@ -31,7 +31,8 @@ are not capped.
 
 Hooks: running, done, client_connected, client_disconnected, http_connect, requestheaders.
 Options: ratelimit_requests_per_second, ratelimit_burst, ratelimit_mode, ratelimit_exempt,
-ratelimit_rules, ratelimit_max_connections_per_ip, ratelimit_max_clients.
+ratelimit_rules, ratelimit_max_connections_per_ip, ratelimit_max_clients;
+forwarding_trusted_proxies (declared by `addons/kernel/net.py`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ import pydantic
 from mitmproxy import connection, ctx, exceptions, http
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from addons import acl, errors, forwarding, metrics, policy
+from addons import errors, metrics, policy
+from addons.kernel import hosts, net
 from addons.schema import RateLimitRule
 
 log = logging.getLogger("waypost.ratelimit")
@@ -102,7 +104,7 @@ class Limit(NamedTuple):
     rate: float  # tokens per second; 0: unlimited
     burst: int
     mode: str
-    host: str | None = None  # exact name, or ".suffix" for a `*.suffix` pattern
+    host: hosts.Pattern | None = None  # exact name or `*.suffix`
     path: str | None = None  # prefix
 
     def window(self) -> int:
@@ -135,9 +137,7 @@ def parse_rules(text: str, mode: str) -> tuple[Limit, ...]:
         if rule.id in seen or rule.id == DEFAULT_ID:
             raise ValueError(f"rule id {rule.id!r} is used twice (or is the reserved 'default')")
         seen.add(rule.id)
-        host = rule.host.lower().rstrip(".") if rule.host else None
-        if host and host.startswith("*."):
-            host = host[1:]
+        host = hosts.parse_pattern(rule.host) if rule.host else None
         out.append(
             Limit(
                 rule.id,
@@ -155,12 +155,8 @@ def match(rules: Sequence[Limit], host: str, path: str | None) -> Limit | None:
     """The first rule whose host (exact, or `*.suffix`: any subdomain) and path prefix match;
     path rules never match a CONNECT (path None)."""
     for rule in rules:
-        if rule.host is not None:
-            if rule.host[0] == ".":
-                if not host.endswith(rule.host):
-                    continue
-            elif host != rule.host:
-                continue
+        if rule.host is not None and not rule.host.matches(host):
+            continue
         if rule.path is not None and (path is None or not path.startswith(rule.path)):
             continue
         return rule
@@ -272,11 +268,9 @@ class RateLimit:
         self.default = Limit(DEFAULT_ID, 0.0, 1, "enforce")
         self.rules: tuple[Limit, ...] = ()
         self.mode = "enforce"
-        self.exempt = acl.Networks((), ())
+        self.exempt = net.NO_NETWORKS
         self.has_exempt = False
         self._exempt_cache: dict[str, bool] = {}
-        self.trusted: tuple[forwarding.Network, ...] = ()
-        self.hop_cache: dict[str, forwarding.Classified] = {}
         self.max_connections = 0
         self.buckets = Buckets(100_000)
         self.connections: dict[str, int] = {}  # peer IP -> open connections counted
@@ -285,6 +279,7 @@ class RateLimit:
         self._sweeper: asyncio.Task[None] | None = None
 
     def load(self, loader: object) -> None:
+        net.load(loader)
         add = loader.add_option  # type: ignore[attr-defined]
         add(
             "ratelimit_requests_per_second",
@@ -331,6 +326,7 @@ class RateLimit:
         )
 
     def configure(self, updated: set[str]) -> None:
+        net.configure(updated)
         opts = ctx.options
         names = {
             "ratelimit_requests_per_second",
@@ -361,12 +357,7 @@ class RateLimit:
             )
             self.rules = rules
         if "ratelimit_exempt" in updated:
-            try:
-                self.exempt = acl.parse_networks(opts.ratelimit_exempt)
-            except ValueError as e:
-                raise exceptions.OptionsError(
-                    f"ratelimit_exempt: {e} (use CIDRs such as 10.0.0.0/8)"
-                ) from None
+            self.exempt = net.networks_option("ratelimit_exempt", opts.ratelimit_exempt)
             self._exempt_cache = {}
             self.has_exempt = bool(self.exempt)
         if "ratelimit_max_connections_per_ip" in updated:
@@ -379,12 +370,6 @@ class RateLimit:
             self.buckets.maxsize = opts.ratelimit_max_clients
             while len(self.buckets.table) > self.buckets.maxsize:
                 self.buckets.table.popitem(last=False)
-        if "forwarding_trusted_proxies" in updated:
-            try:
-                self.trusted = forwarding.parse_trusted(opts.forwarding_trusted_proxies)
-            except ValueError:  # Forwarding refuses the option itself
-                self.trusted = ()
-            self.hop_cache = {}
         self.active = bool(self.default.rate or self.rules)
         COLLECTOR.addon = self
 
@@ -410,19 +395,17 @@ class RateLimit:
         if found is None:
             if len(cache) >= 4096:
                 cache.clear()
-            addr = acl.parse_ip(ip)
-            found = cache[ip] = addr is not None and acl.lookup(self.exempt, addr) is not None
+            addr = net.parse_ip(ip) if ip else None
+            found = cache[ip] = addr is not None and net.lookup(self.exempt, addr) is not None
         return found
 
     # --- connections ---
 
     def client_connected(self, client: connection.Client) -> None:
-        if not self.max_connections or client.error or not client.peername:
+        if not self.max_connections or client.error:
             return
-        ip = forwarding.normalize_peer(client.peername[0])
-        if self._exempt(ip) or (
-            self.trusted and forwarding.cached_classify(ip, self.trusted, self.hop_cache)[1]
-        ):
+        ip = net.peer_ip(client)
+        if not ip or self._exempt(ip) or net.trusted_peer(client):
             return
         count = self.connections.get(ip, 0)
         if count >= self.max_connections and policy.decide(
@@ -460,14 +443,14 @@ class RateLimit:
             self._limit(flow, False)
 
     def _limit(self, flow: http.HTTPFlow, tunnel: bool) -> None:
-        ip = forwarding.flow_client_ip(flow, self.trusted, self.hop_cache)
+        ip = net.client_ip(flow)
         if self.has_exempt and self._exempt(ip):
             return
         limit = self.default
         key = ip
         if self.rules:
             req = flow.request
-            rule = match(self.rules, req.host.lower(), None if tunnel else req.path)
+            rule = match(self.rules, hosts.host_key(req.host), None if tunnel else req.path)
             if rule is not None:
                 limit = rule
                 key = f"{rule.id} {ip}"

@@ -16,7 +16,7 @@ An empty value turns that header off. A backend's own value is kept unless
 
 Hooks: responseheaders, response. Options: secheaders_enabled, secheaders_hsts,
 secheaders_content_type_options, secheaders_frame_options, secheaders_content_security_policy,
-secheaders_override.
+secheaders_override; forwarding_trusted_proxies (declared by `addons/kernel/net.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from mitmproxy import ctx, exceptions, http
 
-from addons import forwarding
+from addons.kernel import net
 
 # Set once a response got its headers, so `response` does not repeat `responseheaders`.
 _DONE = "waypost.secheaders.done"
@@ -104,10 +104,9 @@ class SecHeaders:
         self.hsts: Header | None = None
         self.others: tuple[Header, ...] = ()
         self.override = False
-        self.trusted: tuple[forwarding.Network, ...] = ()
-        self.hop_cache: dict[str, forwarding.Classified] = {}
 
     def load(self, loader: object) -> None:
+        net.load(loader)
         add = loader.add_option  # type: ignore[attr-defined]
         add(
             "secheaders_enabled",
@@ -147,6 +146,7 @@ class SecHeaders:
         )
 
     def configure(self, updated: set[str]) -> None:
+        net.configure(updated)
         opts = ctx.options
         if any(name.startswith("secheaders_") for name in updated):
             try:
@@ -160,21 +160,12 @@ class SecHeaders:
                 raise exceptions.OptionsError(str(e)) from None
             self.enabled = opts.secheaders_enabled
             self.override = opts.secheaders_override
-        if "forwarding_trusted_proxies" in updated:
-            try:
-                self.trusted = forwarding.parse_trusted(opts.forwarding_trusted_proxies)
-            except ValueError:  # Forwarding refuses the option itself
-                self.trusted = ()
-            self.hop_cache = {}
 
     def _https(self, flow: http.HTTPFlow) -> bool:
         client = flow.client_conn
         if client.tls:
             return True
-        if not self.trusted or not client.peername:
-            return False
-        peer = forwarding.normalize_peer(client.peername[0])
-        if not forwarding.cached_classify(peer, self.trusted, self.hop_cache)[1]:
+        if not net.trusted_peer(client):
             return False
         protos = flow.request.headers.get_all("x-forwarded-proto")
         return bool(protos) and protos[-1].strip().lower() == "https"

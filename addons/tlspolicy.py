@@ -6,7 +6,7 @@ trust its CA) and the HTTP-level addons see their requests.
 
 Hooks:
 - `http_connect`: remembers the CONNECT flow of the tunnel, so the decision can be recorded on it
-  (`record(flow)["tls"] = "passthrough" | "intercept"`).
+  (`flow.metadata["waypost"]["tls"] = "passthrough" | "intercept"`).
 - `tls_clienthello`: matches the SNI (falling back to the CONNECT host) against the patterns and
   sets `ignore_connection` for every host that is not intercepted. Not on reverse listeners,
   which terminate TLS themselves.
@@ -19,62 +19,19 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Sequence
-from typing import NamedTuple
 
 from mitmproxy import ctx, exceptions, http, tls
 from mitmproxy.proxy import mode_specs
 
+from addons.kernel import hosts
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.tlspolicy")
 
 
-class HostPatterns(NamedTuple):
-    exact: frozenset[str]
-    suffixes: frozenset[str]  # "*.corp.example" -> "corp.example"
-    everything: bool = False  # the pattern "*"
-
-
-def parse_patterns(specs: Sequence[str]) -> HostPatterns:
-    """`api.example.com`, `*.corp.example` or `*`; ValueError names the bad entry."""
-    exact: set[str] = set()
-    suffixes: set[str] = set()
-    everything = False
-    for spec in specs:
-        pattern = spec.strip().lower()
-        if pattern == "*":
-            everything = True
-            continue
-        pattern = pattern.rstrip(".")
-        base = pattern[2:] if pattern.startswith("*.") else pattern
-        if not base or "*" in base or any(c.isspace() or c in "/:@" for c in base):
-            raise ValueError(
-                f"{spec!r} is not a host pattern (use api.example.com, *.corp.example or *)"
-            )
-        (suffixes if pattern.startswith("*.") else exact).add(base)
-    return HostPatterns(frozenset(exact), frozenset(suffixes), everything)
-
-
-def matches(patterns: HostPatterns, host: str) -> bool:
-    """Whether `host` (lowercase, no trailing dot) is covered.
-
-    `*.x` matches subdomains of x at any depth but not x itself, as in TLS certificates
-    (RFC 6125) except for the depth: list `x` as well to include it.
-    """
-    if patterns.everything or host in patterns.exact:
-        return True
-    if patterns.suffixes:
-        dot = host.find(".")
-        while dot != -1:
-            if host[dot + 1 :] in patterns.suffixes:
-                return True
-            dot = host.find(".", dot + 1)
-    return False
-
-
 class TlsPolicy:
     def __init__(self) -> None:
-        self.patterns = HostPatterns(frozenset(), frozenset())
+        self.patterns: hosts.HostIndex[str] = hosts.HostIndex()
         # server connection id -> the CONNECT flow that opened the tunnel
         self._connects: weakref.WeakValueDictionary[str, http.HTTPFlow] = (
             weakref.WeakValueDictionary()
@@ -96,7 +53,9 @@ class TlsPolicy:
     def configure(self, updated: set[str]) -> None:
         if "tls_intercept_hosts" in updated:
             try:
-                self.patterns = parse_patterns(ctx.options.tls_intercept_hosts)
+                self.patterns = hosts.build_index(
+                    hosts.parse_patterns(ctx.options.tls_intercept_hosts, star=True)
+                )
             except ValueError as e:
                 raise exceptions.OptionsError(f"tls_intercept_hosts: {e}") from None
 
@@ -121,7 +80,9 @@ class TlsPolicy:
                 host = data.context.server.address[0]
             else:
                 host = ""
-        intercept = matches(self.patterns, host.lower().rstrip("."))
+        # `*.x` covers subdomains of x at any depth but not x itself, as in TLS certificates
+        # (RFC 6125) except for the depth: list `x` as well to include it.
+        intercept = self.patterns.match(hosts.host_key(host)) is not None
         if not intercept:
             data.ignore_connection = True
         decision = "intercept" if intercept else "passthrough"

@@ -5,7 +5,7 @@ Usually started through `scripts/bench-filter`. Measures, in this process:
 - building the suffix index from N generated names (default 1,000,000; 90% exact names, 10%
   `*.` wildcards): seconds and bytes (tracemalloc, and the process RSS growth);
 - parsing the same entries as a hosts-format list file (`load_list`, what a reload costs);
-- lookups (`DomainIndex.match` and the whole `decide`): ns per call for exact hits, wildcard
+- lookups (`HostIndex.match` and the whole `decide`): ns per call for exact hits, wildcard
   hits three labels deep and misses, with N entries and with 1,000, to show the cost does not
   grow with the list;
 - the hooks as mitmproxy calls them (`Filter.requestheaders` on an allowed host and on a blocked
@@ -36,6 +36,7 @@ from mitmproxy.test import taddons, tflow  # noqa: E402
 
 from addons import contentfilter as cf  # noqa: E402
 from addons import filter as flt  # noqa: E402
+from addons.kernel.hosts import HostIndex, Pattern, build_index  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -48,8 +49,8 @@ def names(n: int) -> list[str]:
     return [f"ads-{i:07d}.tracker{rnd.randrange(5000)}.{rnd.choice(tlds)}" for i in range(n)]
 
 
-def entries(hosts: Sequence[str]) -> list[flt.Entry]:
-    return [flt.Entry(h, i % 10 == 0) for i, h in enumerate(hosts)]
+def entries(hosts: Sequence[str]) -> list[Pattern]:
+    return [Pattern(h, i % 10 == 0) for i, h in enumerate(hosts)]
 
 
 def per_call_ns(fn: Callable[[str], object], args: Sequence[str], rounds: int = 7) -> float:
@@ -64,7 +65,7 @@ def per_call_ns(fn: Callable[[str], object], args: Sequence[str], rounds: int = 
     return min(times)
 
 
-def lookup_cases(index: flt.DomainIndex, hosts: Sequence[str], n: int, tag: str) -> dict:
+def lookup_cases(index: HostIndex[str], hosts: Sequence[str], n: int, tag: str) -> dict:
     rnd = random.Random(11)
     exact = [h for i, h in enumerate(hosts) if i % 10][:n]
     wild = ["a.b." + h for i, h in enumerate(hosts) if i % 10 == 0][:n]
@@ -122,8 +123,8 @@ def main(argv: list[str]) -> int:
     # The index alone, by allocation: names are made inside the traced window, as a file's are.
     tracemalloc.start()
     t0 = time.perf_counter()
-    big = flt.build_index(
-        (flt.Entry(f"ads-{i:07d}.tracker.example", i % 10 == 0) for i in range(args.entries)),
+    big = build_index(
+        (Pattern(f"ads-{i:07d}.tracker.example", i % 10 == 0) for i in range(args.entries)),
         "bench",
     )
     report["build_s_traced"] = round(time.perf_counter() - t0, 2)
@@ -133,8 +134,8 @@ def main(argv: list[str]) -> int:
     report["index_bytes_per_entry"] = round(traced / len(big))
     del big
     gc.collect()
-    big = flt.build_index(ents, "bench")
-    small = flt.build_index(ents[:1000], "bench")
+    big = build_index(ents, "bench")
+    small = build_index(ents[:1000], "bench")
 
     # The same number of calls against both indexes, so the two differ only in list size.
     cases = lookup_cases(big, hosts, args.calls, f"{args.entries} entries")

@@ -16,17 +16,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from addons.kernel import hosts
+
 # --- rule matching ----------------------------------------------------------------------------
 
 
 def host_matcher(pattern: str) -> Callable[[str], bool]:
     """`api.example.com` exactly, `*.example.com` any subdomain (not the apex), `*` anything."""
-    if pattern == "*":
-        return lambda host: True
-    if pattern.startswith("*."):
-        suffix = pattern[1:]
-        return lambda host: host.endswith(suffix) and len(host) > len(suffix)
-    return lambda host: host == pattern
+    return hosts.parse_pattern(pattern, star=True).matches
 
 
 def path_matcher(pattern: str) -> Callable[[str], bool]:

@@ -65,6 +65,27 @@ def test_plain_http_blocked_and_host_header_cannot_override(proxy_factory, backe
     p.wait_for(r"filter block rule=tracker\.test")
 
 
+def test_audit_client_ip_behind_a_trusted_proxy_is_the_forwarded_client(proxy_factory):
+    # The filter loaded alone declares forwarding_trusted_proxies (kernel/net.py), and its audit
+    # records the client the ACL and the rate limiter decide on: behind a trusted load balancer,
+    # the X-Forwarded-For client, not the balancer.
+    p = proxy_factory(
+        scripts=(FILTER, "addons/accesslog.py"),
+        options={"filter_blocked": "tracker.test", "forwarding_trusted_proxies": "127.0.0.0/8"},
+    )
+    request = "GET http://tracker.test/ HTTP/1.1\r\nHost: tracker.test\r\n{}\r\n"
+    for xff in ("X-Forwarded-For: 203.0.113.9, 127.0.0.2\r\n", ""):
+        assert_blocked(
+            raw_request(p.port, request.format(xff).encode(), timeout=10), "tracker.test"
+        )
+
+    def audit() -> list[dict]:
+        return [j for j in p.json_lines() if j.get("logger") == "waypost.audit"]
+
+    lines = wait_until(lambda: len(audit()) >= 2 and audit())
+    assert [j["client_ip"] for j in lines] == ["203.0.113.9", "127.0.0.1"]
+
+
 def test_allowlist_mode(proxy_factory, backend: Backend):
     p = proxy_factory(
         scripts=(FILTER,), options={"filter_list_mode": "allowlist", "filter_allowed": "localhost"}

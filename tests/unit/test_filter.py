@@ -1,4 +1,5 @@
-"""Domain filter: normalisation, patterns, list formats, the index, decisions, and the addon."""
+"""Domain filter: list formats, decisions, and the addon (names, patterns and the index:
+tests/unit/test_kernel_hosts.py)."""
 
 from __future__ import annotations
 
@@ -14,84 +15,11 @@ from mitmproxy.test import taddons, tflow
 
 from addons import filter as flt
 from addons import metrics
-from addons.filter import Entry
+from addons.kernel import hosts
+from addons.kernel.hosts import HostIndex, Pattern
 from addons.kernel.record import record
 
-# --- names ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "name, key",
-    [
-        ("Example.COM", "example.com"),
-        ("example.com.", "example.com"),
-        (" example.com ", "example.com"),
-        ("bücher.example", "xn--bcher-kva.example"),
-        ("BÜCHER.example", "xn--bcher-kva.example"),
-        ("xn--bcher-kva.example", "xn--bcher-kva.example"),
-        ("_dmarc.example.com", "_dmarc.example.com"),
-        ("a-b.example", "a-b.example"),
-    ],
-)
-def test_normalise(name: str, key: str) -> None:
-    assert flt.normalise(name) == key
-
-
-@pytest.mark.parametrize(
-    "name",
-    ["", ".", "a..b", "-a.example", "a-.example", "a b.example", "a/b", "a" * 64 + ".x", "a@b"],
-)
-def test_normalise_refuses_non_names(name: str) -> None:
-    with pytest.raises(ValueError):
-        flt.normalise(name)
-
-
-@pytest.mark.parametrize(
-    "host, key",
-    [("WWW.Example.com.", "www.example.com"), ("bücher.example", "xn--bcher-kva.example")],
-)
-def test_host_key(host: str, key: str) -> None:
-    assert flt.host_key(host) == key
-
-
-@pytest.mark.parametrize(
-    "host, ip",
-    [
-        ("192.0.2.7", "192.0.2.7"),
-        ("127.1", "127.0.0.1"),  # legacy forms getaddrinfo accepts
-        ("0x7f.0.0.1", "127.0.0.1"),
-        ("2001:db8::1", "2001:db8::1"),
-        ("[2001:db8::1]", "2001:db8::1"),
-        ("example.com", None),
-        ("1.example", None),
-        ("999.1.1.1", None),
-    ],
-)
-def test_ip_literal(host: str, ip: str | None) -> None:
-    got = flt.ip_literal(host)
-    assert (str(got) if got else None) == ip
-
-
-# --- patterns and list lines ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "text, entry",
-    [
-        ("example.com", Entry("example.com", False)),
-        ("*.Ads.Example.com.", Entry("ads.example.com", True)),
-        ("192.0.2.7", Entry("192.0.2.7", False)),
-        ("2001:DB8::1", Entry("2001:db8::1", False)),
-    ],
-)
-def test_parse_pattern(text: str, entry: Entry) -> None:
-    assert flt.parse_pattern(text) == entry
-
-
-@pytest.mark.parametrize("text", ["*", "a*.example", "*.*.example", "ex*mple.com", "*.", "a b"])
-def test_parse_pattern_refuses(text: str) -> None:
-    with pytest.raises(ValueError):
-        flt.parse_pattern(text)
+# --- list lines ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -102,18 +30,24 @@ def test_parse_pattern_refuses(text: str) -> None:
         ("# comment", None),
         ("! AdBlock comment", None),
         ("[Adblock Plus 2.0]", None),
-        ("ads.example.com", [Entry("ads.example.com", False)]),
-        ("*.ads.example.com", [Entry("ads.example.com", True)]),
-        ("ads.example.com   # why", [Entry("ads.example.com", False)]),
-        ("0.0.0.0 ads.example.com", [Entry("ads.example.com", False)]),
-        ("127.0.0.1\tA.example B.example", [Entry("a.example", False), Entry("b.example", False)]),
+        ("ads.example.com", [Pattern("ads.example.com", False)]),
+        ("*.ads.example.com", [Pattern("ads.example.com", True)]),
+        ("ads.example.com   # why", [Pattern("ads.example.com", False)]),
+        ("0.0.0.0 ads.example.com", [Pattern("ads.example.com", False)]),
+        (
+            "127.0.0.1\tA.example B.example",
+            [Pattern("a.example", False), Pattern("b.example", False)],
+        ),
         ("::1 ip6-localhost ip6-loopback", []),
         ("127.0.0.1 localhost", []),
-        ("0.0.0.0 x.example # tracker", [Entry("x.example", False)]),
-        ("||ads.example.com^", [Entry("ads.example.com", False), Entry("ads.example.com", True)]),
+        ("0.0.0.0 x.example # tracker", [Pattern("x.example", False)]),
+        (
+            "||ads.example.com^",
+            [Pattern("ads.example.com", False), Pattern("ads.example.com", True)],
+        ),
     ],
 )
-def test_parse_line(line: str, entries: list[Entry] | None) -> None:
+def test_parse_line(line: str, entries: list[Pattern] | None) -> None:
     assert flt.parse_line(line) == entries
 
 
@@ -147,68 +81,14 @@ def test_parse_list_counts_and_never_fails() -> None:
         "example.com##.ad",
         "c.example",
     ]
-    entries: list[Entry] = []
+    entries: list[Pattern] = []
     stats = flt.parse_list(lines, entries.append)
     assert [e.name for e in entries] == ["a.example", "b.example", "b.example", "c.example"]
     assert stats == flt.ListStats(entries=4, comments=3, junk=2, junk_lines=(4, 7))
 
 
-# --- the index --------------------------------------------------------------------------------
-
-
-def index(*patterns: str, rule: str | None = None) -> flt.DomainIndex:
-    return flt.build_index(flt.parse_patterns(patterns), rule)
-
-
-@pytest.mark.parametrize(
-    "host, match",
-    [
-        ("ads.example.com", None),  # *.x does not cover x itself
-        ("x.ads.example.com", ("*.ads.example.com", "*.ads.example.com")),
-        ("a.b.c.ads.example.com", ("*.ads.example.com", "*.ads.example.com")),
-        ("xads.example.com", None),  # a suffix match is on label boundaries
-        ("tracker.example", ("tracker.example", "tracker.example")),
-        ("www.tracker.example", None),  # an exact entry does not cover subdomains
-        ("example.com", None),
-        ("com", None),
-    ],
-)
-def test_index_wildcard_semantics(host: str, match: tuple[str, str] | None) -> None:
-    idx = index("*.ads.example.com", "tracker.example")
-    got = idx.match(host)
-    assert (tuple(got) if got else None) == match
-
-
-def test_index_most_specific_wins_and_file_rule_ids() -> None:
-    idx = index("*.example.com", "*.b.example.com", rule="ads")
-    assert idx.match("a.b.example.com") == flt.Match("ads", "*.b.example.com")
-    assert idx.match("x.example.com") == flt.Match("ads", "*.example.com")
-    assert len(idx) == 2
-
-
-def test_index_first_source_keeps_a_duplicate() -> None:
-    idx = flt.DomainIndex()
-    idx.add(Entry("a.example", False), "inline")
-    idx.add(Entry("a.example", False), "file")
-    assert idx.match("a.example") == flt.Match("inline", "a.example")
-
-
-def test_lookup_cost_does_not_grow_with_the_list() -> None:
-    # The number of dict probes is what a lookup costs: one per label of the host.
-    small = index("*.ads.example.com")
-    big = flt.build_index((Entry(f"h{i}.example", i % 2 == 0) for i in range(100_000)), "big")
-    probes: list[str] = []
-
-    class Counting(dict):
-        def get(self, key, default=None):  # type: ignore[override]
-            probes.append(key)
-            return super().get(key, default)
-
-    for idx in (small, big):
-        idx.exact, idx.suffixes = Counting(idx.exact), Counting(idx.suffixes)
-        probes.clear()
-        idx.match("a.b.c.miss.example")
-        assert len(probes) == 1 + 4
+def index(*patterns: str, rule: str | None = None) -> HostIndex[str]:
+    return hosts.build_index(hosts.parse_patterns(patterns), rule)
 
 
 # --- decisions --------------------------------------------------------------------------------

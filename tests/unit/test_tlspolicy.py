@@ -1,4 +1,4 @@
-"""TLS policy: host pattern parsing and matching, and the passthrough decision."""
+"""TLS policy: the passthrough decision (its host patterns: tests/unit/test_kernel_hosts.py)."""
 
 from __future__ import annotations
 
@@ -9,50 +9,9 @@ from mitmproxy import connection, exceptions
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow
 
-from addons.tlspolicy import TlsPolicy, matches, parse_patterns
+from addons.tlspolicy import TlsPolicy
 
 PATTERNS = ["api.example.com", "*.corp.example", "Mixed.Case.Example."]
-
-
-@pytest.mark.parametrize(
-    "host, intercepted",
-    [
-        ("api.example.com", True),
-        ("www.example.com", False),
-        ("example.com", False),
-        ("x.api.example.com", False),  # exact names do not cover subdomains
-        ("a.corp.example", True),
-        ("a.b.c.corp.example", True),  # any depth
-        ("corp.example", False),  # *.x does not cover x itself
-        ("evilcorp.example", False),  # label boundary
-        ("corp.example.evil.test", False),
-        ("mixed.case.example", True),
-        ("", False),
-        ("127.0.0.1", False),
-    ],
-)
-def test_matches(host: str, intercepted: bool) -> None:
-    assert matches(parse_patterns(PATTERNS), host) is intercepted
-
-
-def test_star_intercepts_everything_and_empty_nothing() -> None:
-    assert matches(parse_patterns(["*"]), "anything.example")
-    assert not matches(parse_patterns([]), "anything.example")
-
-
-def test_parse_patterns_normalises() -> None:
-    p = parse_patterns(["API.Example.com.", " *.Corp.Example ", "10.0.0.1"])
-    assert p.exact == frozenset({"api.example.com", "10.0.0.1"})
-    assert p.suffixes == frozenset({"corp.example"})
-    assert not p.everything
-
-
-@pytest.mark.parametrize(
-    "pattern", ["", "*.", "a*.example", "*.*.example", "foo.*", "host:443", "a b", "http://x/"]
-)
-def test_parse_patterns_rejects(pattern: str) -> None:
-    with pytest.raises(ValueError, match="is not a host pattern"):
-        parse_patterns([pattern])
 
 
 def test_configure_error_names_the_option() -> None:
