@@ -39,6 +39,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from addons.kernel.options import once
 from addons.kernel.record import record
 
 METHODS = frozenset(
@@ -121,16 +122,9 @@ def _define() -> tuple[CollectorRegistry, Store]:
     return registry, store
 
 
-if __name__ == "addons.metrics":
-    REGISTRY, STORE = _define()
-else:
-    # Loaded by mitmproxy as a script (`-s addons/metrics.py`, module `__mitmproxy_script__.*`,
-    # re-executed on every reload): share the package module's registry, which is the one the
-    # management app serves, instead of registering a second set of metrics.
-    try:
-        from addons.metrics import REGISTRY, STORE
-    except ImportError:  # the package is not importable: this file is all there is
-        REGISTRY, STORE = _define()
+# One registry per process, however often `-s addons/metrics.py` is reloaded: the management
+# app serves this one.
+REGISTRY, STORE = once("metrics.registry", _define)
 
 
 def _record(flow: http.HTTPFlow, status: int | str, end: float) -> None:
