@@ -44,8 +44,8 @@ from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 
 from addons import errors
-from addons.kernel import net, options, units, wire
-from addons.kernel.options import Option
+from addons.kernel import net, units, wire
+from addons.kernel.options import Option, declare, duration
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.hygiene")
@@ -361,7 +361,7 @@ class Hygiene:
         self._tunnels: set[str] = set()
 
     def load(self, loader: object) -> None:
-        options.declare(loader, OPTIONS)
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -377,9 +377,7 @@ class Hygiene:
             except ValueError as e:
                 raise exceptions.OptionsError(str(e)) from None
         if "limits_header_timeout" in updated:
-            self.header_timeout = options.duration(
-                "limits_header_timeout", opts.limits_header_timeout
-            )
+            self.header_timeout = duration("limits_header_timeout", opts.limits_header_timeout)
         if "limits_max_body_size" in updated and hasattr(opts, "body_size_limit"):
             self._follow_body_size_limit()
         if updated & _WIRE:

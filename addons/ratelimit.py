@@ -51,8 +51,8 @@ from mitmproxy import connection, ctx, exceptions, http
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from addons import errors, metrics, policy
-from addons.kernel import hosts, net, options
-from addons.kernel.options import Option
+from addons.kernel import hosts, net
+from addons.kernel.options import Option, at_least, declare, once, spawn
 from addons.schema import RateLimitRule
 
 log = logging.getLogger("waypost.ratelimit")
@@ -279,7 +279,7 @@ def _collector() -> _Collector:
 
 
 # One per process: `-s addons/ratelimit.py` re-executes this module on every reload.
-COLLECTOR = options.once("ratelimit.collector", _collector)
+COLLECTOR = once("ratelimit.collector", _collector)
 
 
 # --- the addon -----------------------------------------------------------------------------
@@ -352,7 +352,7 @@ class RateLimit:
 
     def load(self, loader: object) -> None:
         net.load(loader)
-        options.declare(loader, OPTIONS)
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         net.configure(updated)
@@ -364,20 +364,18 @@ class RateLimit:
             self._exempt_cache = {}
             self.has_exempt = bool(self.exempt)
         if "ratelimit_max_connections_per_ip" in updated:
-            self.max_connections = options.at_least(
+            self.max_connections = at_least(
                 "ratelimit_max_connections_per_ip", opts.ratelimit_max_connections_per_ip, 0
             )
         if "ratelimit_max_clients" in updated:
-            self.buckets.resize(
-                options.at_least("ratelimit_max_clients", opts.ratelimit_max_clients, 1)
-            )
+            self.buckets.resize(at_least("ratelimit_max_clients", opts.ratelimit_max_clients, 1))
         self.active = bool(self.default.rate or self.rules)
         COLLECTOR.addon = self
 
     def _configure_limits(self) -> None:
         opts = ctx.options
         rate = parse_rate(opts.ratelimit_requests_per_second)
-        burst = options.at_least("ratelimit_burst", opts.ratelimit_burst, 0)
+        burst = at_least("ratelimit_burst", opts.ratelimit_burst, 0)
         mode = opts.ratelimit_mode
         try:
             rules = parse_rules(opts.ratelimit_rules, mode)
@@ -389,7 +387,7 @@ class RateLimit:
 
     def running(self) -> None:
         if self._sweeper is None:
-            self._sweeper = options.spawn(self._sweep())
+            self._sweeper = spawn(self._sweep())
 
     def done(self) -> None:
         if self._sweeper is not None:
