@@ -45,6 +45,7 @@ from mitmproxy.proxy import mode_specs
 
 from addons import errors, policy
 from addons.kernel import net
+from addons.kernel.options import Option, declare
 
 log = logging.getLogger("waypost.acl")
 
@@ -74,6 +75,29 @@ def speaks_http(mode: mode_specs.ProxyMode) -> bool:
     return isinstance(mode, mode_specs.ReverseMode) and mode.scheme in _HTTP_REVERSE_SCHEMES
 
 
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "acl_allowed_ips",
+        Sequence[str],
+        [],
+        "Client networks (CIDRs such as 10.0.0.0/8 or 2001:db8::/32) allowed to use the proxy; empty allows every client not in acl_denied_ips. A non-empty list also turns mitmproxy's block_global off unless that was set explicitly.",
+    ),
+    Option(
+        "acl_denied_ips",
+        Sequence[str],
+        [],
+        "Client networks (CIDRs) refused even when acl_allowed_ips contains them: the first request or CONNECT gets 403 ACCESS_DENIED and the connection closes (non-HTTP listeners: closed at once).",
+    ),
+    Option(
+        "acl_mode",
+        str,
+        "enforce",
+        "enforce: refuse clients outside the ACL. shadow: let them through, logging every request as would_block and counting it in policy_decisions_total.",
+        policy.MODES,
+    ),
+)
+
+
 class Acl:
     def __init__(self) -> None:
         self.allowed = net.NO_NETWORKS
@@ -88,26 +112,7 @@ class Acl:
 
     def load(self, loader: object) -> None:
         net.load(loader)
-        add = loader.add_option  # type: ignore[attr-defined]
-        add(
-            "acl_allowed_ips",
-            Sequence[str],
-            [],
-            "Client networks (CIDRs such as 10.0.0.0/8 or 2001:db8::/32) allowed to use the proxy; empty allows every client not in acl_denied_ips. A non-empty list also turns mitmproxy's block_global off unless that was set explicitly.",
-        )
-        add(
-            "acl_denied_ips",
-            Sequence[str],
-            [],
-            "Client networks (CIDRs) refused even when acl_allowed_ips contains them: the first request or CONNECT gets 403 ACCESS_DENIED and the connection closes (non-HTTP listeners: closed at once).",
-        )
-        add(
-            "acl_mode",
-            str,
-            "enforce",
-            "enforce: refuse clients outside the ACL. shadow: let them through, logging every request as would_block and counting it in policy_decisions_total.",
-            choices=policy.MODES,
-        )
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         net.configure(updated)

@@ -20,10 +20,11 @@ import logging
 import socket
 from typing import Any
 
-from mitmproxy import ctx, exceptions
+from mitmproxy import ctx
 from mitmproxy.proxy import mode_servers
 
 from addons.kernel import patching
+from addons.kernel.options import Option, at_least, declare
 
 log = logging.getLogger("waypost.backlog")
 
@@ -62,23 +63,26 @@ START = patching.Patch(
 )
 
 
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "listen_backlog",
+        int,
+        4096,
+        "Length of the kernel's queue of not-yet-accepted connections for the proxy's "
+        "listeners (mitmproxy's own is 100, which drops connections when many clients "
+        "connect at once); capped by net.core.somaxconn. 0 leaves mitmproxy's.",
+    ),
+)
+
+
 class Backlog:
     def load(self, loader: Any) -> None:
-        loader.add_option(
-            "listen_backlog",
-            int,
-            4096,
-            "Length of the kernel's queue of not-yet-accepted connections for the proxy's "
-            "listeners (mitmproxy's own is 100, which drops connections when many clients "
-            "connect at once); capped by net.core.somaxconn. 0 leaves mitmproxy's.",
-        )
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         if "listen_backlog" not in updated:
             return
-        backlog = ctx.options.listen_backlog
-        if backlog < 0:
-            raise exceptions.OptionsError(f"listen_backlog: must be 0 or more, got {backlog}")
+        backlog = at_least("listen_backlog", ctx.options.listen_backlog, 0)
         if not patching.install(START, unchecked="listen_backlog is not applied"):
             return
         _start.backlog = backlog  # type: ignore[attr-defined]

@@ -32,6 +32,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons import errors, policy
 from addons.kernel import net
+from addons.kernel.options import Option, declare
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.contentfilter")
@@ -112,6 +113,29 @@ class _DropOrigin:
         return out or b""
 
 
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "content_filter_mode",
+        str,
+        "enforce",
+        "enforce: refuse blocked content types with 403 CONTENT_TYPE_BLOCKED; shadow: let them pass and only log and count would_block.",
+        policy.MODES,
+    ),
+    Option(
+        "content_filter_blocked_types",
+        Sequence[str],
+        [],
+        "Blocked media types of responses: exact (application/x-msdownload), type/* (video/*) or /regex/ (matched in full, case-insensitively, without parameters).",
+    ),
+    Option(
+        "content_filter_check_request",
+        bool,
+        False,
+        "Also refuse requests whose own Content-Type is blocked (before their body is read).",
+    ),
+)
+
+
 class ContentFilter:
     def __init__(self) -> None:
         self.patterns = TypePatterns({}, {}, ())
@@ -120,25 +144,7 @@ class ContentFilter:
 
     def load(self, loader: Any) -> None:
         net.load(loader)  # the audit's client_ip honours forwarding_trusted_proxies
-        loader.add_option(
-            "content_filter_mode",
-            str,
-            "enforce",
-            "enforce: refuse blocked content types with 403 CONTENT_TYPE_BLOCKED; shadow: let them pass and only log and count would_block.",
-            choices=policy.MODES,
-        )
-        loader.add_option(
-            "content_filter_blocked_types",
-            Sequence[str],
-            [],
-            "Blocked media types of responses: exact (application/x-msdownload), type/* (video/*) or /regex/ (matched in full, case-insensitively, without parameters).",
-        )
-        loader.add_option(
-            "content_filter_check_request",
-            bool,
-            False,
-            "Also refuse requests whose own Content-Type is blocked (before their body is read).",
-        )
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         net.configure(updated)

@@ -32,9 +32,10 @@ import logging
 import signal
 from typing import Any
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, http
 
 from addons.kernel import units
+from addons.kernel.options import Option, declare, duration, spawn
 
 log = logging.getLogger("waypost.drain")
 
@@ -44,32 +45,31 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _FLUSH_WAIT = 1.0
 
 
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "server_shutdown_timeout",
+        str,
+        "30s",
+        "On SIGTERM or SIGINT the proxy stops accepting connections at once and waits this "
+        "long at most for the requests in flight to finish before it exits, e.g. 30s. "
+        "Established tunnels do not hold the shutdown. A second signal exits at once.",
+    ),
+)
+
+
 class Drain:
     def __init__(self) -> None:
         self.timeout = 30.0
         self.inflight: set[str] = set()
         self.draining = False
         self._idle = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def load(self, loader: Any) -> None:
-        loader.add_option(
-            "server_shutdown_timeout",
-            str,
-            "30s",
-            "On SIGTERM or SIGINT the proxy stops accepting connections at once and waits this "
-            "long at most for the requests in flight to finish before it exits, e.g. 30s. "
-            "Established tunnels do not hold the shutdown. A second signal exits at once.",
-        )
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         if "server_shutdown_timeout" in updated:
-            try:
-                self.timeout = units.parse_duration(ctx.options.server_shutdown_timeout)
-            except ValueError as e:
-                raise exceptions.OptionsError(
-                    f"server_shutdown_timeout: {e} (use e.g. 30s or 500ms)"
-                ) from e
+            self.timeout = duration("server_shutdown_timeout", ctx.options.server_shutdown_timeout)
 
     def running(self) -> None:
         loop = asyncio.get_running_loop()
@@ -109,7 +109,7 @@ class Drain:
             ctx.options.update(server=False)
         except Exception:  # an addon refusing the option change must not stop the drain
             log.warning("could not close the listeners; draining anyway", exc_info=True)
-        self._task = asyncio.get_running_loop().create_task(self._drain())
+        spawn(self._drain())
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()

@@ -37,13 +37,14 @@ import socket
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
-from cachetools import LRUCache, TTLCache
+from cachetools import TTLCache
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from addons import errors
 from addons.kernel import net
+from addons.kernel.options import Option, declare
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.egress")
@@ -274,6 +275,38 @@ class ResolveError(Exception):
 # --- the addon -------------------------------------------------------------------------------
 
 
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "egress_connect_ports",
+        Sequence[str],
+        ["443"],
+        "Ports a CONNECT tunnel may reach: each entry a port (443) or an inclusive range "
+        "(8000-8999). A CONNECT to any other port is answered 403 ACCESS_DENIED before any "
+        "upstream connection is made. Plain-HTTP requests are not limited by this option.",
+    ),
+    Option(
+        "egress_block_private",
+        bool,
+        True,
+        "Refuse destinations that are not public unicast addresses: loopback, RFC 1918 "
+        "private, link-local (including the 169.254.169.254 cloud metadata address), CGNAT "
+        "100.64.0.0/10, IPv6 unique-local fc00::/7, unspecified, multicast, documentation and "
+        "reserved ranges, and IPv4-mapped, NAT64 and 6to4 forms of those. The decision is "
+        "made on every address a name resolves to, and the connection is pinned to the "
+        "checked address, so DNS rebinding cannot bypass it. Refusals answer 403 "
+        "ACCESS_DENIED.",
+    ),
+    Option(
+        "egress_allowed_networks",
+        Sequence[str],
+        [],
+        "CIDR networks (e.g. 10.20.0.0/16, fd00::/8) exempt from egress_block_private, for "
+        "internal services the proxy is meant to reach. The management app's own listen "
+        "address stays unreachable through the proxy whatever this option says.",
+    ),
+)
+
+
 class Egress:
     def __init__(self) -> None:
         self.connect_ports: tuple[PortRange, ...] = ((443, 443),)
@@ -285,7 +318,8 @@ class Egress:
         self._dns_failures: TTLCache[str, str] = TTLCache(DNS_CACHE_SIZE, DNS_FAILURE_CACHE_SECONDS)
         self._literals: dict[str, tuple[IPAddress]] = {}
         self._inflight: dict[str, asyncio.Future[tuple[IPAddress, ...]]] = {}
-        self._local: LRUCache[IPAddress, bool] = LRUCache(256)
+        # Whether an address is this machine's; expiring, as interfaces come and go.
+        self._local_ips: TTLCache[IPAddress, bool] = TTLCache(1024, 60)
         # server.id -> the (host, port) the connection was asked for, while it is pinned to an IP
         self._pinned: dict[str, tuple[str, int]] = {}
         # server.id -> verdict, for CONNECTs killed in server_connect (read by http_connect_error)
@@ -294,34 +328,7 @@ class Egress:
         self._local: TTLCache[tuple[str, tuple[str, int]], bool] = TTLCache(1024, 60)
 
     def load(self, loader: object) -> None:
-        loader.add_option(  # type: ignore[attr-defined]
-            "egress_connect_ports",
-            Sequence[str],
-            ["443"],
-            "Ports a CONNECT tunnel may reach: each entry a port (443) or an inclusive range "
-            "(8000-8999). A CONNECT to any other port is answered 403 ACCESS_DENIED before any "
-            "upstream connection is made. Plain-HTTP requests are not limited by this option.",
-        )
-        loader.add_option(
-            "egress_block_private",
-            bool,
-            True,
-            "Refuse destinations that are not public unicast addresses: loopback, RFC 1918 "
-            "private, link-local (including the 169.254.169.254 cloud metadata address), CGNAT "
-            "100.64.0.0/10, IPv6 unique-local fc00::/7, unspecified, multicast, documentation and "
-            "reserved ranges, and IPv4-mapped, NAT64 and 6to4 forms of those. The decision is "
-            "made on every address a name resolves to, and the connection is pinned to the "
-            "checked address, so DNS rebinding cannot bypass it. Refusals answer 403 "
-            "ACCESS_DENIED.",
-        )
-        loader.add_option(  # type: ignore[attr-defined]
-            "egress_allowed_networks",
-            Sequence[str],
-            [],
-            "CIDR networks (e.g. 10.20.0.0/16, fd00::/8) exempt from egress_block_private, for "
-            "internal services the proxy is meant to reach. The management app's own listen "
-            "address stays unreachable through the proxy whatever this option says.",
-        )
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         if "egress_connect_ports" in updated:
@@ -384,9 +391,9 @@ class Egress:
         return ips
 
     def _is_local(self, ip: IPAddress) -> bool:
-        known = self._local.get(ip)
+        known = self._local_ips.get(ip)
         if known is None:
-            known = self._local[ip] = is_local_address(ip)
+            known = self._local_ips[ip] = is_local_address(ip)
         return known
 
     def _verdict(
@@ -483,21 +490,26 @@ class Egress:
             return
         verdict = self._verdict(ips, port, _operator_backend(data.client, (name, port)))
         if verdict is not None:
-            # mitmproxy shows this text to the client (in its 502 page): the rule, not the IP.
-            server.error = f"{KILL_PREFIX} ({verdict.rule})"
-            self._killed[server.id] = verdict
-            log.warning(
-                "egress killed connection rule=%s client=%s target=%r reason=%s",
-                verdict.rule,
-                net.peer_ip(data.client) or "-",
-                f"{host}:{port}",
-                verdict.reason,
-            )
+            self._kill(data, verdict)
             return
         ip = str(ips[0])
         if ip != host:
             self._pinned[server.id] = (host, port)
             server.address = (ip, port)
+
+    def _kill(self, data: server_hooks.ServerConnectionHookData, verdict: Verdict) -> None:
+        server = data.server
+        assert server.address is not None
+        # mitmproxy shows this text to the client (in its 502 page): the rule, not the IP.
+        server.error = f"{KILL_PREFIX} ({verdict.rule})"
+        self._killed[server.id] = verdict
+        log.warning(
+            "egress killed connection rule=%s client=%s target=%r reason=%s",
+            verdict.rule,
+            net.peer_ip(data.client) or "-",
+            f"{server.address[0]}:{server.address[1]}",
+            verdict.reason,
+        )
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         original = self._pinned.pop(data.server.id, None)

@@ -45,6 +45,7 @@ from mitmproxy.proxy import mode_specs
 
 from addons import errors
 from addons.kernel import net, units, wire
+from addons.kernel.options import Option, declare, duration
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.hygiene")
@@ -291,6 +292,66 @@ def parse_limits(
     return Limits(max_url_length, max_header_size, max_headers_count, body, frozenset(methods))
 
 
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "limits_max_url_length",
+        int,
+        8192,
+        "Longest request target (path and query, or the CONNECT authority) in bytes; "
+        "a longer one is answered 414 URI_TOO_LONG.",
+    ),
+    Option(
+        "limits_max_header_size",
+        int,
+        16384,
+        "Largest total size of the request header fields in bytes (name, value and 4 bytes "
+        "of separators per field); larger is answered 431 HEADERS_TOO_LARGE. A request head "
+        "still incomplete after limits_max_url_length + limits_max_header_size + 1024 bytes "
+        "is answered 431 and the connection closed.",
+    ),
+    Option(
+        "limits_max_headers_count",
+        int,
+        100,
+        "Most header fields a request may carry; more is answered 431 HEADERS_TOO_LARGE.",
+    ),
+    Option(
+        "limits_max_body_size",
+        str,
+        "10MB",
+        "Largest request body (e.g. 10MB, 512KB; 1KB = 1024 bytes). A larger Content-Length "
+        "is answered 413 PAYLOAD_TOO_LARGE before any upstream connection; a chunked body "
+        "is cut off at the limit with 413 (or the connection closed if the response "
+        "already started), streamed or not. Also sets mitmproxy's body_size_limit unless "
+        "that option was set explicitly.",
+    ),
+    Option(
+        "limits_header_timeout",
+        str,
+        "10s",
+        "Time a client has to send a complete request head, counted from its first byte "
+        "(on a new connection, from the connection's start); otherwise 408 "
+        "REQUEST_TIMEOUT and the connection is closed. 0 disables.",
+    ),
+    Option(
+        "limits_blocked_methods",
+        Sequence[str],
+        ["TRACE", "TRACK"],
+        "Request methods refused with 405 METHOD_NOT_ALLOWED (compared case-insensitively).",
+    ),
+)
+_LIMITS = frozenset(
+    {
+        "limits_max_url_length",
+        "limits_max_header_size",
+        "limits_max_headers_count",
+        "limits_max_body_size",
+        "limits_blocked_methods",
+    }
+)
+_WIRE = _LIMITS | {"limits_header_timeout"}
+
+
 class Hygiene:
     def __init__(self) -> None:
         self.limits = Limits()
@@ -300,64 +361,11 @@ class Hygiene:
         self._tunnels: set[str] = set()
 
     def load(self, loader: object) -> None:
-        add = loader.add_option  # type: ignore[attr-defined]
-        add(
-            "limits_max_url_length",
-            int,
-            8192,
-            "Longest request target (path and query, or the CONNECT authority) in bytes; "
-            "a longer one is answered 414 URI_TOO_LONG.",
-        )
-        add(
-            "limits_max_header_size",
-            int,
-            16384,
-            "Largest total size of the request header fields in bytes (name, value and 4 bytes "
-            "of separators per field); larger is answered 431 HEADERS_TOO_LARGE. A request head "
-            "still incomplete after limits_max_url_length + limits_max_header_size + 1024 bytes "
-            "is answered 431 and the connection closed.",
-        )
-        add(
-            "limits_max_headers_count",
-            int,
-            100,
-            "Most header fields a request may carry; more is answered 431 HEADERS_TOO_LARGE.",
-        )
-        add(
-            "limits_max_body_size",
-            str,
-            "10MB",
-            "Largest request body (e.g. 10MB, 512KB; 1KB = 1024 bytes). A larger Content-Length "
-            "is answered 413 PAYLOAD_TOO_LARGE before any upstream connection; a chunked body "
-            "is cut off at the limit with 413 (or the connection closed if the response "
-            "already started), streamed or not. Also sets mitmproxy's body_size_limit unless "
-            "that option was set explicitly.",
-        )
-        add(
-            "limits_header_timeout",
-            str,
-            "10s",
-            "Time a client has to send a complete request head, counted from its first byte "
-            "(on a new connection, from the connection's start); otherwise 408 "
-            "REQUEST_TIMEOUT and the connection is closed. 0 disables.",
-        )
-        add(
-            "limits_blocked_methods",
-            Sequence[str],
-            ["TRACE", "TRACK"],
-            "Request methods refused with 405 METHOD_NOT_ALLOWED (compared case-insensitively).",
-        )
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
-        names = {
-            "limits_max_url_length",
-            "limits_max_header_size",
-            "limits_max_headers_count",
-            "limits_max_body_size",
-            "limits_blocked_methods",
-        }
-        if updated & names:
+        if updated & _LIMITS:
             try:
                 self.limits = parse_limits(
                     opts.limits_max_url_length,
@@ -369,31 +377,34 @@ class Hygiene:
             except ValueError as e:
                 raise exceptions.OptionsError(str(e)) from None
         if "limits_header_timeout" in updated:
-            try:
-                self.header_timeout = units.parse_duration(opts.limits_header_timeout)
-            except ValueError as e:
-                raise exceptions.OptionsError(
-                    f"limits_header_timeout: {e} (0 disables the timeout)"
-                ) from None
+            self.header_timeout = duration("limits_header_timeout", opts.limits_header_timeout)
         if "limits_max_body_size" in updated and hasattr(opts, "body_size_limit"):
-            wanted = str(self.limits.max_body_size)
-            if (
-                not opts.has_changed("body_size_limit")
-                or opts.body_size_limit == self._body_size_limit_set
-            ):
-                self._body_size_limit_set = wanted
-                if opts.body_size_limit != wanted:
-                    opts.update(body_size_limit=wanted)
-        if updated & (names | {"limits_header_timeout"}):
-            # The wire guards answer with mitmproxy's error page, which errors.py makes JSON.
-            errors.install_error_page("hygiene")
-            self.wire_active = wire.install()
-            lim = self.limits
-            wire.configure(
-                max_head=lim.max_url_length + lim.max_header_size + HEAD_SLACK,
-                header_timeout=self.header_timeout,
-                max_body=lim.max_body_size,
-            )
+            self._follow_body_size_limit()
+        if updated & _WIRE:
+            self._configure_wire()
+
+    def _follow_body_size_limit(self) -> None:
+        """Core body_size_limit follows limits_max_body_size until the user sets it."""
+        opts = ctx.options
+        wanted = str(self.limits.max_body_size)
+        if (
+            not opts.has_changed("body_size_limit")
+            or opts.body_size_limit == self._body_size_limit_set
+        ):
+            self._body_size_limit_set = wanted
+            if opts.body_size_limit != wanted:
+                opts.update(body_size_limit=wanted)
+
+    def _configure_wire(self) -> None:
+        # The wire guards answer with mitmproxy's error page, which errors.py makes JSON.
+        errors.install_error_page("hygiene")
+        self.wire_active = wire.install()
+        lim = self.limits
+        wire.configure(
+            max_head=lim.max_url_length + lim.max_header_size + HEAD_SLACK,
+            header_timeout=self.header_timeout,
+            max_body=lim.max_body_size,
+        )
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
         self._tunnels.add(flow.client_conn.id)
@@ -419,11 +430,9 @@ class Hygiene:
         req = flow.request.data
         version = req.http_version
         http1 = _is_http1(flow)
-        refusal = check_request_line(req.method, req.path, version, self.limits, http1=http1)
-        if refusal:
-            _refuse(flow, refusal)
-            return
-        found = check_fields(req.headers.fields, version, self.limits)
+        found = check_request_line(
+            req.method, req.path, version, self.limits, http1=http1
+        ) or check_fields(req.headers.fields, version, self.limits)
         if isinstance(found, Refusal):
             _refuse(flow, found)
             return
@@ -441,21 +450,28 @@ class Hygiene:
             if found.hosts[0] != plain.encode() and not authority_matches(
                 found.hosts[0], host, port, default
             ):
-                new = url_authority(host, port, default)
-                log.warning(
-                    "rule=host_mismatch request_id=%s: Host %r rewritten to the URL's %r",
-                    errors.request_id(flow),
-                    found.hosts[0],
-                    new,
-                )
-                request.headers["Host"] = new
-                record(flow).setdefault("hygiene", []).append("host_rewritten")
+                _rewrite_host(flow, found.hosts[0], url_authority(host, port, default))
         if found.h2c:
-            req.headers.fields = strip_h2c(req.headers.fields)
-            log.warning(
-                "rule=h2c request_id=%s: h2c upgrade offer removed", errors.request_id(flow)
-            )
-            record(flow).setdefault("hygiene", []).append("h2c_stripped")
+            _strip_h2c_offer(flow)
+
+
+def _rewrite_host(flow: http.HTTPFlow, sent: bytes, authority: str) -> None:
+    """RFC 9112 §3.2.2: the absolute-form URL's authority wins over a differing Host."""
+    log.warning(
+        "rule=host_mismatch request_id=%s: Host %r rewritten to the URL's %r",
+        errors.request_id(flow),
+        sent,
+        authority,
+    )
+    flow.request.headers["Host"] = authority
+    record(flow).setdefault("hygiene", []).append("host_rewritten")
+
+
+def _strip_h2c_offer(flow: http.HTTPFlow) -> None:
+    headers = flow.request.data.headers
+    headers.fields = strip_h2c(headers.fields)
+    log.warning("rule=h2c request_id=%s: h2c upgrade offer removed", errors.request_id(flow))
+    record(flow).setdefault("hygiene", []).append("h2c_stripped")
 
 
 def _refusal(found: Refusal | Fields) -> Refusal | None:

@@ -24,6 +24,8 @@ from typing import Any
 from mitmproxy import ctx, hooks
 from mitmproxy.addonmanager import _get_name
 
+from addons.kernel.options import Option, declare
+
 log = logging.getLogger("waypost.leanchain")
 
 
@@ -74,6 +76,19 @@ def inert(names: list[str], options: Any) -> list[str]:
     return [n for n in names if n in INERT and INERT[n](options)]
 
 
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "lean_chain",
+        bool,
+        True,
+        "Under mitmdump, take built-in addons whose options leave them nothing to do "
+        "(map_remote, modify_headers, save_stream_file, ... unset) out of the event chain, "
+        "which makes every request cheaper; a removed addon comes back when one of its "
+        "options is turned on. No effect in mitmweb or the console.",
+    ),
+)
+
+
 class LeanChain:
     def __init__(self) -> None:
         self.removed: dict[str, Any] = {}
@@ -81,15 +96,7 @@ class LeanChain:
         self.active = False
 
     def load(self, loader: Any) -> None:
-        loader.add_option(
-            "lean_chain",
-            bool,
-            True,
-            "Under mitmdump, take built-in addons whose options leave them nothing to do "
-            "(map_remote, modify_headers, save_stream_file, ... unset) out of the event chain, "
-            "which makes every request cheaper; a removed addon comes back when one of its "
-            "options is turned on. No effect in mitmweb or the console.",
-        )
+        declare(loader, OPTIONS)
 
     def running(self) -> None:
         from mitmproxy.tools.dump import DumpMaster

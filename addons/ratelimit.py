@@ -52,6 +52,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from addons import errors, metrics, policy
 from addons.kernel import hosts, net
+from addons.kernel.options import Option, at_least, declare, once, spawn
 from addons.schema import RateLimitRule
 
 log = logging.getLogger("waypost.ratelimit")
@@ -151,6 +152,20 @@ def parse_rules(text: str, mode: str) -> tuple[Limit, ...]:
     return tuple(out)
 
 
+def parse_rate(value: str) -> float:
+    """`ratelimit_requests_per_second` as a finite number >= 0; OptionsError otherwise."""
+    try:
+        rate = float(value)
+        if not math.isfinite(rate) or rate < 0:
+            raise ValueError
+    except ValueError:
+        raise exceptions.OptionsError(
+            f"ratelimit_requests_per_second: {value!r} is "
+            "not a number >= 0 (e.g. 10 or 0.5; 0 turns the default limit off)"
+        ) from None
+    return rate
+
+
 def match(rules: Sequence[Limit], host: str, path: str | None) -> Limit | None:
     """The first rule whose host (exact, or `*.suffix`: any subdomain) and path prefix match;
     path rules never match a CONNECT (path None)."""
@@ -214,6 +229,12 @@ class Buckets:
             table.move_to_end(key)
         return None
 
+    def resize(self, maxsize: int) -> None:
+        """Bound the table to `maxsize`, dropping the least recently used beyond it."""
+        self.maxsize = maxsize
+        while len(self.table) > maxsize:
+            self.table.popitem(last=False)
+
     def sweep(self, now: float, budget: int = 10_000) -> int:
         """Drop up to `budget` full buckets from the least recently used end; stop at the first
         that is still refilling (those behind it were used more recently)."""
@@ -251,16 +272,67 @@ class _Collector:
         )
 
 
-if __name__ == "addons.ratelimit":
-    COLLECTOR = _Collector()
-    metrics.REGISTRY.register(COLLECTOR)
-else:
-    # Loaded as a script (`-s addons/ratelimit.py`, re-executed on reload): reuse the package
-    # module's collector rather than registering a second one.
-    from addons.ratelimit import COLLECTOR
+def _collector() -> _Collector:
+    collector = _Collector()
+    metrics.REGISTRY.register(collector)
+    return collector
+
+
+# One per process: `-s addons/ratelimit.py` re-executes this module on every reload.
+COLLECTOR = once("ratelimit.collector", _collector)
 
 
 # --- the addon -----------------------------------------------------------------------------
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "ratelimit_requests_per_second",
+        str,
+        "0",
+        "Requests (and CONNECTs) per second each client IP may make on average, e.g. 10 or 0.5; 0 turns the default limit off (rules still apply).",
+    ),
+    Option(
+        "ratelimit_burst",
+        int,
+        0,
+        "Bucket size: requests a client may make at once before the rate applies; 0 means one second's worth (at least 1).",
+    ),
+    Option(
+        "ratelimit_mode",
+        str,
+        "enforce",
+        "enforce: answer 429 RATE_LIMITED over the limit, and close connections over the cap. shadow: let them through, logged as would_block and counted. Rules may set their own.",
+        policy.MODES,
+    ),
+    Option(
+        "ratelimit_exempt",
+        Sequence[str],
+        [],
+        "Client networks (CIDRs) never rate limited nor capped, e.g. monitoring hosts.",
+    ),
+    Option(
+        "ratelimit_rules",
+        str,
+        "",
+        'JSON list of per-host or per-path limits, first match wins: [{"id": "api", "host": "api.example.com" or "*.example.com", "path": "/search", "requests_per_second": 2, "burst": 5, "mode": "shadow"}]; requests_per_second 0 exempts what the rule matches.',
+    ),
+    Option(
+        "ratelimit_max_connections_per_ip",
+        int,
+        0,
+        "Concurrent connections one client IP may hold; more are closed when they connect (0: no cap). Trusted proxies and exempt clients are not capped.",
+    ),
+    Option(
+        "ratelimit_max_clients",
+        int,
+        100_000,
+        "Most client buckets kept in memory (about 175 bytes each); past it the least recently used bucket is dropped.",
+    ),
+)
+_LIMITS = frozenset(
+    {"ratelimit_requests_per_second", "ratelimit_burst", "ratelimit_mode", "ratelimit_rules"}
+)
 
 
 class RateLimit:
@@ -280,102 +352,42 @@ class RateLimit:
 
     def load(self, loader: object) -> None:
         net.load(loader)
-        add = loader.add_option  # type: ignore[attr-defined]
-        add(
-            "ratelimit_requests_per_second",
-            str,
-            "0",
-            "Requests (and CONNECTs) per second each client IP may make on average, e.g. 10 or 0.5; 0 turns the default limit off (rules still apply).",
-        )
-        add(
-            "ratelimit_burst",
-            int,
-            0,
-            "Bucket size: requests a client may make at once before the rate applies; 0 means one second's worth (at least 1).",
-        )
-        add(
-            "ratelimit_mode",
-            str,
-            "enforce",
-            "enforce: answer 429 RATE_LIMITED over the limit, and close connections over the cap. shadow: let them through, logged as would_block and counted. Rules may set their own.",
-            choices=policy.MODES,
-        )
-        add(
-            "ratelimit_exempt",
-            Sequence[str],
-            [],
-            "Client networks (CIDRs) never rate limited nor capped, e.g. monitoring hosts.",
-        )
-        add(
-            "ratelimit_rules",
-            str,
-            "",
-            'JSON list of per-host or per-path limits, first match wins: [{"id": "api", "host": "api.example.com" or "*.example.com", "path": "/search", "requests_per_second": 2, "burst": 5, "mode": "shadow"}]; requests_per_second 0 exempts what the rule matches.',
-        )
-        add(
-            "ratelimit_max_connections_per_ip",
-            int,
-            0,
-            "Concurrent connections one client IP may hold; more are closed when they connect (0: no cap). Trusted proxies and exempt clients are not capped.",
-        )
-        add(
-            "ratelimit_max_clients",
-            int,
-            100_000,
-            "Most client buckets kept in memory (about 175 bytes each); past it the least recently used bucket is dropped.",
-        )
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         net.configure(updated)
         opts = ctx.options
-        names = {
-            "ratelimit_requests_per_second",
-            "ratelimit_burst",
-            "ratelimit_mode",
-            "ratelimit_rules",
-        }
-        if updated & names:
-            try:
-                rate = float(opts.ratelimit_requests_per_second)
-                if not math.isfinite(rate) or rate < 0:
-                    raise ValueError
-            except ValueError:
-                raise exceptions.OptionsError(
-                    f"ratelimit_requests_per_second: {opts.ratelimit_requests_per_second!r} is "
-                    "not a number >= 0 (e.g. 10 or 0.5; 0 turns the default limit off)"
-                ) from None
-            if opts.ratelimit_burst < 0:
-                raise exceptions.OptionsError("ratelimit_burst: must be 0 or more")
-            mode = opts.ratelimit_mode
-            try:
-                rules = parse_rules(opts.ratelimit_rules, mode)
-            except ValueError as e:
-                raise exceptions.OptionsError(f"ratelimit_rules: {e}") from None
-            self.mode = mode
-            self.default = Limit(
-                DEFAULT_ID, rate, effective_burst(rate, opts.ratelimit_burst), mode
-            )
-            self.rules = rules
+        if updated & _LIMITS:
+            self._configure_limits()
         if "ratelimit_exempt" in updated:
             self.exempt = net.networks_option("ratelimit_exempt", opts.ratelimit_exempt)
             self._exempt_cache = {}
             self.has_exempt = bool(self.exempt)
         if "ratelimit_max_connections_per_ip" in updated:
-            if opts.ratelimit_max_connections_per_ip < 0:
-                raise exceptions.OptionsError("ratelimit_max_connections_per_ip: must be 0 or more")
-            self.max_connections = opts.ratelimit_max_connections_per_ip
+            self.max_connections = at_least(
+                "ratelimit_max_connections_per_ip", opts.ratelimit_max_connections_per_ip, 0
+            )
         if "ratelimit_max_clients" in updated:
-            if opts.ratelimit_max_clients < 1:
-                raise exceptions.OptionsError("ratelimit_max_clients: must be 1 or more")
-            self.buckets.maxsize = opts.ratelimit_max_clients
-            while len(self.buckets.table) > self.buckets.maxsize:
-                self.buckets.table.popitem(last=False)
+            self.buckets.resize(at_least("ratelimit_max_clients", opts.ratelimit_max_clients, 1))
         self.active = bool(self.default.rate or self.rules)
         COLLECTOR.addon = self
 
+    def _configure_limits(self) -> None:
+        opts = ctx.options
+        rate = parse_rate(opts.ratelimit_requests_per_second)
+        burst = at_least("ratelimit_burst", opts.ratelimit_burst, 0)
+        mode = opts.ratelimit_mode
+        try:
+            rules = parse_rules(opts.ratelimit_rules, mode)
+        except ValueError as e:
+            raise exceptions.OptionsError(f"ratelimit_rules: {e}") from None
+        self.mode = mode
+        self.default = Limit(DEFAULT_ID, rate, effective_burst(rate, burst), mode)
+        self.rules = rules
+
     def running(self) -> None:
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            self._sweeper = spawn(self._sweep())
 
     def done(self) -> None:
         if self._sweeper is not None:
@@ -457,23 +469,19 @@ class RateLimit:
         if not limit.rate:
             return
         result = self.buckets.take(key, time.monotonic(), limit.rate, limit.burst)
-        if result is None:
-            return
-        if policy.decide(
-            "ratelimit",
-            limit.id,
-            ip,
-            limit.mode,
-            flow,
-            decision="limit",
-            retry_after=retry_after(result.retry_after),
-        ):
-            flow.response = errors.make(
-                "RATE_LIMITED",
-                f"Too many requests; retry in {retry_after(result.retry_after)} s.",
-                flow,
-                headers(limit, result),
-            )
+        if result is not None:
+            _refuse(flow, ip, limit, result)
+
+
+def _refuse(flow: http.HTTPFlow, ip: str, limit: Limit, result: Take) -> None:
+    """429 RATE_LIMITED (or, in shadow mode, only the would_block record)."""
+    wait = retry_after(result.retry_after)
+    if policy.decide(
+        "ratelimit", limit.id, ip, limit.mode, flow, decision="limit", retry_after=wait
+    ):
+        flow.response = errors.make(
+            "RATE_LIMITED", f"Too many requests; retry in {wait} s.", flow, headers(limit, result)
+        )
 
 
 addons = [RateLimit()]

@@ -27,6 +27,7 @@ from typing import NamedTuple
 from mitmproxy import ctx, exceptions, http
 
 from addons.kernel import net
+from addons.kernel.options import Option, declare
 
 # Set once a response got its headers, so `response` does not repeat `responseheaders`.
 _DONE = "waypost.secheaders.done"
@@ -39,6 +40,10 @@ class Header(NamedTuple):
     lname: bytes
     name: bytes
     value: bytes
+
+
+def _header(name: str, value: str) -> Header:
+    return Header(name.lower().encode(), name.encode(), value.encode())
 
 
 def parse_headers(
@@ -67,11 +72,8 @@ def parse_headers(
             f"secheaders_frame_options: {frame_options!r} is not DENY, SAMEORIGIN or empty"
         )
 
-    def header(name: str, value: str) -> Header:
-        return Header(name.lower().encode(), name.encode(), value.encode())
-
     others = tuple(
-        header(name, value)
+        _header(name, value)
         for name, value in (
             ("X-Content-Type-Options", content_type_options),
             ("X-Frame-Options", frame_options.upper()),
@@ -79,7 +81,7 @@ def parse_headers(
         )
         if value
     )
-    return (header("Strict-Transport-Security", hsts) if hsts else None), others
+    return (_header("Strict-Transport-Security", hsts) if hsts else None), others
 
 
 def apply(
@@ -98,6 +100,46 @@ def apply(
     return fields + missing if missing else None
 
 
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "secheaders_enabled",
+        bool,
+        False,
+        "Add the security headers below to responses (relayed and the proxy's own).",
+    ),
+    Option(
+        "secheaders_hsts",
+        str,
+        "max-age=31536000; includeSubDomains",
+        "Strict-Transport-Security value, sent only on responses to requests that reached the proxy over HTTPS (or through a trusted proxy saying X-Forwarded-Proto: https); empty: off.",
+    ),
+    Option(
+        "secheaders_content_type_options",
+        str,
+        "nosniff",
+        "X-Content-Type-Options value: nosniff, or empty for off.",
+    ),
+    Option(
+        "secheaders_frame_options",
+        str,
+        "DENY",
+        "X-Frame-Options value: DENY, SAMEORIGIN, or empty for off.",
+    ),
+    Option(
+        "secheaders_content_security_policy",
+        str,
+        "",
+        "Content-Security-Policy value, e.g. default-src 'self'; empty: off.",
+    ),
+    Option(
+        "secheaders_override",
+        bool,
+        False,
+        "Replace a backend's own value of these headers; off: a backend's value is kept.",
+    ),
+)
+
+
 class SecHeaders:
     def __init__(self) -> None:
         self.enabled = False
@@ -107,43 +149,7 @@ class SecHeaders:
 
     def load(self, loader: object) -> None:
         net.load(loader)
-        add = loader.add_option  # type: ignore[attr-defined]
-        add(
-            "secheaders_enabled",
-            bool,
-            False,
-            "Add the security headers below to responses (relayed and the proxy's own).",
-        )
-        add(
-            "secheaders_hsts",
-            str,
-            "max-age=31536000; includeSubDomains",
-            "Strict-Transport-Security value, sent only on responses to requests that reached the proxy over HTTPS (or through a trusted proxy saying X-Forwarded-Proto: https); empty: off.",
-        )
-        add(
-            "secheaders_content_type_options",
-            str,
-            "nosniff",
-            "X-Content-Type-Options value: nosniff, or empty for off.",
-        )
-        add(
-            "secheaders_frame_options",
-            str,
-            "DENY",
-            "X-Frame-Options value: DENY, SAMEORIGIN, or empty for off.",
-        )
-        add(
-            "secheaders_content_security_policy",
-            str,
-            "",
-            "Content-Security-Policy value, e.g. default-src 'self'; empty: off.",
-        )
-        add(
-            "secheaders_override",
-            bool,
-            False,
-            "Replace a backend's own value of these headers; off: a backend's value is kept.",
-        )
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         net.configure(updated)

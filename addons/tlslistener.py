@@ -44,6 +44,8 @@ from mitmproxy.proxy import mode_specs
 from mitmproxy.proxy.layers import quic
 from OpenSSL import SSL, crypto
 
+from addons.kernel.options import Option, declare, spawn
+
 log = logging.getLogger("waypost.tlslistener")
 
 RELOAD_INTERVAL = 10.0
@@ -206,6 +208,30 @@ def _mtimes(files: tuple[str, ...]) -> tuple[float | None, ...]:
     return tuple(out)
 
 
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "tls_listener_cert",
+        str,
+        "",
+        "PEM certificate (leaf first; the chain may follow) that reverse-proxy listeners "
+        "serve to TLS clients, with HTTP/2 and HTTP/1.1 by ALPN. Empty: mitmproxy's "
+        "generated certificate. Needs tls_listener_key.",
+    ),
+    Option(
+        "tls_listener_key",
+        str,
+        "",
+        "PEM private key (unencrypted) of tls_listener_cert.",
+    ),
+    Option(
+        "tls_listener_chain",
+        str,
+        "",
+        "Optional PEM file of intermediate certificates sent after tls_listener_cert.",
+    ),
+)
+
+
 class TlsListener:
     def __init__(self) -> None:
         self.pair: Keypair | None = None
@@ -215,26 +241,7 @@ class TlsListener:
         self._task: asyncio.Task[None] | None = None
 
     def load(self, loader: Any) -> None:
-        loader.add_option(
-            "tls_listener_cert",
-            str,
-            "",
-            "PEM certificate (leaf first; the chain may follow) that reverse-proxy listeners "
-            "serve to TLS clients, with HTTP/2 and HTTP/1.1 by ALPN. Empty: mitmproxy's "
-            "generated certificate. Needs tls_listener_key.",
-        )
-        loader.add_option(
-            "tls_listener_key",
-            str,
-            "",
-            "PEM private key (unencrypted) of tls_listener_cert.",
-        )
-        loader.add_option(
-            "tls_listener_chain",
-            str,
-            "",
-            "Optional PEM file of intermediate certificates sent after tls_listener_cert.",
-        )
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         if "http2" in updated:
@@ -275,7 +282,7 @@ class TlsListener:
 
     def running(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._watch())
+            self._task = spawn(self._watch())
 
     def done(self) -> None:
         if self._task is not None:

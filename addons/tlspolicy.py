@@ -24,9 +24,25 @@ from mitmproxy import ctx, exceptions, http, tls
 from mitmproxy.proxy import mode_specs
 
 from addons.kernel import hosts
+from addons.kernel.options import Option, declare
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.tlspolicy")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "tls_intercept_hosts",
+        Sequence[str],
+        [],
+        "Hosts whose HTTPS is intercepted (decrypted with the mitmproxy CA, which clients "
+        "must trust) so the HTTP-level policies apply to it: exact names (api.example.com), "
+        "*.corp.example for every subdomain of corp.example (not corp.example itself; list "
+        "it too if wanted), or * for everything. Matched against the TLS SNI, else the "
+        "CONNECT host. All other TLS is passed through untouched: the client sees the "
+        "origin's own certificate and only the CONNECT is visible to the proxy.",
+    ),
+)
 
 
 class TlsPolicy:
@@ -38,17 +54,7 @@ class TlsPolicy:
         )
 
     def load(self, loader: object) -> None:
-        loader.add_option(  # type: ignore[attr-defined]
-            "tls_intercept_hosts",
-            Sequence[str],
-            [],
-            "Hosts whose HTTPS is intercepted (decrypted with the mitmproxy CA, which clients "
-            "must trust) so the HTTP-level policies apply to it: exact names (api.example.com), "
-            "*.corp.example for every subdomain of corp.example (not corp.example itself; list "
-            "it too if wanted), or * for everything. Matched against the TLS SNI, else the "
-            "CONNECT host. All other TLS is passed through untouched: the client sees the "
-            "origin's own certificate and only the CONNECT is visible to the proxy.",
-        )
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         if "tls_intercept_hosts" in updated:

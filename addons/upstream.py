@@ -71,7 +71,7 @@ import time
 import weakref
 from typing import Any
 
-from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy import connection, ctx, http
 from mitmproxy import flow as mflow
 from mitmproxy.proxy import commands, server_hooks
 from mitmproxy.proxy.layers.http import ResponseProtocolError, _http1
@@ -79,6 +79,7 @@ from mitmproxy.proxy.layers.http import ResponseProtocolError, _http1
 from addons import errors
 from addons.errors import CONNECT_TIMEOUT_MARK, Failure, classify
 from addons.kernel import patching, units
+from addons.kernel.options import Option, declare, duration, spawn
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.upstream")
@@ -166,6 +167,27 @@ def uninstall_patch() -> None:
 # --- the addon ------------------------------------------------------------------------------
 
 
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "upstream_connect_timeout",
+        str,
+        "10s",
+        "How long the proxy waits for the TCP connection to an origin (DNS lookup included), "
+        "for plain HTTP requests and CONNECT tunnels alike, e.g. 10s or 500ms. When it "
+        "expires the client gets 504 BACKEND_TIMEOUT. 0 disables the timeout.",
+    ),
+    Option(
+        "upstream_read_timeout",
+        str,
+        "60s",
+        "How long the proxy waits, once the request is sent, for the origin's response "
+        "headers, and then for each next byte of the response body, e.g. 60s. When it "
+        "expires before anything was sent to the client, the client gets 504 "
+        "BACKEND_TIMEOUT; during a streamed response the connection is closed. 0 disables.",
+    ),
+)
+
+
 class Upstream:
     def __init__(self) -> None:
         self.connect_timeout = 10.0
@@ -175,32 +197,13 @@ class Upstream:
         self._sweeper: asyncio.Task[None] | None = None
 
     def load(self, loader: Any) -> None:
-        loader.add_option(
-            "upstream_connect_timeout",
-            str,
-            "10s",
-            "How long the proxy waits for the TCP connection to an origin (DNS lookup included), "
-            "for plain HTTP requests and CONNECT tunnels alike, e.g. 10s or 500ms. When it "
-            "expires the client gets 504 BACKEND_TIMEOUT. 0 disables the timeout.",
-        )
-        loader.add_option(
-            "upstream_read_timeout",
-            str,
-            "60s",
-            "How long the proxy waits, once the request is sent, for the origin's response "
-            "headers, and then for each next byte of the response body, e.g. 60s. When it "
-            "expires before anything was sent to the client, the client gets 504 "
-            "BACKEND_TIMEOUT; during a streamed response the connection is closed. 0 disables.",
-        )
+        declare(loader, OPTIONS)
         install_patch()
 
     def configure(self, updated: set[str]) -> None:
         for name in ("upstream_connect_timeout", "upstream_read_timeout"):
             if name in updated:
-                try:
-                    value = units.parse_duration(getattr(ctx.options, name))
-                except ValueError as e:
-                    raise exceptions.OptionsError(f"{name}: {e} (use e.g. 10s, 500ms, 2m)") from e
+                value = duration(name, getattr(ctx.options, name))
                 setattr(self, name.removeprefix("upstream_"), value)
 
     def done(self) -> None:
@@ -258,7 +261,7 @@ class Upstream:
     def running(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self._sweeper = spawn(self._sweep())
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.read_timeout <= 0:

@@ -10,6 +10,7 @@ import tracemalloc
 
 import pytest
 from mitmproxy import exceptions
+from mitmproxy.addons import script
 from mitmproxy.test import taddons, tflow
 
 from addons import metrics, ratelimit
@@ -383,3 +384,18 @@ def test_buckets_gauge() -> None:
         f = flow("198.51.100.77")
         r.requestheaders(f)
         assert metrics.REGISTRY.get_sample_value("ratelimit_buckets") == 1
+
+
+def test_script_reload_keeps_one_collector() -> None:
+    """`-s addons/ratelimit.py` re-executes the module on every reload: still one collector, and
+    it reports on the reloaded addon."""
+    with taddons.context():
+        sc = script.Script(ratelimit.__file__, False)
+        first = sc.ns
+        sc.loadscript()
+        second = sc.ns
+        assert first is not None and second is not None and first is not second
+        assert first.COLLECTOR is second.COLLECTOR is ratelimit.COLLECTOR
+        assert ratelimit.COLLECTOR.addon is second.addons[0]
+    families = [m.name for m in metrics.REGISTRY.collect()]
+    assert families.count("ratelimit_buckets") == 1
