@@ -40,6 +40,7 @@ from mitmproxy import ctx, exceptions, http
 
 from addons import errors
 from addons.kernel import net
+from addons.kernel.options import Option, declare
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.accesslog")
@@ -72,6 +73,46 @@ _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) |
     "taskName",
     "waypost",
 }
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "log_level",
+        str,
+        "info",
+        "Level of Waypost's own log records: debug, info, warning or error. Access lines "
+        "are INFO, so `warning` turns them off. In JSON mode, `debug` also lets mitmproxy's "
+        "per-connection lines through.",
+        LEVELS,
+    ),
+    Option(
+        "log_format",
+        str,
+        "json",
+        "`json`: every log line (mitmproxy's too) is one JSON object with timestamp, level, "
+        "logger, message and extra fields. `text`: mitmproxy's human lines, with key=value "
+        "fields appended to Waypost's records.",
+        ("json", "text"),
+    ),
+    Option(
+        "log_output",
+        str,
+        "stdout",
+        "`stdout`: all lines on standard output. `file`: Waypost's records and access lines "
+        "go to log_file (written off the event loop, reopened after logrotate moves it); "
+        "mitmproxy's own lines and Waypost errors stay on standard output.",
+        ("stdout", "file"),
+    ),
+    Option(
+        "log_file",
+        str,
+        "",
+        "Path of the log file when log_output is `file`. Its directory must exist and be "
+        "writable; the file is appended to.",
+    ),
+)
+# Options that change where and how lines are written (termlog_verbosity is mitmproxy's).
+_WATCHED = frozenset({"log_level", "log_format", "log_output", "log_file", "termlog_verbosity"})
 
 
 # --- pure helpers --------------------------------------------------------------------------------
@@ -303,101 +344,71 @@ class AccessLog:
         self.listener: logging.handlers.QueueListener | None = None
         self.chatter_level: int | None = None
 
-    def load(self, loader) -> None:
+    def load(self, loader: Any) -> None:
         net.load(loader)  # client_ip honours forwarding_trusted_proxies
-        loader.add_option(
-            "log_level",
-            str,
-            "info",
-            "Level of Waypost's own log records: debug, info, warning or error. Access lines "
-            "are INFO, so `warning` turns them off. In JSON mode, `debug` also lets mitmproxy's "
-            "per-connection lines through.",
-            choices=LEVELS,
-        )
-        loader.add_option(
-            "log_format",
-            str,
-            "json",
-            "`json`: every log line (mitmproxy's too) is one JSON object with timestamp, level, "
-            "logger, message and extra fields. `text`: mitmproxy's human lines, with key=value "
-            "fields appended to Waypost's records.",
-            choices=("json", "text"),
-        )
-        loader.add_option(
-            "log_output",
-            str,
-            "stdout",
-            "`stdout`: all lines on standard output. `file`: Waypost's records and access lines "
-            "go to log_file (written off the event loop, reopened after logrotate moves it); "
-            "mitmproxy's own lines and Waypost errors stay on standard output.",
-            choices=("stdout", "file"),
-        )
-        loader.add_option(
-            "log_file",
-            str,
-            "",
-            "Path of the log file when log_output is `file`. Its directory must exist and be "
-            "writable; the file is appended to.",
-        )
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         net.configure(updated)
-        if not updated & {"log_level", "log_format", "log_output", "log_file", "termlog_verbosity"}:
+        if not updated & _WATCHED:
             return
         opts = ctx.options
-        if opts.log_output == "file":
-            if not opts.log_file:
-                raise exceptions.OptionsError(
-                    "log_file: empty while log_output is file (set log_file=/path/to/waypost.log)"
-                )
-            if updated & {"log_output", "log_file"} or self.file_handler is None:
-                problem = _unwritable(opts.log_file)
-                if problem:
-                    raise exceptions.OptionsError(
-                        f"log_file: cannot write {opts.log_file!r}: {problem} "
-                        "(create the directory or fix its permissions)"
-                    )
+        to_file = opts.log_output == "file"
+        reopen = bool(updated & {"log_output", "log_file"}) or self.file_handler is None
+        if to_file:
+            _check_log_file(opts.log_file, reopen)
         level = logging.getLevelName(opts.log_level.upper())
         logging.getLogger("waypost").setLevel(level)
+        json_mode = opts.log_format == "json"
+        out = self._terminal(json_mode, level, to_file)
+        if to_file:
+            out = self._file_output(opts.log_file, reopen, json_mode)
+        else:
+            self._close_file()
+        self._route_access(out)
+        self._quiet_chatter(json_mode and level > logging.DEBUG)
 
+    def _terminal(self, json_mode: bool, level: int, to_file: bool) -> logging.Handler:
+        """Format and gate the terminal handler (mitmproxy's termlog, else our own on stdout)."""
+        termlog = self._adopt_termlog()
+        formatter = JsonFormatter() if json_mode else TextFormatter(self.termlog_formatter)
+        # The terminal handler's level is termlog_verbosity; our records have their own.
+        opts = ctx.options
+        name = opts.termlog_verbosity if "termlog_verbosity" in opts else "info"
+        verbosity = logging.getLevelName(name.upper())
+        self.gate.others = verbosity if isinstance(verbosity, int) else logging.INFO
+        self.gate.waypost_min = logging.ERROR if to_file else logging.NOTSET
+        if termlog is not None:
+            termlog.setFormatter(formatter)
+            termlog.setLevel(min(self.gate.others, level))
+            return termlog
+        if self.stdout_handler is None:
+            self.stdout_handler = logging.StreamHandler(sys.stdout)
+            self.stdout_handler.addFilter(self.gate)
+            logging.getLogger("waypost").addHandler(self.stdout_handler)
+        self.stdout_handler.setFormatter(formatter)
+        return self.stdout_handler
+
+    def _adopt_termlog(self) -> logging.Handler | None:
+        """mitmproxy's terminal handler, with our gate on it (once per handler)."""
         termlog = self._termlog_handler()
         if termlog is not None and termlog is not self.termlog:
             self._restore()
             self.termlog = termlog
             self.termlog_formatter = termlog.formatter
             termlog.addFilter(self.gate)
-        json_mode = opts.log_format == "json"
-        formatter = JsonFormatter() if json_mode else TextFormatter(self.termlog_formatter)
+        return termlog
 
-        # The terminal handler's level is termlog_verbosity; our records have their own.
-        name = opts.termlog_verbosity if "termlog_verbosity" in opts else "info"
-        verbosity = logging.getLevelName(name.upper())
-        self.gate.others = verbosity if isinstance(verbosity, int) else logging.INFO
-        self.gate.waypost_min = logging.ERROR if opts.log_output == "file" else logging.NOTSET
-        out: logging.Handler
-        if termlog is not None:
-            termlog.setFormatter(formatter)
-            termlog.setLevel(min(self.gate.others, level))
-            out = termlog
-        else:
-            if self.stdout_handler is None:
-                self.stdout_handler = logging.StreamHandler(sys.stdout)
-                self.stdout_handler.addFilter(self.gate)
-                logging.getLogger("waypost").addHandler(self.stdout_handler)
-            self.stdout_handler.setFormatter(formatter)
-            out = self.stdout_handler
-
-        if opts.log_output == "file":
-            if updated & {"log_output", "log_file"} or self.file_handler is None:
-                self._close_file()
-                out = self._open_file(opts.log_file)
-            else:
-                out = self.file_handler
-            # Files get full dates; mitmproxy's terminal format has only the time of day.
-            out.setFormatter(JsonFormatter() if json_mode else TextFormatter())
-        else:
+    def _file_output(self, path: str, reopen: bool, json_mode: bool) -> logging.Handler:
+        out = self.file_handler
+        if reopen or out is None:
             self._close_file()
+            out = self._open_file(path)
+        # Files get full dates; mitmproxy's terminal format has only the time of day.
+        out.setFormatter(JsonFormatter() if json_mode else TextFormatter())
+        return out
 
+    def _route_access(self, out: logging.Handler) -> None:
         # Access lines skip the root logger (see the module docstring).
         access_log.propagate = False
         for h in list(access_log.handlers):
@@ -407,13 +418,11 @@ class AccessLog:
         else:
             access_log.propagate = True  # reaches stdout_handler on "waypost" once
 
+    def _quiet_chatter(self, quiet: bool) -> None:
         chatter = logging.getLogger(_MITM_CHATTER)
         if self.chatter_level is None:
             self.chatter_level = chatter.level
-        if opts.log_format == "json" and level > logging.DEBUG:
-            chatter.setLevel(logging.WARNING)
-        else:
-            chatter.setLevel(self.chatter_level)
+        chatter.setLevel(logging.WARNING if quiet else self.chatter_level)
 
     @staticmethod
     def _termlog_handler() -> logging.Handler | None:
@@ -494,6 +503,20 @@ class AccessLog:
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         self._log(flow, "connect")
+
+
+def _check_log_file(path: str, reopen: bool) -> None:
+    """`OptionsError` unless `path` names a file to log to (checked again only when reopened)."""
+    if not path:
+        raise exceptions.OptionsError(
+            "log_file: empty while log_output is file (set log_file=/path/to/waypost.log)"
+        )
+    problem = _unwritable(path) if reopen else None
+    if problem:
+        raise exceptions.OptionsError(
+            f"log_file: cannot write {path!r}: {problem} "
+            "(create the directory or fix its permissions)"
+        )
 
 
 def _unwritable(path: str) -> str | None:

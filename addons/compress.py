@@ -26,7 +26,7 @@ smaller ones inline, where the thread hop would cost more than the work.
 
 Encoded bodies are memoised by (coding, identity body) in an LRU of `compress_memo_size` bytes:
 a cache hit hands out the same body object each time, so its hash is computed once and a
-repeated hit costs a dictionary lookup instead of a compression (README "Compression" has the
+repeated hit costs a dictionary lookup instead of a compression (docs/compression.md has the
 measurement). Identical bodies from the origin hit the memo too, after one hash of the body.
 
 Runs in `response`, after the cache (which stores the identity body it got from the origin and
@@ -59,7 +59,7 @@ from cachetools import LRUCache
 from mitmproxy import ctx, exceptions, http
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from addons.kernel import units
+from addons.kernel.options import Option, declare, size
 from addons.kernel.record import record
 from addons.schema import COMPRESSIBLE_TYPES as DEFAULT_CONTENT_TYPES
 
@@ -74,6 +74,50 @@ DEFAULT_LEVELS = {"gzip": 4, "br": 3, "zstd": 3}
 DEFAULT_MIN_SIZE = "1KB"
 DEFAULT_OFFLOAD_THRESHOLD = "32KB"
 DEFAULT_MEMO_SIZE = "16MB"
+
+OPTIONS: tuple[Option, ...] = (
+    Option("compress_enabled", bool, True, "Compress response bodies for clients that ask."),
+    Option(
+        "compress_algorithms",
+        Sequence[str],
+        list(DEFAULT_ALGORITHMS),
+        "Codings to offer (zstd, br, gzip), in order of preference when the client's q-values tie.",
+    ),
+    *(
+        Option(
+            f"compress_{alg}_level",
+            int,
+            DEFAULT_LEVELS[alg],
+            f"Compression level for {alg} ({LEVEL_RANGES[alg][0]}-{LEVEL_RANGES[alg][1]}); "
+            "higher is smaller and slower.",
+        )
+        for alg in ALGORITHMS
+    ),
+    Option(
+        "compress_min_size",
+        str,
+        DEFAULT_MIN_SIZE,
+        "Smallest body to compress (e.g. 1KB; 1KB = 1024 bytes).",
+    ),
+    Option(
+        "compress_content_types",
+        Sequence[str],
+        list(DEFAULT_CONTENT_TYPES),
+        "Media types to compress: text/html, text/* or */*+json patterns (parameters ignored).",
+    ),
+    Option(
+        "compress_offload_threshold",
+        str,
+        DEFAULT_OFFLOAD_THRESHOLD,
+        "Bodies of this size or more are compressed in a worker thread, off the event loop.",
+    ),
+    Option(
+        "compress_memo_size",
+        str,
+        DEFAULT_MEMO_SIZE,
+        "Memory for memoised encoded bodies (identity plus encoded bytes); 0 turns it off.",
+    ),
+)
 
 _MEDIA_RANGE = re.compile(r"[a-z0-9*!#$&^_.+-]+/[a-z0-9*!#$&^_.+-]+")
 # RFC 9110 §12.4.2 qvalue; anything else makes the entry void.
@@ -383,42 +427,41 @@ def parse_settings(
     offload_threshold: str,
     memo_size: str,
 ) -> Settings:
-    """The options as Settings; raises ValueError starting with the option's name."""
-    algs = [a.strip().lower() for a in algorithms]
-    bad = [a for a in algs if a not in ALGORITHMS]
-    if bad:
-        raise ValueError(
-            f"compress_algorithms: unknown coding {bad[0]!r} (use {', '.join(ALGORITHMS)})"
-        )
-    if len(set(algs)) != len(algs):
-        raise ValueError("compress_algorithms: a coding is listed twice")
-    for alg, level in levels.items():
-        low, high = LEVEL_RANGES[alg]
-        if not low <= level <= high:
-            raise ValueError(f"compress_{alg}_level: {level} is outside {low}-{high}")
-    sizes = {}
-    for name, value in (
-        ("compress_min_size", min_size),
-        ("compress_offload_threshold", offload_threshold),
-        ("compress_memo_size", memo_size),
-    ):
-        try:
-            sizes[name] = units.parse_size(value)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+    """The options as Settings; `OptionsError` naming the option when one is invalid."""
+    algs = _codings(algorithms, levels)
+    min_bytes = size("compress_min_size", min_size)
+    offload_bytes = size("compress_offload_threshold", offload_threshold)
+    memo_bytes = size("compress_memo_size", memo_size)
     try:
         types = compile_content_types(content_types)
     except ValueError as e:
-        raise ValueError(f"compress_content_types: {e}") from None
+        raise exceptions.OptionsError(f"compress_content_types: {e}") from None
     return Settings(
         enabled=enabled,
-        algorithms=tuple(algs),
+        algorithms=algs,
         levels=dict(levels),
-        min_size=sizes["compress_min_size"],
+        min_size=min_bytes,
         content_types=types,
-        offload_threshold=sizes["compress_offload_threshold"],
-        memo_size=sizes["compress_memo_size"],
+        offload_threshold=offload_bytes,
+        memo_size=memo_bytes,
     )
+
+
+def _codings(algorithms: Sequence[str], levels: dict[str, int]) -> tuple[str, ...]:
+    """`compress_algorithms` lowercased, each known and listed once, and every level in range."""
+    algs = [a.strip().lower() for a in algorithms]
+    bad = [a for a in algs if a not in ALGORITHMS]
+    if bad:
+        raise exceptions.OptionsError(
+            f"compress_algorithms: unknown coding {bad[0]!r} (use {', '.join(ALGORITHMS)})"
+        )
+    if len(set(algs)) != len(algs):
+        raise exceptions.OptionsError("compress_algorithms: a coding is listed twice")
+    for alg, level in levels.items():
+        low, high = LEVEL_RANGES[alg]
+        if not low <= level <= high:
+            raise exceptions.OptionsError(f"compress_{alg}_level: {level} is outside {low}-{high}")
+    return tuple(algs)
 
 
 class Compress:
@@ -440,63 +483,21 @@ class Compress:
         return LRUCache(maxsize=max(self.s.memo_size, 1), getsizeof=lambda m: m.size)
 
     def load(self, loader: Any) -> None:
-        add = loader.add_option
-        add("compress_enabled", bool, True, "Compress response bodies for clients that ask.")
-        add(
-            "compress_algorithms",
-            Sequence[str],
-            list(DEFAULT_ALGORITHMS),
-            "Codings to offer (zstd, br, gzip), in order of preference when the client's q-values tie.",
-        )
-        for alg in ALGORITHMS:
-            low, high = LEVEL_RANGES[alg]
-            add(
-                f"compress_{alg}_level",
-                int,
-                DEFAULT_LEVELS[alg],
-                f"Compression level for {alg} ({low}-{high}); higher is smaller and slower.",
-            )
-        add(
-            "compress_min_size",
-            str,
-            DEFAULT_MIN_SIZE,
-            "Smallest body to compress (e.g. 1KB; 1KB = 1024 bytes).",
-        )
-        add(
-            "compress_content_types",
-            Sequence[str],
-            list(DEFAULT_CONTENT_TYPES),
-            "Media types to compress: text/html, text/* or */*+json patterns (parameters ignored).",
-        )
-        add(
-            "compress_offload_threshold",
-            str,
-            DEFAULT_OFFLOAD_THRESHOLD,
-            "Bodies of this size or more are compressed in a worker thread, off the event loop.",
-        )
-        add(
-            "compress_memo_size",
-            str,
-            DEFAULT_MEMO_SIZE,
-            "Memory for memoised encoded bodies (identity plus encoded bytes); 0 turns it off.",
-        )
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         if not any(name.startswith("compress_") for name in updated):
             return
         o = ctx.options
-        try:
-            s = parse_settings(
-                o.compress_enabled,
-                o.compress_algorithms,
-                {alg: getattr(o, f"compress_{alg}_level") for alg in ALGORITHMS},
-                o.compress_min_size,
-                o.compress_content_types,
-                o.compress_offload_threshold,
-                o.compress_memo_size,
-            )
-        except ValueError as e:
-            raise exceptions.OptionsError(str(e)) from None
+        s = parse_settings(
+            o.compress_enabled,
+            o.compress_algorithms,
+            {alg: getattr(o, f"compress_{alg}_level") for alg in ALGORITHMS},
+            o.compress_min_size,
+            o.compress_content_types,
+            o.compress_offload_threshold,
+            o.compress_memo_size,
+        )
         self.s = s
         log.debug(
             "compression %s: %s",
@@ -550,17 +551,17 @@ class Compress:
             return None
         alg = self._negotiate(joined(asked, b"accept-encoding"))
         if alg is None:
-            before = found.get(b"vary")
-            if before is None:
-                resp.headers.fields = (*resp.headers.fields, (_names(resp)[2], b"Accept-Encoding"))
-            else:
-                vary = merge_vary([v.decode("latin-1") for v in before])
-                if vary is not None:
-                    resp.headers[_names(resp)[2].decode()] = vary
+            _vary_only(resp, found.get(b"vary"))
             return None
-        key = (alg, body)
+        return self._encode(flow, resp, body, alg)
+
+    def _encode(
+        self, flow: http.HTTPFlow, resp: http.Response, body: bytes, alg: str
+    ) -> Coroutine[Any, Any, None] | None:
+        """Encode `body` with `alg`: from the memo, inline, or (big bodies) in a worker thread,
+        whose coroutine is returned for mitmproxy to await."""
         if self.s.memo_size:
-            hit = self.memo.get(key)
+            hit = self.memo.get((alg, body))
             if hit is not None:
                 STORE.memo["hit"] += 1
                 self._apply(flow, resp, body, hit.encoded, alg)
@@ -636,6 +637,16 @@ class Compress:
 
 _H1_NAMES = (b"Content-Encoding", b"Content-Length", b"Vary")
 _H2_NAMES = (b"content-encoding", b"content-length", b"vary")
+
+
+def _vary_only(resp: http.Response, before: list[bytes] | None) -> None:
+    """`Vary: Accept-Encoding` on a response left as it is, for caches downstream."""
+    if before is None:
+        resp.headers.fields = (*resp.headers.fields, (_names(resp)[2], b"Accept-Encoding"))
+        return
+    vary = merge_vary([v.decode("latin-1") for v in before])
+    if vary is not None:
+        resp.headers[_names(resp)[2].decode()] = vary
 
 
 def _names(resp: http.Response) -> tuple[bytes, bytes, bytes]:

@@ -46,8 +46,8 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 from addons import errors, policy
 from addons.kernel import hosts, net
 from addons.kernel.hosts import HostIndex, Pattern
+from addons.kernel.options import Option, declare, duration, spawn
 from addons.kernel.record import record
-from addons.kernel.units import parse_duration
 from addons.schema import FilterFile
 
 log = logging.getLogger("waypost.filter")
@@ -55,6 +55,68 @@ log = logging.getLogger("waypost.filter")
 POLICY = "filter"
 LIST_MODES = ("blocklist", "allowlist", "mixed")
 IP_LITERALS = ("allow", "deny", "check")
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "filter_mode",
+        str,
+        "enforce",
+        "enforce: refuse filtered destinations with 403 DOMAIN_BLOCKED; shadow: let them pass and only log and count would_block.",
+        policy.MODES,
+    ),
+    Option(
+        "filter_list_mode",
+        str,
+        "blocklist",
+        "blocklist: refuse hosts in filter_blocked unless in filter_allowed; allowlist: only hosts in filter_allowed pass; mixed: only hosts in filter_allowed and not in filter_blocked pass.",
+        LIST_MODES,
+    ),
+    Option(
+        "filter_blocked",
+        Sequence[str],
+        [],
+        "Blocked hosts: example.com (that name), *.example.com (every subdomain, not example.com itself), or an IP address; each entry is its own rule id.",
+    ),
+    Option(
+        "filter_allowed",
+        Sequence[str],
+        [],
+        "Allowed hosts, same syntax as filter_blocked: the allowlist, or exceptions to the blocklist in blocklist mode.",
+    ),
+    Option(
+        "filter_files",
+        str,
+        "",
+        'List files as JSON: ["lists/ads.txt", {"path": "lists/ok.txt", "id": "ok", "list": "allowed", "mode": "shadow"}]; plain names, hosts-file and ||name^ lines; re-read when they change.',
+    ),
+    Option(
+        "filter_ip_literals",
+        str,
+        "check",
+        "Targets given as IP addresses: allow (never filtered), deny (always refused), check (looked up as listed addresses and reverse-DNS names such as *.2.0.192.in-addr.arpa).",
+        IP_LITERALS,
+    ),
+    Option(
+        "filter_check_sni",
+        bool,
+        True,
+        "Also filter the TLS SNI inside CONNECT tunnels: a blocked SNI gets the client connection closed even when the CONNECT named an allowed host.",
+    ),
+    Option(
+        "filter_reload_interval",
+        str,
+        "2s",
+        "How often list files are checked for changes (a changed file is re-read once it has stayed the same for one interval).",
+    ),
+    Option(
+        "filter_response_body",
+        str,
+        "",
+        "Message of the 403 DOMAIN_BLOCKED JSON body; empty: a default naming the host and the rule.",
+    ),
+)
+# Options that change only how the lists are combined: the rules are rebuilt.
+_REBUILD = frozenset({"filter_mode", "filter_list_mode", "filter_ip_literals"})
 
 # --- list files -------------------------------------------------------------------------------
 
@@ -240,6 +302,13 @@ def parse_file_specs(text: str) -> tuple[FileSpec, ...]:
     return specs
 
 
+def _reload_interval(value: str) -> float:
+    interval = duration("filter_reload_interval", value)
+    if interval <= 0:
+        raise exceptions.OptionsError("filter_reload_interval: must be more than 0s")
+    return interval
+
+
 # --- list files: loading and watching -----------------------------------------------------------
 
 
@@ -320,7 +389,30 @@ def _log_loaded(spec: FileSpec, loaded: LoadedList, action: str) -> None:
     )
 
 
+def _refused(w: _Watched, sig: FileSignature, e: BadList) -> None:
+    """A changed list file that did not parse: the list loaded before stays in force."""
+    w.error = str(e)
+    # Remember the signature so a bad file is reported once, not every interval.
+    if w.loaded is not None:
+        w.loaded = w.loaded._replace(signature=sig)
+    else:
+        w.loaded = LoadedList(HostIndex(), ListStats(0, 0, 0, ()), sig)
+    log.warning("filter list %s refused, keeping the list loaded before: %s", w.spec.path, e)
+
+
 # --- refusing a tunnel whose SNI is blocked -----------------------------------------------------
+
+
+def _sni(data: bytes) -> str | None:
+    """The SNI of the ClientHello `data` starts with; None when it is not TLS, not complete yet
+    (next_layer is asked again with more data) or names no server (the CONNECT decided)."""
+    if not starts_like_tls_record(data):
+        return None
+    try:
+        hello = parse_client_hello(data)
+    except ValueError:
+        return None  # not TLS after all; the next layer will say so
+    return hello.sni if hello is not None and hello.sni else None
 
 
 class _CloseClient(layer.Layer):
@@ -347,98 +439,24 @@ class Filter:
         self._inline_blocked = Source(None, "enforce", HostIndex())
         self._inline_allowed = Source(None, "enforce", HostIndex())
         self._files: dict[str, _Watched] = {}  # by rule id, in configuration order
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # to cancel in done(); spawn keeps them
         self._running = False
 
     def load(self, loader: Any) -> None:
         net.load(loader)  # the audit's client_ip honours forwarding_trusted_proxies
-        loader.add_option(
-            "filter_mode",
-            str,
-            "enforce",
-            "enforce: refuse filtered destinations with 403 DOMAIN_BLOCKED; shadow: let them pass and only log and count would_block.",
-            choices=policy.MODES,
-        )
-        loader.add_option(
-            "filter_list_mode",
-            str,
-            "blocklist",
-            "blocklist: refuse hosts in filter_blocked unless in filter_allowed; allowlist: only hosts in filter_allowed pass; mixed: only hosts in filter_allowed and not in filter_blocked pass.",
-            choices=LIST_MODES,
-        )
-        loader.add_option(
-            "filter_blocked",
-            Sequence[str],
-            [],
-            "Blocked hosts: example.com (that name), *.example.com (every subdomain, not example.com itself), or an IP address; each entry is its own rule id.",
-        )
-        loader.add_option(
-            "filter_allowed",
-            Sequence[str],
-            [],
-            "Allowed hosts, same syntax as filter_blocked: the allowlist, or exceptions to the blocklist in blocklist mode.",
-        )
-        loader.add_option(
-            "filter_files",
-            str,
-            "",
-            'List files as JSON: ["lists/ads.txt", {"path": "lists/ok.txt", "id": "ok", "list": "allowed", "mode": "shadow"}]; plain names, hosts-file and ||name^ lines; re-read when they change.',
-        )
-        loader.add_option(
-            "filter_ip_literals",
-            str,
-            "check",
-            "Targets given as IP addresses: allow (never filtered), deny (always refused), check (looked up as listed addresses and reverse-DNS names such as *.2.0.192.in-addr.arpa).",
-            choices=IP_LITERALS,
-        )
-        loader.add_option(
-            "filter_check_sni",
-            bool,
-            True,
-            "Also filter the TLS SNI inside CONNECT tunnels: a blocked SNI gets the client connection closed even when the CONNECT named an allowed host.",
-        )
-        loader.add_option(
-            "filter_reload_interval",
-            str,
-            "2s",
-            "How often list files are checked for changes (a changed file is re-read once it has stayed the same for one interval).",
-        )
-        loader.add_option(
-            "filter_response_body",
-            str,
-            "",
-            "Message of the 403 DOMAIN_BLOCKED JSON body; empty: a default naming the host and the rule.",
-        )
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         net.configure(updated)
         o = ctx.options
-        rebuild = False
+        rebuild = bool(updated & _REBUILD)
         if "filter_blocked" in updated or "filter_allowed" in updated:
-            try:
-                blocked = hosts.build_index(hosts.parse_patterns(o.filter_blocked))
-                allowed = hosts.build_index(hosts.parse_patterns(o.filter_allowed))
-            except ValueError as e:
-                raise exceptions.OptionsError(f"filter_blocked/filter_allowed: {e}") from None
-            self._inline_blocked = self._inline_blocked._replace(index=blocked)
-            self._inline_allowed = self._inline_allowed._replace(index=allowed)
+            self._configure_inline(o.filter_blocked, o.filter_allowed)
             rebuild = True
         if "filter_reload_interval" in updated:
-            try:
-                interval = parse_duration(o.filter_reload_interval)
-            except ValueError as e:
-                raise exceptions.OptionsError(f"filter_reload_interval: {e}") from None
-            if interval <= 0:
-                raise exceptions.OptionsError("filter_reload_interval: must be more than 0s")
-            self.reload_interval = interval
+            self.reload_interval = _reload_interval(o.filter_reload_interval)
         if "filter_files" in updated:
-            try:
-                specs = parse_file_specs(o.filter_files)
-            except ValueError as e:
-                raise exceptions.OptionsError(f"filter_files: {e}") from None
-            self._configure_files(specs)
-            rebuild = True
-        if updated & {"filter_mode", "filter_list_mode", "filter_ip_literals"}:
+            self._configure_files(o.filter_files)
             rebuild = True
         if "filter_check_sni" in updated:
             self.check_sni = o.filter_check_sni
@@ -447,7 +465,20 @@ class Filter:
         if rebuild:
             self._rebuild()
 
-    def _configure_files(self, specs: tuple[FileSpec, ...]) -> None:
+    def _configure_inline(self, blocked: Sequence[str], allowed: Sequence[str]) -> None:
+        try:
+            blocked_index = hosts.build_index(hosts.parse_patterns(blocked))
+            allowed_index = hosts.build_index(hosts.parse_patterns(allowed))
+        except ValueError as e:
+            raise exceptions.OptionsError(f"filter_blocked/filter_allowed: {e}") from None
+        self._inline_blocked = self._inline_blocked._replace(index=blocked_index)
+        self._inline_allowed = self._inline_allowed._replace(index=allowed_index)
+
+    def _configure_files(self, text: str) -> None:
+        try:
+            specs = parse_file_specs(text)
+        except ValueError as e:
+            raise exceptions.OptionsError(f"filter_files: {e}") from None
         files: dict[str, _Watched] = {}
         for spec in specs:
             old = self._files.get(rule_id(spec))
@@ -493,9 +524,7 @@ class Filter:
 
     def running(self) -> None:
         self._running = True
-        task = asyncio.get_running_loop().create_task(self._watch())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.add(spawn(self._watch()))
 
     def done(self) -> None:
         for task in list(self._tasks):
@@ -528,15 +557,7 @@ class Filter:
             try:
                 loaded = await asyncio.to_thread(load_list, w.spec.path, rule)
             except BadList as e:
-                w.error = str(e)
-                # Remember the signature so a bad file is reported once, not every interval.
-                if w.loaded is not None:
-                    w.loaded = w.loaded._replace(signature=sig)
-                else:
-                    w.loaded = LoadedList(HostIndex(), ListStats(0, 0, 0, ()), sig)
-                log.warning(
-                    "filter list %s refused, keeping the list loaded before: %s", w.spec.path, e
-                )
+                _refused(w, sig, e)
                 continue
             if self._files.get(rule) is not w:
                 continue  # reconfigured meanwhile
@@ -612,18 +633,11 @@ class Filter:
             return
         if not any(isinstance(lay, HttpLayer) for lay in context.layers):
             return
-        data = nextlayer.data_client()
-        if not starts_like_tls_record(data):
+        sni = _sni(nextlayer.data_client())
+        if sni is None:
             return
-        try:
-            hello = parse_client_hello(data)
-        except ValueError:
-            return  # not TLS after all; the next layer will say so
-        if hello is None or not hello.sni:
-            return  # incomplete: asked again with more data; no SNI: the CONNECT decided
-        rules = self.rules
-        host = hosts.host_key(hello.sni)
-        verdict = decide(rules, host)
+        host = hosts.host_key(sni)
+        verdict = decide(self.rules, host)
         if verdict is None:
             return
         client = net.peer_ip(context.client) or None

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, http
 
 from addons import errors
 from addons.kernel import net
+from addons.kernel.options import Option, declare
 from addons.kernel.record import record
 
 # RFC 9110 §5.6.2 token: Via's pseudonym and our X-Proxy-ID must be one.
@@ -52,6 +54,40 @@ _KEPT_OPTIONS = frozenset({b"close", b"keep-alive"})
 # Naming these in `Connection` would change the message's framing or target, not a hop's
 # options: a client must not be able to strip them (request smuggling through our own hand).
 _PROTECTED = frozenset({b"connection", b"host", b"content-length", b"transfer-encoding"})
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "forwarding_x_forwarded",
+        bool,
+        True,
+        "Send X-Forwarded-For (the client IP appended; an incoming value kept only from a "
+        "trusted proxy), X-Forwarded-Proto, X-Forwarded-Host and X-Real-IP (the client IP "
+        "derived through trusted proxies) to the origin.",
+    ),
+    Option(
+        "forwarding_via",
+        bool,
+        True,
+        "Append `Via: <version> <forwarding_proxy_id>` (RFC 9110 7.6.3) to requests sent to "
+        "the origin and to the responses relayed back, with the protocol version of each "
+        "message as received.",
+    ),
+    Option(
+        "forwarding_request_id",
+        bool,
+        True,
+        "Send X-Request-ID to the origin and echo it on the response: a valid incoming one "
+        "(up to 128 of A-Z a-z 0-9 . _ : -) is kept, otherwise a new UUID is made. The same "
+        "id appears in the access log and in error bodies.",
+    ),
+    Option(
+        "forwarding_proxy_id",
+        str,
+        _DEFAULT_PROXY_ID,
+        "The proxy's pseudonym (an HTTP token), used in Via and sent as X-Proxy-ID on "
+        "responses. Empty disables X-Proxy-ID; Via then uses `waypost`.",
+    ),
+)
 
 
 # --- pure decisions ----------------------------------------------------------------------------
@@ -144,39 +180,9 @@ class Forwarding:
         self.pull: frozenset[bytes] = _X_FORWARDED | _VIA | _REQUEST_ID
         self.pull_response: frozenset[bytes] = _REQUEST_ID | _PROXY_ID
 
-    def load(self, loader) -> None:
+    def load(self, loader: Any) -> None:
         net.load(loader)
-        loader.add_option(
-            "forwarding_x_forwarded",
-            bool,
-            True,
-            "Send X-Forwarded-For (the client IP appended; an incoming value kept only from a "
-            "trusted proxy), X-Forwarded-Proto, X-Forwarded-Host and X-Real-IP (the client IP "
-            "derived through trusted proxies) to the origin.",
-        )
-        loader.add_option(
-            "forwarding_via",
-            bool,
-            True,
-            "Append `Via: <version> <forwarding_proxy_id>` (RFC 9110 7.6.3) to requests sent to "
-            "the origin and to the responses relayed back, with the protocol version of each "
-            "message as received.",
-        )
-        loader.add_option(
-            "forwarding_request_id",
-            bool,
-            True,
-            "Send X-Request-ID to the origin and echo it on the response: a valid incoming one "
-            "(up to 128 of A-Z a-z 0-9 . _ : -) is kept, otherwise a new UUID is made. The same "
-            "id appears in the access log and in error bodies.",
-        )
-        loader.add_option(
-            "forwarding_proxy_id",
-            str,
-            _DEFAULT_PROXY_ID,
-            "The proxy's pseudonym (an HTTP token), used in Via and sent as X-Proxy-ID on "
-            "responses. Empty disables X-Proxy-ID; Via then uses `waypost`.",
-        )
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         net.configure(updated)
@@ -229,23 +235,7 @@ class Forwarding:
             rid = errors.request_id(flow)  # reads an incoming X-Request-ID, so before the rewrite
         fields, pulled = split_fields(data.headers.fields, self.pull)
         if self.x_forwarded:
-            from_trusted = net.trusted_peer(flow.client_conn)
-            hop = net.peer_ip(flow.client_conn)
-            incoming = pulled.get(b"x-forwarded-for") if from_trusted else None
-            ours = hop.encode()
-            fields.append((b"X-Forwarded-For", b", ".join([*incoming, ours]) if incoming else ours))
-            proto = pulled.get(b"x-forwarded-proto") if from_trusted else None
-            if not proto:
-                # The scheme the client spoke, not the request's: in reverse mode mitmproxy has
-                # already rewritten that to the backend's before this hook.
-                proto = [b"https" if flow.client_conn.tls else b"http"]
-            fields.append((b"X-Forwarded-Proto", proto[-1]))
-            fwd_host = pulled.get(b"x-forwarded-host") if from_trusted else None
-            if not fwd_host:
-                # HTTP/2 has :authority instead of a Host field
-                fwd_host = _get(fields, b"host") or [req.pretty_host.encode("utf-8", "replace")]
-            fields.append((b"X-Forwarded-Host", fwd_host[-1]))
-            fields.append((b"X-Real-IP", ip.encode()))
+            _append_x_forwarded(fields, pulled, flow.client_conn, req, ip)
         if self.via:
             via = self._via(data.http_version)
             before = pulled.get(b"via")
@@ -297,6 +287,33 @@ class Forwarding:
         if self.proxy_id_header:
             fields.append((b"X-Proxy-ID", self.proxy_id_header.encode()))
         resp.headers.fields = tuple(fields)
+
+
+def _append_x_forwarded(
+    fields: list[tuple[bytes, bytes]],
+    pulled: dict[bytes, list[bytes]],
+    client: connection.Client,
+    req: http.Request,
+    ip: str,
+) -> None:
+    """X-Forwarded-For/-Proto/-Host and X-Real-IP for the request going to the origin: the
+    incoming values (pulled out by `split_fields`) count only from a trusted proxy."""
+    from_trusted = net.trusted_peer(client)
+    incoming = pulled.get(b"x-forwarded-for") if from_trusted else None
+    ours = net.peer_ip(client).encode()
+    fields.append((b"X-Forwarded-For", b", ".join([*incoming, ours]) if incoming else ours))
+    proto = pulled.get(b"x-forwarded-proto") if from_trusted else None
+    if not proto:
+        # The scheme the client spoke, not the request's: in reverse mode mitmproxy has
+        # already rewritten that to the backend's before this hook.
+        proto = [b"https" if client.tls else b"http"]
+    fields.append((b"X-Forwarded-Proto", proto[-1]))
+    fwd_host = pulled.get(b"x-forwarded-host") if from_trusted else None
+    if not fwd_host:
+        # HTTP/2 has :authority instead of a Host field
+        fwd_host = _get(fields, b"host") or [req.pretty_host.encode("utf-8", "replace")]
+    fields.append((b"X-Forwarded-Host", fwd_host[-1]))
+    fields.append((b"X-Real-IP", ip.encode()))
 
 
 def _get(fields: Iterable[tuple[bytes, bytes]], lname: bytes) -> list[bytes]:
