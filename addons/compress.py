@@ -59,7 +59,7 @@ from cachetools import LRUCache
 from mitmproxy import ctx, exceptions, http
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from addons.kernel.options import Option, declare, size
+from addons.kernel.options import Option, declare, once, size
 from addons.kernel.record import record
 from addons.schema import COMPRESSIBLE_TYPES as DEFAULT_CONTENT_TYPES
 
@@ -394,15 +394,9 @@ def _define() -> Store:
     return store
 
 
-if __name__ == "addons.compress":
-    STORE = _define()
-else:
-    # Loaded as a script (`-s addons/compress.py`, re-executed on reload): share the package
-    # module's store, registered once on the registry the management app serves.
-    try:
-        from addons.compress import STORE
-    except ImportError:
-        STORE = Store()
+# One store per process, registered once on the registry the management app serves, however
+# often `-s addons/compress.py` is reloaded.
+STORE = once("compress.store", _define)
 
 
 # --- the addon ---------------------------------------------------------------------------------
