@@ -17,12 +17,14 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, exceptions
 
 from addons import schema
+from addons.kernel.options import spawn
 
 log = logging.getLogger("waypost.config")
 
@@ -189,8 +191,9 @@ class Config:
                 return f"{loaded.where(path)}: {'.'.join(path)}: {message}"
         return f"{loaded.source}: {message}"
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        # Kept here too: done() cancels what is still running.
+        task = spawn(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

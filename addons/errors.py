@@ -5,12 +5,17 @@ through `make()`, so clients and log readers see one shape:
 
     {"error": {"code": "...", "message": "...", "request_id": "...", "timestamp": "..."}}
 
+- `STATUS` / `code_of`: the one table of error codes and their statuses, both ways.
+- `make`: a mitmproxy response for a flow; `web_error`: the same body as an aiohttp response,
+  for the management app and the endpoints it serves (admin, cache admin, CLI).
 - `reason_of` / `classify`: a mitmproxy error message (and the status mitmproxy would send) as
   a short reason (`connection_refused`, `closed`, ...) and the Waypost code and status.
 - `install_error_page`: the one patch of mitmproxy's HTTP/1 error page
   (`_http1.make_error_response`, used for unparsable request heads, protocol errors and the
   wire guards' refusals in `addons/kernel/wire.py`), so those answers are JSON too; installed
   through `addons/kernel/patching.py` by the addons that need it (hygiene, upstream).
+  `error_page(status, message, flow)` also writes the page of a failed upstream exchange
+  (upstream's patched `Http1Server.send`), with the flow's request id and timers.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from mitmproxy import http
 from mitmproxy.net.http import http1
@@ -32,6 +37,9 @@ from mitmproxy.proxy.layers.http import _http1
 
 from addons.kernel import patching, wire
 from addons.kernel.record import record
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("waypost")
 
@@ -56,6 +64,15 @@ STATUS: dict[str, int] = {
     "CIRCUIT_OPEN": 503,
     "BACKEND_TIMEOUT": 504,
 }
+# The code of a status when only the status is known (aiohttp's own refusals, mitmproxy's error
+# pages): the first code STATUS lists for it.
+_CODE_OF: dict[int, str] = {s: c for c, s in reversed(STATUS.items())}
+
+
+def code_of(status: int) -> str | None:
+    """The Waypost code for an HTTP status, or None when STATUS has none."""
+    return _CODE_OF.get(status)
+
 
 # Client-supplied ids are echoed into headers and logs, so only a conservative token survives.
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -66,10 +83,13 @@ def request_id(flow: http.HTTPFlow) -> str:
     meta = record(flow)
     rid = meta.get("request_id")
     if rid is None:
-        incoming = flow.request.headers.get("x-request-id", "")
-        rid = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else new_request_id()
-        meta["request_id"] = rid
+        rid = meta["request_id"] = incoming_request_id(flow.request.headers.get("x-request-id"))
     return rid
+
+
+def incoming_request_id(value: str | None) -> str:
+    """A client's X-Request-ID if it is a valid one, else a new UUID."""
+    return value if value and _VALID_REQUEST_ID.fullmatch(value) else new_request_id()
 
 
 def new_request_id() -> str:
@@ -121,6 +141,30 @@ def make(
     if flow is not None:
         record(flow)["error_code"] = code
     return resp
+
+
+def web_error(
+    code: str,
+    message: str,
+    rid: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    status: int | None = None,
+) -> web.Response:
+    """`make`'s JSON error as an aiohttp response (the management app, cache admin, CLI).
+
+    Never cached: these answer probes, admin calls and command runs.
+    """
+    # Imported here: aiohttp costs ~0.2 s to import and most addons that use errors never
+    # serve an aiohttp endpoint.
+    from aiohttp import web
+
+    rid = rid or new_request_id()
+    return web.Response(
+        status=status or STATUS[code],
+        body=body(code, message, rid),
+        content_type="application/json",
+        headers={"X-Request-ID": rid, "Cache-Control": "no-store", **(headers or {})},
+    )
 
 
 Hook = TypeVar("Hook", bound=Callable[..., Any])
@@ -249,10 +293,7 @@ def classify(status: int | None, message: str, timed_out: str | None = None) -> 
         return Failure("BACKEND_UNREACHABLE", 502, reason, text)
     if status == 400:
         return Failure("BAD_REQUEST", 400, "bad_request", f"Malformed request: {message}")
-    for code, code_status in STATUS.items():
-        if code_status == status:
-            return Failure(code, status, reason, message)
-    return Failure("INTERNAL_ERROR", status, reason, message)
+    return Failure(code_of(status) or "INTERNAL_ERROR", status, reason, message)
 
 
 def http1_error(code: str, message: str, status: int, flow: http.HTTPFlow | None = None) -> bytes:
@@ -264,25 +305,26 @@ def http1_error(code: str, message: str, status: int, flow: http.HTTPFlow | None
 
 # Errors of the client's request, answered with the caller's message (the wire guards' reasons,
 # the parser's complaint); anything else is a mitmproxy error and goes through `classify`.
-CLIENT_ERRORS: dict[int, str] = {
-    400: "BAD_REQUEST",
-    408: "REQUEST_TIMEOUT",
-    413: "PAYLOAD_TOO_LARGE",
-    414: "URI_TOO_LONG",
-    431: "HEADERS_TOO_LARGE",
-}
+CLIENT_ERRORS = frozenset({400, 408, 413, 414, 431})
 
 
-def error_page(status_code: int, message: str = "") -> bytes:
-    """`_http1.make_error_response` as Waypost JSON (a fresh request id: there is no flow)."""
-    code = CLIENT_ERRORS.get(status_code)
-    if code is None:
-        failure = classify(status_code, message)
-        return http1_error(failure.code, failure.message, failure.status)
-    limits = wire.limits()
-    if status_code == 413 and limits is not None and limits.max_body is not None:
-        message = f"The request body exceeds the limit of {limits.max_body} bytes."
-    return http1_error(code, message, status_code)
+def error_page(status_code: int, message: str = "", flow: http.HTTPFlow | None = None) -> bytes:
+    """`_http1.make_error_response` as Waypost JSON.
+
+    Without a flow (an unparsable head, a wire guard) the request id is a fresh one; with the
+    flow of a failed exchange, its request id and which of our timers fired.
+    """
+    if status_code not in CLIENT_ERRORS:
+        timed_out = record(flow).get("timed_out") if flow is not None else None
+        failure = classify(status_code, message, timed_out)
+        return http1_error(failure.code, failure.message, failure.status, flow)
+    if status_code == 413:
+        limits = wire.limits()
+        if limits is not None and limits.max_body is not None:
+            message = f"The request body exceeds the limit of {limits.max_body} bytes."
+        else:  # mitmproxy's own body_size_limit, whose message names mitmproxy
+            message = _MESSAGES["request_too_large"]
+    return http1_error(_CODE_OF[status_code], message, status_code, flow)
 
 
 ERROR_PAGE = patching.Patch(

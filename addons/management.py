@@ -46,7 +46,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from addons import errors
 from addons.kernel.endpoints import addressed_to_proxy, bearer_status, bind
-from addons.kernel.options import spawn
+from addons.kernel.options import Option, declare, spawn
 from addons.kernel.record import record
 from addons.metrics import REGISTRY
 
@@ -54,9 +54,47 @@ log = logging.getLogger("waypost.management")
 
 HEALTH_PREFIX = "/health/"
 RESERVED_PREFIXES = (HEALTH_PREFIX, "/admin/")
-# Error codes the app uses beyond errors.STATUS (proposed additions to it).
-APP_CODES = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "ACCESS_DENIED", 404: "NOT_FOUND",
-             405: "METHOD_NOT_ALLOWED", 422: "CONFIG_INVALID", 500: "INTERNAL_ERROR"}  # fmt: skip
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "metrics_enabled",
+        bool,
+        True,
+        "Run the management app (health probes, Prometheus metrics, admin API) on its own "
+        "listener. When false nothing listens; the proxy port still answers /health/*.",
+    ),
+    Option(
+        "metrics_host",
+        str,
+        "127.0.0.1",
+        'IP address the management app listens on ("localhost" means 127.0.0.1; use '
+        "0.0.0.0 for all interfaces, e.g. in a container scraped from outside).",
+    ),
+    Option(
+        "metrics_port",
+        int,
+        9090,
+        'TCP port of the management app; 0 picks a free port (the log line "management '
+        'listening at http://HOST:PORT" shows it). Changing it at runtime rebinds.',
+    ),
+    Option(
+        "metrics_path",
+        str,
+        "/metrics",
+        "Path of the Prometheus metrics endpoint on the management listener (never served "
+        "on the proxy port). Must start with / and not be under /health or /admin.",
+    ),
+    Option(
+        "admin_token",
+        str,
+        "",
+        "Bearer token required by POST /admin/* on the management listener "
+        "(Authorization: Bearer <token>). Empty turns the admin API off: /admin/* answers "
+        "404.",
+    ),
+)
+
+_ALLOW_GET = {"Allow": "GET, HEAD"}
 
 # --- pure decisions --------------------------------------------------------------------------
 
@@ -107,19 +145,6 @@ def startup(
 
 def json_response(status: int, payload: dict[str, Any]) -> web.Response:
     return web.Response(status=status, body=json.dumps(payload), content_type="application/json")
-
-
-def error_response(
-    status: int, message: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    code = APP_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
-    rid = errors.new_request_id()
-    return web.Response(
-        status=status,
-        body=errors.body(code, message, rid),
-        content_type="application/json",
-        headers={"X-Request-ID": rid, **(headers or {})},
-    )
 
 
 class _Listener:
@@ -175,45 +200,7 @@ class Management:
         self._spec: tuple[str, int] = ("", -1)  # (host, metrics_port) the listener was made for
 
     def load(self, loader: Any) -> None:
-        # Help strings are single-line on purpose: mitmproxy stores help dedented with newlines
-        # replaced, and on a script reload compares it with the text passed here; a multi-line
-        # help never compares equal, so the reload re-adds the option and resets its value.
-        loader.add_option(
-            "metrics_enabled",
-            bool,
-            True,
-            "Run the management app (health probes, Prometheus metrics, admin API) on its own "
-            "listener. When false nothing listens; the proxy port still answers /health/*.",
-        )
-        loader.add_option(
-            "metrics_host",
-            str,
-            "127.0.0.1",
-            'IP address the management app listens on ("localhost" means 127.0.0.1; use '
-            "0.0.0.0 for all interfaces, e.g. in a container scraped from outside).",
-        )
-        loader.add_option(
-            "metrics_port",
-            int,
-            9090,
-            'TCP port of the management app; 0 picks a free port (the log line "management '
-            'listening at http://HOST:PORT" shows it). Changing it at runtime rebinds.',
-        )
-        loader.add_option(
-            "metrics_path",
-            str,
-            "/metrics",
-            "Path of the Prometheus metrics endpoint on the management listener (never served "
-            "on the proxy port). Must start with / and not be under /health or /admin.",
-        )
-        loader.add_option(
-            "admin_token",
-            str,
-            "",
-            "Bearer token required by POST /admin/* on the management listener "
-            "(Authorization: Bearer <token>). Empty turns the admin API off: /admin/* answers "
-            "404.",
-        )
+        declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         if "metrics_host" in updated:
@@ -302,10 +289,10 @@ class Management:
 
     async def _health(self, request: web.Request) -> web.Response:
         if request.method not in ("GET", "HEAD"):
-            return error_response(405, "Use GET.", {"Allow": "GET, HEAD"})
+            return errors.web_error("METHOD_NOT_ALLOWED", "Use GET.", headers=_ALLOW_GET)
         status, payload = self.health(request.path)
         if status == 404:
-            return error_response(404, "Unknown health endpoint.")
+            return errors.web_error("NOT_FOUND", "Unknown health endpoint.")
         return json_response(status, payload)
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
@@ -313,7 +300,7 @@ class Management:
             return await self._metrics(request)
         handler = self._extension_route(request.path)
         if handler is None:
-            return error_response(404, "Not found.")
+            return errors.web_error("NOT_FOUND", "Not found.")
         if request.path.startswith("/admin/"):
             refusal = self._admin_refusal(request)
             if refusal is not None:
@@ -322,7 +309,7 @@ class Management:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         if request.method not in ("GET", "HEAD"):
-            return error_response(405, "Use GET.", {"Allow": "GET, HEAD"})
+            return errors.web_error("METHOD_NOT_ALLOWED", "Use GET.", headers=_ALLOW_GET)
         resp = web.Response(body=generate_latest(REGISTRY))
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
@@ -331,17 +318,19 @@ class Management:
         """The error answer for an /admin/* request without the right token, else None."""
         token = ctx.options.admin_token
         if not token:
-            return error_response(404, "The admin API is off (admin_token is not set).")
+            return errors.web_error("NOT_FOUND", "The admin API is off (admin_token is not set).")
         auth = bearer_status(request.headers.get("Authorization"), token)
         if auth == 401:
-            return error_response(
-                401, "Missing or malformed bearer token.", {"WWW-Authenticate": "Bearer"}
+            return errors.web_error(
+                "UNAUTHORIZED",
+                "Missing or malformed bearer token.",
+                headers={"WWW-Authenticate": "Bearer"},
             )
         if auth == 403:
             log.warning(
                 "admin %s refused: wrong bearer token from %s", request.path, request.remote
             )
-            return error_response(403, "Wrong bearer token.")
+            return errors.web_error("ACCESS_DENIED", "Wrong bearer token.")
         return None
 
     def _extension_route(
@@ -366,7 +355,7 @@ class Management:
 
     async def _reload(self, request: web.Request) -> web.Response:
         if request.method != "POST":
-            return error_response(405, "Use POST.", {"Allow": "POST"})
+            return errors.web_error("METHOD_NOT_ALLOWED", "Use POST.", headers={"Allow": "POST"})
         refusal = self._admin_refusal(request)
         if refusal is not None:
             return refusal
@@ -374,14 +363,14 @@ class Management:
         reload: Callable[[], tuple[bool, str] | Awaitable[tuple[bool, str]]] | None
         reload = getattr(cfg, "reload", None) if cfg is not None else None
         if reload is None:
-            return error_response(404, "No config addon is loaded; nothing to reload.")
+            return errors.web_error("NOT_FOUND", "No config addon is loaded; nothing to reload.")
         result = reload()
         if isinstance(result, Awaitable):
             result = await result
         ok, message = result
         if not ok:
             log.warning("admin reload failed: %s", message)
-            return error_response(422, message)
+            return errors.web_error("CONFIG_INVALID", message)
         log.info("admin reload done: %s", message)
         return json_response(200, {"reloaded": True, "message": message})
 
@@ -392,10 +381,17 @@ class Management:
         try:
             return await handler(request)
         except web.HTTPException as e:
-            return error_response(e.status, e.reason)
+            return errors.web_error(
+                errors.code_of(e.status)
+                or ("INTERNAL_ERROR" if e.status >= 500 else "BAD_REQUEST"),
+                e.reason,
+                status=e.status,
+            )
         except Exception:
             log.exception("management endpoint %s failed", request.path)
-            return error_response(500, "The management app could not process this request.")
+            return errors.web_error(
+                "INTERNAL_ERROR", "The management app could not process this request."
+            )
 
     def _make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024)

@@ -51,7 +51,7 @@ How the timeouts work, without patching:
 The patches (through `addons/kernel/patching.py`: only on the mitmproxy versions it checked,
 a WARNING and no patch on any other; undone in `done`):
 - `proxy/layers/http/_http1.py`: `Http1Server.send` for `ResponseProtocolError` builds the JSON
-  body (classified by `errors.classify`) instead of HTML, and errors.py's error page replaces
+  body (`errors.error_page` with the flow) instead of HTML, and errors.py's error page replaces
   the module function `make_error_response` (also used by `read_headers` for unparsable
   requests). The flow comes from our `error` hook, which mitmproxy runs
   before it sends the error (`HttpStream.handle_protocol_error`, `check_body_size`); the
@@ -114,13 +114,6 @@ def event_status(code: Any) -> int | None:
     return code.http_status_code()  # mitmproxy 12: ErrorCode
 
 
-def error_bytes(status: int, message: str, flow: http.HTTPFlow | None) -> bytes:
-    """The whole HTTP/1 error response mitmproxy sends, as Waypost JSON."""
-    meta = record(flow) if flow is not None else {}
-    failure = classify(status, message, meta.get("timed_out"))
-    return errors.http1_error(failure.code, failure.message, failure.status, flow)
-
-
 # --- the patch ------------------------------------------------------------------------------
 
 
@@ -139,7 +132,7 @@ def _send_error(self: _http1.Http1Server, event: ResponseProtocolError) -> Any:
         flow = _ERRORED.pop(self.conn.id, None)
         if flow is not None and flow.request is not self.request:
             flow = None
-        yield commands.SendData(self.conn, error_bytes(status, event.message, flow))
+        yield commands.SendData(self.conn, errors.error_page(status, event.message, flow))
     yield commands.CloseConnection(self.conn)
 
 

@@ -74,11 +74,15 @@ class Admin:
 
     async def _purge(self, request: web.Request) -> web.Response:
         if request.method != "DELETE":
-            return _error(405, "METHOD_NOT_ALLOWED", "Use DELETE.", {"Allow": "DELETE"})
+            return errors.web_error(
+                "METHOD_NOT_ALLOWED", "Use DELETE.", headers={"Allow": "DELETE"}
+            )
         pattern = request.query.get("pattern") or None
         tag = request.query.get("tag") or None
         if pattern is None and tag is None:
-            return _error(400, "BAD_REQUEST", "Give pattern=<glob over URL or host> or tag=<tag>.")
+            return errors.web_error(
+                "BAD_REQUEST", "Give pattern=<glob over URL or host> or tag=<tag>."
+            )
         soft = request.query.get("soft", "").lower() in ("1", "true", "yes")
         n = self.purge(pattern, tag, soft)
         log.info(
@@ -89,17 +93,7 @@ class Admin:
 
     async def _stats(self, request: web.Request) -> web.Response:
         if request.method not in ("GET", "HEAD"):
-            return _error(405, "METHOD_NOT_ALLOWED", "Use GET.", {"Allow": "GET, HEAD"})
+            return errors.web_error(
+                "METHOD_NOT_ALLOWED", "Use GET.", headers={"Allow": "GET, HEAD"}
+            )
         return web.json_response(self.stats())
-
-
-def _error(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    rid = errors.new_request_id()
-    return web.Response(
-        status=status,
-        body=errors.body(code, message, rid),
-        content_type="application/json",
-        headers={"X-Request-ID": rid, **(headers or {})},
-    )

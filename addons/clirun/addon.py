@@ -7,11 +7,12 @@
   `record(flow)["local"] = "cli"`, which Egress lets through to exactly that listener.
 
 Hooks:
-- load: declares the `cli_` options (`clirun.options.OPTIONS`).
+- load: declares the `cli_` options (`clirun.options.OPTIONS`) and `forwarding_trusted_proxies`.
 - configure: parses them into the endpoint's settings; opens or closes the listener.
 - running / done (sync: the listener is bound synchronously): the listener; done aborts
   whatever still runs.
-- requestheaders: the reroute, with request streaming on (the body is the process's stdin).
+- requestheaders: the reroute, with request streaming on (the body is the process's stdin);
+  the client it names is `kernel.net.client_ip` (behind trusted proxies, the forwarded one).
 - responseheaders: response streaming on for rerouted flows.
 """
 
@@ -37,6 +38,7 @@ from addons.clirun.endpoint import (
 )
 from addons.clirun.listener import Listener, serve_loopback
 from addons.clirun.plan import Settings
+from addons.kernel import net
 from addons.kernel.endpoints import addressed_to_proxy
 from addons.kernel.options import declare
 from addons.kernel.record import record
@@ -58,8 +60,10 @@ class Cli:
 
     def load(self, loader: Any) -> None:
         declare(loader, options.OPTIONS)
+        net.load(loader)  # the client named in the audit and the log honours trusted proxies
 
     def configure(self, updated: set[str]) -> None:
+        net.configure(updated)
         if not any(k.startswith("cli_") for k in updated):
             return
         s = options.settings_from(ctx.options)
@@ -110,9 +114,8 @@ class Cli:
         meta = record(flow)
         meta["local"] = "cli"
         meta["backend"] = "cli"
-        peer = flow.client_conn.peername
         req.headers[INTERNAL_HEADER] = self._secret
-        req.headers[CLIENT_HEADER] = peer[0] if peer else "-"
+        req.headers[CLIENT_HEADER] = net.client_ip(flow) or "-"
         req.headers[REQUEST_ID_HEADER] = errors.request_id(flow)
         req.scheme = "http"
         req.host, req.port = self.listen_addrs[0]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -31,17 +30,6 @@ PATH = "/cli/execute"
 INTERNAL_HEADER = "X-Waypost-Cli-Internal"
 CLIENT_HEADER = "X-Waypost-Cli-Client"
 REQUEST_ID_HEADER = "X-Waypost-Cli-Request-Id"
-
-
-def error_response(
-    code: str, message: str, rid: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        status=errors.STATUS[code],
-        body=errors.body(code, message, rid),
-        content_type="application/json",
-        headers={"X-Request-ID": rid, "Cache-Control": "no-store", **(headers or {})},
-    )
 
 
 def _stream_headers(content_type: str, rid: str) -> dict[str, str]:
@@ -87,32 +75,31 @@ class Endpoint:
     async def internal(self, request: web.Request) -> web.StreamResponse:
         secret = request.headers.get(INTERNAL_HEADER, "")
         if not hmac.compare_digest(secret.encode("utf-8", "surrogateescape"), self.secret.encode()):
-            return error_response("NOT_FOUND", "Not found.", errors.new_request_id())
+            return errors.web_error("NOT_FOUND", "Not found.")
         client = request.headers.get(CLIENT_HEADER, "-")
         rid = request.headers.get(REQUEST_ID_HEADER) or errors.new_request_id()
         return await self.execute(request, client, rid)
 
     async def direct(self, request: web.Request) -> web.StreamResponse:
-        incoming = request.headers.get("X-Request-ID", "")
-        rid = incoming if errors._VALID_REQUEST_ID.fullmatch(incoming) else errors.new_request_id()
+        rid = errors.incoming_request_id(request.headers.get("X-Request-ID"))
         return await self.execute(request, request.remote or "-", rid)
 
     async def execute(self, request: web.Request, client: str, rid: str) -> web.StreamResponse:
         s = self.settings
         if not s.active:
-            return error_response("NOT_FOUND", "The CLI endpoint is off.", rid)
+            return errors.web_error("NOT_FOUND", "The CLI endpoint is off.", rid)
         auth = bearer_status(request.headers.get("Authorization"), s.token)
         if auth != 200:
             STATS.count("_none", "unauthorized")
             if auth == 401:
-                return error_response("UNAUTHORIZED", "Missing or malformed bearer token.", rid,
-                                      {"WWW-Authenticate": "Bearer"})  # fmt: skip
+                return errors.web_error("UNAUTHORIZED", "Missing or malformed bearer token.", rid,
+                                        {"WWW-Authenticate": "Bearer"})  # fmt: skip
             policy.decide("cli", "token", client, decision="block", request_id=rid)
-            return error_response("ACCESS_DENIED", "Wrong bearer token.", rid)
+            return errors.web_error("ACCESS_DENIED", "Wrong bearer token.", rid)
         if request.method != "POST":
-            return error_response("METHOD_NOT_ALLOWED", "Use POST.", rid, {"Allow": "POST"})
+            return errors.web_error("METHOD_NOT_ALLOWED", "Use POST.", rid, {"Allow": "POST"})
         if request.content_type != "application/json":
-            return error_response(
+            return errors.web_error(
                 "UNSUPPORTED_MEDIA_TYPE", "The body must be application/json.", rid
             )
         try:
@@ -122,12 +109,12 @@ class Endpoint:
             if r.code == "COMMAND_NOT_ALLOWED":
                 policy.decide("cli", r.rule, client, decision="block", request_id=rid,
                               command=r.command)  # fmt: skip
-            return error_response(r.code, r.message, rid)
+            return errors.web_error(r.code, r.message, rid)
         if self.in_flight >= s.max_concurrent:
             STATS.count(plan.path, "rate_limited")
-            return error_response("RATE_LIMITED",
-                                  f"{s.max_concurrent} commands are running; retry later.",
-                                  rid, {"Retry-After": "1"})  # fmt: skip
+            return errors.web_error("RATE_LIMITED",
+                                    f"{s.max_concurrent} commands are running; retry later.",
+                                    rid, {"Retry-After": "1"})  # fmt: skip
         self.in_flight += 1
         STATS.in_flight += 1
         # _run releases the slot once the process group is gone.

@@ -9,22 +9,19 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import socket
 from collections.abc import Iterable
 from typing import Any
 
+from addons.kernel.net import parse_ip
+
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
-def _ip(host: str) -> str:
-    try:
-        addr = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return host.lower()
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return str(addr)
+def _canonical(host: str) -> str:
+    """An address as `parse_ip` writes it (`[::ffff:127.0.0.1]` is 127.0.0.1), else the name."""
+    ip = parse_ip(host)
+    return host.lower() if ip is None else str(ip)
 
 
 def addressed_to_proxy(
@@ -38,11 +35,15 @@ def addressed_to_proxy(
     True when host:port is the address the client connected to, or a loopback name / listen
     address of ours with one of our listen ports.
     """
-    host = _ip(host)
-    if sockname and port == sockname[1] and (host in LOOPBACK_NAMES or host == _ip(sockname[0])):
+    host = _canonical(host)
+    if (
+        sockname
+        and port == sockname[1]
+        and (host in LOOPBACK_NAMES or host == _canonical(sockname[0]))
+    ):
         return True
     for lhost, lport, *_ in listen_addrs:
-        if port == lport and (host in LOOPBACK_NAMES or host == _ip(lhost)):
+        if port == lport and (host in LOOPBACK_NAMES or host == _canonical(lhost)):
             return True
     return False
 

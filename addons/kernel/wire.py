@@ -32,7 +32,8 @@ limits change. Everything here runs before a flow exists, so no hook could do it
 
 The refusals are written by mitmproxy's own `_http1.make_error_response`, which
 `addons/errors.py` makes Waypost's JSON error (`install_error_page`; hygiene installs both),
-with `Connection: close`.
+with `Connection: close`. Each refusal is logged with `rule=` and the peer's IP
+(`kernel.net.peer_ip`, the address every other log line names the client by).
 
 Patched through `addons/kernel/patching.py`, so only on the mitmproxy versions it lists; on any
 other `install()` logs a WARNING that the wire guards are not active and leaves mitmproxy
@@ -59,6 +60,7 @@ from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import RequestProtocolError
 
 from addons.kernel import patching
+from addons.kernel.net import peer_ip
 
 try:  # mitmproxy 12: protocol errors carry an ErrorCode; 11: an HTTP status.
     from mitmproxy.proxy.layers.http._events import ErrorCode
@@ -82,16 +84,6 @@ class WireLimits:
 
 
 _limits = WireLimits()  # one per process: this module is imported once
-
-
-def error_bytes(status: int, message: str) -> bytes:
-    """mitmproxy's HTTP/1 error page for `status` (Waypost's JSON once errors.py patched it)."""
-    return _http1.make_error_response(status, message)
-
-
-def _peer(conn: Any) -> str:
-    peer = getattr(conn, "peername", None)
-    return f"{peer[0]}:{peer[1]}" if peer else "?"
 
 
 class LimitedChunkedReader(ChunkedReader):
@@ -198,7 +190,7 @@ def _set_reader(self: Any, reader: Any) -> None:
 
 def _refuse(self: Any, status: int, message: str) -> Gen:
     if self.conn.state & ConnectionState.CAN_WRITE:
-        yield commands.SendData(self.conn, error_bytes(status, message))
+        yield commands.SendData(self.conn, _http1.make_error_response(status, message))
     yield commands.CloseConnection(self.conn)
     self.state = self.done
     self._wp_deadline = None
@@ -216,7 +208,9 @@ def _server_read_headers(self: Any, event: events.Event) -> Gen:
             return
         # h11 consumed one leading empty line and stopped (RFC 9112 §2.2: ignore it).
         event = events.DataReceived(self.conn, b"")
-    log.warning("rule=empty_lines peer=%s: too many empty lines before a request", _peer(self.conn))
+    log.warning(
+        "rule=empty_lines peer=%s: too many empty lines before a request", peer_ip(self.conn)
+    )
     yield from _refuse(self, 400, "Too many empty lines before the request line.")
 
 
@@ -231,7 +225,7 @@ def _server_handle_event(self: Any, event: events.Event) -> Gen:
         if lim.max_head is not None and len(self.buf) > lim.max_head:
             log.warning(
                 "rule=max_header_size peer=%s: request head over %d bytes",
-                _peer(self.conn),
+                peer_ip(self.conn),
                 lim.max_head,
             )
             yield from _refuse(self, 431, f"The request head exceeds {lim.max_head} bytes.")
@@ -254,7 +248,7 @@ def _server_handle_event(self: Any, event: events.Event) -> Gen:
     self._wp_deadline = None
     if state == self.wait:
         if lim.max_head is not None and len(self.buf) > lim.max_head:
-            log.warning("rule=max_pipelined peer=%s: pipelined data over limit", _peer(self.conn))
+            log.warning("rule=max_pipelined peer=%s: pipelined data over limit", peer_ip(self.conn))
             if self.response is None:
                 yield from _refuse(self, 431, f"Pipelined data exceeds {lim.max_head} bytes.")
             else:
@@ -263,22 +257,22 @@ def _server_handle_event(self: Any, event: events.Event) -> Gen:
     elif state == self.read_body:
         reader = self.__dict__.get("body_reader")
         if isinstance(reader, LimitedChunkedReader) and reader.malformed is not None:
-            log.warning("rule=chunked_framing peer=%s: %s", _peer(self.conn), reader.malformed)
+            log.warning("rule=chunked_framing peer=%s: %s", peer_ip(self.conn), reader.malformed)
             if self.response is None:
                 # read_body has yielded CloseConnection already; the client's writer is still
                 # open until the connection task unwinds, so these bytes go out first.
                 message = f"Malformed chunked request body: {reader.malformed}"
-                yield commands.SendData(self.conn, error_bytes(400, message))
+                yield commands.SendData(self.conn, _http1.make_error_response(400, message))
             self.state = self.done
         elif isinstance(reader, LimitedChunkedReader) and reader.over:
             log.warning(
                 "rule=max_body_size peer=%s: chunked request body over %s bytes",
-                _peer(self.conn),
+                peer_ip(self.conn),
                 reader.limit,
             )
             message = f"The request body exceeds the limit of {reader.limit} bytes."
             if self.response is None and self.conn.state & ConnectionState.CAN_WRITE:
-                yield commands.SendData(self.conn, error_bytes(413, message))
+                yield commands.SendData(self.conn, _http1.make_error_response(413, message))
             yield commands.CloseConnection(self.conn)
             self.state = self.done
             yield ReceiveHttp(RequestProtocolError(self.stream_id, message, _TOO_LARGE))
@@ -296,7 +290,7 @@ def _on_wakeup(self: Any, lim: WireLimits) -> Gen:
         return
     log.warning(
         "rule=header_timeout peer=%s: no complete request head within %gs (%d bytes received)",
-        _peer(self.conn),
+        peer_ip(self.conn),
         lim.header_timeout,
         len(self.buf),
     )
@@ -332,10 +326,10 @@ def _first_data_timeout(self: Any, child: layer.NextLayer, timeout: float) -> Ge
     if child.layer is not None or not client.state & ConnectionState.CAN_WRITE:
         return
     log.warning(
-        "rule=header_timeout peer=%s: no request within %gs of connecting", _peer(client), timeout
+        "rule=header_timeout peer=%s: no request within %gs of connecting", peer_ip(client), timeout
     )
     yield commands.SendData(
-        client, error_bytes(408, f"No request was received within {timeout:g}s.")
+        client, _http1.make_error_response(408, f"No request was received within {timeout:g}s.")
     )
     yield commands.CloseConnection(client)
 

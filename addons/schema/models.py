@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from addons.kernel import tls as certfiles
 from addons.kernel.units import parse_size
 from addons.schema.fields import Duration, Env, Method, Port, Section, Size
 from addons.schema.routes import CircuitBreaker, HealthChecks, Routing
@@ -32,8 +33,9 @@ class Timeouts(Section):
 class Tls(Section):
     """The certificate reverse listeners serve to TLS clients (addons/tlslistener.py).
 
-    The files are checked here too (readable, PEM, the key belongs to the certificate), so
-    validate-config and a reload point at the line of the file that is wrong.
+    The files are checked here too (`addons/kernel/tls.py`: readable, PEM, the key belongs to
+    the certificate), so validate-config and a reload point at the line of the file that is
+    wrong.
     """
 
     cert: str | None = None
@@ -44,24 +46,23 @@ class Tls(Section):
     @classmethod
     def _cert(cls, v: str | None) -> str | None:
         if v:
-            _tls().load_certificates(v, "cert")
+            certfiles.load_certificates(v, "cert")
         return v
 
     @field_validator("key")
     @classmethod
     def _key(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v:
-            tls = _tls()
-            tls.load_private_key(v)
+            certfiles.load_private_key(v)
             if info.data.get("cert"):
-                tls.load_keypair(info.data["cert"], v)
+                certfiles.load_keypair(info.data["cert"], v)
         return v
 
     @field_validator("chain")
     @classmethod
     def _chain(cls, v: str | None) -> str | None:
         if v:
-            _tls().load_certificates(v, "chain")
+            certfiles.load_certificates(v, "chain")
         return v
 
     @model_validator(mode="after")
@@ -69,13 +70,6 @@ class Tls(Section):
         if (self.cert or self.key or self.chain) and not (self.cert and self.key):
             raise ValueError("a TLS listener needs both cert and key")
         return self
-
-
-def _tls() -> Any:
-    # Imported when used: it pulls in OpenSSL, which profiles without TLS never need.
-    from addons import tlslistener
-
-    return tlslistener
 
 
 class Server(Section):

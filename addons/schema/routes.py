@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, Field, model_validator
 
+from addons.kernel import hosts
 from addons.schema.fields import Duration, Method, Port, Section
 
 _ROUTE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
@@ -48,11 +49,8 @@ def _methods(value: Any) -> Any:
 
 
 def _host_pattern(value: Any) -> str:
-    text = str(value).strip().lower().rstrip(".")
-    body = text[2:] if text.startswith("*.") else text
-    if text != "*" and (not body or "*" in body or "/" in body or " " in body):
-        raise ValueError("a host is a name (api.example.com), *.example.com or *")
-    return text
+    """The router's grammar (`kernel.hosts`, with `*`), normalised as the router keys it."""
+    return str(hosts.parse_pattern(str(value), star=True))
 
 
 def _path_pattern(value: Any) -> str:

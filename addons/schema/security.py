@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
+from addons.kernel import hosts
 from addons.schema.fields import Duration, Env, Network, PortSpec, Section
 
 
@@ -43,8 +44,8 @@ class RateLimitRule(Section):
     @field_validator("host")
     @classmethod
     def _host(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"(\*\.)?[A-Za-z0-9_.-]+", v):
-            raise ValueError("a host name, or *.example.com for every subdomain")
+        if v is not None:
+            hosts.parse_pattern(v)  # the rate limiter's grammar: a name, *.domain or an IP
         return v
 
     @field_validator("path")

@@ -14,7 +14,7 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow
 
 from addons.clirun import addon as cli
-from addons.clirun.endpoint import INTERNAL_HEADER
+from addons.clirun.endpoint import CLIENT_HEADER, INTERNAL_HEADER
 from addons.clirun.options import parse_commands, parse_rules
 from addons.clirun.plan import (
     SAFE_PATH,
@@ -289,6 +289,36 @@ def test_requestheaders_reroutes_only_its_own_path_addressed_to_the_proxy() -> N
         f.client_conn.sockname = ("127.0.0.1", 8080)
         f.request.host, f.request.port, f.request.path = "127.0.0.1", 8080, "/cli/execute"
         assert not _marked(addon, f)
+
+
+@pytest.mark.parametrize(
+    "peer, xff, client",
+    [
+        ("10.1.2.3", None, "10.1.2.3"),
+        ("::ffff:10.1.2.3", None, "10.1.2.3"),  # IPv4-mapped: the client IP every log names
+        ("10.0.0.5", "203.0.113.9", "203.0.113.9"),  # behind a trusted proxy: the forwarded one
+        ("10.1.2.3", "203.0.113.9", "10.1.2.3"),  # an untrusted peer's header is not believed
+    ],
+)
+def test_reroute_names_the_client_ip(peer: str, xff: str | None, client: str) -> None:
+    addon = cli.Cli()
+    with taddons.context(addon) as tctx:
+        tctx.configure(
+            addon,
+            cli_enabled=True,
+            cli_token="t",
+            cli_allowed_commands=["/bin/echo"],
+            forwarding_trusted_proxies=["10.0.0.5/32"],
+        )
+        addon.listen_addrs = [("127.0.0.1", 4321)]
+        f = tflow.tflow()
+        f.client_conn.peername = (peer, 50000)
+        f.client_conn.sockname = ("127.0.0.1", 8080)
+        f.request.host, f.request.port, f.request.path = "127.0.0.1", 8080, "/cli/execute"
+        if xff is not None:
+            f.request.headers["X-Forwarded-For"] = xff
+        assert _marked(addon, f)
+        assert f.request.headers[CLIENT_HEADER] == client
 
 
 # --- egress lets exactly the marked flows through ---------------------------------------------

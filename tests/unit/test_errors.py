@@ -246,3 +246,45 @@ def test_make_error_response_json_for_client_errors() -> None:
         assert _page(_http1.make_error_response(502, "upstream")) == (502, "BACKEND_UNREACHABLE")
     finally:
         errors.uninstall_error_page("test_errors")
+
+
+@pytest.mark.parametrize(
+    "status, code",
+    [
+        (400, "BAD_REQUEST"),
+        (401, "UNAUTHORIZED"),
+        (403, "ACCESS_DENIED"),  # the first of the 403 codes
+        (413, "PAYLOAD_TOO_LARGE"),
+        (422, "CONFIG_INVALID"),
+        (503, "CIRCUIT_OPEN"),
+        (418, None),
+    ],
+)
+def test_code_of_reads_the_one_table_backwards(status: int, code: str | None) -> None:
+    assert errors.code_of(status) == code
+
+
+def test_web_error_is_the_same_body_as_an_aiohttp_response() -> None:
+    resp = errors.web_error("METHOD_NOT_ALLOWED", "Use GET.", "rid-1", {"Allow": "GET"})
+    assert resp.status == 405 and resp.content_type == "application/json"
+    assert resp.headers["X-Request-ID"] == "rid-1" and resp.headers["Allow"] == "GET"
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert resp.body is not None
+    err = json.loads(bytes(resp.body))["error"]
+    assert (err["code"], err["message"], err["request_id"]) == (
+        "METHOD_NOT_ALLOWED",
+        "Use GET.",
+        "rid-1",
+    )
+    fresh = errors.web_error("CONFIG_INVALID", "bad", status=409)
+    assert fresh.status == 409 and uuid.UUID(fresh.headers["X-Request-ID"])
+
+
+def test_error_page_of_a_flow_uses_its_request_id_and_timers() -> None:
+    f = tflow.tflow()
+    f.request.headers["X-Request-ID"] = "rid-7"
+    record(f)["timed_out"] = "read_timeout"
+    head, _, body = errors.error_page(502, "server closed connection", f).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 504 ")
+    err = json.loads(body)["error"]
+    assert (err["code"], err["request_id"]) == ("BACKEND_TIMEOUT", "rid-7")

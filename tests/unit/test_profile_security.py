@@ -91,6 +91,21 @@ def test_rate_limit_rps_env(tmp_path: Path) -> None:
             "      - {id: x, host: b, requests_per_second: 1}\n",
             "rule ids must be unique",
         ),
+        (
+            "security:\n  rate_limiting:\n    rules:\n"
+            "      - {id: x, host: 'a..b', requests_per_second: 1}\n",
+            "p.yaml:4: security.rate_limiting.rules.0.host: 'a..b' is not a host pattern",
+        ),
+        (
+            "security:\n  rate_limiting:\n    rules:\n"
+            "      - {id: x, host: 'api.example.com:8080', requests_per_second: 1}\n",
+            "p.yaml:4: security.rate_limiting.rules.0.host:",
+        ),
+        (  # the rate limiter has no `*` rule host: the default limit is that
+            "security:\n  rate_limiting:\n    rules:\n"
+            "      - {id: x, host: '*', requests_per_second: 1}\n",
+            "p.yaml:4: security.rate_limiting.rules.0.host:",
+        ),
         ("security: {rate_limiting: {requests_per_second: -1}}", "requests_per_second"),
         ("security: {rate_limiting: {max_clients: 0}}", "max_clients"),
         ("security: {headers: {hsts: includeSubDomains}}", "max-age"),
@@ -101,6 +116,26 @@ def test_errors_name_the_line(tmp_path: Path, text: str, fragment: str) -> None:
     with pytest.raises(schema.ProfileError) as e:
         load(tmp_path, text)
     assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "host, key",
+    [
+        ("*.Bücher.example", "shop.xn--bcher-kva.example"),
+        ("API.example.com.", "api.example.com"),
+        ("10.0.0.1", "10.0.0.1"),
+    ],
+)
+def test_rule_hosts_the_profile_accepts_the_rate_limiter_accepts(
+    tmp_path: Path, host: str, key: str
+) -> None:
+    text = (
+        "security:\n  rate_limiting:\n    rules:\n"
+        f"      - {{id: x, host: '{host}', requests_per_second: 1}}\n"
+    )
+    opts = schema.to_options(load(tmp_path, text).profile)
+    (rule,) = ratelimit.parse_rules(opts["ratelimit_rules"], "enforce")
+    assert ratelimit.match([rule], key, "/") is rule
 
 
 def test_bundle_addons_accept_the_profile_options(tmp_path: Path) -> None:

@@ -292,3 +292,46 @@ routing:
     with taddons.context(r) as tctx:
         tctx.configure(r, routing_rules=opts["routing_rules"])
         assert [b.name for b in r.routes[0].pool.backends] == ["10.0.0.1:8080", "10.0.0.2:80"]
+
+
+# Route hosts: the profile checks them with the router's own grammar (kernel.hosts), so a host
+# the profile accepts is one the router compiles, and a bad one is reported at its line.
+@pytest.mark.parametrize(
+    "host, key",
+    [
+        ("*", "anything.example"),
+        ("*.Bücher.example", "shop.xn--bcher-kva.example"),
+        ("API.example.com.", "api.example.com"),
+        ("10.0.0.1", "10.0.0.1"),
+        ("[2001:db8::1]", "2001:db8::1"),
+    ],
+)
+def test_profile_route_hosts_are_the_routers(tmp_path: Path, host: str, key: str) -> None:
+    text = f"""\
+routing:
+  rules:
+    - match: {{host: "{host}"}}
+      forward: {{target: "http://10.0.0.9"}}
+"""
+    opts = schema.to_options(schema.load(write(tmp_path, text), {}).profile)
+    r = Router()
+    with taddons.context(r) as tctx:
+        tctx.configure(r, routing_rules=opts["routing_rules"])
+        assert r.routes[0].matcher.matches("GET", key, "/", {})
+
+
+@pytest.mark.parametrize(
+    "host", ["api.example.com:8080", "a*.example.com", "*.*.example.com", "exa mple.com", "a..b"]
+)
+def test_profile_route_host_errors_carry_their_line(tmp_path: Path, host: str) -> None:
+    text = f"""\
+routing:
+  rules:
+    - match: {{host: "{host}"}}
+      forward: {{target: "http://10.0.0.9"}}
+"""
+    with pytest.raises(schema.ProfileError) as e:
+        schema.load(write(tmp_path, text), {})
+    (problem,) = e.value.problems
+    assert ":3: routing.rules.0.match.host: " in problem
+    assert "is not a host pattern" in problem

@@ -1,4 +1,5 @@
-"""TLS listener: certificate/key checks, ALPN choice, the profile section, the addon's hooks."""
+"""TLS listener: certificate/key checks (addons/kernel/tls.py), ALPN choice, the profile
+section, the addon's hooks."""
 
 from __future__ import annotations
 
@@ -15,14 +16,8 @@ from mitmproxy.test import taddons
 from OpenSSL import SSL
 
 from addons import schema
-from addons.tlslistener import (
-    KeypairError,
-    TlsListener,
-    load_keypair,
-    make_context,
-    select_alpn,
-    validity_problem,
-)
+from addons.kernel.tls import KeypairError, load_keypair, validity_problem
+from addons.tlslistener import TlsListener, make_context, select_alpn
 
 
 @pytest.fixture(scope="module")

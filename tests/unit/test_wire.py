@@ -228,8 +228,8 @@ def test_limited_chunked_reader_limit() -> None:
         (431, "HEADERS_TOO_LARGE"),
     ],
 )
-def test_error_bytes(status: int, code: str) -> None:
-    raw = wire.error_bytes(status, "nope")
+def test_error_page(status: int, code: str) -> None:
+    raw = _http1.make_error_response(status, "nope")
     assert _status(raw) == (status, code)
     assert b"connection: close" in raw.lower()
 
