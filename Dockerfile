@@ -2,8 +2,8 @@
 #   docker build -t waypost .
 #   docker run --init -p 8080:8080 -p 9090:9090 waypost [--set option=value ...]
 # Arguments after the image name go to mitmdump. The profile comes from WAYPOST_PROFILE
-# (default /app/profiles/prod.yaml; mount your own file over it or point the variable at it)
-# and the PRD environment variables (PROXY_PORT, LOG_LEVEL, ...) override it.
+# (default /app/profiles/prod.yaml; mount your own file over it or point the variable at it);
+# environment variables (PROXY_PORT, LOG_LEVEL, ...: docs/configuration.md) override it.
 # `--init` reaps the grandchildren of CLI commands; give `docker stop -t` more than the
 # profile's server.shutdown_timeout so in-flight requests can drain.
 
@@ -15,8 +15,9 @@ RUN python -m venv /opt/waypost
 WORKDIR /src
 COPY pyproject.toml ./
 COPY addons ./addons
-# mitmproxy 12 (the package allows 11 too); 12.3 pins h11 0.16, which has the CVE-2025-43859 fix.
-RUN /opt/waypost/bin/pip install --no-cache-dir . "mitmproxy>=12.3,<13" \
+# pyproject.toml pins mitmproxy exactly to the versions addons/kernel/patching.py checked: on
+# Python 3.12 that is 12.3.1, which pins h11 0.16 (the CVE-2025-43859 fix).
+RUN /opt/waypost/bin/pip install --no-cache-dir . \
     && /opt/waypost/bin/python -O -m compileall -q /opt/waypost/lib
 
 # --- runtime -------------------------------------------------------------------------------------

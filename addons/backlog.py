@@ -1,8 +1,8 @@
 """Backlog: a deeper listen queue for the proxy's TCP listeners.
 
 mitmproxy opens its listeners with asyncio's default backlog of 100. When many clients connect
-at once (1,000 measured, shared/performance-notes.md) the kernel drops thousands of SYNs and
-the clients wait out seconds of retransmission; a backlog of 4,096 removed the drops. Calling
+at once (1,000 measured, docs/performance.md) the kernel drops thousands of SYNs and the
+clients wait out seconds of retransmission; a backlog of 4,096 removed the drops. Calling
 listen() again on a listening socket only changes its queue length (Linux), so this wraps
 mitmproxy's `ServerInstance.start` and re-listens every TCP socket it opened, including
 listeners restarted later by a mode or listen-address change. The kernel caps the value at

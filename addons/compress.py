@@ -26,7 +26,7 @@ smaller ones inline, where the thread hop would cost more than the work.
 
 Encoded bodies are memoised by (coding, identity body) in an LRU of `compress_memo_size` bytes:
 a cache hit hands out the same body object each time, so its hash is computed once and a
-repeated hit costs a dictionary lookup instead of a compression (docs/compression.md has the
+repeated hit costs a dictionary lookup instead of a compression (docs/performance.md has the
 measurement). Identical bodies from the origin hit the memo too, after one hash of the body.
 
 Runs in `response`, after the cache (which stores the identity body it got from the origin and

@@ -2,7 +2,7 @@
 
 mitmproxy hands every event (requestheaders, request, response, ...) to every addon in its
 chain, about 36 built-ins in mitmdump, whether they implement the hook or not. Measured on
-mitmproxy 12 (shared/performance-notes.md): that dispatch is about 45% of the CPU per proxied
+mitmproxy 12 (py-spy; docs/performance.md): that dispatch is about 45% of the CPU per proxied
 request, and dropping the built-ins a policy proxy does not use made bare mitmdump 1.33x faster.
 This addon removes a built-in only while its options leave it nothing to do (map_remote
 empty, flow_detail 0, no reverse mode for updatealtsvc, ...), and puts it back (at the end of

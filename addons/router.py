@@ -27,7 +27,7 @@ Hooks:
 - `egress_exempt(client, address)`: asked by the egress addon for operator-configured backends.
 
 Options (flat; a profile's `routing`, `health_checks`, `circuit_breaker` sections set them):
-`routing_rules` (JSON list of rules, see README), `routing_default_backend`,
+`routing_rules` (JSON list of rules, see docs/routing.md), `routing_default_backend`,
 `router_retries_{max_attempts,backoff,max_backoff,budget_percent,budget_min}`,
 `router_health_checks_{enabled,interval,timeout,path,unhealthy_threshold,healthy_threshold}`,
 `router_circuit_breaker_{enabled,failure_threshold,timeout,success_threshold}`.

@@ -1,17 +1,17 @@
 """What compressing a response costs and saves, per algorithm, level and body size.
 
-    scripts/compress-cost                    # the table for the README (generated corpus)
+    scripts/compress-cost                    # the table in docs/performance.md (generated corpus)
     scripts/compress-cost --files a.html b.js --sizes 10240,102400
 
 The corpus is generated (seeded, so every run compresses the same bytes): an HTML product
 listing page, a JSON API answer, and prose, each from a vocabulary of a few thousand
 pseudo-words drawn with Zipf-like frequencies, ids, prices, timestamps and UUIDs, so it
-compresses about like real pages (compare with `--files` on real ones; the README has both).
-Each body is cut to the exact size. Reported per (kind, size, algorithm, level): the median
-CPU time of one compression in microseconds (the thread's CPU clock, repeated until ~30 ms of
-work per cell) and the bytes saved in percent. CPU time rather than wall time, so other work on
-a shared machine does not count; caches shared with that work still make it somewhat noisy.
-The savings are exact.
+compresses about like real pages (compare with `--files` on real ones; docs/performance.md has
+both). Each body is cut to the exact size. Reported per (kind, size, algorithm, level): the
+median CPU time of one compression in microseconds (the thread's CPU clock, repeated until ~30
+ms of work per cell) and the bytes saved in percent. CPU time rather than wall time, so other
+work on a shared machine does not count; caches shared with that work still make it somewhat
+noisy. The savings are exact.
 
 Also reported: the cost of one `asyncio.to_thread` round trip, which is what moving a body off
 the event loop adds, so the off-loop threshold can be read from the same run.

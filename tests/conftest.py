@@ -26,6 +26,8 @@ MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
 # Forward mode logs "HTTP(S) proxy listening at ...", reverse mode "Reverse proxy to URL listening at".
 _LISTENING = re.compile(r"(?i)proxy (?:to \S+ )?listening at \*?\[?([0-9a-f.:]+?)\]?:(\d+)")
 MANAGEMENT = re.compile(r"management (?:app )?listening at https?://[0-9.]+:(\d+)")
+# A profile's reverse listener: mitmproxy 12 logs the command line's listener before it.
+REVERSE = re.compile(r"(?i)reverse proxy to \S+ listening at \*?\[?([0-9a-f.:]+?)\]?:(\d+)")
 
 T = TypeVar("T")
 

@@ -108,7 +108,7 @@ STATE_VALUE: dict[str, int] = {"closed": 0, "open": 1, "half_open": 2}
 
 @dataclass
 class Breaker:
-    """Per-backend circuit breaker (PRD §5.3.2).
+    """Per-backend circuit breaker.
 
     closed: requests pass; `failure_threshold` consecutive failures open it.
     open: requests are refused until `timeout` has passed, then it is half-open.

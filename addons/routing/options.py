@@ -22,7 +22,7 @@ from addons.schema import RouteRule
 RULES = TypeAdapter(list[RouteRule])
 
 OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
-    ("routing_rules", str, "[]", 'Routing rules as a JSON list, first match wins, e.g. [{"name": "api", "match": {"host": "api.example.com", "path": "/v1"}, "forward": {"backends": [{"url": "http://10.0.0.5:8080", "weight": 2}], "strip_prefix": "/v1"}}]; see the README for every field.'),
+    ("routing_rules", str, "[]", 'Routing rules as a JSON list, first match wins, e.g. [{"name": "api", "match": {"host": "api.example.com", "path": "/v1"}, "forward": {"backends": [{"url": "http://10.0.0.5:8080", "weight": 2}], "strip_prefix": "/v1"}}]; see docs/routing.md for every field.'),
     ("routing_default_backend", str, "", "Backend URL (http://host:port) for requests on a reverse listener that match no rule; empty: such requests get 404 NOT_FOUND."),
     ("router_retries_max_attempts", int, 3, "Attempts per request (the first included) when connecting to a backend fails; idempotent methods only."),
     ("router_retries_backoff", str, "25ms", "Base delay before a retry; doubles per attempt, full jitter."),

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import threading
 from pathlib import Path
 from typing import Any
 
 import yaml
 from aiohttp import web
-
-REVERSE = re.compile(r"(?i)reverse proxy to \S+ listening at \*?\[?([0-9a-f.:]+?)\]?:(\d+)")
-MANAGEMENT = re.compile(r"management (?:app )?listening at https?://[0-9.]+:(\d+)")
 
 
 class NamedBackend:

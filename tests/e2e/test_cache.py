@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import MANAGEMENT, Backend, Proxy, start_proxy, wait_until
+from tests.conftest import MANAGEMENT, REVERSE, Backend, Proxy, start_proxy, wait_until
 from tests.e2e.cache_helpers import FlakyOrigin, Origin, http_date, start_origin
-from tests.e2e.router_helpers import REVERSE, NamedBackend, write_profile
+from tests.e2e.router_helpers import NamedBackend, write_profile
 
 Get = Callable[..., httpx.Response]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -13,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Proxy, ThreadedServer
-from tests.e2e.router_helpers import MANAGEMENT, REVERSE, NamedBackend, write_profile
+from tests.conftest import MANAGEMENT, REVERSE, Proxy, ThreadedServer, read_head
+from tests.e2e.router_helpers import NamedBackend, write_profile
 
 TIMEOUT = httpx.Timeout(10.0)
 
@@ -332,17 +333,8 @@ class Closer(ThreadedServer):
     """Reads a request head, then closes the connection without a response byte."""
 
     def handle(self, conn: socket.socket) -> None:
-        conn.settimeout(5)
-        with conn:
-            buf = b""
-            try:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-            except OSError:
-                return
+        with conn, contextlib.suppress(OSError):
+            read_head(conn)
 
 
 def test_connection_closed_before_any_response_byte_is_retried_for_gets_only(
