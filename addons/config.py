@@ -38,7 +38,7 @@ _LISTEN = {"listen_host", "listen_port", "mode"}
 class Config:
     def __init__(self) -> None:
         self.loaded = False
-        self.error: str | None = None
+        self.reload_error: str | None = None
         self.current: schema.Loaded | None = None
         self._applied: dict[str, Any] = {}
         self._mtime: float | None = None
@@ -64,7 +64,7 @@ class Config:
         try:
             loaded = schema.load(path, os.environ)
         except schema.ProfileError as e:
-            self.error = str(e)
+            self.reload_error = str(e)
             raise exceptions.OptionsError(str(e)) from None
         self._apply(loaded)
         self._mtime = _mtime(path)
@@ -125,7 +125,7 @@ class Config:
 
     def _refused(self, why: str) -> tuple[bool, str]:
         # WARNING, not ERROR: at startup an ERROR makes mitmdump exit, and this is recoverable.
-        self.error = why
+        self.reload_error = why
         log.warning("profile reload refused, keeping the running config: %s", why)
         return False, why
 
@@ -161,7 +161,7 @@ class Config:
         self._applied = updates
         self.current = loaded
         self.loaded = True
-        self.error = None
+        self.reload_error = None
 
     def _rebind_listeners(self) -> None:
         """Make a changed listen_host/listen_port/mode take effect: proxyserver only rebinds

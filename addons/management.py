@@ -274,7 +274,7 @@ class Management:
             cfg = ctx.master.addons.get("config")
             config = None
             if cfg is not None:
-                config = (bool(getattr(cfg, "loaded", False)), getattr(cfg, "error", None))
+                config = (bool(getattr(cfg, "loaded", False)), getattr(cfg, "reload_error", None))
             ok, checks = readiness(addrs, config)
             for name, check in self._readiness_checks():
                 checks[name] = check

@@ -45,7 +45,7 @@ def test_profile_becomes_options(tmp_path: Path) -> None:
         tctx.configure(cfg, waypost_profile=path)
         assert ctx.options.limits_max_url_length == 100
         assert list(ctx.options.egress_connect_ports) == ["443", "8443"]
-        assert cfg.loaded and cfg.error is None
+        assert cfg.loaded and cfg.reload_error is None
 
 
 def test_command_line_beats_environment_beats_profile(
@@ -117,7 +117,7 @@ def test_reload_swaps_or_keeps_the_old_config(tmp_path: Path) -> None:
         ok, why = cfg.reload()
         assert not ok and "max_url_length" in why
         assert ctx.options.limits_max_url_length == 200
-        assert cfg.error == why
+        assert cfg.reload_error == why
 
         # valid YAML, refused by an addon: mitmproxy rolls every option back
         Path(path).write_text("server: {port: 1234}\nlimits: {max_url_length: 1}\n")
@@ -127,7 +127,7 @@ def test_reload_swaps_or_keeps_the_old_config(tmp_path: Path) -> None:
         assert ctx.options.listen_port == 8080
 
         Path(path).write_text("limits: {max_url_length: 300}\n")
-        assert cfg.reload()[0] and cfg.error is None
+        assert cfg.reload()[0] and cfg.reload_error is None
         assert ctx.options.limits_max_url_length == 300
 
 
@@ -140,3 +140,20 @@ def test_reload_respects_later_manual_changes(tmp_path: Path) -> None:
         Path(path).write_text("limits: {max_url_length: 200}\n")
         assert cfg.reload()[0]
         assert ctx.options.limits_max_url_length == 42
+
+
+def test_no_addon_attribute_shadows_a_hook(tmp_path: Path) -> None:
+    """mitmproxy calls every attribute named like a hook: a refused reload once left its reason
+    in Config.error, and every failed flow then logged "Addon handler error ... not callable"."""
+    from mitmproxy import hooks
+
+    from addons import bundle
+
+    cfg = Config()
+    with taddons.context(cfg) as tctx:
+        path = write(tmp_path, "server: {port: 8081}\n")
+        tctx.configure(cfg, waypost_profile=path)
+        Path(path).write_text("server: {port: nope}\n")
+        assert not cfg.reload()[0]
+    for addon in [cfg, *bundle.addons]:
+        assert set(vars(addon)) & set(hooks.all_hooks) == set(), type(addon).__name__
