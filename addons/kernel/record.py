@@ -22,8 +22,8 @@ class Record(TypedDict, total=False):
     # Written by errors.request_id (a valid incoming X-Request-ID, else a new UUID), the first
     # time anyone asks; read back through errors.request_id by error bodies, logs, the CLI.
     request_id: str
-    # The client's IP behind trusted proxies. Written by forwarding (its hook and
-    # flow_client_ip, used by acl and ratelimit before it runs); read by the access log.
+    # The client's IP, behind trusted proxies the forwarded one. Written by kernel.net.client_ip
+    # the first time any addon asks (acl, ratelimit, forwarding, ...); read by the access log.
     client_ip: str
     # The proxy answers this flow itself: "health" (management: /health/* on the proxy port) or
     # "cli" (the CLI rerouted /cli/execute to its own listener). Read by metrics (not counted),
