@@ -1,7 +1,7 @@
 """An RFC 9111 shared HTTP cache in memory: hits answered in `request`, stores in `response`.
 
 The code is the package `addons/caching/` (its `__init__` lists the modules); this entry lets
-`mitmdump -s addons/cache.py` load the cache alone. Key (PRD §4.4.1): SHA-256 over method,
+`mitmdump -s addons/cache.py` load the cache alone. Key: SHA-256 over method,
 normalised URL and the Vary fields' request values. Eligible: GET and HEAD, by the router's
 per-route setting, else `cache_patterns`. Headers: `X-Cache-Status` (HIT, MISS, STALE,
 REVALIDATED, BYPASS, EXPIRED), RFC 9211 `Cache-Status`, `Age`.

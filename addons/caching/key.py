@@ -1,6 +1,6 @@
 """Cache keys and eligibility (pure): what a request is looked up and stored under.
 
-- Key (PRD §4.4.1): SHA-256 over the method, the normalised URL (scheme and host lower case,
+- Key: SHA-256 over the method, the normalised URL (scheme and host lower case,
   default port dropped, percent-encoding normalised, query parameters sorted) and the
   request's values of the fields the response's `Vary` names.
 - Eligibility globs (`cache_patterns`, purge patterns) match the whole URL, its host or its
@@ -32,7 +32,7 @@ def _pct(m: re.Match[str]) -> str:
 def normalise_target(target: str) -> str:
     """Path and query of a request target, normalised: percent-encoding of unreserved
     characters decoded and the rest upper-cased (RFC 3986 §6.2.2), query parameters sorted
-    (PRD §4.4.1), empty parameters dropped."""
+    and empty parameters dropped."""
     path, sep, query = target.partition("?")
     path = _PCT.sub(_pct, path) or "/"
     if not sep:

@@ -1,4 +1,4 @@
-"""Environment variables that override profile keys (PRD §8.2).
+"""Environment variables that override profile keys.
 
 The table is derived from the schema: a field marked `Annotated[..., Env("PROXY_PORT")]` is
 overridden by `PROXY_PORT`. The variables are merged into the raw profile before validation,

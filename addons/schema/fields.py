@@ -24,7 +24,7 @@ class Section(BaseModel):
 
 @dataclass(frozen=True)
 class Env:
-    """`Annotated[..., Env("PROXY_PORT")]`: the variable that overrides this key (PRD §8.2)."""
+    """`Annotated[..., Env("PROXY_PORT")]`: the variable that overrides this key."""
 
     name: str
 

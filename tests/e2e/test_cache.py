@@ -1,5 +1,5 @@
-"""The cache through a real mitmdump: RFC 9111 cases against a scripted origin, the PRD §9.2
-test through the bundle, the purge API and the cache metrics.
+"""The cache through a real mitmdump: RFC 9111 cases against a scripted origin, the product's
+cache test through the bundle, the purge API and the cache metrics.
 
 The tables run against one `mitmdump -s addons/cache.py --mode reverse:<origin>` (the addon
 alone, defaults only); each case uses its own path, so cases do not see each other's entries.
@@ -756,7 +756,7 @@ def test_concurrent_misses_make_one_origin_fetch(origin: Origin, reverse: Proxy)
     assert sorted(results) == ["HIT"] * 5 + ["MISS"]
 
 
-# --- the bundle: PRD §9.2, purge API, metrics, access log -------------------------------------
+# --- the bundle: purge API, metrics, access log -------------------------------------
 
 PROFILE = """\
 server: {host: 127.0.0.1, port: 8080, timeouts: {connect: 2s, read: 3s}}

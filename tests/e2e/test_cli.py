@@ -448,7 +448,7 @@ def test_metrics_and_one_log_event_without_secrets(cli: Cli) -> None:
 
 
 def test_ten_concurrent_streams_all_stream_in_real_time(cli: Cli) -> None:
-    """PRD 12.4: 10+ concurrent streams, each getting its lines as they are printed."""
+    """10+ concurrent streams, each getting its lines as they are printed."""
     results: list[Any] = [None] * 12
     script = "for i in 1 2 3 4; do echo $i; sleep 0.3; done"
 

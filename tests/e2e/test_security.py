@@ -1,5 +1,5 @@
 """IP ACL, rate limiting and security headers through the bundle in a real mitmdump, over plain
-HTTP and CONNECT; and the PRD §9.4 security tests (rapid requests, oversized headers, log
+HTTP and CONNECT; and the product's security tests (rapid requests, oversized headers, log
 sanitisation)."""
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def read_response(s: socket.socket) -> bytes:
 
 
 def test_200_rapid_requests_some_limited_with_headers(bundle, backend: Backend) -> None:
-    """PRD §9.4: 200 requests in a burst from one client get some 429s, properly labelled."""
+    """200 requests in a burst from one client get some 429s, properly labelled."""
     p = bundle("  rate_limiting: {requests_per_second: 10, burst: 20}")
     statuses: list[int] = []
     limited: list[httpx.Response] = []
@@ -305,7 +305,7 @@ def test_security_headers_plain_http_and_https(bundle, backend: Backend) -> None
         origin.close()
 
 
-# --- PRD §9.4 -----------------------------------------------------------------------------
+# --- the product's security tests -----------------------------------------------------------------------------
 
 
 def test_oversized_headers_get_431(bundle, backend: Backend) -> None:
