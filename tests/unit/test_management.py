@@ -101,8 +101,8 @@ class FakeProxyserver:
 class FakeConfig:
     name = "config"
 
-    def __init__(self, loaded: bool = True, error: str | None = None) -> None:
-        self.loaded, self.error = loaded, error
+    def __init__(self, loaded: bool = True, reload_error: str | None = None) -> None:
+        self.loaded, self.reload_error = loaded, reload_error
         self.result: Any = (True, "reloaded profiles/dev.yaml")
 
     def reload(self) -> Any:
@@ -158,7 +158,7 @@ def test_requestheaders_leaves_other_requests_alone(
 
 def test_readiness_reports_config_and_listeners() -> None:
     m = Management()
-    cfg = FakeConfig(loaded=False, error="profiles/x.yaml: line 3: unknown key")
+    cfg = FakeConfig(loaded=False, reload_error="profiles/x.yaml: line 3: unknown key")
     with taddons.context(m, FakeProxyserver([]), cfg):
         status, body = m.health("/health/readiness")
         assert status == 503 and body["status"] == "not_ready"
