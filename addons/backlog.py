@@ -89,8 +89,12 @@ class Backlog:
         self._relisten_running()
 
     def running(self) -> None:
-        # On mitmproxy 12 the listeners start binding before `-s` scripts load, so they missed
-        # the wrapper; by `running` they are up.
+        # On mitmproxy 12 the listeners start binding before `-s` scripts load, so they miss
+        # the wrapper, and may still be starting now: Servers.changed fires once they are up
+        # (and after every later change of listeners). The signal holds a weak reference.
+        ps = ctx.master.addons.get("proxyserver")
+        if ps is not None:
+            ps.servers.changed.connect(self._relisten_running)
         self._relisten_running()
 
     def _relisten_running(self) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
+
 
 def listen_queue(port: int) -> int:
     out = subprocess.run(
@@ -31,7 +33,8 @@ def test_listen_backlog(proxy_factory, backlog, expected) -> None:
     options = {} if backlog is None else {"listen_backlog": backlog}
     p = proxy_factory(scripts=("addons/backlog.py",), options=options)
     p.wait_for("proxy listening")
-    assert listen_queue(p.port) == expected()
+    # the listener logs before the addon re-listens it (on mitmproxy 12, once it is up)
+    wait_until(lambda: listen_queue(p.port) == expected(), timeout=5)
 
 
 def test_bundle_listeners_get_the_deep_queue(proxy_factory, tmp_path: Path) -> None:
@@ -39,7 +42,7 @@ def test_bundle_listeners_get_the_deep_queue(proxy_factory, tmp_path: Path) -> N
     profile.write_text("metrics: {port: 0}\n")
     p = proxy_factory(options={"waypost_profile": str(profile)})
     p.wait_for("management listening")
-    assert listen_queue(p.port) == min(4096, somaxconn())
+    wait_until(lambda: listen_queue(p.port) == min(4096, somaxconn()), timeout=5)
 
 
 def test_negative_backlog_refused(proxy_factory) -> None:
