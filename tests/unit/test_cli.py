@@ -27,8 +27,8 @@ from addons.clirun.plan import (
 )
 from addons.clirun.runner import exit_fields, outcome_of, read_usage
 from addons.clirun.stream import Utf8Chunks
-from addons.metrics import REGISTRY
 from addons.egress import Egress
+from addons.metrics import REGISTRY
 
 COMMANDS = parse_commands(["/bin/echo", "/usr/bin/git", "/bin/sh"])
 RULES = parse_rules(
