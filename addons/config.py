@@ -121,7 +121,11 @@ class Config:
             self.reload_error = str(e)
             STATS.refused()
             raise exceptions.OptionsError(str(e)) from None
-        self._apply(loaded)
+        try:
+            self._apply(loaded)
+        except exceptions.OptionsError:
+            STATS.refused()
+            raise
         self._mtime = _mtime(path)
         STATS.applied(reload=False)
         log.info("profile %s applied", loaded.source)
