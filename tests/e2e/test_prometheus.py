@@ -123,6 +123,9 @@ def test_dashboard_is_a_grafana_model_without_plugins() -> None:
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     assert variables["instance"]["multi"] and variables["instance"]["includeAll"]
+    rows = {p["title"] for p in dash["panels"] if p["type"] == "row"}
+    assert rows == {"Overview", "Traffic", "Latency", "Errors", "Cache", "Policies",
+                    "Backends and breakers", "CLI", "Process"}  # fmt: skip
     core = {"row", "timeseries", "stat", "state-timeline"}
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
