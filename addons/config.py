@@ -9,6 +9,9 @@ Precedence: an option set on the command line (or in mitmweb) > environment > pr
 
 Hooks: load, configure (startup load), running (file watcher, SIGHUP), done.
 Options: waypost_profile.
+Metrics: config_reloads_total{result="success"|"failure"} (reloads after startup),
+config_last_reload_successful (0 while the running config is not the file's latest version),
+config_last_reload_success_timestamp_seconds.
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Coroutine
+import time
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, exceptions
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from addons import schema
-from addons.kernel.options import spawn
+from addons import metrics, schema
+from addons.kernel.options import once, spawn
 
 log = logging.getLogger("waypost.config")
 
@@ -33,6 +38,55 @@ WATCH_INTERVAL = 1.0
 # Options that change the listeners; a profile's `mitmproxy: {mode: [...]}` (reverse
 # listeners) needs the same late rebind on mitmproxy 12 as the listen address.
 _LISTEN = {"listen_host", "listen_port", "mode"}
+
+
+class ReloadStats:
+    """Reload outcomes as plain numbers, made into Prometheus families when scraped."""
+
+    def __init__(self) -> None:
+        self.reloads = {"success": 0, "failure": 0}
+        self.last_ok = True
+        self.last_success = 0.0
+
+    def applied(self, *, reload: bool) -> None:
+        if reload:
+            self.reloads["success"] += 1
+        self.last_ok = True
+        self.last_success = time.time()
+
+    def refused(self) -> None:
+        self.reloads["failure"] += 1
+        self.last_ok = False
+
+    def collect(self) -> Iterator[Metric]:
+        reloads = CounterMetricFamily(
+            "config_reloads_total",
+            "Profile reloads after startup (file change, SIGHUP, /admin/reload), by result.",
+            labels=["result"],
+        )
+        for result, n in self.reloads.items():
+            reloads.add_metric([result], n)
+        yield reloads
+        yield GaugeMetricFamily(
+            "config_last_reload_successful",
+            "1 when the last load or reload of the profile was applied, 0 when it was refused.",
+            1 if self.last_ok else 0,
+        )
+        yield GaugeMetricFamily(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time the running profile was applied.",
+            self.last_success,
+        )
+
+
+def _stats() -> ReloadStats:
+    stats = ReloadStats()
+    metrics.REGISTRY.register(stats)
+    return stats
+
+
+# Once per process: the counts survive a reload of the script that imports this module.
+STATS = once("config.reload_stats", _stats)
 
 
 class Config:
@@ -65,9 +119,15 @@ class Config:
             loaded = schema.load(path, os.environ)
         except schema.ProfileError as e:
             self.reload_error = str(e)
+            STATS.refused()
             raise exceptions.OptionsError(str(e)) from None
-        self._apply(loaded)
+        try:
+            self._apply(loaded)
+        except exceptions.OptionsError:
+            STATS.refused()
+            raise
         self._mtime = _mtime(path)
+        STATS.applied(reload=False)
         log.info("profile %s applied", loaded.source)
 
     def running(self) -> None:
@@ -120,12 +180,14 @@ class Config:
         except exceptions.OptionsError as e:
             return self._refused(str(e))
         self._mtime = _mtime(path)
+        STATS.applied(reload=True)
         log.warning("profile %s reloaded", loaded.source)
         return True, f"profile {loaded.source} reloaded"
 
     def _refused(self, why: str) -> tuple[bool, str]:
         # WARNING, not ERROR: at startup an ERROR makes mitmdump exit, and this is recoverable.
         self.reload_error = why
+        STATS.refused()
         log.warning("profile reload refused, keeping the running config: %s", why)
         return False, why
 

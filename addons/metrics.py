@@ -30,7 +30,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 
 from mitmproxy import connection, http
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -119,6 +119,9 @@ def _define() -> tuple[CollectorRegistry, Store]:
     registry = CollectorRegistry()
     store = Store()
     registry.register(store)
+    # process_* (CPU, memory, fds) and python_gc_*: read at scrape time only.
+    ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
     return registry, store
 
 

@@ -38,6 +38,7 @@ from addons.clirun.endpoint import (
 )
 from addons.clirun.listener import Listener, serve_loopback
 from addons.clirun.plan import Settings
+from addons.clirun.stats import STATS
 from addons.kernel import net
 from addons.kernel.endpoints import addressed_to_proxy
 from addons.kernel.options import declare
@@ -69,6 +70,7 @@ class Cli:
         s = options.settings_from(ctx.options)
         options.log_warnings(s)
         self.endpoint.settings = s
+        STATS.limit = s.max_concurrent
         if self._is_running:
             self._sync_listener()
 

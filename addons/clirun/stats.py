@@ -1,4 +1,5 @@
-"""The CLI's metrics: `cli_processes` (gauge) and `cli_executions_total{command,outcome}`.
+"""The CLI's metrics: `cli_processes`, `cli_processes_max` (gauges) and
+`cli_executions_total{command,outcome}`.
 
 `STATS` is registered once, when this package module is first imported: reloading the
 `-s addons/cli.py` script re-executes only the thin entry, never this module.
@@ -18,6 +19,7 @@ class Stats:
 
     def __init__(self) -> None:
         self.in_flight = 0
+        self.limit = 0  # cli_max_concurrent, set by the addon's configure
         self.executions: dict[tuple[str, str], int] = {}
 
     def count(self, command: str, outcome: str) -> None:
@@ -26,6 +28,11 @@ class Stats:
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("cli_processes", "CLI processes running now.", self.in_flight)
+        yield GaugeMetricFamily(
+            "cli_processes_max",
+            "CLI processes allowed at once (cli_max_concurrent); beyond it: 429 RATE_LIMITED.",
+            self.limit,
+        )
         family = CounterMetricFamily(
             "cli_executions_total",
             "CLI requests by allow-listed command (_none: not in the list) and outcome.",

@@ -28,6 +28,7 @@ from addons.clirun.plan import (
 from addons.clirun.runner import exit_fields, outcome_of, read_usage
 from addons.clirun.stream import Utf8Chunks
 from addons.egress import Egress
+from addons.metrics import REGISTRY
 
 COMMANDS = parse_commands(["/bin/echo", "/usr/bin/git", "/bin/sh"])
 RULES = parse_rules(
@@ -245,6 +246,16 @@ def test_configure_validates_and_reads_cli_token_env(monkeypatch: pytest.MonkeyP
         assert set(addon.management_routes()) == {"/cli/execute"}
         tctx.configure(addon, cli_enabled=False)
         assert addon.management_routes() == {}
+
+
+def test_cli_processes_max_is_the_configured_limit() -> None:
+    addon = cli.Cli()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, cli_max_concurrent=3)
+        assert REGISTRY.get_sample_value("cli_processes_max") == 3
+        assert REGISTRY.get_sample_value("cli_processes") == 0
+        tctx.configure(addon, cli_max_concurrent=7)
+        assert REGISTRY.get_sample_value("cli_processes_max") == 7
 
 
 def _marked(addon: cli.Cli, f: tflow.HTTPFlow) -> bool:

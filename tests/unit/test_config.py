@@ -8,7 +8,8 @@ import pytest
 from mitmproxy import ctx, exceptions
 from mitmproxy.test import taddons
 
-from addons.config import Config
+from addons.config import STATS, Config
+from addons.metrics import REGISTRY
 
 
 class Limits:
@@ -157,3 +158,29 @@ def test_no_addon_attribute_shadows_a_hook(tmp_path: Path) -> None:
         assert not cfg.reload()[0]
     for addon in [cfg, *bundle.addons]:
         assert set(vars(addon)) & set(hooks.all_hooks) == set(), type(addon).__name__
+
+
+def test_reload_metrics_count_outcomes(tmp_path: Path) -> None:
+    def sample(name: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(name, labels)
+
+    before = {r: sample("config_reloads_total", result=r) or 0.0 for r in ("success", "failure")}
+    cfg, lim = Config(), Limits()
+    with taddons.context(cfg, lim) as tctx:
+        path = write(tmp_path, "limits: {max_url_length: 100}\n")
+        tctx.configure(cfg, waypost_profile=path)
+        assert sample("config_last_reload_successful") == 1
+        applied_at = sample("config_last_reload_success_timestamp_seconds")
+        assert applied_at and applied_at == STATS.last_success
+
+        Path(path).write_text("limits: {max_url_length: nope}\n")
+        assert not cfg.reload()[0]
+        assert sample("config_last_reload_successful") == 0
+        assert sample("config_reloads_total", result="failure") == before["failure"] + 1
+        assert sample("config_last_reload_success_timestamp_seconds") == applied_at
+
+        Path(path).write_text("limits: {max_url_length: 200}\n")
+        assert cfg.reload()[0]
+        assert sample("config_last_reload_successful") == 1
+        assert sample("config_reloads_total", result="success") == before["success"] + 1
+        assert sample("config_reloads_total", result="failure") == before["failure"] + 1
