@@ -16,7 +16,7 @@ through `make()`, so clients and log readers see one shape:
   through `addons/kernel/patching.py` by the addons that need it (hygiene, upstream).
   `error_page(status, message, flow)` also writes the page of a failed upstream exchange
   (upstream's patched `Http1Server.send`), with the flow's request id and timers; without a
-  flow, the page echoes the valid X-Request-ID of the request whose head was read.
+  flow, the page carries the id of the request whose head was read (its access line's).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import logging
 import random
 import re
 import sys
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -86,8 +87,18 @@ def request_id(flow: http.HTTPFlow) -> str:
     meta = record(flow)
     rid = meta.get("request_id")
     if rid is None:
-        rid = meta["request_id"] = incoming_request_id(flow.request.headers.get("x-request-id"))
+        rid = _PAGE_IDS.get(flow.request) if _PAGE_IDS else None
+        if rid is None:
+            rid = incoming_request_id(flow.request.headers.get("x-request-id"))
+        meta["request_id"] = rid
     return rid
+
+
+# Request ids shared between a flow and an error page mitmproxy writes without it (a malformed
+# body: the page goes out before the flow's error hook runs): the page's id, which the flow
+# then takes, or the id of an answer made while the body was still to be read, which the page
+# then takes. Weak: an entry goes with its request.
+_PAGE_IDS: weakref.WeakKeyDictionary[http.Request, str] = weakref.WeakKeyDictionary()
 
 
 def incoming_request_id(value: str | None) -> str:
@@ -135,7 +146,12 @@ def make(
     `rid`: the request id when there is no flow (else a new one).
     """
     status = status or STATUS[code]
-    rid = request_id(flow) if flow is not None else rid or new_request_id()
+    if flow is not None:
+        rid = request_id(flow)
+        if flow.request.timestamp_end is None:  # the body may still fail: see _PAGE_IDS
+            _PAGE_IDS[flow.request] = rid
+    else:
+        rid = rid or new_request_id()
     resp = http.Response.make(
         status,
         body(code, message, rid, details),
@@ -325,8 +341,8 @@ def error_page(status_code: int, message: str = "", flow: http.HTTPFlow | None =
     """`_http1.make_error_response` as Waypost JSON.
 
     With the flow of a failed exchange: its request id and which of our timers fired. Without
-    one (a malformed body, an unparsable head, a wire guard): the request id of the request
-    whose head was read, the id its access line carries when the client sent a valid one.
+    one (a malformed body, an unparsable head, a wire guard): the id of the request whose head
+    was read, the one its access line carries.
     """
     rid = None if flow is not None else _caller_request_id(sys._getframe(1))
     if status_code not in CLIENT_ERRORS:
@@ -350,7 +366,10 @@ def _caller_request_id(frame: FrameType | None) -> str | None:
     request = getattr(server, "request", None) if isinstance(server, _http1.Http1Server) else None
     if request is None:
         return None
-    return incoming_request_id(request.headers.get("x-request-id"))
+    rid = _PAGE_IDS.get(request)
+    if rid is None:
+        rid = _PAGE_IDS[request] = incoming_request_id(request.headers.get("x-request-id"))
+    return rid
 
 
 ERROR_PAGE = patching.Patch(

@@ -207,10 +207,17 @@ def test_what_the_client_received_is_logged_and_counted(proxy_factory, tmp_path)
     assert re.search(rb"(?im)^x-request-id: bad-1\r$", answer), answer
     line = wait_until(lambda: _line(p, "bad-1"))
     assert line["status"] == 400 and line["bytes_sent"] == 0, line
+    # without an id of its own, the page carries the one its line was written with
+    anonymous = f"POST /x HTTP/1.1\r\nHost: 127.0.0.1:{rport}\r\nTransfer-Encoding: chunked\r\n"
+    answer = raw_request(rport, (anonymous + "\r\n5\r\nhelloXX").encode())
+    assert status_of(answer) == 400, answer
+    rid = re.search(rb"(?im)^x-request-id: *(\S+)\r$", answer).group(1).decode()  # type: ignore[union-attr]
+    line = wait_until(lambda: _line(p, rid))
+    assert line["status"] == 400, line
     answer = raw_request(rport, head.encode() + b"\r\n")
     assert status_of(answer) == 503 and b"CIRCUIT_OPEN" in answer, answer
     metrics = httpx.get(mgmt + "/metrics", timeout=TIMEOUT).text
     assert 'http_requests_total{backend="dead",method="GET",status="502"} 1.0' in metrics
-    assert 'http_requests_total{backend="",method="POST",status="400"} 1.0' in metrics
+    assert 'http_requests_total{backend="",method="POST",status="400"} 2.0' in metrics
     assert 'http_requests_total{backend="",method="POST",status="503"} 1.0' in metrics
     assert 'status="error"' not in metrics

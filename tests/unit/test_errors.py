@@ -324,3 +324,21 @@ def test_error_page_without_a_flow_echoes_the_requests_valid_id(
         assert uuid.UUID(json.loads(body)["error"]["request_id"])
     finally:
         errors.uninstall_error_page("test_errors")
+
+
+def test_error_page_and_flow_share_a_fresh_id_whichever_comes_first() -> None:
+    errors.install_error_page("test_errors")
+    try:
+        # the page goes out before the flow's error hook: the flow takes the page's id
+        f = tflow.tflow()
+        f.request.timestamp_end = None
+        _, _, page = _Reader(f.request).refuse(400).partition(b"\r\n\r\n")
+        assert errors.request_id(f) == json.loads(page)["error"]["request_id"]
+        # an answer chosen at the head, before the body failed: the page takes its id
+        g = tflow.tflow()
+        g.request.timestamp_end = None
+        chosen = errors.make("CIRCUIT_OPEN", "No backend.", g)
+        _, _, page = _Reader(g.request).refuse(400).partition(b"\r\n\r\n")
+        assert json.loads(page)["error"]["request_id"] == chosen.headers["X-Request-ID"]
+    finally:
+        errors.uninstall_error_page("test_errors")
