@@ -42,6 +42,7 @@ from addons import errors
 from addons.kernel import net
 from addons.kernel.options import Option, declare
 from addons.kernel.record import record
+from addons.metrics import sent_response, sent_status
 
 log = logging.getLogger("waypost.accesslog")
 access_log = logging.getLogger("waypost.access")
@@ -294,14 +295,9 @@ def access_fields(flow: http.HTTPFlow, now: float) -> dict[str, Any]:
     """The access line's fields for a finished (or failed) request or CONNECT."""
     meta = record(flow)
     req = flow.request
-    resp = flow.response
-    if resp is not None:
-        status: int | None = resp.status_code
-        end = resp.timestamp_end or now
-    else:
-        code = meta.get("error_code")
-        status = errors.STATUS.get(code) if code else None
-        end = now
+    resp = sent_response(flow)
+    status = sent_status(flow)
+    end = (resp.timestamp_end or now) if resp is not None else now
     backend = meta.get("backend")
     if backend is None:
         server = flow.server_conn

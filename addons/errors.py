@@ -15,7 +15,8 @@ through `make()`, so clients and log readers see one shape:
   wire guards' refusals in `addons/kernel/wire.py`), so those answers are JSON too; installed
   through `addons/kernel/patching.py` by the addons that need it (hygiene, upstream).
   `error_page(status, message, flow)` also writes the page of a failed upstream exchange
-  (upstream's patched `Http1Server.send`), with the flow's request id and timers.
+  (upstream's patched `Http1Server.send`), with the flow's request id and timers; without a
+  flow, the page carries the id of the request whose head was read (its access line's).
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ import json
 import logging
 import random
 import re
+import sys
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
+from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from mitmproxy import http
@@ -83,8 +87,18 @@ def request_id(flow: http.HTTPFlow) -> str:
     meta = record(flow)
     rid = meta.get("request_id")
     if rid is None:
-        rid = meta["request_id"] = incoming_request_id(flow.request.headers.get("x-request-id"))
+        rid = _PAGE_IDS.get(flow.request) if _PAGE_IDS else None
+        if rid is None:
+            rid = incoming_request_id(flow.request.headers.get("x-request-id"))
+        meta["request_id"] = rid
     return rid
+
+
+# Request ids shared between a flow and an error page mitmproxy writes without it (a malformed
+# body: the page goes out before the flow's error hook runs): the page's id, which the flow
+# then takes, or the id of an answer made while the body was still to be read, which the page
+# then takes. Weak: an entry goes with its request.
+_PAGE_IDS: weakref.WeakKeyDictionary[http.Request, str] = weakref.WeakKeyDictionary()
 
 
 def incoming_request_id(value: str | None) -> str:
@@ -124,13 +138,20 @@ def make(
     headers: Mapping[str, str] | None = None,
     status: int | None = None,
     details: Mapping[str, Any] | None = None,
+    rid: str | None = None,
 ) -> http.Response:
     """A JSON error response for `code` (one of STATUS); records the code on the flow.
 
     `details` adds fields to the error object (e.g. the `rule` that refused the request).
+    `rid`: the request id when there is no flow (else a new one).
     """
     status = status or STATUS[code]
-    rid = request_id(flow) if flow is not None else new_request_id()
+    if flow is not None:
+        rid = request_id(flow)
+        if flow.request.timestamp_end is None:  # the body may still fail: see _PAGE_IDS
+            _PAGE_IDS[flow.request] = rid
+    else:
+        rid = rid or new_request_id()
     resp = http.Response.make(
         status,
         body(code, message, rid, details),
@@ -296,9 +317,17 @@ def classify(status: int | None, message: str, timed_out: str | None = None) -> 
     return Failure(code_of(status) or "INTERNAL_ERROR", status, reason, message)
 
 
-def http1_error(code: str, message: str, status: int, flow: http.HTTPFlow | None = None) -> bytes:
+def http1_error(
+    code: str,
+    message: str,
+    status: int,
+    flow: http.HTTPFlow | None = None,
+    rid: str | None = None,
+) -> bytes:
     """A whole HTTP/1 error response that closes the connection, as mitmproxy writes its own."""
-    return http1.assemble_response(make(code, message, flow, {"Connection": "close"}, status))
+    return http1.assemble_response(
+        make(code, message, flow, {"Connection": "close"}, status, rid=rid)
+    )
 
 
 # --- the error-page patch ----------------------------------------------------------------------
@@ -311,20 +340,36 @@ CLIENT_ERRORS = frozenset({400, 408, 413, 414, 431})
 def error_page(status_code: int, message: str = "", flow: http.HTTPFlow | None = None) -> bytes:
     """`_http1.make_error_response` as Waypost JSON.
 
-    Without a flow (an unparsable head, a wire guard) the request id is a fresh one; with the
-    flow of a failed exchange, its request id and which of our timers fired.
+    With the flow of a failed exchange: its request id and which of our timers fired. Without
+    one (a malformed body, an unparsable head, a wire guard): the id of the request whose head
+    was read, the one its access line carries.
     """
+    rid = None if flow is not None else _caller_request_id(sys._getframe(1))
     if status_code not in CLIENT_ERRORS:
         timed_out = record(flow).get("timed_out") if flow is not None else None
         failure = classify(status_code, message, timed_out)
-        return http1_error(failure.code, failure.message, failure.status, flow)
+        return http1_error(failure.code, failure.message, failure.status, flow, rid)
     if status_code == 413:
         limits = wire.limits()
         if limits is not None and limits.max_body is not None:
             message = f"The request body exceeds the limit of {limits.max_body} bytes."
         else:  # mitmproxy's own body_size_limit, whose message names mitmproxy
             message = _MESSAGES["request_too_large"]
-    return http1_error(_CODE_OF[status_code], message, status_code, flow)
+    return http1_error(_CODE_OF[status_code], message, status_code, flow, rid)
+
+
+def _caller_request_id(frame: FrameType | None) -> str | None:
+    # mitmproxy's make_error_response(status, message) gets no flow, and every caller (its
+    # Http1Server.read_headers and send, the wire guards) is a method of the Http1Server
+    # whose `request` is the flow's request while one is being read or answered.
+    server = frame.f_locals.get("self") if frame is not None else None
+    request = getattr(server, "request", None) if isinstance(server, _http1.Http1Server) else None
+    if request is None:
+        return None
+    rid = _PAGE_IDS.get(request)
+    if rid is None:
+        rid = _PAGE_IDS[request] = incoming_request_id(request.headers.get("x-request-id"))
+    return rid
 
 
 ERROR_PAGE = patching.Patch(

@@ -8,7 +8,10 @@ method set, the status code and the `decision`/`rule` ids other addons record in
 Metrics:
     http_requests_total{method,status,backend}
                                               requests answered (CONNECT counts as CONNECT;
-                                              status "error" when no response was sent;
+                                              status: the one the client received, the
+                                              proxy's own 502/504 included, as the access
+                                              log shows it (`sent_status`);
+                                              "error" only when no response was sent;
                                               backend: the router's backend name, else "")
     http_request_duration_seconds             request start to response end (histogram)
     http_request_bytes_total{direction}       body bytes, "in" from clients, "out" to clients
@@ -39,6 +42,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from addons import errors
 from addons.kernel.options import once
 from addons.kernel.record import record
 
@@ -130,6 +134,37 @@ def _define() -> tuple[CollectorRegistry, Store]:
 REGISTRY, STORE = once("metrics.registry", _define)
 
 
+def sent_response(flow: http.HTTPFlow) -> http.Response | None:
+    """`flow.response` if it went (or was going) to the client, else None.
+
+    An answer an addon set in `requestheaders` goes out only once the request body has been
+    read; when reading it failed (a malformed or oversized body, a client that left) the
+    client got the error page of that failure instead, or nothing. A streamed request cannot
+    have such an answer (mitmproxy refuses both), so its response is the backend's.
+    """
+    resp = flow.response
+    req = flow.request
+    if resp is not None and flow.error is not None and req.timestamp_end is None:
+        return resp if req.stream else None
+    return resp
+
+
+def sent_status(flow: http.HTTPFlow) -> int | None:
+    """The status the client received for this flow; None when no response was sent."""
+    resp = sent_response(flow)
+    if resp is not None:
+        return resp.status_code
+    if flow.response is not None and flow.error is not None:  # set, but the body failed
+        failure = errors.classify(None, flow.error.msg)
+        # The wire guards answer a malformed (400) or oversized (413) body; a client that
+        # left or a truncated body gets nothing.
+        if failure.reason == "client_disconnected" or failure.status not in (400, 413):
+            return None
+        return failure.status
+    code = record(flow).get("error_code")
+    return errors.STATUS.get(code) if code else None
+
+
 def _record(flow: http.HTTPFlow, status: int | str, end: float) -> None:
     meta = record(flow)
     if _COUNTED in flow.metadata or "local" in meta:
@@ -150,7 +185,7 @@ def _record(flow: http.HTTPFlow, status: int | str, end: float) -> None:
         body = req.raw_content
         if body:
             st.bytes[0] += len(body)
-        resp = flow.response
+        resp = sent_response(flow)
         if resp is not None:
             body = resp.raw_content
             if body:
@@ -177,11 +212,11 @@ class Metrics:
             _record(flow, resp.status_code, resp.timestamp_end or time.time())
 
     def error(self, flow: http.HTTPFlow) -> None:
-        # A response may already be (partly) on the wire, e.g. a client that left mid-stream.
-        resp = flow.response
-        status: int | str = resp.status_code if resp is not None else "error"
+        # A response may already be (partly) on the wire, e.g. a client that left mid-stream;
+        # or the proxy answered the failure itself (502, 504, a malformed body's 400).
+        status = sent_status(flow)
         end = flow.error.timestamp if flow.error is not None else time.time()
-        _record(flow, status, end)
+        _record(flow, "error" if status is None else status, end)
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
         self.http_connect_error(flow)

@@ -146,9 +146,17 @@ class Breaker:
             return now - self.opened_at >= self.timeout
         return True
 
-    def start_trial(self, now: float) -> None:
+    def start_trial(self, now: float) -> bool:
+        """A request goes to the backend now; True when it is the half-open trial."""
+        if self.state != "half_open":
+            return False
+        self.trial_since = now
+        return True
+
+    def cancel_trial(self) -> None:
+        """The trial request ended without an outcome: another may be tried at once."""
         if self.state == "half_open":
-            self.trial_since = now
+            self.trial_since = None
 
     def record(self, ok: bool, now: float) -> tuple[State, State] | None:
         """One outcome; returns (old, new) when the state changed."""
@@ -207,6 +215,53 @@ class Health:
                 self.healthy = False
                 return False
         return None
+
+    def served(self) -> None:
+        """A passive success (the backend answered a request): the consecutive failures start
+        again. Only active checks make an unhealthy backend healthy: it gets no traffic."""
+        self.failures = 0
+
+
+# --- what counts against a backend ------------------------------------------------------------
+
+# Failures that are the backend's whatever the request: it could not be reached, did not
+# answer in time, or broke the exchange. A client's mistakes (a malformed or oversized request,
+# leaving early), policy kills, a response over the proxy's own limit are not among them.
+BACKEND_FAULTS = frozenset(
+    {
+        "connect_timeout",
+        "connect_failed",
+        "connection_refused",
+        "dns_failure",
+        "unreachable",
+        "read_timeout",
+        "closed",
+        "invalid_response",
+    }
+)
+# Of those, the ones that can only come from dialling the backend: they count even while the
+# request is still being read (a streamed upload connects first).
+CONNECT_FAULTS = frozenset(
+    {"connect_timeout", "connect_failed", "connection_refused", "dns_failure", "unreachable"}
+)
+# Statuses from a backend that count as its failure (gateway errors, overload).
+FAILURE_STATUSES = frozenset({502, 503, 504})
+
+
+def backend_fault(reason: str, request_complete: bool, response_started: bool) -> str | None:
+    """The reason to count against the backend for a failed exchange, or None when the failure
+    is not the backend's.
+
+    `reason` is errors.reason_of's (or "read_timeout"); `request_complete`: the client's request
+    was read to its end (only then does a buffered request reach the backend, so an error before
+    it, "peer closed" included, is about the client's side); `response_started`: the backend's
+    response head had arrived (a protocol error then is in the backend's body).
+    """
+    if not request_complete:
+        return reason if reason in CONNECT_FAULTS else None
+    if reason == "error" and response_started:
+        return "invalid_response"
+    return reason if reason in BACKEND_FAULTS else None
 
 
 # --- load balancing ---------------------------------------------------------------------------

@@ -7,6 +7,9 @@ The hooks, in the order mitmproxy runs them (see addons/router.py for the whole 
 - `request`: choose the backend, rewrite the target (`backend` in the record).
 - `waypost_upstream_failed` (fired by `retry.py`'s patches): maybe retry on another backend.
 - `response` / `error`: passive health and breaker accounting, latency and error metrics.
+  Only the backend's failures count (`balance.backend_fault`): connect failures, a close or
+  reset before the response ended, a read timeout, a 502/503/504 it sent; a client's mistakes
+  and policy kills never do. Every response from the backend counts as a success.
 - `server_connect_error`, `client_disconnected`: connection bookkeeping.
 - `running` / `done`: the health-check task, the retry patches.
 """
@@ -35,11 +38,10 @@ log = logging.getLogger("waypost.router")
 _ROUTE = "waypost_router_rule"
 _TRIED = "waypost_router_tried"
 _DONE = "waypost_router_done"
+_TRIAL = "waypost_router_trial"  # this flow holds its backend's half-open trial slot
 # A failed connection keeps matching its address in mitmproxy's per-client connection list
 # and is answered with its old error; a `via` nobody asks for takes it out of matching.
 _DEAD_VIA = ("http", ("waypost-router-failed-connection", 0))
-# Statuses from a backend that count as its failure (gateway errors, overload).
-FAILURE_STATUSES = frozenset({502, 503, 504})
 
 
 class Router:
@@ -174,7 +176,8 @@ class Router:
         if not route.preserve_host:  # else the client's Host (or h2 :authority) stays
             req.host_header = b.hostport
         if self.breaker_enabled:
-            b.breaker.start_trial(now)
+            if b.breaker.start_trial(now):
+                flow.metadata[_TRIAL] = True
             if b.breaker.half_opened:
                 b.breaker.half_opened = False
                 health.log_circuit(b, ("open", "half_open"), "timeout passed, trial request")
@@ -189,12 +192,17 @@ class Router:
     async def waypost_upstream_failed(self, flow: http.HTTPFlow) -> None:
         b: Backend | None = flow.metadata.get(BACKEND)
         err = str(flow.metadata.pop(UPSTREAM_ERROR, ""))
-        if b is None or err.startswith("Connection killed"):  # refused by policy, not down
+        if b is None:
             return
         meta = record(flow)
         timed_out = meta.get("timed_out")
         reason = timed_out or errors.reason_of(err)
-        self._outcome(flow, b, False, reason)
+        complete = flow.request.timestamp_end is not None
+        fault = balance.backend_fault(reason, complete, flow.response is not None)
+        if fault is None:  # refused by policy, or the client's side: not down, not retried
+            self._release(flow, b)
+            return
+        self._outcome(flow, b, fault)
         if timed_out:  # the backend may still be working on it: never sent twice
             return
         route: Route | None = flow.metadata.get(_ROUTE)
@@ -244,9 +252,13 @@ class Router:
         resp = flow.response
         if b is None or resp is None or flow.metadata.get(_DONE):
             return
-        failed = record(flow).get("backend_error")
+        meta = record(flow)
+        failed = meta.get("backend_error")
         if failed is not None:  # the backend failed and the cache answered stale instead
-            self._outcome(flow, b, False, failed)
+            self._outcome(flow, b, failed)
+            return
+        if "error_code" in meta or meta.get("cache_hit"):  # answered by the proxy, not by b
+            self._release(flow, b)
             return
         status = resp.status_code
         if status == 503:
@@ -255,40 +267,50 @@ class Router:
                 b.unavailable_until = time.monotonic() + pause
         end = resp.timestamp_end or time.time()
         STORE.observe(b.name, max(0.0, end - flow.request.timestamp_start))
-        self._outcome(flow, b, status not in FAILURE_STATUSES, f"status {status}")
+        failure = status in balance.FAILURE_STATUSES
+        self._outcome(flow, b, f"status {status}" if failure else None)
 
     def error(self, flow: http.HTTPFlow) -> None:
         b: Backend | None = flow.metadata.get(BACKEND)
         if b is None or flow.metadata.get(_DONE) or flow.error is None:
             return
         reason = record(flow).get("timed_out") or errors.reason_of(flow.error.msg)
-        if reason in ("client_disconnected", "connection_killed"):
+        complete = flow.request.timestamp_end is not None
+        fault = balance.backend_fault(reason, complete, flow.response is not None)
+        if fault is None:
             self._release(flow, b)
             return
-        self._outcome(flow, b, False, reason)
+        self._outcome(flow, b, fault)
 
     def _release(self, flow: http.HTTPFlow, b: Backend) -> None:
         if not flow.metadata.get(_DONE):
             flow.metadata[_DONE] = True
             b.active = max(0, b.active - 1)
+            if flow.metadata.pop(_TRIAL, False):
+                # A trial that tells nothing (the client's mistake) frees its slot now rather
+                # than after the breaker's timeout; an outcome recorded next overrides this.
+                b.breaker.cancel_trial()
 
-    def _outcome(self, flow: http.HTTPFlow, b: Backend, ok: bool, reason: str) -> None:
+    def _outcome(self, flow: http.HTTPFlow, b: Backend, fault: str | None) -> None:
+        """The backend answered (`fault` None) or failed for `fault`: its health and breaker."""
         self._release(flow, b)
         now = time.monotonic()
-        if not ok:
-            b.failures.append(balance.Failure(time.time(), reason))
-            key = (b.name, reason)
+        if fault is None:
+            b.health.served()
+        else:
+            b.failures.append(balance.Failure(time.time(), fault))
+            key = (b.name, fault)
             STORE.errors[key] = STORE.errors.get(key, 0) + 1
             if ctx.options.router_health_checks_enabled:
                 if b.health.record(False) is not None:
-                    health.log_health(b, reason)
+                    health.log_health(b, fault)
         if self.breaker_enabled:
             if b.breaker.half_opened:  # went half-open while not chosen: report it first
                 b.breaker.half_opened = False
                 health.log_circuit(b, ("open", "half_open"), "timeout passed")
-            change = b.breaker.record(ok, now)
+            change = b.breaker.record(fault is None, now)
             if change is not None:
-                health.log_circuit(b, change, reason if not ok else "trial succeeded")
+                health.log_circuit(b, change, fault or "trial succeeded")
 
     # --- connections ---------------------------------------------------------------------------
 

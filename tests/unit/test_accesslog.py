@@ -176,6 +176,19 @@ def test_error_line(term) -> None:
     assert "\x1b" not in out.getvalue()
 
 
+def test_an_answer_that_never_went_out_is_not_logged(term) -> None:
+    addon, out, _ = term
+    f = make_flow()
+    f.request.headers["X-Request-ID"] = "client-1"
+    f.response = errors.make("CIRCUIT_OPEN", "No backend.", f)  # set at the request's head
+    f.request.timestamp_end = None  # its body was malformed: the client got the 400 page
+    f.error = flow.Error("HTTP/1 protocol error: Invalid chunk size")
+    addon.error(f)
+    (line,) = lines(out)
+    assert line["status"] == 400 and line["bytes_sent"] == 0
+    assert line["request_id"] == "client-1"
+
+
 def test_connect_line(term) -> None:
     addon, out, _ = term
     f = tflow.tflow(resp=True)

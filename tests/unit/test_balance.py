@@ -152,6 +152,61 @@ def test_half_open_lets_one_trial_at_a_time() -> None:
     assert b.allow(20)
 
 
+def test_a_trial_without_outcome_frees_its_slot_at_once() -> None:
+    b = Breaker(failure_threshold=1, timeout=10.0, success_threshold=1)
+    assert not b.start_trial(0)  # closed: no trial
+    b.record(False, 0)
+    assert b.allow(10) and b.start_trial(10)
+    assert not b.allow(11)
+    b.cancel_trial()  # the client's mistake ended it: tells nothing about the backend
+    assert b.allow(11) and b.state == "half_open"
+
+
+@pytest.mark.parametrize(
+    "reason,complete,started,expected",
+    [
+        # the backend could not be reached: counts, even while a streamed upload is read
+        ("connection_refused", True, False, "connection_refused"),
+        ("connection_refused", False, False, "connection_refused"),
+        ("connect_timeout", False, False, "connect_timeout"),
+        ("dns_failure", True, False, "dns_failure"),
+        ("unreachable", True, False, "unreachable"),
+        ("connect_failed", True, False, "connect_failed"),
+        # the backend broke the exchange after the request was sent
+        ("read_timeout", True, False, "read_timeout"),
+        ("closed", True, False, "closed"),
+        ("closed", True, True, "closed"),
+        ("invalid_response", True, False, "invalid_response"),
+        ("error", True, True, "invalid_response"),  # a protocol error in its body
+        # the client's side: a body that ended early ("peer closed"), malformed or too large
+        ("closed", False, False, None),
+        ("error", False, False, None),
+        ("error", True, False, None),
+        ("request_too_large", False, False, None),
+        ("request_too_large", True, False, None),
+        ("client_disconnected", True, False, None),
+        ("client_disconnected", True, True, None),
+        # policy and the proxy's own limits
+        ("connection_killed", True, False, None),
+        ("self_connect", True, False, None),
+        ("response_too_large", True, True, None),
+    ],
+)
+def test_backend_fault(reason: str, complete: bool, started: bool, expected: str | None) -> None:
+    assert balance.backend_fault(reason, complete, started) == expected
+
+
+def test_passive_successes_reset_the_failures_but_only_checks_heal() -> None:
+    h = Health(unhealthy_threshold=2, healthy_threshold=1)
+    h.record(False)
+    h.served()
+    assert h.record(False) is None and h.healthy  # not two in a row
+    assert h.record(False) is False
+    h.served()
+    assert not h.healthy
+    assert h.record(True) is True
+
+
 def test_health_thresholds() -> None:
     h = Health(unhealthy_threshold=2, healthy_threshold=2)
     assert h.record(False) is None and h.healthy

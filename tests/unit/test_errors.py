@@ -4,6 +4,7 @@ import json
 import uuid
 
 import pytest
+from mitmproxy import http
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.test import tflow
 
@@ -288,3 +289,56 @@ def test_error_page_of_a_flow_uses_its_request_id_and_timers() -> None:
     assert head.startswith(b"HTTP/1.1 504 ")
     err = json.loads(body)["error"]
     assert (err["code"], err["request_id"]) == ("BACKEND_TIMEOUT", "rid-7")
+
+
+class _Reader(_http1.Http1Server):
+    """A stand-in for the HTTP/1 reader that refuses what it read, as the wire guards do."""
+
+    def __init__(self, request: http.Request | None) -> None:
+        self.request = request
+
+    def refuse(self, status: int) -> bytes:
+        return _http1.make_error_response(status, "Malformed chunked request body")
+
+
+@pytest.mark.parametrize(
+    "incoming, echoed",
+    [("client-1", True), ("bad id with spaces", False), (None, False)],
+)
+def test_error_page_without_a_flow_echoes_the_requests_valid_id(
+    incoming: str | None, echoed: bool
+) -> None:
+    request = tflow.treq()
+    if incoming is not None:
+        request.headers["X-Request-ID"] = incoming
+    errors.install_error_page("test_errors")
+    try:
+        for status in (400, 413, 502):
+            page = _Reader(request).refuse(status)
+            head, _, body = page.partition(b"\r\n\r\n")
+            rid = json.loads(body)["error"]["request_id"]
+            assert f"X-Request-ID: {rid}\r\n".encode() in head
+            assert (rid == incoming) is echoed
+        # no request head read (garbage, a timeout): a fresh id
+        _, _, body = _Reader(None).refuse(400).partition(b"\r\n\r\n")
+        assert uuid.UUID(json.loads(body)["error"]["request_id"])
+    finally:
+        errors.uninstall_error_page("test_errors")
+
+
+def test_error_page_and_flow_share_a_fresh_id_whichever_comes_first() -> None:
+    errors.install_error_page("test_errors")
+    try:
+        # the page goes out before the flow's error hook: the flow takes the page's id
+        f = tflow.tflow()
+        f.request.timestamp_end = None
+        _, _, page = _Reader(f.request).refuse(400).partition(b"\r\n\r\n")
+        assert errors.request_id(f) == json.loads(page)["error"]["request_id"]
+        # an answer chosen at the head, before the body failed: the page takes its id
+        g = tflow.tflow()
+        g.request.timestamp_end = None
+        chosen = errors.make("CIRCUIT_OPEN", "No backend.", g)
+        _, _, page = _Reader(g.request).refuse(400).partition(b"\r\n\r\n")
+        assert json.loads(page)["error"]["request_id"] == chosen.headers["X-Request-ID"]
+    finally:
+        errors.uninstall_error_page("test_errors")

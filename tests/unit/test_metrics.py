@@ -74,6 +74,49 @@ def test_error_without_response_counts_status_error() -> None:
         assert requests("OTHER", "error") == before + 1
 
 
+def _failed(message: str, complete: bool = True, answer: int | None = None, stream=False):
+    f = tflow.tflow(err=True)
+    f.error = flow.Error(message)
+    f.request.timestamp_end = 2.0 if complete else None
+    f.request.stream = stream
+    if answer is not None:
+        f.response = tutils.tresp(status_code=answer)
+    return f
+
+
+@pytest.mark.parametrize(
+    "f,code,sent",
+    [
+        # the proxy answered the backend's failure itself (upstream recorded its code)
+        (_failed("[Errno 111] Connect call failed"), "BACKEND_UNREACHABLE", 502),
+        (_failed("read timed out"), "BACKEND_TIMEOUT", 504),
+        # nobody was left to answer, or the client's body ended early: nothing was sent
+        (_failed("Client disconnected."), None, None),
+        # a backend response already (partly) on the wire when the client left
+        (_failed("Client disconnected.", answer=200), None, 200),
+        # an answer set at the request's head never went out: the body's error page did
+        (_failed("HTTP/1 protocol error: bad chunk", False, 503), "CIRCUIT_OPEN", 400),
+        (_failed("The request body exceeds the limit of 10 bytes.", False, 503), None, 413),
+        (_failed("HTTP/1 protocol error: peer closed connection", False, 503), None, None),
+        (_failed("Client disconnected.", False, 403), "ACCESS_DENIED", None),
+        # a streamed request's response is the backend's, sent while it was still uploading
+        (_failed("Client disconnected.", False, 413, stream=True), None, 413),
+    ],
+)
+def test_sent_status_is_what_the_client_received(
+    f: flow.Flow, code: str | None, sent: int | None
+) -> None:
+    if code is not None:
+        record(f)["error_code"] = code
+    assert metrics.sent_status(f) == sent
+    m = metrics.Metrics()
+    with taddons.context(m):
+        label = str(sent) if sent is not None else "error"
+        before = requests("GET", label)
+        m.error(f)
+        assert requests("GET", label) == before + 1
+
+
 def test_streamed_bodies_do_not_break_counting() -> None:
     m = metrics.Metrics()
     with taddons.context(m):

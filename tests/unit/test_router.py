@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from mitmproxy import exceptions
+from mitmproxy import exceptions, flow
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -153,6 +153,81 @@ def test_a_stale_answer_after_a_backend_failure_counts_as_the_failure() -> None:
         f.response = tutils.tresp(status_code=200)
         r.response(f)
         assert backend.active == 0 and [x.reason for x in backend.failures] == ["closed"]
+
+
+@pytest.mark.parametrize(
+    "message,complete,response,counted",
+    [
+        # the client's mistakes: never the backend's
+        ("HTTP/1 protocol error: Invalid chunk size: +5", False, False, None),
+        ("The request body exceeds the limit of 1024 bytes.", False, False, None),
+        (
+            "HTTP/1 protocol error: peer closed connection without sending complete message "
+            "body: received 5 bytes, expected 100",
+            False,
+            False,
+            None,
+        ),
+        ("Client disconnected.", True, False, None),
+        ("Client disconnected.", True, True, None),
+        ("Connection killed.", True, False, None),
+        # the backend's failures
+        ("[Errno 111] Connect call failed ('10.0.0.1', 8080)", True, False, "connection_refused"),
+        ("Server closed connection.", True, False, "closed"),
+        ("HTTP/1 protocol error: Invalid chunk size: zz", True, True, "invalid_response"),
+    ],
+)
+def test_only_the_backends_failures_count(
+    message: str, complete: bool, response: bool, counted: str | None
+) -> None:
+    r = Router()
+    with taddons.context(r) as tctx:
+        tctx.configure(
+            r,
+            routing_rules=rules({"forward": {"target": A}}),
+            router_circuit_breaker_failure_threshold=1,
+        )
+        backend = r.backends["10.0.0.1:8080"]
+        f = _flow(method="POST")
+        r.requestheaders(f)
+        assert backend.active == 1
+        f.request.timestamp_end = 2.0 if complete else None
+        f.response = tutils.tresp(status_code=200) if response else None
+        f.error = flow.Error(message)
+        r.error(f)
+        assert backend.active == 0
+        assert [x.reason for x in backend.failures] == ([counted] if counted else [])
+        assert backend.breaker.state == ("open" if counted else "closed")
+
+
+def test_backend_answers_are_successes_and_proxy_answers_are_not_outcomes() -> None:
+    r = Router()
+    with taddons.context(r) as tctx:
+        tctx.configure(
+            r,
+            routing_rules=rules({"forward": {"target": A}}),
+            router_circuit_breaker_failure_threshold=1,
+        )
+        backend = r.backends["10.0.0.1:8080"]
+        backend.health.record(False)
+        f = _flow()
+        r.requestheaders(f)
+        r.request(f)
+        f.response = tutils.tresp(status_code=404)  # an answer: the backend is up
+        r.response(f)
+        assert backend.health.failures == 0 and backend.breaker.state == "closed"
+        backend.breaker.record(False, 0.0)  # open; half-open at once (timeout 0 passed)
+        backend.breaker.timeout = 0.0
+        f = _flow()
+        r.requestheaders(f)
+        r.request(f)
+        assert backend.breaker.trial_since is not None
+        # a proxy-made answer after routing (the cache, a policy) tells nothing about it
+        record(f)["error_code"] = "ACCESS_DENIED"
+        f.response = tutils.tresp(status_code=503)
+        r.response(f)
+        assert backend.active == 0 and backend.breaker.state == "half_open"
+        assert backend.breaker.trial_since is None and not backend.failures
 
 
 @pytest.mark.parametrize(
