@@ -14,25 +14,35 @@ loading (YAML, line map, errors), options (the option map), validate (`python -m
 
 from __future__ import annotations
 
-from addons.schema.env import ENV_OVERRIDES
+from addons.schema.env import ENV_OVERRIDES, SYSTEMATIC
 from addons.schema.loading import Loaded, ProfileError, load
-from addons.schema.models import COMPRESSIBLE_TYPES, CliArgumentRule, Profile
-from addons.schema.options import CORE_DEFAULTS, OPTIONS, listener_options, to_options
+from addons.schema.models import (
+    ALIASES,
+    COMPRESSIBLE_TYPES,
+    NOT_SUPPORTED,
+    CliArgumentRule,
+    Profile,
+)
+from addons.schema.options import CORE_DEFAULTS, OPTIONS, SWITCHES, listener_options, to_options
 from addons.schema.routes import RouteRule
 from addons.schema.security import FilterFile, RateLimitRule
 
 __all__ = [
+    "ALIASES",
     "COMPRESSIBLE_TYPES",
     "CORE_DEFAULTS",
     "ENV_OVERRIDES",
     "OPTIONS",
     "CliArgumentRule",
     "FilterFile",
+    "NOT_SUPPORTED",
     "Loaded",
     "Profile",
     "ProfileError",
     "RateLimitRule",
     "RouteRule",
+    "SWITCHES",
+    "SYSTEMATIC",
     "listener_options",
     "load",
     "to_options",
