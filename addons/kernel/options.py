@@ -1,6 +1,8 @@
 """Turning flat option values into checked values, and what every addon's lifecycle needs.
 
-- `Option`, `declare`: an addon's options as one table, declared in `load` with one call.
+- `Option`, `declare`: an addon's options as one table, declared in `load` with one call; an
+  option with `choices` refuses any other value (mitmproxy itself never checks `choices`: its
+  `OptManager` only type-checks, and uses them for help and the console's pickers).
 - `size`, `duration`, `choice`, `at_least`: parse one option value or raise `OptionsError`
   naming the option, so `--set` and a profile fail with the same readable message.
 - `spawn`: start a background task the event loop keeps alive (it holds only weak references).
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable, Collection, Coroutine, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -22,6 +25,8 @@ T = TypeVar("T")
 
 _tasks: set[asyncio.Task[Any]] = set()
 _singletons: dict[str, Any] = {}
+# The choice checks of each live OptManager (by id): its subscriptions hold weak references.
+_choice_checks: dict[int, dict[str, Callable[[Any, set[str]], None]]] = {}
 
 
 class Option(NamedTuple):
@@ -36,8 +41,29 @@ class Option(NamedTuple):
 
 
 def declare(loader: Any, table: Iterable[Option]) -> None:
+    table = list(table)
     for o in table:
         loader.add_option(o.name, o.typespec, o.default, o.help, o.choices)
+    options = loader.master.options
+    if id(options) not in _choice_checks:
+        _choice_checks[id(options)] = {}
+        weakref.finalize(options, _choice_checks.pop, id(options), None)
+    for o in table:
+        if o.choices:
+            check = _choices_check(o.name, o.choices)
+            _choice_checks[id(options)][o.name] = check
+            # Subscribers run before any addon's configure, so no addon sees a bad value, and
+            # the OptionsError rolls the whole update back.
+            options.subscribe(check, [o.name])
+
+
+def _choices_check(name: str, choices: Collection[str]) -> Callable[[Any, set[str]], None]:
+    def check(options: Any, updated: set[str]) -> None:
+        value = getattr(options, name)
+        for item in value if isinstance(value, list | tuple) else [value]:
+            choice(name, item, choices)
+
+    return check
 
 
 def size(option: str, value: str | int, minimum: int = 0) -> int:
@@ -65,10 +91,10 @@ def at_least(option: str, value: T, minimum: Any) -> T:
 
 
 def choice(option: str, value: str, choices: Collection[str]) -> str:
-    """`value` if it is one of `choices`; mitmproxy checks `choices=` only for typed options."""
+    """`value` if it is one of `choices`, else an `OptionsError` naming the allowed ones."""
     if value not in choices:
         raise exceptions.OptionsError(
-            f"{option}: {value!r} is not one of {', '.join(sorted(choices))}"
+            f"{option}: {value!r} is not one of {', '.join(map(repr, choices))}"
         )
     return value
 

@@ -10,6 +10,7 @@ every flat option.
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -18,6 +19,8 @@ from typing import Any
 
 import pytest
 import yaml
+from mitmproxy import optmanager
+from mitmproxy.exceptions import OptionsError
 from mitmproxy.options import Options
 from mitmproxy.test import taddons
 from pydantic import BaseModel
@@ -186,3 +189,50 @@ def test_docs_name_every_flat_option() -> None:
     text = DOC.read_text(encoding="utf-8")
     missing = [o for o in [*declared(), *schema.CORE_DEFAULTS] if f"`{o}`" not in text]
     assert not missing
+
+
+# Options whose addon checks the value itself (case-insensitively) instead of declaring choices.
+CHECKED_BY_ADDON = {"secheaders_content_type_options", "secheaders_frame_options"}
+
+
+def literal_choices(path: KeyPath) -> tuple[str, ...] | None:
+    model: type[BaseModel] = schema.Profile
+    for key in path[:-1]:
+        model = model.model_fields[key].annotation  # type: ignore[assignment]
+    annotation = model.model_fields[path[-1]].annotation
+    if typing.get_origin(annotation) is list:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        return tuple(str(c) for c in typing.get_args(annotation))
+    return None
+
+
+@cache
+def declared_choices() -> dict[str, Any]:
+    with bundle_context() as tctx:
+        return {k: v["choices"] for k, v in optmanager.dump_dicts(tctx.options).items()}
+
+
+def test_options_declare_the_choices_of_their_key() -> None:
+    for option, (path, _) in schema.OPTIONS.items():
+        choices = literal_choices(path)
+        if option in CORE | BUILTIN | CHECKED_BY_ADDON or choices is None:
+            continue
+        if option == "compress_algorithms":  # compress.py lowercases and checks the list itself
+            continue
+        assert declared_choices()[option] is not None, f"{option}: no choices declared"
+        assert set(declared_choices()[option]) == set(choices), option
+
+
+@pytest.mark.parametrize(
+    "option",
+    sorted(o for o, c in declared_choices().items() if c and o not in CORE),
+)
+def test_a_value_outside_the_choices_is_refused_naming_them(option: str) -> None:
+    with bundle_context(config=False) as tctx:
+        before = getattr(tctx.options, option)
+        with pytest.raises(OptionsError) as e:
+            tctx.options.update(**{option: "bogus"})
+        assert str(e.value).startswith(f"{option}: 'bogus' is not one of ")
+        assert all(repr(c) in str(e.value) for c in declared_choices()[option])
+        assert getattr(tctx.options, option) == before
