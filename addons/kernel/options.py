@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from collections.abc import Callable, Collection, Coroutine, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
@@ -22,6 +23,7 @@ from mitmproxy import exceptions
 from addons.kernel.units import parse_duration, parse_size
 
 T = TypeVar("T")
+log = logging.getLogger("waypost.options")
 
 _tasks: set[asyncio.Task[Any]] = set()
 _singletons: dict[str, Any] = {}
@@ -49,12 +51,33 @@ def declare(loader: Any, table: Iterable[Option]) -> None:
         _choice_checks[id(options)] = {}
         weakref.finalize(options, _choice_checks.pop, id(options), None)
     for o in table:
-        if o.choices:
-            check = _choices_check(o.name, o.choices)
-            _choice_checks[id(options)][o.name] = check
-            # Subscribers run before any addon's configure, so no addon sees a bad value, and
-            # the OptionsError rolls the whole update back.
-            options.subscribe(check, [o.name])
+        if not o.choices:
+            continue
+        _refuse_deferred(options, o.name, o.choices)
+        check = _choices_check(o.name, o.choices)
+        _choice_checks[id(options)][o.name] = check
+        # Subscribers run before any addon's configure, so no addon sees a bad value, and
+        # the OptionsError rolls the whole update back.
+        options.subscribe(check, [o.name])
+
+
+def _refuse_deferred(options: Any, name: str, choices: Collection[str]) -> None:
+    """A `--set` value outside the choices, waiting for this option to be declared, is logged
+    as an ERROR (which stops mitmproxy during startup) and dropped. Raising here instead would
+    abort the script's registration, which mitmproxy 11/12 do not report when the script is
+    loaded by its watcher task: the proxy would run without the addons."""
+    if name not in options.deferred:
+        return
+    # mitmproxy keeps --set values unparsed until the option exists (_UnconvertedStrings.val).
+    raw = options.deferred[name]
+    values = getattr(raw, "val", raw)
+    for value in values if isinstance(values, list | tuple) else [values]:
+        try:
+            choice(name, value, choices)
+        except exceptions.OptionsError as e:
+            del options.deferred[name]
+            log.error("--set %s", e)
+            return
 
 
 def _choices_check(name: str, choices: Collection[str]) -> Callable[[Any, set[str]], None]:
