@@ -73,12 +73,7 @@ def apply(data: dict[str, Any], environ: Mapping[str, str]) -> tuple[dict[KeyPat
     for var, target in [*ENV_OVERRIDES.items(), *SYSTEMATIC.items()]:
         if var not in environ:
             continue
-        try:
-            value = _convert(_FIELDS[target], environ[var])
-        except ValueError as e:
-            problems.append(f"environment variable {var}: {'.'.join(target)}: {e}")
-            continue
-        if value is _IGNORED:
+        if var.endswith("PORT") and _SERVICE_LINK.match(environ[var]):
             log.warning(
                 "environment variable %s=%s looks like a Kubernetes service link, not a port: "
                 "ignored (name the Service otherwise, or set enableServiceLinks: false)",
@@ -86,20 +81,20 @@ def apply(data: dict[str, Any], environ: Mapping[str, str]) -> tuple[dict[KeyPat
                 environ[var],
             )
             continue
+        try:
+            value = _convert(_FIELDS[target], environ[var])
+        except ValueError as e:
+            problems.append(f"environment variable {var}: {'.'.join(target)}: {e}")
+            continue
         _set_path(data, target, value)
         applied[target] = var
     return applied, problems
-
-
-_IGNORED = object()
 
 
 def _convert(field: FieldInfo, raw: str) -> Any:
     annotation = field.annotation
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     origin = typing.get_origin(annotation)
-    if annotation is int and _SERVICE_LINK.match(raw):
-        return _IGNORED
     if origin is list or origin is dict or (args and typing.get_origin(args[0]) in (list, dict)):
         if raw.lstrip().startswith(("[", "{")):
             try:
