@@ -7,9 +7,11 @@ into the flat options of the addons (`to_options`), which is all the addons ever
     load("profiles/prod.yaml", os.environ) -> Loaded    # raises ProfileError listing every problem
     to_options(loaded.profile) -> {"listen_port": 8080, "cache_max_memory": "268435456", ...}
 
-Modules: fields (value types, `Section`, `Env`), models (`Profile` and its general sections),
-security and routes (those sections), env (the environment table, derived from `Env` marks),
-loading (YAML, line map, errors), options (the option map), validate (`python -m addons.schema`).
+Modules: fields (value types, `Section`, `Env`), models (`Profile` and its general sections;
+`ALIASES` and `NOT_SUPPORTED`, the product requirements' other names and unenforced keys),
+security and routes (those sections), env (the environment tables: `Env` marks and
+`WAYPOST_<SECTION>__<KEY>`), loading (YAML, line map, aliases, errors), options (the option
+map and the `enabled: false` `SWITCHES`), validate (`python -m addons.schema`).
 """
 
 from __future__ import annotations

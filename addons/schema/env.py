@@ -11,6 +11,11 @@ variable. A list takes a comma-separated value or JSON (`[...]`), a mapping or a
 rules JSON; a choice is matched whatever its case. A Kubernetes service link in a port variable
 (`PROXY_PORT=tcp://10.96.0.12:8080`, injected for a Service named `proxy`) is ignored with a
 WARNING.
+
+Why not pydantic-settings (tried, 2.14.1 with `env_nested_delimiter="__"`): its errors name
+the key (`cache.max_memory`), not the variable, so a value set by both the file and the
+environment cannot be told apart; and a misspelt `WAYPOST_CACHE__MAX_MEMROY` is silently
+ignored even with `extra="forbid"`. Deriving both tables from the schema is these 40 lines.
 """
 
 from __future__ import annotations
