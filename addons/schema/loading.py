@@ -78,9 +78,11 @@ def load(path: str | Path | None, environ: Mapping[str, str]) -> Loaded:
 
 
 def _other_names(data: dict[str, Any], lines: Lines, source: str) -> list[str]:
-    """Move the aliases (the product requirements' spellings) to the keys they stand for (and their lines with them); take out
-    and report the keys not supported yet. Sections emptied by either are dropped."""
+    """Move the aliases (the product requirements' spellings) to the keys they stand for, with
+    their lines; take out and report the keys not supported yet, by the name the file wrote.
+    Sections emptied by either are dropped."""
     problems: list[str] = []
+    written: dict[tuple[str, ...], tuple[str, ...]] = {}  # moved key -> the alias written
     for alias, target in ALIASES.items():
         value = _pop(data, alias)
         if value is _MISSING:
@@ -99,12 +101,17 @@ def _other_names(data: dict[str, Any], lines: Lines, source: str) -> list[str]:
                 )
                 continue
             parent[target[-1]] = value
+            written[target] = alias
             for path in [p for p in lines if p[: len(alias)] == alias]:
                 lines[target + path[len(alias) :]] = lines[path]
     for path, why in NOT_SUPPORTED.items():
         if _pop(data, path) is not _MISSING:
             where = f"{source}:{lines[path]}" if path in lines else source
-            problems.append(f"{where}: {'.'.join(path)}: not supported yet: {why}")
+            shown = next(
+                (alias + path[len(t) :] for t, alias in written.items() if path[: len(t)] == t),
+                path,
+            )
+            problems.append(f"{where}: {'.'.join(shown)}: not supported yet: {why}")
     return problems
 
 

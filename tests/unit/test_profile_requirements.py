@@ -112,10 +112,10 @@ def test_circuit_breaker_example() -> None:
 
 def test_listener_example(tmp_path: Path) -> None:
     fixture = EXAMPLES / "listener.yaml"
-    assert [p.split(": ")[1] for p in problems(fixture)] == [
-        "server.timeouts.write",
-        "server.timeouts.idle",
-        "server.limits.max_concurrent_connections",
+    assert [p.split(": ")[1] for p in problems(fixture)] == [  # as the file writes them
+        "listener.timeouts.write",
+        "listener.timeouts.idle",
+        "listener.limits.max_concurrent_connections",
     ]
     assert all("not supported yet" in p for p in problems(fixture))
     assert problems(fixture)[0].startswith(f"{fixture}:10:")  # the listener: file's own line
