@@ -7,7 +7,11 @@ leaves the old config in force.
 
 Precedence: an option set on the command line (or in mitmweb) > environment > profile > default.
 
-Hooks: load, configure (startup load), running (file watcher, SIGHUP), done.
+An unknown `--set` option that looks like a Waypost one (a Waypost prefix such as `filter_`, or
+close to a known name) stops startup with a did-you-mean: mitmproxy keeps unknown `--set`
+values aside ("deferred") in case an addon declares them later, and says nothing once none did.
+
+Hooks: load, configure (startup load), running (unknown options, file watcher, SIGHUP), done.
 Options: waypost_profile.
 Metrics: config_reloads_total{result="success"|"failure"} (reloads after startup),
 config_last_reload_successful (0 while the running config is not the file's latest version),
@@ -17,6 +21,7 @@ config_last_reload_success_timestamp_seconds.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import os
 import signal
@@ -131,6 +136,9 @@ class Config:
         log.info("profile %s applied", loaded.source)
 
     def running(self) -> None:
+        for problem in unknown_options(ctx.options):
+            # ERROR during startup: mitmproxy's errorcheck stops the proxy with this line.
+            log.error(problem)
         loop = asyncio.get_running_loop()
         if self._rebind:
             self._rebind = False
@@ -258,6 +266,22 @@ class Config:
         task = spawn(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def unknown_options(options: Any) -> list[str]:
+    """One line per `--set` name no addon declared that looks like a Waypost option."""
+    known = [*options.keys(), *schema.OPTIONS]
+    prefixes = tuple({name.split("_", 1)[0] + "_" for name in known if name in schema.OPTIONS})
+    problems = []
+    for name in sorted(options.deferred):
+        if name in schema.OPTIONS:
+            problems.append(f"--set {name}: the addon that declares it is not loaded")
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if close or name.startswith((*prefixes, "waypost_")):
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"--set {name}: not an option of any loaded addon{hint}")
+    return problems
 
 
 def _restart_listeners() -> None:

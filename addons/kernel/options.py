@@ -1,6 +1,8 @@
 """Turning flat option values into checked values, and what every addon's lifecycle needs.
 
-- `Option`, `declare`: an addon's options as one table, declared in `load` with one call.
+- `Option`, `declare`: an addon's options as one table, declared in `load` with one call; an
+  option with `choices` refuses any other value (mitmproxy itself never checks `choices`: its
+  `OptManager` only type-checks, and uses them for help and the console's pickers).
 - `size`, `duration`, `choice`, `at_least`: parse one option value or raise `OptionsError`
   naming the option, so `--set` and a profile fail with the same readable message.
 - `spawn`: start a background task the event loop keeps alive (it holds only weak references).
@@ -11,6 +13,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import weakref
 from collections.abc import Callable, Collection, Coroutine, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -19,9 +23,12 @@ from mitmproxy import exceptions
 from addons.kernel.units import parse_duration, parse_size
 
 T = TypeVar("T")
+log = logging.getLogger("waypost.options")
 
 _tasks: set[asyncio.Task[Any]] = set()
 _singletons: dict[str, Any] = {}
+# The choice checks of each live OptManager (by id): its subscriptions hold weak references.
+_choice_checks: dict[int, dict[str, Callable[[Any, set[str]], None]]] = {}
 
 
 class Option(NamedTuple):
@@ -36,8 +43,50 @@ class Option(NamedTuple):
 
 
 def declare(loader: Any, table: Iterable[Option]) -> None:
+    table = list(table)
     for o in table:
         loader.add_option(o.name, o.typespec, o.default, o.help, o.choices)
+    options = loader.master.options
+    if id(options) not in _choice_checks:
+        _choice_checks[id(options)] = {}
+        weakref.finalize(options, _choice_checks.pop, id(options), None)
+    for o in table:
+        if not o.choices:
+            continue
+        _refuse_deferred(options, o.name, o.choices)
+        check = _choices_check(o.name, o.choices)
+        _choice_checks[id(options)][o.name] = check
+        # Subscribers run before any addon's configure, so no addon sees a bad value, and
+        # the OptionsError rolls the whole update back.
+        options.subscribe(check, [o.name])
+
+
+def _refuse_deferred(options: Any, name: str, choices: Collection[str]) -> None:
+    """A `--set` value outside the choices, waiting for this option to be declared, is logged
+    as an ERROR (which stops mitmproxy during startup) and dropped. Raising here instead would
+    abort the script's registration, which mitmproxy 11/12 do not report when the script is
+    loaded by its watcher task: the proxy would run without the addons."""
+    if name not in options.deferred:
+        return
+    # mitmproxy keeps --set values unparsed until the option exists (_UnconvertedStrings.val).
+    raw = options.deferred[name]
+    values = getattr(raw, "val", raw)
+    for value in values if isinstance(values, list | tuple) else [values]:
+        try:
+            choice(name, value, choices)
+        except exceptions.OptionsError as e:
+            del options.deferred[name]
+            log.error("--set %s", e)
+            return
+
+
+def _choices_check(name: str, choices: Collection[str]) -> Callable[[Any, set[str]], None]:
+    def check(options: Any, updated: set[str]) -> None:
+        value = getattr(options, name)
+        for item in value if isinstance(value, list | tuple) else [value]:
+            choice(name, item, choices)
+
+    return check
 
 
 def size(option: str, value: str | int, minimum: int = 0) -> int:
@@ -65,10 +114,10 @@ def at_least(option: str, value: T, minimum: Any) -> T:
 
 
 def choice(option: str, value: str, choices: Collection[str]) -> str:
-    """`value` if it is one of `choices`; mitmproxy checks `choices=` only for typed options."""
+    """`value` if it is one of `choices`, else an `OptionsError` naming the allowed ones."""
     if value not in choices:
         raise exceptions.OptionsError(
-            f"{option}: {value!r} is not one of {', '.join(sorted(choices))}"
+            f"{option}: {value!r} is not one of {', '.join(map(repr, choices))}"
         )
     return value
 

@@ -7,32 +7,44 @@ into the flat options of the addons (`to_options`), which is all the addons ever
     load("profiles/prod.yaml", os.environ) -> Loaded    # raises ProfileError listing every problem
     to_options(loaded.profile) -> {"listen_port": 8080, "cache_max_memory": "268435456", ...}
 
-Modules: fields (value types, `Section`, `Env`), models (`Profile` and its general sections),
-security and routes (those sections), env (the environment table, derived from `Env` marks),
-loading (YAML, line map, errors), options (the option map), validate (`python -m addons.schema`).
+Modules: fields (value types, `Section`, `Env`), models (`Profile` and its general sections;
+`ALIASES` and `NOT_SUPPORTED`, the product requirements' other names and unenforced keys),
+security and routes (those sections), env (the environment tables: `Env` marks and
+`WAYPOST_<SECTION>__<KEY>`), loading (YAML, line map, aliases, errors), options (the option
+map and the `enabled: false` `SWITCHES`), validate (`python -m addons.schema`).
 """
 
 from __future__ import annotations
 
-from addons.schema.env import ENV_OVERRIDES
+from addons.schema.env import ENV_OVERRIDES, SYSTEMATIC
 from addons.schema.loading import Loaded, ProfileError, load
-from addons.schema.models import COMPRESSIBLE_TYPES, CliArgumentRule, Profile
-from addons.schema.options import CORE_DEFAULTS, OPTIONS, listener_options, to_options
+from addons.schema.models import (
+    ALIASES,
+    COMPRESSIBLE_TYPES,
+    NOT_SUPPORTED,
+    CliArgumentRule,
+    Profile,
+)
+from addons.schema.options import CORE_DEFAULTS, OPTIONS, SWITCHES, listener_options, to_options
 from addons.schema.routes import RouteRule
 from addons.schema.security import FilterFile, RateLimitRule
 
 __all__ = [
+    "ALIASES",
     "COMPRESSIBLE_TYPES",
     "CORE_DEFAULTS",
     "ENV_OVERRIDES",
     "OPTIONS",
     "CliArgumentRule",
     "FilterFile",
+    "NOT_SUPPORTED",
     "Loaded",
     "Profile",
     "ProfileError",
     "RateLimitRule",
     "RouteRule",
+    "SWITCHES",
+    "SYSTEMATIC",
     "listener_options",
     "load",
     "to_options",

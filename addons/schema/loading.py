@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from addons.schema import env
-from addons.schema.models import Profile
+from addons.schema.models import ALIASES, NOT_SUPPORTED, Profile
 
 Lines = dict[tuple[str | int, ...], int]
 
@@ -64,7 +64,9 @@ def load(path: str | Path | None, environ: Mapping[str, str]) -> Loaded:
         data, lines, problems = _parse_yaml(text, source)
     if not isinstance(data, dict):
         raise ProfileError(source, problems)
-    env_paths = env.apply(data, environ)
+    problems += _other_names(data, lines, source)
+    env_paths, env_problems = env.apply(data, environ)
+    problems += env_problems
     try:
         profile = Profile.model_validate(data)
     except ValidationError as e:
@@ -73,6 +75,64 @@ def load(path: str | Path | None, environ: Mapping[str, str]) -> Loaded:
     if problems:
         raise ProfileError(source, problems)
     return Loaded(profile, source, lines, env_paths)
+
+
+def _other_names(data: dict[str, Any], lines: Lines, source: str) -> list[str]:
+    """Move the aliases (the product requirements' spellings) to the keys they stand for, with
+    their lines; take out and report the keys not supported yet, by the name the file wrote.
+    Sections emptied by either are dropped."""
+    problems: list[str] = []
+    written: dict[tuple[str, ...], tuple[str, ...]] = {}  # moved key -> the alias written
+    for alias, target in ALIASES.items():
+        value = _pop(data, alias)
+        if value is _MISSING:
+            continue
+        parent = data
+        for key in target[:-1]:
+            parent = parent.setdefault(key, {})
+            if not isinstance(parent, dict):
+                break
+        else:
+            if target[-1] in parent:
+                where = f"{source}:{lines.get(alias, 0)}"
+                problems.append(
+                    f"{where}: {'.'.join(alias)}: another name for {'.'.join(target)}, "
+                    "which is also given: keep one"
+                )
+                continue
+            parent[target[-1]] = value
+            written[target] = alias
+            for path in [p for p in lines if p[: len(alias)] == alias]:
+                lines[target + path[len(alias) :]] = lines[path]
+    for path, why in NOT_SUPPORTED.items():
+        if _pop(data, path) is not _MISSING:
+            where = f"{source}:{lines[path]}" if path in lines else source
+            shown = next(
+                (alias + path[len(t) :] for t, alias in written.items() if path[: len(t)] == t),
+                path,
+            )
+            problems.append(f"{where}: {'.'.join(shown)}: not supported yet: {why}")
+    return problems
+
+
+_MISSING = object()
+
+
+def _pop(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    """Remove and return the value at `path` (`_MISSING` if absent), then any emptied parent."""
+    parents = [data]
+    for key in path[:-1]:
+        child = parents[-1].get(key)
+        if not isinstance(child, dict):
+            return _MISSING
+        parents.append(child)
+    value = parents[-1].pop(path[-1], _MISSING)
+    if value is not _MISSING:
+        for depth in range(len(path) - 1, 0, -1):
+            if parents[depth]:
+                break
+            del parents[depth - 1][path[depth - 1]]
+    return value
 
 
 def _parse_yaml(text: str, source: str) -> tuple[Any, Lines, list[str]]:
@@ -147,7 +207,9 @@ def _describe(
     elif "input" in err and not isinstance(err["input"], dict) and repr(err["input"]) not in msg:
         hint = f" (got {err['input']!r})"
     for target, var in env_paths.items():
-        if loc[: len(target)] == target:
+        # A section's own check (loc a prefix of the key) is the variable's when the file
+        # does not write that section.
+        if loc[: len(target)] == target or (target[: len(loc)] == loc and loc not in lines):
             return f"environment variable {var}: {dotted}: {msg}{hint}"
     line = _nearest_line(lines, loc)
     where = f"{source}:{line}" if line else source

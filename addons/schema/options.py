@@ -50,6 +50,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "tls_listener_cert": (("server", "tls", "cert"), lambda v: v or ""),
     "tls_listener_key": (("server", "tls", "key"), lambda v: v or ""),
     "tls_listener_chain": (("server", "tls", "chain"), lambda v: v or ""),
+    "tls_version_client_min": (("server", "tls", "min_version"), lambda v: v.replace(".", "_")),
     "log_level": (("logging", "level"), _same),
     "log_format": (("logging", "format"), _same),
     "log_output": (("logging", "output"), _same),
@@ -179,6 +180,22 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     ),
 }
 
+# The product requirements' `enabled: false` switches: the section's values stay in the profile, and the
+# options that would apply them get their off value instead.
+SWITCHES: dict[tuple[str, ...], dict[str, Any]] = {
+    ("server", "tls", "enabled"): {
+        "tls_listener_cert": "",
+        "tls_listener_key": "",
+        "tls_listener_chain": "",
+    },
+    ("security", "acl", "enabled"): {"acl_allowed_ips": [], "acl_denied_ips": []},
+    ("security", "rate_limiting", "enabled"): {
+        "ratelimit_requests_per_second": "0",
+        "ratelimit_rules": "",
+        "ratelimit_max_connections_per_ip": 0,
+    },
+}
+
 # Core mitmproxy options the bundle sets unless the profile's `mitmproxy:` section or the
 # command line says otherwise: bodies over 1 MiB are streamed, never held whole in memory; the
 # flow dumper stays quiet because the access log says the same thing as JSON; and the mitm.it
@@ -194,6 +211,12 @@ def to_options(profile: Profile) -> dict[str, Any]:
         for key in path:
             value = getattr(value, key)
         out[option] = convert(value)
+    for path, off in SWITCHES.items():
+        switch: Any = profile
+        for key in path:
+            switch = getattr(switch, key)
+        if switch is False:
+            out |= off
     return out | CORE_DEFAULTS | listener_options(profile) | profile.mitmproxy
 
 

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from pydantic import BeforeValidator, Field, model_validator
 
 from addons.kernel import hosts
-from addons.schema.fields import Duration, Method, Port, Section
+from addons.schema.fields import Duration, Env, Method, Port, Section
 
 _ROUTE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
@@ -113,6 +113,30 @@ class RouteRule(Section):
     forward: RouteForward
     cache: bool | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _requirements_spelling(cls, data: Any) -> Any:
+        """The requirements write `forward.cache` (the rule's `cache`) and `strip_prefix: true|false`
+        (strip the rule's `match.path` prefix, or nothing)."""
+        if not isinstance(data, dict) or not isinstance(data.get("forward"), dict):
+            return data
+        data, forward = dict(data), dict(data["forward"])
+        if "cache" in forward:
+            cache = forward.pop("cache")
+            if data.setdefault("cache", cache) != cache:
+                raise ValueError("cache and forward.cache disagree")
+        strip = forward.get("strip_prefix")
+        if isinstance(strip, bool):
+            del forward["strip_prefix"]
+            if strip:
+                path = (data.get("match") or {}).get("path")
+                prefix = str(path or "").rstrip("*").rstrip("/")
+                if not prefix:
+                    raise ValueError("strip_prefix: true strips match.path, which is not set")
+                forward["strip_prefix"] = prefix
+        data["forward"] = forward
+        return data
+
 
 class Listener(Section):
     # forward: the forward proxy (server.host/server.port unless given); reverse: every
@@ -132,7 +156,7 @@ class Retries(Section):
 
 class Routing(Section):
     listeners: list[Listener] = []
-    default_backend: BackendUrl | None = None
+    default_backend: Annotated[BackendUrl | None, Env("DEFAULT_BACKEND")] = None
     rules: list[RouteRule] = []
     retries: Retries = Retries()
 

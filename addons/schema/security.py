@@ -4,9 +4,10 @@ security headers, domain filtering and content-type filtering."""
 from __future__ import annotations
 
 import re
+import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import AliasChoices, BeforeValidator, Field, field_validator, model_validator
 
 from addons.kernel import hosts
 from addons.schema.fields import Duration, Env, Network, PortSpec, Section
@@ -28,6 +29,7 @@ RuleId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 
 
 class Acl(Section):
+    enabled: bool = True  # false: the lists are kept but not applied
     allowed_ips: list[Network] = []
     denied_ips: list[Network] = []
     mode: Mode = "enforce"
@@ -63,6 +65,7 @@ class RateLimitRule(Section):
 
 
 class RateLimiting(Section):
+    enabled: Annotated[bool, Env("RATE_LIMIT_ENABLED")] = True  # false: no limit nor cap applies
     requests_per_second: Annotated[
         float, Field(ge=0, allow_inf_nan=False), Env("RATE_LIMIT_RPS")
     ] = 0
@@ -92,13 +95,35 @@ def _header_value(value: Any) -> str:
 HeaderValue = Annotated[str, BeforeValidator(_header_value)]
 
 
+def _also(name: str, other: str) -> Any:
+    """The field is also accepted under the header-named key of the requirements."""
+    return Field(validation_alias=AliasChoices(name, other))
+
+
 class SecurityHeaders(Section):
     enabled: bool = False
-    hsts: HeaderValue = "max-age=31536000; includeSubDomains"
-    content_type_options: Literal["nosniff", ""] = "nosniff"
-    frame_options: Literal["DENY", "SAMEORIGIN", ""] = "DENY"
+    hsts: Annotated[HeaderValue, _also("hsts", "strict_transport_security")] = (
+        "max-age=31536000; includeSubDomains"
+    )
+    content_type_options: Annotated[
+        Literal["nosniff", ""], _also("content_type_options", "x_content_type_options")
+    ] = "nosniff"
+    frame_options: Annotated[
+        Literal["DENY", "SAMEORIGIN", ""], _also("frame_options", "x_frame_options")
+    ] = "DENY"
     content_security_policy: HeaderValue = ""
     override: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_when_named(cls, data: Any) -> Any:
+        """A section that names the headers to add (as the requirements' does) turns them on, unless it
+        says `enabled: false`."""
+        named = {"strict_transport_security", "x_content_type_options", "x_frame_options"}
+        named |= {"hsts", "content_type_options", "frame_options", "content_security_policy"}
+        if isinstance(data, dict) and "enabled" not in data and named & data.keys():
+            data = {**data, "enabled": True}
+        return data
 
     @field_validator("hsts")
     @classmethod
@@ -109,12 +134,7 @@ class SecurityHeaders(Section):
 
 
 PolicyMode = Literal["enforce", "shadow"]
-
-
-def _policy_mode(value: Any) -> Any:
-    if value in ("blocklist", "allowlist", "mixed"):
-        raise ValueError(f"mode is enforce or shadow; {value} goes in list_mode")
-    return value
+ListMode = Literal["blocklist", "allowlist", "mixed"]
 
 
 class FilterFile(Section):
@@ -135,17 +155,33 @@ class FilterDomains(Section):
 
 
 class FilterResponse(Section):
+    status: Literal[403] = (
+        403  # the requirements' key; a blocked domain is always 403 DOMAIN_BLOCKED
+    )
     body: str = ""  # the message of the 403 JSON error; empty: a default naming host and rule
 
 
 class Filtering(Section):
-    mode: Annotated[PolicyMode, BeforeValidator(_policy_mode)] = "enforce"
-    list_mode: Literal["blocklist", "allowlist", "mixed"] = "blocklist"
+    mode: PolicyMode = "enforce"
+    list_mode: ListMode = "blocklist"
     domains: FilterDomains = FilterDomains()
     ip_literals: Literal["allow", "deny", "check"] = "check"
     check_sni: bool = True
     reload_interval: Duration = 2.0
     response: FilterResponse = FilterResponse()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_mode_in_mode(cls, data: Any) -> Any:
+        """The requirements' `mode: blocklist|allowlist|mixed` is Waypost's `list_mode`; Waypost's
+        `mode` (enforce or shadow) then keeps its default."""
+        if not isinstance(data, dict) or data.get("mode") not in typing.get_args(ListMode):
+            return data
+        data = dict(data)
+        list_mode = data.pop("mode")
+        if data.setdefault("list_mode", list_mode) != list_mode:
+            raise ValueError(f"mode: {list_mode} and list_mode disagree")
+        return data
 
 
 class ContentFiltering(Section):

@@ -103,7 +103,9 @@ def _interception_summary(p: Profile) -> str:
 
 def _listener_cert_summary(p: Profile) -> str:
     tls = p.server.tls
-    return f"{tls.cert} (key {tls.key})" if tls.cert else "mitmproxy certificate"
+    if tls.cert and tls.enabled is not False:
+        return f"{tls.cert} (key {tls.key})"
+    return "mitmproxy certificate"
 
 
 def _compression_summary(p: Profile) -> str:
@@ -130,6 +132,8 @@ def _routing_summary(p: Profile) -> str:
 
 
 def _acl_summary(acl: Acl) -> str:
+    if not acl.enabled:
+        return "off (enabled: false)"
     if not acl.allowed_ips and not acl.denied_ips:
         return "off (mitmproxy's block_global decides)"
     allowed = f"allow {', '.join(acl.allowed_ips)}" if acl.allowed_ips else "allow all"
@@ -138,6 +142,8 @@ def _acl_summary(acl: Acl) -> str:
 
 
 def _rate_summary(rl: RateLimiting) -> str:
+    if not rl.enabled:
+        return "off (enabled: false)"
     parts = []
     if rl.requests_per_second:
         parts.append(f"{rl.requests_per_second:g}/s burst {rl.burst or 'auto'} per client IP")

@@ -184,3 +184,43 @@ def test_reload_metrics_count_outcomes(tmp_path: Path) -> None:
         assert sample("config_last_reload_successful") == 1
         assert sample("config_reloads_total", result="success") == before["success"] + 1
         assert sample("config_reloads_total", result="failure") == before["failure"] + 1
+
+
+class Modes:
+    """An addon with a choice option, declared through the kernel's option table."""
+
+    def load(self, loader: Any) -> None:
+        from addons.kernel.options import Option, declare
+
+        declare(loader, [Option("filter_mode", str, "enforce", "", ["enforce", "shadow"])])
+
+
+def test_unknown_options_that_look_like_waypost_ones_are_named() -> None:
+    from addons.config import unknown_options
+
+    with taddons.context(Config(), Modes()) as tctx:
+        tctx.options.deferred.update(
+            {"filter_mdoe": "x", "cache_anything": "x", "other_script_option": "x", "acl_mode": "x"}
+        )
+        assert unknown_options(tctx.options) == [
+            "--set acl_mode: the addon that declares it is not loaded",
+            "--set cache_anything: not an option of any loaded addon",
+            "--set filter_mdoe: not an option of any loaded addon (did you mean filter_mode?)",
+        ]
+
+
+def test_a_deferred_value_outside_the_choices_is_logged_and_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with taddons.context() as tctx:
+        tctx.options.set("filter_mode=shadwo", defer=True)
+        with caplog.at_level("ERROR", logger="waypost.options"):
+            tctx.master.addons.add(Modes())
+        assert "--set filter_mode: 'shadwo' is not one of 'enforce', 'shadow'" in caplog.text
+        assert tctx.options.filter_mode == "enforce"
+        assert "filter_mode" not in tctx.options.deferred
+        tctx.options.set("filter_mode=shadow")
+        assert tctx.options.filter_mode == "shadow"
+        with pytest.raises(exceptions.OptionsError, match="not one of 'enforce', 'shadow'"):
+            tctx.options.update(filter_mode="bogus")
+        assert tctx.options.filter_mode == "shadow"

@@ -375,10 +375,14 @@ def test_profile_section_becomes_the_flat_options(tmp_path: Path) -> None:
     assert opts["content_filter_check_request"] is True
 
 
-def test_profile_points_a_list_mode_in_mode_to_list_mode(tmp_path: Path) -> None:
+def test_profile_reads_a_list_mode_in_mode_as_the_requirements_do(tmp_path: Path) -> None:
+    # The product requirements write the list mode as `mode`; Waypost's `mode` stays enforce.
     from addons import schema
 
     path = tmp_path / "p.yaml"
     path.write_text("security:\n  filtering:\n    mode: allowlist\n")
-    with pytest.raises(schema.ProfileError, match=r"p\.yaml:3: .*allowlist goes in list_mode"):
+    opts = schema.to_options(schema.load(path, {}).profile)
+    assert (opts["filter_list_mode"], opts["filter_mode"]) == ("allowlist", "enforce")
+    path.write_text("security:\n  filtering:\n    mode: allowlist\n    list_mode: mixed\n")
+    with pytest.raises(schema.ProfileError, match=r"p\.yaml:2: .*list_mode disagree"):
         schema.load(path, {})

@@ -10,6 +10,7 @@ every flat option.
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -18,6 +19,8 @@ from typing import Any
 
 import pytest
 import yaml
+from mitmproxy import optmanager
+from mitmproxy.exceptions import OptionsError
 from mitmproxy.options import Options
 from mitmproxy.test import taddons
 from pydantic import BaseModel
@@ -32,11 +35,19 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 # the empty profile's). compress.py loaded alone compresses; a profile opts in.
 DELIBERATE: dict[str, tuple[Any, Any]] = {"compress_enabled": (True, False)}
 # Profile keys that are not one flat option: listeners become core `mode` (and two more),
-# `mitmproxy:` holds core options by their own names.
-NOT_FLAT = {("routing", "listeners"), ("mitmproxy",)}
+# `mitmproxy:` holds core options by their own names, the requirements' `enabled: false` switches turn
+# other options off, and the filter's answer is always 403.
+NOT_FLAT = {
+    ("routing", "listeners"),
+    ("mitmproxy",),
+    ("security", "filtering", "response", "status"),
+    *schema.SWITCHES,
+}
 # Flat options no profile key sets.
 NO_KEY = {"waypost_profile", "lean_chain", "listen_backlog"}
 CORE = set(Options().keys())
+# Options of mitmproxy's built-in addons (not in the test context) that a profile key sets.
+BUILTIN = {"tls_version_client_min"}
 KeyPath = tuple[str, ...]
 
 
@@ -122,10 +133,10 @@ def test_every_declared_option_is_set_by_a_key_or_listed_without_one() -> None:
     mapped = set(schema.OPTIONS)
     assert mapped & CORE == {"listen_host", "listen_port"}
     assert set(declared()) - mapped - NO_KEY == set(), "options no profile key sets"
-    assert (mapped - CORE) - set(declared()) == set(), "mapped options no addon declares"
+    assert (mapped - CORE - BUILTIN) - set(declared()) == set(), "mapped options no addon declares"
 
 
-@pytest.mark.parametrize("option", sorted(set(schema.OPTIONS) - CORE))
+@pytest.mark.parametrize("option", sorted(set(schema.OPTIONS) - CORE - BUILTIN))
 def test_profile_default_is_the_addon_default(option: str) -> None:
     addon_default, mapped = declared()[option], empty_profile_options()[option]
     if option in DELIBERATE:
@@ -144,12 +155,14 @@ def test_docs_list_every_key_with_its_option_env_and_default() -> None:
     rows = doc_rows()
     assert set(leaves(schema.Profile)) - set(rows) == set(), "keys missing from the reference"
     options = {path: option for option, (path, _) in schema.OPTIONS.items()}
-    env = {path: var for var, path in schema.ENV_OVERRIDES.items()}
+    env: dict[KeyPath, set[str]] = {}
+    for var, path in schema.ENV_OVERRIDES.items():
+        env.setdefault(path, set()).add(var)
     default = schema.Profile()
     for path, (shown, var, option, meaning) in rows.items():
         key = ".".join(path)
         assert meaning, key
-        assert first_code(var) == env.get(path), f"{key}: env var"
+        assert set(re.findall(r"`([^`]+)`", var)) == env.get(path, set()), f"{key}: env var"
         if path not in NOT_FLAT:
             assert first_code(option) == options[path], f"{key}: flat option"
         assert at(with_value(path, doc_default(key, shown)), path) == at(default, path), key
@@ -176,3 +189,50 @@ def test_docs_name_every_flat_option() -> None:
     text = DOC.read_text(encoding="utf-8")
     missing = [o for o in [*declared(), *schema.CORE_DEFAULTS] if f"`{o}`" not in text]
     assert not missing
+
+
+# Options whose addon checks the value itself (case-insensitively) instead of declaring choices.
+CHECKED_BY_ADDON = {"secheaders_content_type_options", "secheaders_frame_options"}
+
+
+def literal_choices(path: KeyPath) -> tuple[str, ...] | None:
+    model: type[BaseModel] = schema.Profile
+    for key in path[:-1]:
+        model = model.model_fields[key].annotation  # type: ignore[assignment]
+    annotation = model.model_fields[path[-1]].annotation
+    if typing.get_origin(annotation) is list:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        return tuple(str(c) for c in typing.get_args(annotation))
+    return None
+
+
+@cache
+def declared_choices() -> dict[str, Any]:
+    with bundle_context() as tctx:
+        return {k: v["choices"] for k, v in optmanager.dump_dicts(tctx.options).items()}
+
+
+def test_options_declare_the_choices_of_their_key() -> None:
+    for option, (path, _) in schema.OPTIONS.items():
+        choices = literal_choices(path)
+        if option in CORE | BUILTIN | CHECKED_BY_ADDON or choices is None:
+            continue
+        if option == "compress_algorithms":  # compress.py lowercases and checks the list itself
+            continue
+        assert declared_choices()[option] is not None, f"{option}: no choices declared"
+        assert set(declared_choices()[option]) == set(choices), option
+
+
+@pytest.mark.parametrize(
+    "option",
+    sorted(o for o, c in declared_choices().items() if c and o not in CORE),
+)
+def test_a_value_outside_the_choices_is_refused_naming_them(option: str) -> None:
+    with bundle_context(config=False) as tctx:
+        before = getattr(tctx.options, option)
+        with pytest.raises(OptionsError) as e:
+            tctx.options.update(**{option: "bogus"})
+        assert str(e.value).startswith(f"{option}: 'bogus' is not one of ")
+        assert all(repr(c) in str(e.value) for c in declared_choices()[option])
+        assert getattr(tctx.options, option) == before

@@ -180,6 +180,8 @@ def test_environment_table_is_derived_from_the_schema() -> None:
         "SHUTDOWN_TIMEOUT": ("server", "shutdown_timeout"),
         "CONNECT_TIMEOUT": ("server", "timeouts", "connect"),
         "READ_TIMEOUT": ("server", "timeouts", "read"),
+        "BACKEND_TIMEOUT": ("server", "timeouts", "read"),
+        "PROXY_TLS_ENABLED": ("server", "tls", "enabled"),
         "LOG_LEVEL": ("logging", "level"),
         "LOG_FORMAT": ("logging", "format"),
         "LOG_OUTPUT": ("logging", "output"),
@@ -189,11 +191,17 @@ def test_environment_table_is_derived_from_the_schema() -> None:
         "METRICS_PORT": ("metrics", "port"),
         "MAX_BODY_SIZE": ("limits", "max_body_size"),
         "TRUSTED_PROXIES": ("security", "trusted_proxies"),
+        "RATE_LIMIT_ENABLED": ("security", "rate_limiting", "enabled"),
         "RATE_LIMIT_RPS": ("security", "rate_limiting", "requests_per_second"),
         "ADMIN_TOKEN": ("admin", "token"),
+        "CLI_ENABLED": ("cli", "enabled"),
         "CLI_TOKEN": ("cli", "token"),
+        "CLI_MAX_CONCURRENT": ("cli", "max_concurrent"),
         "CLI_TIMEOUT": ("cli", "process_timeout"),
+        "CACHE_ENABLED": ("cache", "enabled"),
         "CACHE_MAX_MEMORY": ("cache", "max_memory"),
+        "CACHE_DEFAULT_TTL": ("cache", "default_ttl"),
+        "DEFAULT_BACKEND": ("routing", "default_backend"),
     }
 
 
