@@ -45,7 +45,8 @@ from mitmproxy.proxy import mode_specs
 
 from addons import errors
 from addons.kernel import net, units, wire
-from addons.kernel.options import Option, declare, duration
+from addons.kernel.endpoints import addressed_to_proxy
+from addons.kernel.options import Option, choice, declare, duration
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.hygiene")
@@ -66,6 +67,7 @@ _INTERESTING = frozenset(
     (b"host", b"content-length", b"transfer-encoding", b"upgrade", b"http2-settings")
 )
 HEAD_SLACK = 1024  # request line and terminators on top of URL and header limits
+ORIGIN_FORMS = ("refuse", "relay")
 
 
 class Limits(NamedTuple):
@@ -82,6 +84,14 @@ class Refusal(NamedTuple):
     message: str
 
 
+ORIGIN_FORM = Refusal(
+    "BAD_REQUEST",
+    "origin_form",
+    "This is a forward proxy: the request line must name the URL (GET http://host/path), "
+    "not only a path (origin-form), unless it is for the proxy's own endpoints.",
+)
+
+
 class Fields(NamedTuple):
     """What the single pass over the header fields found."""
 
@@ -96,7 +106,15 @@ def _bad(rule: str, message: str) -> Refusal:
 def check_request_line(
     method: bytes, target: bytes, version: bytes, limits: Limits, *, http1: bool
 ) -> Refusal | None:
-    """Refuse a malformed or unwanted request line (method, target, version)."""
+    """Refuse a malformed or unwanted request line (method, target, version).
+
+    `target` is the whole request target as sent: for an absolute-form request the scheme,
+    authority, path and query."""
+    if len(method) > wire.MAX_METHOD:
+        # nginx and Squid answer an unparsable method 400 too: 501 would call it merely unknown.
+        return _bad(
+            "method_too_long", f"The request method is longer than {wire.MAX_METHOD} bytes."
+        )
     if not _TOKEN.fullmatch(method):
         return _bad("invalid_method", "The request method is not a valid token.")
     if method.upper() in limits.blocked_methods:
@@ -297,8 +315,10 @@ OPTIONS: tuple[Option, ...] = (
         "limits_max_url_length",
         int,
         8192,
-        "Longest request target (path and query, or the CONNECT authority) in bytes; "
-        "a longer one is answered 414 URI_TOO_LONG.",
+        "Longest request target in bytes, counted as sent on the request line: path and "
+        "query (origin-form), the whole URL with scheme and authority (absolute-form, a "
+        "forward proxy request), the CONNECT authority; a longer one is answered 414 "
+        "URI_TOO_LONG.",
     ),
     Option(
         "limits_max_header_size",
@@ -334,6 +354,16 @@ OPTIONS: tuple[Option, ...] = (
         "REQUEST_TIMEOUT and the connection is closed. 0 disables.",
     ),
     Option(
+        "limits_origin_form",
+        str,
+        "refuse",
+        "What a forward (regular or upstream mode) listener does with an origin-form request "
+        "(GET /path, a Host header naming the destination) that is not for the proxy's own "
+        "endpoints nor inside a CONNECT tunnel: refuse (400 BAD_REQUEST, as Squid does) or "
+        "relay it to the host named in Host (transparent setups).",
+        choices=ORIGIN_FORMS,
+    ),
+    Option(
         "limits_blocked_methods",
         Sequence[str],
         ["TRACE", "TRACK"],
@@ -356,6 +386,7 @@ class Hygiene:
     def __init__(self) -> None:
         self.limits = Limits()
         self.header_timeout = 10.0
+        self.origin_form = "refuse"
         self.wire_active = False
         self._body_size_limit_set: str | None = None
         self._tunnels: set[str] = set()
@@ -376,6 +407,8 @@ class Hygiene:
                 )
             except ValueError as e:
                 raise exceptions.OptionsError(str(e)) from None
+        if "limits_origin_form" in updated:
+            self.origin_form = choice("limits_origin_form", opts.limits_origin_form, ORIGIN_FORMS)
         if "limits_header_timeout" in updated:
             self.header_timeout = duration("limits_header_timeout", opts.limits_header_timeout)
         if "limits_max_body_size" in updated and hasattr(opts, "body_size_limit"):
@@ -404,7 +437,17 @@ class Hygiene:
             max_head=lim.max_url_length + lim.max_header_size + HEAD_SLACK,
             header_timeout=self.header_timeout,
             max_body=lim.max_body_size,
+            max_url=lim.max_url_length,
         )
+
+    def _to_proxy(self, flow: http.HTTPFlow) -> bool:
+        """An origin-form request inside a CONNECT tunnel, or for the proxy's own endpoints."""
+        if flow.client_conn.id in self._tunnels:
+            return True
+        ps = ctx.master.addons.get("proxyserver")
+        addrs = ps.listen_addrs() if ps else []
+        req = flow.request
+        return addressed_to_proxy(req.host, req.port, flow.client_conn.sockname, addrs)
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
         self._tunnels.add(flow.client_conn.id)
@@ -430,8 +473,12 @@ class Hygiene:
         req = flow.request.data
         version = req.http_version
         http1 = _is_http1(flow)
+        # mitmproxy drops an absolute-form request's authority before this hook: the wire
+        # guards noted it, so the limit counts the target as the client sent it.
+        sent = wire.sent_authority(flow.request) if http1 else None
+        target = req.scheme + b"://" + sent + req.path if sent else req.path
         found = check_request_line(
-            req.method, req.path, version, self.limits, http1=http1
+            req.method, target, version, self.limits, http1=http1
         ) or check_fields(req.headers.fields, version, self.limits)
         if isinstance(found, Refusal):
             _refuse(flow, found)
@@ -441,6 +488,9 @@ class Hygiene:
         refusal = check_host(found.hosts, version)
         if refusal:
             _refuse(flow, refusal)
+            return
+        if sent == b"" and self.origin_form == "refuse" and not self._to_proxy(flow):
+            _refuse(flow, ORIGIN_FORM)
             return
         if found.hosts and _is_forward_proxy(flow) and flow.client_conn.id not in self._tunnels:
             request = flow.request

@@ -44,20 +44,23 @@ idempotent.
 from __future__ import annotations
 
 import logging
+import re
 import time
+import weakref
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import h11
-from h11._readers import ChunkedReader
+from h11._receivebuffer import ReceiveBuffer
+from mitmproxy import http
 from mitmproxy import version as mitmproxy_version
 from mitmproxy.connection import ConnectionState
-from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy import commands, events, layer, mode_specs
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import RequestProtocolError
+from mitmproxy.proxy.layers.http._events import RequestHeaders, RequestProtocolError
 
 from addons.kernel import patching
 from addons.kernel.net import peer_ip
@@ -79,47 +82,144 @@ class WireLimits:
     """What the patches enforce; one instance per process, updated by `configure()`."""
 
     max_head: int | None = None
+    max_url: int | None = None
     header_timeout: float = 0.0
     max_body: int | None = None
 
 
 _limits = WireLimits()  # one per process: this module is imported once
+_sent_authority: weakref.WeakKeyDictionary[http.Request, bytes] = weakref.WeakKeyDictionary()
+_FORWARD = (mode_specs.RegularMode, mode_specs.UpstreamMode)
 
 
-class LimitedChunkedReader(ChunkedReader):
-    """h11's ChunkedReader that drops trailers, bounds line buffering and enforces a body limit."""
+# RFC 9112 §7.1: chunk-size [ chunk-ext ] CRLF; an extension holds no CTL except HTAB.
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?\r\n")
+_MAX_CHUNK = (1 << 63) - 1  # what a signed 64-bit length holds: backends overflow beyond
+# Methods are short tokens (the longest registered, UPDATEREDIRECTREF, has 17 bytes).
+MAX_METHOD = 32
+_LINE_SLACK = MAX_METHOD + len("  HTTP/1.1\r")  # a request line around its target
+# Bytes no request head may hold (CR, LF and HTAB aside): an incomplete head with one is noise.
+_HEAD_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# The shape of a request line (RFC 9112 §3); the parser and hygiene check it strictly later.
+_REQUEST_LINE = re.compile(
+    rb"[!#$%%&'*+\-.^_`|~0-9A-Za-z]{1,%d} [^ ]+ HTTP/[0-9.]+\r?" % MAX_METHOD
+)
+
+
+class LimitedChunkedReader:
+    """A strict chunked body reader on h11's ReceiveBuffer, the same on every h11 version.
+
+    h11 before 0.16 accepts any two bytes after a chunk's data as its CRLF (CVE-2025-43859),
+    and every h11 waits forever for a CRLF that a bare-LF client never sends, or for the data
+    of a chunk size beyond 64 bits. This reader refuses all three at once (h11.LocalProtocolError),
+    drops trailer fields (RFC 9112 §7.1.2), bounds a chunk-size line or trailer section to
+    `max_line` bytes and counts decoded body bytes against `limit`.
+    """
 
     def __init__(self, max_line: int | None) -> None:
-        super().__init__()
         self.max_line = max_line
         self.limit: int | None = None
         self.total = 0
         self.over = False
         self.malformed: str | None = None
+        self._in_chunk = 0
+        self._footer = b""  # what must follow the chunk's data: the rest of its CRLF
+        self._trailer: int | None = None  # bytes of trailer section read, once in it
 
-    def __call__(self, buf: Any) -> h11.Data | h11.EndOfMessage | None:
+    def __call__(self, buf: ReceiveBuffer) -> h11.Data | h11.EndOfMessage | None:
         if self.over:
             return None
         try:
-            ev = super().__call__(buf)
-            if ev is None and self.max_line is not None and len(buf) > self.max_line:
-                raise h11.LocalProtocolError("chunk size line or trailer section too long")
+            ev = self._read(buf)
         except h11.ProtocolError as e:
             # read_body closes the connection without an answer; the server side answers 400.
             self.malformed = str(e)
             raise
-        if ev is None:
-            return None
         if isinstance(ev, h11.Data):
             self.total += len(ev.data)
             if self.limit is not None and self.total > self.limit:
                 self.over = True
                 return None
-            return ev
-        if ev.headers:
-            # RFC 9112 §7.1.2: a recipient may discard received trailer fields.
-            return h11.EndOfMessage()
         return ev
+
+    def read_eof(self) -> NoReturn:
+        raise h11.RemoteProtocolError(
+            "peer closed connection without sending complete message body (incomplete chunked read)"
+        )
+
+    def _read(self, buf: ReceiveBuffer) -> h11.Data | h11.EndOfMessage | None:
+        if self._footer:
+            got = buf.maybe_extract_at_most(len(self._footer))
+            if got is None:
+                return None
+            if got != self._footer[: len(got)]:
+                raise h11.LocalProtocolError(f"chunk data not followed by CRLF: {bytes(got)!r}")
+            self._footer = self._footer[len(got) :]
+            if self._footer:
+                return None
+        while self._trailer is not None:
+            line = self._line(buf)
+            if line is None:
+                return None
+            if line == b"\r\n":
+                return h11.EndOfMessage()
+            self._trailer += len(line)
+            if b"\r" in line[:-2] or b"\n" in line[:-2] or self._too_long(self._trailer):
+                raise h11.LocalProtocolError("malformed or oversized trailer section")
+        if not self._in_chunk:
+            line = self._line(buf)
+            if line is None:
+                return None
+            m = _CHUNK_LINE.fullmatch(line)
+            if not m:
+                raise h11.LocalProtocolError(f"illegal chunk header: {bytes(line[:64])!r}")
+            size = int(m.group(1), 16)
+            if size > _MAX_CHUNK:
+                raise h11.LocalProtocolError("chunk size overflows 64 bits")
+            if not size:
+                self._trailer = 0
+                return self._read(buf)
+            self._in_chunk = size
+        data = buf.maybe_extract_at_most(self._in_chunk)
+        if data is None:
+            return None
+        self._in_chunk -= len(data)
+        if not self._in_chunk:
+            self._footer = b"\r\n"
+        return h11.Data(data=data)
+
+    def _line(self, buf: ReceiveBuffer) -> bytearray | None:
+        """The next CRLF-terminated line; a bare LF or an overlong line is refused now."""
+        line = buf.maybe_extract_next_line()
+        if line is None:
+            pending = bytes(buf)  # no CRLF in it, so at most max_line bytes (checked below)
+            if b"\n" in pending:
+                raise h11.LocalProtocolError("chunk line ends with a bare LF, not CRLF")
+            if self._too_long(len(pending)):
+                raise h11.LocalProtocolError("chunk size line or trailer section too long")
+        elif self._too_long(len(line)):
+            raise h11.LocalProtocolError("chunk size line or trailer section too long")
+        return line
+
+    def _too_long(self, n: int) -> bool:
+        return self.max_line is not None and n > self.max_line
+
+
+def check_head(pending: bytes, max_url: int | None) -> tuple[int, str] | None:
+    """Status and reason to refuse an incomplete request head now, or None while it may still
+    become a request: noise (control bytes, a malformed request line, an overlong method) is
+    400, a request line too long for `max_url` bytes of target is 414 (before the head cap's
+    431, which would otherwise answer a long URL)."""
+    if _HEAD_CTL.search(pending):
+        return 400, "The request head contains control characters."
+    line, lf, _ = pending.lstrip(b"\r\n").partition(b"\n")
+    if max_url is not None and len(line) > max_url + _LINE_SLACK:
+        return 414, f"The request target exceeds {max_url} bytes."
+    if lf:
+        return None if _REQUEST_LINE.fullmatch(line) else (400, "The request line is malformed.")
+    if len(line) > MAX_METHOD and b" " not in line[: MAX_METHOD + 1]:
+        return 400, f"The request method is longer than {MAX_METHOD} bytes."
+    return None
 
 
 def h11_vulnerable(version: str) -> bool:
@@ -156,9 +256,16 @@ def installed() -> bool:
     return patching.installed(PATCHES[0].key)
 
 
-def configure(*, max_head: int | None, header_timeout: float, max_body: int | None) -> None:
+def configure(
+    *,
+    max_head: int | None,
+    header_timeout: float,
+    max_body: int | None,
+    max_url: int | None = None,
+) -> None:
     """Set the limits the patches enforce (no effect on mitmproxy when they are not installed)."""
     _limits.max_head = max_head
+    _limits.max_url = max_url
     _limits.header_timeout = header_timeout
     _limits.max_body = max_body
 
@@ -203,7 +310,7 @@ def _server_read_headers(self: Any, event: events.Event) -> Gen:
         return
     for _ in range(MAX_EMPTY_LINES + 1):
         before = len(self.buf)
-        yield from read_headers(self, event)
+        yield from _note_authority(self, read_headers(self, event))
         if self.state != self.read_headers or not self.buf or len(self.buf) >= before:
             return
         # h11 consumed one leading empty line and stopped (RFC 9112 §2.2: ignore it).
@@ -214,6 +321,27 @@ def _server_read_headers(self: Any, event: events.Event) -> Gen:
     yield from _refuse(self, 400, "Too many empty lines before the request line.")
 
 
+def _note_authority(self: Any, cmds: Gen) -> Gen:
+    """Remember the authority each forward-mode request named on its request line: before any
+    hook runs, mitmproxy drops it and fills an origin-form request's destination from Host."""
+    for cmd in cmds:  # read_headers' commands take no reply, so nothing is sent back
+        if (
+            isinstance(cmd, ReceiveHttp)
+            and isinstance(cmd.event, RequestHeaders)
+            and isinstance(self.context.client.proxy_mode, _FORWARD)
+        ):
+            request = cmd.event.request
+            _sent_authority[request] = request.data.authority
+        yield cmd
+
+
+def sent_authority(request: http.Request) -> bytes | None:
+    """The authority a forward-mode HTTP/1 request named on its request line: b"" for the
+    origin-form `GET /path` or asterisk-form `OPTIONS *` (only Host says where it goes), None
+    when not known (another mode, HTTP/2, or the guards are not installed)."""
+    return _sent_authority.get(request)
+
+
 def _server_handle_event(self: Any, event: events.Event) -> Gen:
     lim = _limits
     if isinstance(event, events.Wakeup):
@@ -222,6 +350,15 @@ def _server_handle_event(self: Any, event: events.Event) -> Gen:
     yield from _server_handle_event.__waypost_wrapped__(self, event)  # type: ignore[attr-defined]
     state = self.state
     if state == self.read_headers:
+        if isinstance(event, events.DataReceived) and event.data and self.buf:
+            # Without this, noise waits for the head timeout or the size cap with no answer.
+            refused = check_head(bytes(self.buf), lim.max_url)
+            if refused is not None:
+                status, reason = refused
+                rule = "max_url_length" if status == 414 else "malformed_head"
+                log.warning("rule=%s peer=%s: %s", rule, peer_ip(self.conn), reason)
+                yield from _refuse(self, status, reason)
+                return
         if lim.max_head is not None and len(self.buf) > lim.max_head:
             log.warning(
                 "rule=max_header_size peer=%s: request head over %d bytes",
