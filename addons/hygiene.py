@@ -8,8 +8,10 @@ normalises them before any other addon decides, and installs the guards below th
 chunked body limit).
 
 Checks, in order (all answer 400 BAD_REQUEST unless noted, with `Connection: close`):
-  request line  method is a token (no NUL/CTL); method in limits_blocked_methods -> 405;
-                target longer than limits_max_url_length -> 414; target has no CTL/space/NUL;
+  request line  method is a token (no NUL/CTL) of at most 32 bytes; method in
+                limits_blocked_methods -> 405; target longer than limits_max_url_length ->
+                414, counting the whole target as sent (an absolute-form URL with its scheme
+                and authority: `kernel.wire.sent_authority`); target has no CTL/space/NUL;
                 `*` only with OPTIONS; HTTP/1 connections speak HTTP/1.0 or HTTP/1.1 only.
   header fields more than limits_max_headers_count -> 431; names are tokens; values hold no
                 CR, LF (obs-fold), NUL or other CTL except HTAB; name+value+4 bytes summed over
@@ -19,6 +21,9 @@ Checks, in order (all answer 400 BAD_REQUEST unless noted, with `Connection: clo
   Host (HTTP/1) exactly one on HTTP/1.1 (at most one on 1.0), a valid authority; in regular/
                 upstream mode a Host differing from an absolute-form URL is rewritten to the
                 URL's authority (RFC 9112 §3.2.2).
+  origin-form   on a forward listener (regular/upstream mode), `GET /path` outside a CONNECT
+                tunnel and not addressed to the proxy itself (its /health/*, /cli/execute)
+                is refused (rule origin_form) unless limits_origin_form is `relay`.
   h2c           the `h2c` token is stripped from Upgrade (the header removed when empty), and
                 HTTP2-Settings removed, `upgrade`/`http2-settings` dropped from Connection.
 
@@ -27,7 +32,7 @@ Hooks: configure (options, wire limits, core body_size_limit), requestheaders an
 legitimately carry a Host different from the CONNECT target).
 
 Options: limits_max_url_length, limits_max_header_size, limits_max_headers_count,
-limits_max_body_size, limits_header_timeout, limits_blocked_methods.
+limits_max_body_size, limits_header_timeout, limits_blocked_methods, limits_origin_form.
 
 Records `decision="blocked"`, `blocked_by="hygiene"`, `rule` (and `hygiene` for rewrites) in
 `record(flow)` and logs each decision at WARNING on `waypost.hygiene`.

@@ -16,11 +16,14 @@ limits change. Everything here runs before a flow exists, so no hook could do it
    In regular and upstream mode no HTTP layer exists before the first byte (NextLayer waits
    for data to pick one), so `HttpProxy`/`HttpUpstreamProxy` also start a timer at connection
    start: a client that has not sent enough for NextLayer to choose a layer by then gets 408.
-3. Trailers: `read_body` raises NotImplementedError on a chunked message with trailer fields
-   and the client hangs. `make_body_reader` now returns a ChunkedReader that drops received
-   trailer fields (allowed by RFC 9112 §7.1.2), for requests and responses alike. It also
-   bounds a chunk-size line or trailer section that never ends (`max_head` bytes, then the
-   usual HTTP/1 protocol error) and counts decoded body bytes.
+3. Chunked bodies: `make_body_reader` returns Waypost's own strict reader
+   (`LimitedChunkedReader`), for requests and responses alike, on every h11 version: h11 < 0.16
+   takes any two bytes after a chunk's data as its CRLF (CVE-2025-43859, which mitmproxy 11's
+   pin brings on a plain `pip install`), and every h11 waits forever on a bare-LF chunk line
+   or a chunk size beyond 64 bits. Those are refused at once (a request gets 400 and the
+   connection is closed). Trailer fields are dropped (RFC 9112 §7.1.2; h11's reader made
+   `read_body` raise NotImplementedError and the client hang); a chunk-size line or trailer
+   section that never ends is bounded (`max_head` bytes); decoded body bytes are counted.
 4. Leading empty lines: h11's `maybe_extract_lines` consumes one leading CRLF and returns `[]`,
    so a request preceded by an empty line waited forever for more data. `read_headers` now
    retries after an ignored empty line (RFC 9112 §2.2), up to 16 per read, then 400.
@@ -29,6 +32,14 @@ limits change. Everything here runs before a flow exists, so no hook could do it
    the reader stops at the limit, the client gets 413 PAYLOAD_TOO_LARGE if no byte of the
    response was sent yet (the connection is closed in any case) and the stream gets a request
    protocol error, which closes the upstream connection.
+6. Incomplete heads that can never become a request are refused at once instead of waiting
+   for the header timeout (`check_head`): control bytes (4 KiB of noise), a malformed request
+   line, a method over 32 bytes are 400; a request line too long for `max_url` bytes of target
+   is 414 (before the head cap's 431, which would otherwise answer a 1 MiB URL).
+7. The request line's authority (`sent_authority`): before any hook, mitmproxy drops an
+   absolute-form request's authority and fills an origin-form one's destination from Host.
+   The reader notes what a forward-mode request named, so hygiene can count the whole target
+   against `max_url_length` and refuse origin-form requests on a forward listener.
 
 The refusals are written by mitmproxy's own `_http1.make_error_response`, which
 `addons/errors.py` makes Waypost's JSON error (`install_error_page`; hygiene installs both),
@@ -93,7 +104,7 @@ _FORWARD = (mode_specs.RegularMode, mode_specs.UpstreamMode)
 
 
 # RFC 9112 §7.1: chunk-size [ chunk-ext ] CRLF; an extension holds no CTL except HTAB.
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?\r\n")
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\r\n")
 _MAX_CHUNK = (1 << 63) - 1  # what a signed 64-bit length holds: backends overflow beyond
 # Methods are short tokens (the longest registered, UPDATEREDIRECTREF, has 17 bytes).
 MAX_METHOD = 32
@@ -213,12 +224,12 @@ def check_head(pending: bytes, max_url: int | None) -> tuple[int, str] | None:
     if _HEAD_CTL.search(pending):
         return 400, "The request head contains control characters."
     line, lf, _ = pending.lstrip(b"\r\n").partition(b"\n")
-    if max_url is not None and len(line) > max_url + _LINE_SLACK:
-        return 414, f"The request target exceeds {max_url} bytes."
-    if lf:
-        return None if _REQUEST_LINE.fullmatch(line) else (400, "The request line is malformed.")
     if len(line) > MAX_METHOD and b" " not in line[: MAX_METHOD + 1]:
         return 400, f"The request method is longer than {MAX_METHOD} bytes."
+    if max_url is not None and len(line) > max_url + _LINE_SLACK:
+        return 414, f"The request target exceeds {max_url} bytes."
+    if lf and not _REQUEST_LINE.fullmatch(line):
+        return 400, "The request line is malformed."
     return None
 
 
@@ -235,19 +246,25 @@ def install() -> bool:
     """Apply the patches once per process; returns whether the wire guards are active."""
     if installed():
         return True
-    if h11_vulnerable(h11.__version__):
-        log.warning(
-            "h11 %s accepts any two bytes as a chunk's line ending (CVE-2025-43859, request "
-            "smuggling): install h11>=0.16 (mitmproxy 11 pins an older one; scripts/setup "
-            "upgrades it)",
-            h11.__version__,
-        )
     if not patching.install(
         *PATCHES,
         unchecked="the wire guards are not active (header size/timeout limits, trailer and "
-        "empty-line fixes are off)",
+        "empty-line fixes, strict chunked framing are off)",
     ):
+        if h11_vulnerable(h11.__version__):
+            log.error(
+                "h11 %s accepts any two bytes as a chunk's line ending (CVE-2025-43859, request "
+                "smuggling) and the wire guards that replace its chunked reader are off: "
+                "install h11>=0.16",
+                h11.__version__,
+            )
         return False
+    if h11_vulnerable(h11.__version__):
+        log.info(
+            "h11 %s: its chunked reader (CVE-2025-43859) is not used, the wire guards read "
+            "chunked bodies strictly",
+            h11.__version__,
+        )
     log.info("wire guards active on mitmproxy %s", mitmproxy_version.VERSION)
     return True
 
