@@ -43,7 +43,8 @@ limits change. Everything here runs before a flow exists, so no hook could do it
 
 The refusals are written by mitmproxy's own `_http1.make_error_response`, which
 `addons/errors.py` makes Waypost's JSON error (`install_error_page`; hygiene installs both),
-with `Connection: close`. Each refusal is logged with `rule=` and the peer's IP
+with `Connection: close`. The head refusals (1, 2, 4, 6) close lingeringly: a half-close at once
+(the client sees the end of the answer), a full close `LINGER` seconds later. Each refusal is logged with `rule=` and the peer's IP
 (`kernel.net.peer_ip`, the address every other log line names the client by).
 
 Patched through `addons/kernel/patching.py`, so only on the mitmproxy versions it lists; on any
@@ -86,6 +87,7 @@ except ImportError:
 log = logging.getLogger("waypost.wire")
 
 MAX_EMPTY_LINES = 16
+LINGER = 2.0  # seconds a refused client may go on sending before its connection is closed
 
 
 @dataclass
@@ -313,11 +315,19 @@ def _set_reader(self: Any, reader: Any) -> None:
 
 
 def _refuse(self: Any, status: int, message: str) -> Gen:
-    if self.conn.state & ConnectionState.CAN_WRITE:
-        yield commands.SendData(self.conn, _http1.make_error_response(status, message))
-    yield commands.CloseConnection(self.conn)
     self.state = self.done
     self._wp_deadline = None
+    if not self.conn.state & ConnectionState.CAN_WRITE:
+        yield commands.CloseConnection(self.conn)
+        return
+    yield commands.SendData(self.conn, _http1.make_error_response(status, message))
+    # A lingering close (as nginx does): half-close now and close fully after LINGER seconds.
+    # The client reads the answer before a reset can discard it, and mitmproxy 12 leaves the
+    # socket open when a full close is ordered while the client is still sending (seen with
+    # a 1 MiB request line).
+    yield commands.CloseTcpConnection(self.conn, half_close=True)
+    self._wp_linger = True
+    yield commands.RequestWakeup(LINGER)
 
 
 def _server_read_headers(self: Any, event: events.Event) -> Gen:
@@ -433,6 +443,11 @@ def _server_handle_event(self: Any, event: events.Event) -> Gen:
 
 
 def _on_wakeup(self: Any, lim: WireLimits) -> Gen:
+    if self._wp_linger:
+        self._wp_linger = False
+        if self.conn.state is not ConnectionState.CLOSED:
+            yield commands.CloseConnection(self.conn)
+        return
     self._wp_timer = False
     deadline = self._wp_deadline
     if deadline is None or self.state != self.read_headers:
@@ -521,6 +536,7 @@ PATCHES = (
     ),
     patching.Patch("wire.deadline", _http1.Http1Server, "_wp_deadline", None, "header timer state"),
     patching.Patch("wire.timer", _http1.Http1Server, "_wp_timer", False, "header timer state"),
+    patching.Patch("wire.linger", _http1.Http1Server, "_wp_linger", False, "lingering close"),
     patching.Patch(
         "wire.http_proxy_start",
         modes.HttpProxy,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import select
 import socket
 import subprocess
@@ -103,6 +104,12 @@ def _target(mode: str, origin: Recorder, path: str = PATH) -> str:
     return f"http://127.0.0.1:{origin.port}{path}" if mode == "forward" else path
 
 
+def _complete(resp: bytes) -> bool:
+    head, sep, body = resp.partition(b"\r\n\r\n")
+    m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    return bool(sep and m) and len(body) >= int(m.group(1))  # type: ignore[union-attr]
+
+
 def _exchange(port: int, data: bytes, timeout: float = 3.0) -> tuple[bytes, float]:
     """Send `data` (while reading, so a large one cannot block), read until the proxy closes;
     returns the answer and the seconds from the last byte sent to the close."""
@@ -127,6 +134,8 @@ def _exchange(port: int, data: bytes, timeout: float = 3.0) -> tuple[bytes, floa
                 if not chunk:
                     return resp, time.monotonic() - done_at
                 resp += chunk
+                if _complete(resp):
+                    sent = len(data)  # a client stops sending once it has the answer
         raise AssertionError(f"connection still open after {timeout}s; got {resp[:200]!r}")
 
 

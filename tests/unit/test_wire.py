@@ -411,3 +411,17 @@ def test_sent_authority(
     _run(s, events.Start())
     got = _received(_run(s, events.DataReceived(client, line + b"\r\nHost: a\r\n\r\n")))
     assert wire.sent_authority(got[0].request) == want
+
+
+def test_refusal_is_a_lingering_close(server: tuple[Any, Any]) -> None:
+    s, client = server
+    _run(s, events.Start())
+    cmds = _run(s, events.DataReceived(client, b"\x00noise"))
+    assert _status(_sent(cmds)) == (400, "BAD_REQUEST")
+    (close,) = [c for c in cmds if isinstance(c, commands.CloseConnection)]
+    assert isinstance(close, commands.CloseTcpConnection) and close.half_close
+    (timer,) = [c for c in cmds if isinstance(c, commands.RequestWakeup)][-1:]
+    assert timer.delay == wire.LINGER
+    assert _run(s, events.DataReceived(client, b"more")) == []  # read and dropped
+    (full,) = _run(s, events.Wakeup(timer))
+    assert type(full) is commands.CloseConnection
