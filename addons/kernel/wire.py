@@ -43,8 +43,9 @@ limits change. Everything here runs before a flow exists, so no hook could do it
 
 The refusals are written by mitmproxy's own `_http1.make_error_response`, which
 `addons/errors.py` makes Waypost's JSON error (`install_error_page`; hygiene installs both),
-with `Connection: close`. The head refusals (1, 2, 4, 6) close lingeringly: a half-close at once
-(the client sees the end of the answer), a full close `LINGER` seconds later. Each refusal is logged with `rule=` and the peer's IP
+with `Connection: close`. The head refusals (1, 2, 4, 6) close lingeringly: a half-close at
+once (the client sees the end of the answer), a full close `LINGER` seconds later. Each
+refusal is logged with `rule=` and the peer's IP
 (`kernel.net.peer_ip`, the address every other log line names the client by).
 
 Patched through `addons/kernel/patching.py`, so only on the mitmproxy versions it lists; on any
