@@ -8,8 +8,10 @@ normalises them before any other addon decides, and installs the guards below th
 chunked body limit).
 
 Checks, in order (all answer 400 BAD_REQUEST unless noted, with `Connection: close`):
-  request line  method is a token (no NUL/CTL); method in limits_blocked_methods -> 405;
-                target longer than limits_max_url_length -> 414; target has no CTL/space/NUL;
+  request line  method is a token (no NUL/CTL) of at most 32 bytes; method in
+                limits_blocked_methods -> 405; target longer than limits_max_url_length ->
+                414, counting the whole target as sent (an absolute-form URL with its scheme
+                and authority: `kernel.wire.sent_authority`); target has no CTL/space/NUL;
                 `*` only with OPTIONS; HTTP/1 connections speak HTTP/1.0 or HTTP/1.1 only.
   header fields more than limits_max_headers_count -> 431; names are tokens; values hold no
                 CR, LF (obs-fold), NUL or other CTL except HTAB; name+value+4 bytes summed over
@@ -19,6 +21,9 @@ Checks, in order (all answer 400 BAD_REQUEST unless noted, with `Connection: clo
   Host (HTTP/1) exactly one on HTTP/1.1 (at most one on 1.0), a valid authority; in regular/
                 upstream mode a Host differing from an absolute-form URL is rewritten to the
                 URL's authority (RFC 9112 §3.2.2).
+  origin-form   on a forward listener (regular/upstream mode), `GET /path` outside a CONNECT
+                tunnel and not addressed to the proxy itself (its /health/*, /cli/execute)
+                is refused (rule origin_form) unless limits_origin_form is `relay`.
   h2c           the `h2c` token is stripped from Upgrade (the header removed when empty), and
                 HTTP2-Settings removed, `upgrade`/`http2-settings` dropped from Connection.
 
@@ -27,7 +32,7 @@ Hooks: configure (options, wire limits, core body_size_limit), requestheaders an
 legitimately carry a Host different from the CONNECT target).
 
 Options: limits_max_url_length, limits_max_header_size, limits_max_headers_count,
-limits_max_body_size, limits_header_timeout, limits_blocked_methods.
+limits_max_body_size, limits_header_timeout, limits_blocked_methods, limits_origin_form.
 
 Records `decision="blocked"`, `blocked_by="hygiene"`, `rule` (and `hygiene` for rewrites) in
 `record(flow)` and logs each decision at WARNING on `waypost.hygiene`.
@@ -45,7 +50,8 @@ from mitmproxy.proxy import mode_specs
 
 from addons import errors
 from addons.kernel import net, units, wire
-from addons.kernel.options import Option, declare, duration
+from addons.kernel.endpoints import addressed_to_proxy
+from addons.kernel.options import Option, choice, declare, duration
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.hygiene")
@@ -66,6 +72,7 @@ _INTERESTING = frozenset(
     (b"host", b"content-length", b"transfer-encoding", b"upgrade", b"http2-settings")
 )
 HEAD_SLACK = 1024  # request line and terminators on top of URL and header limits
+ORIGIN_FORMS = ("refuse", "relay")
 
 
 class Limits(NamedTuple):
@@ -82,6 +89,14 @@ class Refusal(NamedTuple):
     message: str
 
 
+ORIGIN_FORM = Refusal(
+    "BAD_REQUEST",
+    "origin_form",
+    "This is a forward proxy: the request line must name the URL (GET http://host/path), "
+    "not only a path (origin-form), unless it is for the proxy's own endpoints.",
+)
+
+
 class Fields(NamedTuple):
     """What the single pass over the header fields found."""
 
@@ -96,7 +111,15 @@ def _bad(rule: str, message: str) -> Refusal:
 def check_request_line(
     method: bytes, target: bytes, version: bytes, limits: Limits, *, http1: bool
 ) -> Refusal | None:
-    """Refuse a malformed or unwanted request line (method, target, version)."""
+    """Refuse a malformed or unwanted request line (method, target, version).
+
+    `target` is the whole request target as sent: for an absolute-form request the scheme,
+    authority, path and query."""
+    if len(method) > wire.MAX_METHOD:
+        # nginx and Squid answer an unparsable method 400 too: 501 would call it merely unknown.
+        return _bad(
+            "method_too_long", f"The request method is longer than {wire.MAX_METHOD} bytes."
+        )
     if not _TOKEN.fullmatch(method):
         return _bad("invalid_method", "The request method is not a valid token.")
     if method.upper() in limits.blocked_methods:
@@ -297,8 +320,10 @@ OPTIONS: tuple[Option, ...] = (
         "limits_max_url_length",
         int,
         8192,
-        "Longest request target (path and query, or the CONNECT authority) in bytes; "
-        "a longer one is answered 414 URI_TOO_LONG.",
+        "Longest request target in bytes, counted as sent on the request line: path and "
+        "query (origin-form), the whole URL with scheme and authority (absolute-form, a "
+        "forward proxy request), the CONNECT authority; a longer one is answered 414 "
+        "URI_TOO_LONG.",
     ),
     Option(
         "limits_max_header_size",
@@ -334,6 +359,16 @@ OPTIONS: tuple[Option, ...] = (
         "REQUEST_TIMEOUT and the connection is closed. 0 disables.",
     ),
     Option(
+        "limits_origin_form",
+        str,
+        "refuse",
+        "What a forward (regular or upstream mode) listener does with an origin-form request "
+        "(GET /path, a Host header naming the destination) that is not for the proxy's own "
+        "endpoints nor inside a CONNECT tunnel: refuse (400 BAD_REQUEST, as Squid does) or "
+        "relay it to the host named in Host (transparent setups).",
+        choices=ORIGIN_FORMS,
+    ),
+    Option(
         "limits_blocked_methods",
         Sequence[str],
         ["TRACE", "TRACK"],
@@ -356,6 +391,7 @@ class Hygiene:
     def __init__(self) -> None:
         self.limits = Limits()
         self.header_timeout = 10.0
+        self.origin_form = "refuse"
         self.wire_active = False
         self._body_size_limit_set: str | None = None
         self._tunnels: set[str] = set()
@@ -376,6 +412,8 @@ class Hygiene:
                 )
             except ValueError as e:
                 raise exceptions.OptionsError(str(e)) from None
+        if "limits_origin_form" in updated:
+            self.origin_form = choice("limits_origin_form", opts.limits_origin_form, ORIGIN_FORMS)
         if "limits_header_timeout" in updated:
             self.header_timeout = duration("limits_header_timeout", opts.limits_header_timeout)
         if "limits_max_body_size" in updated and hasattr(opts, "body_size_limit"):
@@ -404,7 +442,17 @@ class Hygiene:
             max_head=lim.max_url_length + lim.max_header_size + HEAD_SLACK,
             header_timeout=self.header_timeout,
             max_body=lim.max_body_size,
+            max_url=lim.max_url_length,
         )
+
+    def _to_proxy(self, flow: http.HTTPFlow) -> bool:
+        """An origin-form request inside a CONNECT tunnel, or for the proxy's own endpoints."""
+        if flow.client_conn.id in self._tunnels:
+            return True
+        ps = ctx.master.addons.get("proxyserver")
+        addrs = ps.listen_addrs() if ps else []
+        req = flow.request
+        return addressed_to_proxy(req.host, req.port, flow.client_conn.sockname, addrs)
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
         self._tunnels.add(flow.client_conn.id)
@@ -430,8 +478,12 @@ class Hygiene:
         req = flow.request.data
         version = req.http_version
         http1 = _is_http1(flow)
+        # mitmproxy drops an absolute-form request's authority before this hook: the wire
+        # guards noted it, so the limit counts the target as the client sent it.
+        sent = wire.sent_authority(flow.request) if http1 else None
+        target = req.scheme + b"://" + sent + req.path if sent else req.path
         found = check_request_line(
-            req.method, req.path, version, self.limits, http1=http1
+            req.method, target, version, self.limits, http1=http1
         ) or check_fields(req.headers.fields, version, self.limits)
         if isinstance(found, Refusal):
             _refuse(flow, found)
@@ -441,6 +493,9 @@ class Hygiene:
         refusal = check_host(found.hosts, version)
         if refusal:
             _refuse(flow, refusal)
+            return
+        if sent == b"" and self.origin_form == "refuse" and not self._to_proxy(flow):
+            _refuse(flow, ORIGIN_FORM)
             return
         if found.hosts and _is_forward_proxy(flow) and flow.client_conn.id not in self._tunnels:
             request = flow.request

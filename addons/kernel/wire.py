@@ -16,11 +16,14 @@ limits change. Everything here runs before a flow exists, so no hook could do it
    In regular and upstream mode no HTTP layer exists before the first byte (NextLayer waits
    for data to pick one), so `HttpProxy`/`HttpUpstreamProxy` also start a timer at connection
    start: a client that has not sent enough for NextLayer to choose a layer by then gets 408.
-3. Trailers: `read_body` raises NotImplementedError on a chunked message with trailer fields
-   and the client hangs. `make_body_reader` now returns a ChunkedReader that drops received
-   trailer fields (allowed by RFC 9112 §7.1.2), for requests and responses alike. It also
-   bounds a chunk-size line or trailer section that never ends (`max_head` bytes, then the
-   usual HTTP/1 protocol error) and counts decoded body bytes.
+3. Chunked bodies: `make_body_reader` returns Waypost's own strict reader
+   (`LimitedChunkedReader`), for requests and responses alike, on every h11 version: h11 < 0.16
+   takes any two bytes after a chunk's data as its CRLF (CVE-2025-43859, which mitmproxy 11's
+   pin brings on a plain `pip install`), and every h11 waits forever on a bare-LF chunk line
+   or a chunk size beyond 64 bits. Those are refused at once (a request gets 400 and the
+   connection is closed). Trailer fields are dropped (RFC 9112 §7.1.2; h11's reader made
+   `read_body` raise NotImplementedError and the client hang); a chunk-size line or trailer
+   section that never ends is bounded (`max_head` bytes); decoded body bytes are counted.
 4. Leading empty lines: h11's `maybe_extract_lines` consumes one leading CRLF and returns `[]`,
    so a request preceded by an empty line waited forever for more data. `read_headers` now
    retries after an ignored empty line (RFC 9112 §2.2), up to 16 per read, then 400.
@@ -29,10 +32,20 @@ limits change. Everything here runs before a flow exists, so no hook could do it
    the reader stops at the limit, the client gets 413 PAYLOAD_TOO_LARGE if no byte of the
    response was sent yet (the connection is closed in any case) and the stream gets a request
    protocol error, which closes the upstream connection.
+6. Incomplete heads that can never become a request are refused at once instead of waiting
+   for the header timeout (`check_head`): control bytes (4 KiB of noise), a malformed request
+   line, a method over 32 bytes are 400; a request line too long for `max_url` bytes of target
+   is 414 (before the head cap's 431, which would otherwise answer a 1 MiB URL).
+7. The request line's authority (`sent_authority`): before any hook, mitmproxy drops an
+   absolute-form request's authority and fills an origin-form one's destination from Host.
+   The reader notes what a forward-mode request named, so hygiene can count the whole target
+   against `max_url_length` and refuse origin-form requests on a forward listener.
 
 The refusals are written by mitmproxy's own `_http1.make_error_response`, which
 `addons/errors.py` makes Waypost's JSON error (`install_error_page`; hygiene installs both),
-with `Connection: close`. Each refusal is logged with `rule=` and the peer's IP
+with `Connection: close`. The head refusals (1, 2, 4, 6) close lingeringly: a half-close at
+once (the client sees the end of the answer), a full close `LINGER` seconds later. Each
+refusal is logged with `rule=` and the peer's IP
 (`kernel.net.peer_ip`, the address every other log line names the client by).
 
 Patched through `addons/kernel/patching.py`, so only on the mitmproxy versions it lists; on any
@@ -44,20 +57,23 @@ idempotent.
 from __future__ import annotations
 
 import logging
+import re
 import time
+import weakref
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import h11
-from h11._readers import ChunkedReader
+from h11._receivebuffer import ReceiveBuffer
+from mitmproxy import http
 from mitmproxy import version as mitmproxy_version
 from mitmproxy.connection import ConnectionState
-from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy import commands, events, layer, mode_specs
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import RequestProtocolError
+from mitmproxy.proxy.layers.http._events import RequestHeaders, RequestProtocolError
 
 from addons.kernel import patching
 from addons.kernel.net import peer_ip
@@ -72,6 +88,7 @@ except ImportError:
 log = logging.getLogger("waypost.wire")
 
 MAX_EMPTY_LINES = 16
+LINGER = 2.0  # seconds a refused client may go on sending before its connection is closed
 
 
 @dataclass
@@ -79,47 +96,144 @@ class WireLimits:
     """What the patches enforce; one instance per process, updated by `configure()`."""
 
     max_head: int | None = None
+    max_url: int | None = None
     header_timeout: float = 0.0
     max_body: int | None = None
 
 
 _limits = WireLimits()  # one per process: this module is imported once
+_sent_authority: weakref.WeakKeyDictionary[http.Request, bytes] = weakref.WeakKeyDictionary()
+_FORWARD = (mode_specs.RegularMode, mode_specs.UpstreamMode)
 
 
-class LimitedChunkedReader(ChunkedReader):
-    """h11's ChunkedReader that drops trailers, bounds line buffering and enforces a body limit."""
+# RFC 9112 §7.1: chunk-size [ chunk-ext ] CRLF; an extension holds no CTL except HTAB.
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\r\n")
+_MAX_CHUNK = (1 << 63) - 1  # what a signed 64-bit length holds: backends overflow beyond
+# Methods are short tokens (the longest registered, UPDATEREDIRECTREF, has 17 bytes).
+MAX_METHOD = 32
+_LINE_SLACK = MAX_METHOD + len("  HTTP/1.1\r")  # a request line around its target
+# Bytes no request head may hold (CR, LF and HTAB aside): an incomplete head with one is noise.
+_HEAD_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# The shape of a request line (RFC 9112 §3); the parser and hygiene check it strictly later.
+_REQUEST_LINE = re.compile(
+    rb"[!#$%%&'*+\-.^_`|~0-9A-Za-z]{1,%d} [^ ]+ HTTP/[0-9.]+\r?" % MAX_METHOD
+)
+
+
+class LimitedChunkedReader:
+    """A strict chunked body reader on h11's ReceiveBuffer, the same on every h11 version.
+
+    h11 before 0.16 accepts any two bytes after a chunk's data as its CRLF (CVE-2025-43859),
+    and every h11 waits forever for a CRLF that a bare-LF client never sends, or for the data
+    of a chunk size beyond 64 bits. This reader refuses all three at once (h11.LocalProtocolError),
+    drops trailer fields (RFC 9112 §7.1.2), bounds a chunk-size line or trailer section to
+    `max_line` bytes and counts decoded body bytes against `limit`.
+    """
 
     def __init__(self, max_line: int | None) -> None:
-        super().__init__()
         self.max_line = max_line
         self.limit: int | None = None
         self.total = 0
         self.over = False
         self.malformed: str | None = None
+        self._in_chunk = 0
+        self._footer = b""  # what must follow the chunk's data: the rest of its CRLF
+        self._trailer: int | None = None  # bytes of trailer section read, once in it
 
-    def __call__(self, buf: Any) -> h11.Data | h11.EndOfMessage | None:
+    def __call__(self, buf: ReceiveBuffer) -> h11.Data | h11.EndOfMessage | None:
         if self.over:
             return None
         try:
-            ev = super().__call__(buf)
-            if ev is None and self.max_line is not None and len(buf) > self.max_line:
-                raise h11.LocalProtocolError("chunk size line or trailer section too long")
+            ev = self._read(buf)
         except h11.ProtocolError as e:
             # read_body closes the connection without an answer; the server side answers 400.
             self.malformed = str(e)
             raise
-        if ev is None:
-            return None
         if isinstance(ev, h11.Data):
             self.total += len(ev.data)
             if self.limit is not None and self.total > self.limit:
                 self.over = True
                 return None
-            return ev
-        if ev.headers:
-            # RFC 9112 §7.1.2: a recipient may discard received trailer fields.
-            return h11.EndOfMessage()
         return ev
+
+    def read_eof(self) -> NoReturn:
+        raise h11.RemoteProtocolError(
+            "peer closed connection without sending complete message body (incomplete chunked read)"
+        )
+
+    def _read(self, buf: ReceiveBuffer) -> h11.Data | h11.EndOfMessage | None:
+        if self._footer:
+            got = buf.maybe_extract_at_most(len(self._footer))
+            if got is None:
+                return None
+            if got != self._footer[: len(got)]:
+                raise h11.LocalProtocolError(f"chunk data not followed by CRLF: {bytes(got)!r}")
+            self._footer = self._footer[len(got) :]
+            if self._footer:
+                return None
+        while self._trailer is not None:
+            line = self._line(buf)
+            if line is None:
+                return None
+            if line == b"\r\n":
+                return h11.EndOfMessage()
+            self._trailer += len(line)
+            if b"\r" in line[:-2] or b"\n" in line[:-2] or self._too_long(self._trailer):
+                raise h11.LocalProtocolError("malformed or oversized trailer section")
+        if not self._in_chunk:
+            line = self._line(buf)
+            if line is None:
+                return None
+            m = _CHUNK_LINE.fullmatch(line)
+            if not m:
+                raise h11.LocalProtocolError(f"illegal chunk header: {bytes(line[:64])!r}")
+            size = int(m.group(1), 16)
+            if size > _MAX_CHUNK:
+                raise h11.LocalProtocolError("chunk size overflows 64 bits")
+            if not size:
+                self._trailer = 0
+                return self._read(buf)
+            self._in_chunk = size
+        data = buf.maybe_extract_at_most(self._in_chunk)
+        if data is None:
+            return None
+        self._in_chunk -= len(data)
+        if not self._in_chunk:
+            self._footer = b"\r\n"
+        return h11.Data(data=data)
+
+    def _line(self, buf: ReceiveBuffer) -> bytearray | None:
+        """The next CRLF-terminated line; a bare LF or an overlong line is refused now."""
+        line = buf.maybe_extract_next_line()
+        if line is None:
+            pending = bytes(buf)  # no CRLF in it, so at most max_line bytes (checked below)
+            if b"\n" in pending:
+                raise h11.LocalProtocolError("chunk line ends with a bare LF, not CRLF")
+            if self._too_long(len(pending)):
+                raise h11.LocalProtocolError("chunk size line or trailer section too long")
+        elif self._too_long(len(line)):
+            raise h11.LocalProtocolError("chunk size line or trailer section too long")
+        return line
+
+    def _too_long(self, n: int) -> bool:
+        return self.max_line is not None and n > self.max_line
+
+
+def check_head(pending: bytes, max_url: int | None) -> tuple[int, str] | None:
+    """Status and reason to refuse an incomplete request head now, or None while it may still
+    become a request: noise (control bytes, a malformed request line, an overlong method) is
+    400, a request line too long for `max_url` bytes of target is 414 (before the head cap's
+    431, which would otherwise answer a long URL)."""
+    if _HEAD_CTL.search(pending):
+        return 400, "The request head contains control characters."
+    line, lf, _ = pending.lstrip(b"\r\n").partition(b"\n")
+    if len(line) > MAX_METHOD and b" " not in line[: MAX_METHOD + 1]:
+        return 400, f"The request method is longer than {MAX_METHOD} bytes."
+    if max_url is not None and len(line) > max_url + _LINE_SLACK:
+        return 414, f"The request target exceeds {max_url} bytes."
+    if lf and not _REQUEST_LINE.fullmatch(line):
+        return 400, "The request line is malformed."
+    return None
 
 
 def h11_vulnerable(version: str) -> bool:
@@ -135,19 +249,25 @@ def install() -> bool:
     """Apply the patches once per process; returns whether the wire guards are active."""
     if installed():
         return True
-    if h11_vulnerable(h11.__version__):
-        log.warning(
-            "h11 %s accepts any two bytes as a chunk's line ending (CVE-2025-43859, request "
-            "smuggling): install h11>=0.16 (mitmproxy 11 pins an older one; scripts/setup "
-            "upgrades it)",
-            h11.__version__,
-        )
     if not patching.install(
         *PATCHES,
         unchecked="the wire guards are not active (header size/timeout limits, trailer and "
-        "empty-line fixes are off)",
+        "empty-line fixes, strict chunked framing are off)",
     ):
+        if h11_vulnerable(h11.__version__):
+            log.error(
+                "h11 %s accepts any two bytes as a chunk's line ending (CVE-2025-43859, request "
+                "smuggling) and the wire guards that replace its chunked reader are off: "
+                "install h11>=0.16",
+                h11.__version__,
+            )
         return False
+    if h11_vulnerable(h11.__version__):
+        log.info(
+            "h11 %s: its chunked reader (CVE-2025-43859) is not used, the wire guards read "
+            "chunked bodies strictly",
+            h11.__version__,
+        )
     log.info("wire guards active on mitmproxy %s", mitmproxy_version.VERSION)
     return True
 
@@ -156,9 +276,16 @@ def installed() -> bool:
     return patching.installed(PATCHES[0].key)
 
 
-def configure(*, max_head: int | None, header_timeout: float, max_body: int | None) -> None:
+def configure(
+    *,
+    max_head: int | None,
+    header_timeout: float,
+    max_body: int | None,
+    max_url: int | None = None,
+) -> None:
     """Set the limits the patches enforce (no effect on mitmproxy when they are not installed)."""
     _limits.max_head = max_head
+    _limits.max_url = max_url
     _limits.header_timeout = header_timeout
     _limits.max_body = max_body
 
@@ -189,11 +316,19 @@ def _set_reader(self: Any, reader: Any) -> None:
 
 
 def _refuse(self: Any, status: int, message: str) -> Gen:
-    if self.conn.state & ConnectionState.CAN_WRITE:
-        yield commands.SendData(self.conn, _http1.make_error_response(status, message))
-    yield commands.CloseConnection(self.conn)
     self.state = self.done
     self._wp_deadline = None
+    if not self.conn.state & ConnectionState.CAN_WRITE:
+        yield commands.CloseConnection(self.conn)
+        return
+    yield commands.SendData(self.conn, _http1.make_error_response(status, message))
+    # A lingering close (as nginx does): half-close now and close fully after LINGER seconds.
+    # The client reads the answer before a reset can discard it, and mitmproxy 12 leaves the
+    # socket open when a full close is ordered while the client is still sending (seen with
+    # a 1 MiB request line).
+    yield commands.CloseTcpConnection(self.conn, half_close=True)
+    self._wp_linger = True
+    yield commands.RequestWakeup(LINGER)
 
 
 def _server_read_headers(self: Any, event: events.Event) -> Gen:
@@ -203,7 +338,7 @@ def _server_read_headers(self: Any, event: events.Event) -> Gen:
         return
     for _ in range(MAX_EMPTY_LINES + 1):
         before = len(self.buf)
-        yield from read_headers(self, event)
+        yield from _note_authority(self, read_headers(self, event))
         if self.state != self.read_headers or not self.buf or len(self.buf) >= before:
             return
         # h11 consumed one leading empty line and stopped (RFC 9112 §2.2: ignore it).
@@ -214,6 +349,27 @@ def _server_read_headers(self: Any, event: events.Event) -> Gen:
     yield from _refuse(self, 400, "Too many empty lines before the request line.")
 
 
+def _note_authority(self: Any, cmds: Gen) -> Gen:
+    """Remember the authority each forward-mode request named on its request line: before any
+    hook runs, mitmproxy drops it and fills an origin-form request's destination from Host."""
+    for cmd in cmds:  # read_headers' commands take no reply, so nothing is sent back
+        if (
+            isinstance(cmd, ReceiveHttp)
+            and isinstance(cmd.event, RequestHeaders)
+            and isinstance(self.context.client.proxy_mode, _FORWARD)
+        ):
+            request = cmd.event.request
+            _sent_authority[request] = request.data.authority
+        yield cmd
+
+
+def sent_authority(request: http.Request) -> bytes | None:
+    """The authority a forward-mode HTTP/1 request named on its request line: b"" for the
+    origin-form `GET /path` or asterisk-form `OPTIONS *` (only Host says where it goes), None
+    when not known (another mode, HTTP/2, or the guards are not installed)."""
+    return _sent_authority.get(request)
+
+
 def _server_handle_event(self: Any, event: events.Event) -> Gen:
     lim = _limits
     if isinstance(event, events.Wakeup):
@@ -222,6 +378,15 @@ def _server_handle_event(self: Any, event: events.Event) -> Gen:
     yield from _server_handle_event.__waypost_wrapped__(self, event)  # type: ignore[attr-defined]
     state = self.state
     if state == self.read_headers:
+        if isinstance(event, events.DataReceived) and event.data and self.buf:
+            # Without this, noise waits for the head timeout or the size cap with no answer.
+            refused = check_head(bytes(self.buf), lim.max_url)
+            if refused is not None:
+                status, reason = refused
+                rule = "max_url_length" if status == 414 else "malformed_head"
+                log.warning("rule=%s peer=%s: %s", rule, peer_ip(self.conn), reason)
+                yield from _refuse(self, status, reason)
+                return
         if lim.max_head is not None and len(self.buf) > lim.max_head:
             log.warning(
                 "rule=max_header_size peer=%s: request head over %d bytes",
@@ -279,6 +444,11 @@ def _server_handle_event(self: Any, event: events.Event) -> Gen:
 
 
 def _on_wakeup(self: Any, lim: WireLimits) -> Gen:
+    if self._wp_linger:
+        self._wp_linger = False
+        if self.conn.state is not ConnectionState.CLOSED:
+            yield commands.CloseConnection(self.conn)
+        return
     self._wp_timer = False
     deadline = self._wp_deadline
     if deadline is None or self.state != self.read_headers:
@@ -367,6 +537,7 @@ PATCHES = (
     ),
     patching.Patch("wire.deadline", _http1.Http1Server, "_wp_deadline", None, "header timer state"),
     patching.Patch("wire.timer", _http1.Http1Server, "_wp_timer", False, "header timer state"),
+    patching.Patch("wire.linger", _http1.Http1Server, "_wp_linger", False, "lingering close"),
     patching.Patch(
         "wire.http_proxy_start",
         modes.HttpProxy,

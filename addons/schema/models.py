@@ -159,6 +159,7 @@ class Limits(Section):
     max_body_size: Annotated[Size, Env("MAX_BODY_SIZE")] = 10 * 1024 * 1024
     header_timeout: Duration = 10.0
     blocked_methods: list[Method] = ["TRACE", "TRACK"]
+    origin_form: Literal["refuse", "relay"] = "refuse"
 
 
 class Headers(Section):

@@ -65,6 +65,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "limits_max_body_size": (("limits", "max_body_size"), str),
     "limits_header_timeout": (("limits", "header_timeout"), format_duration),
     "limits_blocked_methods": (("limits", "blocked_methods"), list),
+    "limits_origin_form": (("limits", "origin_form"), _same),
     "forwarding_trusted_proxies": (("security", "trusted_proxies"), list),
     "forwarding_x_forwarded": (("headers", "x_forwarded"), _same),
     "forwarding_via": (("headers", "via"), _same),

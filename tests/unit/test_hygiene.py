@@ -35,6 +35,9 @@ def _rule(r: Refusal | Fields | None) -> str | None:
         (b"G\x00ET", b"/", b"HTTP/1.1", True, "invalid_method"),
         (b"GE(T", b"/", b"HTTP/1.1", True, "invalid_method"),
         (b"", b"/", b"HTTP/1.1", True, "invalid_method"),
+        (b"A" * 32, b"/", b"HTTP/1.1", True, None),
+        (b"A" * 33, b"/", b"HTTP/1.1", True, "method_too_long"),
+        (b"A" * 8192, b"/", b"HTTP/1.1", True, "method_too_long"),
         (b"TRACE", b"/", b"HTTP/1.1", True, "blocked_method"),
         (b"track", b"/", b"HTTP/1.1", True, "blocked_method"),
         (b"GET", b"/" + b"a" * 100, b"HTTP/1.1", True, "max_url_length"),
@@ -259,6 +262,7 @@ def test_configure_keeps_user_body_size_limit() -> None:
         {"limits_header_timeout": "soon"},
         {"limits_max_url_length": 0},
         {"limits_blocked_methods": ["BAD METHOD"]},
+        {"limits_origin_form": "maybe"},
     ],
 )
 def test_configure_rejects(option: dict) -> None:
@@ -370,3 +374,57 @@ def test_guard_skips_answered_flows() -> None:
         f.response = tflow.tresp()
         h.requestheaders(f)
         assert f.response.status_code == 200
+
+
+def _sent(monkeypatch: pytest.MonkeyPatch, authority: bytes | None) -> None:
+    """As if the wire guards had read the request line with this authority."""
+    monkeypatch.setattr(wire, "sent_authority", lambda request: authority)
+
+
+@pytest.mark.parametrize(
+    ("authority", "status"),
+    [(b"example.com:8080", 414), (None, None)],
+)
+def test_url_limit_counts_the_whole_absolute_target(
+    monkeypatch: pytest.MonkeyPatch, authority: bytes | None, status: int | None
+) -> None:
+    # "http://example.com:8080" + a 41-byte path is 64 bytes; the path alone is 41.
+    _sent(monkeypatch, authority)
+    h = Hygiene()
+    with taddons.context(h) as tctx:
+        tctx.configure(h, limits_max_url_length=60)
+        f = _flow()
+        f.request.path = "/" + "a" * 40
+        h.requestheaders(f)
+        assert (f.response and f.response.status_code) == status
+
+
+def test_origin_form_on_forward_listener(monkeypatch: pytest.MonkeyPatch) -> None:
+    _sent(monkeypatch, b"")
+    h = Hygiene()
+    with taddons.context(h) as tctx:
+        f = _flow()
+        h.requestheaders(f)
+        assert f.response is not None and f.response.status_code == 400
+        assert f.metadata["waypost"]["rule"] == "origin_form"
+        assert b"BAD_REQUEST" in f.response.content
+        tunnelled = _flow()
+        h.http_connected(tunnelled)
+        h.requestheaders(tunnelled)
+        assert tunnelled.response is None
+        tctx.configure(h, limits_origin_form="relay")
+        relayed = _flow()
+        h.requestheaders(relayed)
+        assert relayed.response is None
+
+
+def test_origin_form_for_the_proxy_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    _sent(monkeypatch, b"")
+    h = Hygiene()
+    with taddons.context(h, Proxyserver()):
+        f = _flow()
+        f.request.headers["Host"] = "127.0.0.1:8080"
+        f.request.host, f.request.port = "127.0.0.1", 8080
+        f.client_conn.sockname = ("127.0.0.1", 8080)
+        h.requestheaders(f)
+        assert f.response is None

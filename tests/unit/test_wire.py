@@ -10,7 +10,7 @@ from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import version
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.connection import ConnectionState
-from mitmproxy.proxy import commands, events
+from mitmproxy.proxy import commands, events, mode_specs
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.layers.http import _http1
@@ -268,3 +268,160 @@ def test_h11_cve_2025_43859_check(version: str, vulnerable: bool) -> None:
 
 def test_installed_h11_is_fixed() -> None:
     assert not wire.h11_vulnerable(h11.__version__)
+
+
+def _read_all(data: bytes, *, step: int | None = None) -> list[bytes | str]:
+    """Feed `data` to a reader (at once, or `step` bytes per read); its data and end, in order."""
+    r = wire.LimitedChunkedReader(100)
+    buf = ReceiveBuffer()
+    got: list[bytes | str] = []
+    for i in range(0, len(data), step or len(data)):
+        buf += data[i : i + (step or len(data))]
+        while (ev := r(buf)) is not None:
+            if isinstance(ev, h11.EndOfMessage):
+                got.append("end")
+                return got
+            got.append(bytes(ev.data))
+    return got
+
+
+@pytest.mark.parametrize("step", [None, 1])
+def test_chunked_reader_valid_framing(step: int | None) -> None:
+    data = b"5;ext=1\r\nhello\r\n7fffffffffffffff\r\n"
+    assert b"".join(b for b in _read_all(data, step=step) if isinstance(b, bytes)) == b"hello"
+    data = b"3\r\nabc\r\n0002 \r\nde\r\n0\r\nX-T: 1\r\n\r\n"
+    assert b"".join(b for b in _read_all(data, step=step) if b != "end") == b"abcde"
+    assert _read_all(data, step=step)[-1] == "end"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        # CVE-2025-43859: h11 < 0.16 took any two bytes after the chunk data as its CRLF.
+        (b"5\r\nhelloXX0\r\n\r\n", "not followed by CRLF"),
+        (b"5\r\nhello\n0\r\n\r\n", "not followed by CRLF"),
+        (b"5\r\nhello\r0\r\n\r\n", "not followed by CRLF"),
+        # Waited forever for a CRLF, or for 2^68 bytes of data.
+        (b"5\nhello\n0\n\n", "bare LF"),
+        (b"3\r\nabc\r\n0\nX: 1\n\n", "bare LF"),
+        (b"3\r\nabc\r\n0\r\nX: 1\n\r\n", "trailer|bare LF"),
+        (b"fffffffffffffffff\r\nhello\r\n", "overflows 64 bits"),
+        (b"10000000000000000\r\nhello\r\n", "overflows 64 bits"),
+        (b"8000000000000000\r\nhello\r\n", "overflows 64 bits"),
+        (b"+5\r\nhello\r\n0\r\n\r\n", "illegal chunk header"),
+        (b"0x5\r\nhello\r\n0\r\n\r\n", "illegal chunk header"),
+        (b"5 5\r\nhello\r\n0\r\n\r\n", "illegal chunk header"),
+        (b"5;a\x00\r\nhello\r\n0\r\n\r\n", "illegal chunk header"),
+        (b"\r\n", "illegal chunk header"),
+    ],
+)
+@pytest.mark.parametrize("step", [None, 1])
+def test_chunked_reader_refuses_bad_framing(data: bytes, reason: str, step: int | None) -> None:
+    with pytest.raises(h11.LocalProtocolError, match=reason):
+        _read_all(data, step=step)
+
+
+def test_chunked_reader_is_ours_on_every_h11() -> None:
+    # The strictness above must not come from h11 (0.14 lacks it): only its ReceiveBuffer and
+    # event classes are used, whose code is the same in 0.14 and 0.16.
+    from h11._readers import ChunkedReader
+
+    assert not issubclass(wire.LimitedChunkedReader, ChunkedReader)
+    assert _http1.make_body_reader(None).__class__ is wire.LimitedChunkedReader
+
+
+@pytest.mark.parametrize(
+    ("pending", "max_url", "want"),
+    [
+        (b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: ", None, None),
+        (b"GET /aaaa", 100, None),
+        (b"\r\nGET / HTTP/1.1\r\nX", None, None),
+        (b"CONNECT a:443 HTTP/1.1\r\n", None, None),
+        (bytes(range(256)) * 16, None, 400),
+        (b"GET / HTTP/1.1\r\nX-A: \x00", None, 400),
+        (b"hello world\r\n", None, 400),
+        (b"GET  / HTTP/1.1\r\n", None, 400),
+        (b"GET / FTP/1.0\r\n", None, 400),
+        (b"A" * 33, None, 400),
+        (b"A" * 32, None, None),
+        (b"GET /" + b"a" * 200, 100, 414),
+        (b"GET /" + b"a" * 100 + b" HTTP/1.1\r\nX", 100, None),
+    ],
+)
+def test_check_head(pending: bytes, max_url: int | None, want: int | None) -> None:
+    got = wire.check_head(pending, max_url)
+    assert (got and got[0]) == want
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        (b"\x16\x03\x01garbage\x00\xff" * 10, 400, "BAD_REQUEST"),
+        (b"GET /" + b"a" * 400, 414, "URI_TOO_LONG"),
+        (b"X" * 100, 400, "BAD_REQUEST"),
+    ],
+)
+def test_incomplete_head_refused_at_once(
+    server: tuple[Any, Any], data: bytes, status: int, code: str
+) -> None:
+    s, client = server
+    wire.configure(max_head=200, header_timeout=1.0, max_body=10, max_url=50)
+    _run(s, events.Start())
+    cmds = _run(s, events.DataReceived(client, data))
+    assert _status(_sent(cmds)) == (status, code)
+    assert _closes(cmds)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"1ffffffffffffffff\r\nhello\r\n0\r\n\r\n", "overflows 64 bits"),
+        (b"5\nhello\n0\n\n", "bare LF"),
+        (b"5\r\nhelloXX0\r\n\r\n", "not followed by CRLF"),
+    ],
+)
+def test_malformed_chunked_body_answered_400(
+    server: tuple[Any, Any], data: bytes, reason: str
+) -> None:
+    s, client = server
+    _run(s, events.Start())
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    cmds = _run(s, events.DataReceived(client, head + data))
+    assert _status(_sent(cmds)) == (400, "BAD_REQUEST")
+    assert reason in json.loads(_sent(cmds).partition(b"\r\n\r\n")[2])["error"]["message"]
+    assert _closes(cmds)
+    assert isinstance(_received(cmds)[-1], RequestProtocolError)
+
+
+@pytest.mark.parametrize(
+    ("mode", "line", "want"),
+    [
+        ("regular", b"GET /x HTTP/1.1", b""),
+        ("regular", b"OPTIONS * HTTP/1.1", b""),
+        ("regular", b"GET http://a.example:81/x HTTP/1.1", b"a.example:81"),
+        ("upstream:http://127.0.0.1:1", b"GET /x HTTP/1.1", b""),
+        ("reverse:http://127.0.0.1:1", b"GET /x HTTP/1.1", None),
+    ],
+)
+def test_sent_authority(
+    server: tuple[Any, Any], mode: str, line: bytes, want: bytes | None
+) -> None:
+    s, client = server
+    client.proxy_mode = mode_specs.ProxyMode.parse(mode)
+    _run(s, events.Start())
+    got = _received(_run(s, events.DataReceived(client, line + b"\r\nHost: a\r\n\r\n")))
+    assert wire.sent_authority(got[0].request) == want
+
+
+def test_refusal_is_a_lingering_close(server: tuple[Any, Any]) -> None:
+    s, client = server
+    _run(s, events.Start())
+    cmds = _run(s, events.DataReceived(client, b"\x00noise"))
+    assert _status(_sent(cmds)) == (400, "BAD_REQUEST")
+    (close,) = [c for c in cmds if isinstance(c, commands.CloseConnection)]
+    assert isinstance(close, commands.CloseTcpConnection) and close.half_close
+    (timer,) = [c for c in cmds if isinstance(c, commands.RequestWakeup)][-1:]
+    assert timer.delay == wire.LINGER
+    assert _run(s, events.DataReceived(client, b"more")) == []  # read and dropped
+    (full,) = _run(s, events.Wakeup(timer))
+    assert type(full) is commands.CloseConnection
