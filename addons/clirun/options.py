@@ -130,6 +130,14 @@ OPTIONS: tuple[Option, ...] = (
         "Fixed working directory of every process (absolute path).",
     ),
     Option(
+        "cli_confine_paths",
+        bool,
+        True,
+        "Refuse a client argument that names a path outside cli_working_directory (an absolute "
+        "path, '..', a symlink out; also the value of --opt=value), unless the command's "
+        "argument rule says paths: any.",
+    ),
+    Option(
         "cli_run_as_user",
         str,
         "nobody",
@@ -186,7 +194,10 @@ def parse_rules(text: str, commands: Mapping[str, str]) -> dict[str, Rule]:
             )
             raise ValueError(f"{name}: {problems}") from None
         out[path] = Rule(
-            tuple(rule.prefix), tuple(re.compile(p) for p in rule.patterns), rule.max_args
+            tuple(rule.prefix),
+            tuple(re.compile(p) for p in rule.patterns),
+            rule.max_args,
+            rule.paths,
         )
     return out
 
@@ -273,6 +284,7 @@ def settings_from(o: Any) -> Settings:
         max_processes=max_processes,
         max_output=max(max_output, 1),
         working_directory=wd,
+        confine_paths=o.cli_confine_paths,
         user=user,
         heartbeat=heartbeat,
         prlimit=prlimit or "",
@@ -287,6 +299,9 @@ def log_warnings(s: Settings) -> None:
     if s.active and os.geteuid() == 0 and s.user is None:
         log.warning("the proxy runs as root and cli_run_as_user is empty or root: "
                     "commands run as root")  # fmt: skip
+    if s.active and s.confine_paths and os.path.realpath(s.working_directory) == "/":
+        log.warning("cli_confine_paths confines arguments to cli_working_directory, which is /: "
+                    "set a dedicated directory")  # fmt: skip
     for path in set(s.commands.values()):
         if s.active and not os.access(path, os.X_OK):
             log.warning("cli_allowed_commands: %s is not an executable file (yet)", path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -38,6 +39,7 @@ class Rule(NamedTuple):
     prefix: tuple[str, ...]
     patterns: tuple[re.Pattern[str], ...]
     max_args: int | None
+    paths: str = "confined"  # "any": the command's arguments may name paths anywhere
 
 
 class Settings(NamedTuple):
@@ -57,6 +59,7 @@ class Settings(NamedTuple):
     max_processes: int = 64
     max_output: int = 10 * 1024**2
     working_directory: str = "/"
+    confine_paths: bool = True
     user: tuple[int, int] | None = None  # (uid, gid) to drop to
     heartbeat: float = 10.0
     prlimit: str = "/usr/bin/prlimit"
@@ -132,11 +135,36 @@ def _allowed_path(command: Any, s: Settings) -> str:
     return path
 
 
-def _arguments(args: Any, path: str, rule: Rule | None) -> tuple[str, ...]:
+def outside(arg: str, root: str) -> bool:
+    """Whether `arg`, read as a path from `root` (the real working directory), leads out of it:
+    an absolute path elsewhere, `..`, or a symlink that points away. In `--opt=value` the value
+    counts too. Every argument is read as a path: no shell expands it, so only these forms, and
+    links, reach outside."""
+    values = [arg]
+    if arg.startswith("-") and "=" in arg:
+        values.append(arg.partition("=")[2])
+    for value in values:
+        real = os.path.realpath(os.path.join(root, value))
+        if real != root and not real.startswith(root.rstrip("/") + "/"):
+            return True
+    return False
+
+
+def _arguments(args: Any, path: str, rule: Rule | None, s: Settings) -> tuple[str, ...]:
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise bad_request("args must be a list of strings.", path)
     if any("\0" in a for a in args):
         raise bad_request("An argument contains a NUL byte.", path)
+    if s.confine_paths and (rule is None or rule.paths != "any"):
+        root = os.path.realpath(s.working_directory)
+        for i, a in enumerate(args):
+            if outside(a, root):
+                raise Refusal(
+                    "COMMAND_NOT_ALLOWED",
+                    f"Argument {i} names a path outside the working directory.",
+                    "confine_paths",
+                    path,
+                )
     if rule is None:
         return tuple(args)
     if rule.max_args is not None and len(args) > rule.max_args:
@@ -184,7 +212,7 @@ def parse_request(obj: Any, s: Settings) -> Plan:
             f"Unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(REQUEST_KEYS))}."
         )
     path = _allowed_path(obj.get("command"), s)
-    argv = _arguments(obj.get("args", []), path, s.rules.get(path))
+    argv = _arguments(obj.get("args", []), path, s.rules.get(path), s)
     env = _environment(obj.get("env", {}), path, s.env_allowlist)
     stdin = _stdin_bytes(obj, "request")
     flags = {}

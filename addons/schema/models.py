@@ -194,6 +194,8 @@ class CliArgumentRule(Section):
     prefix: list[str] = []  # fixed arguments always placed before the client's
     patterns: list[str] = []  # every client argument must fully match one of these
     max_args: Annotated[int, Field(ge=0)] | None = None
+    # "any": arguments may name paths outside cli.working_directory (cli.confine_paths)
+    paths: Literal["confined", "any"] = "confined"
 
     @field_validator("patterns")
     @classmethod
@@ -228,6 +230,7 @@ class Cli(Section):
     max_processes: Annotated[int, Field(ge=0)] = 64
     max_output_bytes: Size = 10 * 1024 * 1024
     working_directory: str = "/"
+    confine_paths: bool = True
     run_as_user: str = "nobody"
     heartbeat_interval: Duration = 10.0
 

@@ -102,6 +102,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "cli_max_processes": (("cli", "max_processes"), _same),
     "cli_max_output_bytes": (("cli", "max_output_bytes"), str),
     "cli_working_directory": (("cli", "working_directory"), _same),
+    "cli_confine_paths": (("cli", "confine_paths"), _same),
     "cli_run_as_user": (("cli", "run_as_user"), _same),
     "cli_heartbeat_interval": (("cli", "heartbeat_interval"), format_duration),
     "compress_enabled": (("compression", "enabled"), _same),

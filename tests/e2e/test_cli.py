@@ -10,10 +10,13 @@ import base64
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -293,6 +296,32 @@ def test_client_disconnect_kills_the_group_at_once(cli: Cli) -> None:
 
 
 # --- refusals ------------------------------------------------------------------------------
+
+
+def test_arguments_stay_in_the_working_directory(proxy_factory: Callable[..., Proxy]) -> None:
+    """With a directory of its own, `cat ../../etc/passwd` is refused before anything runs; a
+    file inside is served, and an argument rule's `paths: any` lets echo name any path."""
+    wd = tempfile.mkdtemp(prefix="waypost-cli-")  # readable by the user commands run as
+    try:
+        os.chmod(wd, 0o755)
+        note = Path(wd, "note.txt")
+        note.write_text("inside\n")
+        note.chmod(0o644)
+        os.symlink("/etc", os.path.join(wd, "etc"))
+        rules = {"id": {"patterns": ["-[ugn]+"], "max_args": 2}, "echo": {"paths": "any"}}
+        c = start(proxy_factory, cli_working_directory=wd, cli_argument_rules=json.dumps(rules))
+        for args in (["../../etc/passwd"], ["/etc/passwd"], ["etc/passwd"], ["-f=/etc/passwd"]):
+            r = execute(c.port, {"command": "cat", "args": args})
+            assert _refusal(r) == (403, "COMMAND_NOT_ALLOWED"), args
+            assert "outside the working directory" in r.json()["error"]["message"]
+            assert not r.events
+        assert (
+            execute(c.port, {"command": "cat", "args": ["note.txt"]}).text("stdout") == "inside\n"
+        )
+        r = execute(c.port, {"command": "echo", "args": ["/etc/passwd"]})
+        assert r.text("stdout") == "/etc/passwd\n"
+    finally:
+        shutil.rmtree(wd)
 
 
 def _refusal(r: Any) -> tuple[int, str]:

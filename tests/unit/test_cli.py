@@ -22,6 +22,7 @@ from addons.clirun.plan import (
     Settings,
     env_refusal,
     limit_argv,
+    outside,
     parse_input_line,
     parse_request,
 )
@@ -147,6 +148,43 @@ def _refusal(obj: Any) -> tuple[str, str]:
 def test_parse_request_refusals(obj: Any, code: str, fragment: str) -> None:
     got_code, message = _refusal(obj)
     assert got_code == code and fragment in message
+
+
+@pytest.mark.parametrize(
+    "arg, out",
+    [
+        ("note.txt", False),
+        ("sub/dir/../x", False),
+        (".", False),
+        ("~", False),  # no shell expands it: a name in the directory
+        ("s/a/b/", False),
+        ("http://example.com/x", False),
+        ("..", True),
+        ("../../etc/passwd", True),
+        ("/etc/passwd", True),
+        ("--file=/etc/passwd", True),
+        ("--file=ok.txt", False),
+        ("link", True),  # a symlink pointing out of the directory
+    ],
+)
+def test_outside(tmp_path: Any, arg: str, out: bool) -> None:
+    (tmp_path / "link").symlink_to("/etc")
+    assert outside(arg, os.path.realpath(tmp_path)) is out
+
+
+def test_paths_are_confined_unless_a_rule_allows_any(tmp_path: Any) -> None:
+    rules = parse_rules(json.dumps({"echo": {"paths": "any"}}), COMMANDS)
+    s = S._replace(working_directory=str(tmp_path))
+    with pytest.raises(Refusal, match="Argument 1 names a path outside") as e:
+        parse_request({"command": "sh", "args": ["x", "/etc/passwd"]}, s)
+    assert e.value.code == "COMMAND_NOT_ALLOWED" and e.value.rule == "confine_paths"
+    assert parse_request(
+        {"command": "sh", "args": ["/etc/passwd"]}, s._replace(confine_paths=False)
+    )
+    assert parse_request({"command": "echo", "args": ["/etc"]}, s._replace(rules=rules)).argv == (
+        "/etc",
+    )
+    assert parse_request({"command": "sh", "args": ["/etc/passwd"]}, S)  # "/" confines nothing
 
 
 def test_parse_request_plans() -> None:
