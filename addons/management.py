@@ -34,7 +34,7 @@ itself, handed the request over an in-process socket pair: the same routes, toke
 errors as on the management port, no port opened, the event loop never blocked.
 
 Hooks: load, configure, running, done (all sync: the listener is bound synchronously, the
-server runs as a task), requestheaders, request (async: admin requests on the proxy port).
+server runs as a task), requestheaders, request (awaitable for proxy-port admin requests only).
 Options: metrics_enabled, metrics_host, metrics_port, metrics_path, admin_token,
 metrics_proxy_port_health, metrics_proxy_port_metrics, metrics_proxy_port_admin.
 """
@@ -390,9 +390,14 @@ class Management:
             without_body(resp)
         flow.response = resp
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        # Sync, returning an awaitable only for the admin requests: mitmproxy awaits it, and
+        # every other flow pays no coroutine.
         if not flow.metadata.pop(_PENDING, False) or flow.error or not flow.live:
-            return
+            return None
+        return self._answer_admin(flow)
+
+    async def _answer_admin(self, flow: http.HTTPFlow) -> None:
         try:
             flow.response = await self._through_app(flow)
         except (OSError, ValueError, TimeoutError) as e:
@@ -544,7 +549,8 @@ class Management:
 
     async def _proxy_port_runner(self) -> web.AppRunner:
         """The app that answers the proxy port's admin requests (made on first use)."""
-        if self._proxy_app is None:
+        task = self._proxy_app
+        if task is None or (task.done() and (task.cancelled() or task.exception())):
             self._proxy_app = spawn(self._setup_proxy_port_app())
         return await asyncio.shield(self._proxy_app)
 
