@@ -567,7 +567,7 @@ class Filter:
 
     # --- management ---
 
-    def readiness_check(self) -> tuple[str, dict[str, Any]]:
+    def readiness_check(self) -> tuple[str, dict[str, Any], bool]:
         lists = {
             rule: {
                 "path": w.spec.path,
@@ -578,7 +578,7 @@ class Filter:
             for rule, w in self._files.items()
         }
         ok = all(w.loaded is not None for w in self._files.values())
-        return "filter", {"ok": ok, "lists": lists}
+        return "filter", {"ok": ok, "lists": lists}, ok
 
     # --- flow hooks ---
 

@@ -16,17 +16,27 @@ each request, so script reloads and late loads just work):
         Exact paths served by that addon. Paths under /admin/ get the admin bearer-token check
         (and 404 while admin_token is empty) before the handler runs; any other path (e.g.
         /cli/execute) does its own authentication.
-    readiness_check() -> (name, {"ok": bool, ...})
-        One more entry in /health/readiness's `checks`; not ok makes readiness answer 503.
+    readiness_check() -> (name, value, ok)
+        One more entry in /health/readiness's `checks` (`value`, any JSON: the cache shows
+        "ok"/"disabled", the router a list of backends); not `ok` makes readiness answer 503.
 
-Errors use the JSON shape of `addons/errors.py`. With `admin_token` empty, `/admin/*` answers
-404 (the admin API is off). The proxy port also answers origin-form `GET /health/*` requests
-addressed to the proxy itself (Kubernetes probes), in `requestheaders`; `/metrics` and
-`/admin/*` are never served there.
+Every GET endpoint answers HEAD too (same status and headers, no body). Errors use the JSON
+shape of `addons/errors.py`. With `admin_token` empty, `/admin/*` answers 404 (the admin API is
+off).
+
+The proxy port answers origin-form requests addressed to the proxy itself (PRD §11.3:
+`curl -X POST http://localhost:8080/admin/reload`) for `/health/*`, the metrics path and
+`/admin/*`, each switchable (`metrics_proxy_port_*`; off: 404 there). Health and metrics are
+answered in `requestheaders` from the same functions as the management app. An admin request
+is claimed in `requestheaders` (a 500 answer stands in, so the later addons leave it alone and
+mitmproxy buffers its body) and answered in the async `request` hook by the management app
+itself, handed the request over an in-process socket pair: the same routes, token check and
+errors as on the management port, no port opened, the event loop never blocked.
 
 Hooks: load, configure, running, done (all sync: the listener is bound synchronously, the
-server runs as a task), requestheaders.
-Options: metrics_enabled, metrics_host, metrics_port, metrics_path, admin_token.
+server runs as a task), requestheaders, request (awaitable for proxy-port admin requests only).
+Options: metrics_enabled, metrics_host, metrics_port, metrics_path, admin_token,
+metrics_proxy_port_health, metrics_proxy_port_metrics, metrics_proxy_port_admin.
 """
 
 from __future__ import annotations
@@ -42,9 +52,11 @@ from typing import Any
 
 from aiohttp import web
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.net.http import http1
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from addons import errors
+from addons.kernel import net
 from addons.kernel.endpoints import addressed_to_proxy, bearer_status, bind
 from addons.kernel.options import Option, declare, spawn
 from addons.kernel.record import record
@@ -81,20 +93,55 @@ OPTIONS: tuple[Option, ...] = (
         "metrics_path",
         str,
         "/metrics",
-        "Path of the Prometheus metrics endpoint on the management listener (never served "
-        "on the proxy port). Must start with / and not be under /health or /admin.",
+        "Path of the Prometheus metrics endpoint (on the management listener, and on the "
+        "proxy port with metrics_proxy_port_metrics). Must start with / and not be under "
+        "/health or /admin.",
     ),
     Option(
         "admin_token",
         str,
         "",
-        "Bearer token required by POST /admin/* on the management listener "
+        "Bearer token required by /admin/* on the management listener and the proxy port "
         "(Authorization: Bearer <token>). Empty turns the admin API off: /admin/* answers "
         "404.",
+    ),
+    Option(
+        "metrics_proxy_port_health",
+        bool,
+        True,
+        "Answer /health/* on the proxy port (origin-form requests addressed to the proxy); "
+        "off: 404 there.",
+    ),
+    Option(
+        "metrics_proxy_port_metrics",
+        bool,
+        True,
+        "Answer the metrics path on the proxy port (origin-form requests addressed to the "
+        "proxy); off: 404 there.",
+    ),
+    Option(
+        "metrics_proxy_port_admin",
+        bool,
+        True,
+        "Answer /admin/* on the proxy port (origin-form requests addressed to the proxy; "
+        "still needs admin_token); off: 404 there.",
     ),
 )
 
 _ALLOW_GET = {"Allow": "GET, HEAD"}
+# Who sent a proxy-port admin request, for the app's logs (`request.remote`). Only the app that
+# serves the socket pair trusts it; a client's own copy is dropped before the hand-over.
+CLIENT_HEADER = b"X-Waypost-Proxy-Port-Client"
+# Not handed to the app: this hop's framing, which `app_request` writes itself.
+_HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
+     b"upgrade", b"content-length", b"expect", CLIENT_HEADER.lower()}
+)  # fmt: skip
+# How long the app may take over one proxy-port admin request (a reload validates a profile).
+APP_TIMEOUT = 60.0
+_UNANSWERED = "The admin request could not be answered."
+# flow.metadata key: an admin request on the proxy port waits for `request` to be answered.
+_PENDING = "waypost_management_pending"
 
 # --- pure decisions --------------------------------------------------------------------------
 
@@ -113,6 +160,49 @@ def check_metrics_path(path: str) -> str:
     if path.startswith(RESERVED_PREFIXES) or path in ("/health", "/admin"):
         raise ValueError("must not be under /health or /admin")
     return path
+
+
+def endpoint_kind(path: str, metrics_path: str) -> str | None:
+    """Which of the proxy port's own endpoint groups `path` belongs to, if any."""
+    if path.startswith(HEALTH_PREFIX):
+        return "health"
+    if path == metrics_path:
+        return "metrics"
+    if path.startswith("/admin/"):
+        return "admin"
+    return None
+
+
+def without_body(resp: http.Response) -> None:
+    """Turn a GET answer into the HEAD answer: same status and headers, no body."""
+    length = resp.headers.get("content-length")
+    resp.content = b""
+    if length is not None:
+        resp.headers["content-length"] = length
+
+
+def app_request(req: http.Request, client: str) -> bytes:
+    """`req` as an HTTP/1.0 request for the management app: one request per connection, and
+    an answer that ends when the connection closes (never chunked)."""
+    lines = [b"%s %s HTTP/1.0" % (req.data.method, req.data.path)]
+    lines += [b"%s: %s" % (k, v) for k, v in req.headers.fields if k.lower() not in _HOP_BY_HOP]
+    body = req.raw_content or b""
+    lines.append(b"Content-Length: %d" % len(body))
+    lines.append(b"%s: %s" % (CLIENT_HEADER, client.encode()))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def app_answer(raw: bytes, http_version: str) -> http.Response:
+    """The app's answer as mitmproxy's response to the client (ValueError if malformed)."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        raise ValueError(f"incomplete answer from the management app ({len(raw)} bytes)")
+    resp = http1.read_response_head(head.split(b"\r\n"))
+    for name in ("connection", "keep-alive", "transfer-encoding"):
+        resp.headers.pop(name, None)
+    resp.http_version = http_version
+    resp.data.content = body  # Content-Length stays as the app sent it (HEAD: no body)
+    return resp
 
 
 def readiness(
@@ -141,6 +231,15 @@ def startup(
 
 
 # --- the addon -------------------------------------------------------------------------------
+
+
+@web.middleware
+async def _client_from_header(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """The proxy-port app's requests come over a socket pair: their client is in a header."""
+    client = request.headers.get(CLIENT_HEADER.decode(), "-")
+    return await handler(request.clone(remote=client))
 
 
 def json_response(status: int, payload: dict[str, Any]) -> web.Response:
@@ -198,6 +297,7 @@ class Management:
         self._listener: _Listener | None = None
         self._bind_host = "127.0.0.1"
         self._spec: tuple[str, int] = ("", -1)  # (host, metrics_port) the listener was made for
+        self._proxy_app: asyncio.Task[web.AppRunner] | None = None
 
     def load(self, loader: Any) -> None:
         declare(loader, OPTIONS)
@@ -237,29 +337,72 @@ class Management:
     def done(self) -> None:
         self.is_running = False
         self._stop()
+        self._stop_proxy_port_app()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or flow.websocket:
             return
         req = flow.request
-        path = req.path
-        if not path.startswith(HEALTH_PREFIX) or req.method != "GET":
+        path = req.path.partition("?")[0]
+        kind = endpoint_kind(path, ctx.options.metrics_path)
+        if kind is None:
             return
         ps = ctx.master.addons.get("proxyserver")
         addrs = ps.listen_addrs() if ps else []
         if not addressed_to_proxy(req.host, req.port, flow.client_conn.sockname, addrs):
             return
-        record(flow)["local"] = "health"  # not proxied traffic: metrics skip it
-        status, payload = self.health(path.partition("?")[0])
-        if status == 404:
-            flow.response = errors.make("NOT_FOUND", "Unknown health endpoint.", flow, status=404)
+        record(flow)["local"] = kind  # not proxied traffic: metrics skip it
+        if not getattr(ctx.options, f"metrics_proxy_port_{kind}"):
+            # Never proxied to ourselves either: that would only loop back here.
+            flow.response = errors.make(
+                "NOT_FOUND", f"{path} is not served on the proxy port.", flow, status=404
+            )
             return
-        flow.response = http.Response.make(
-            status,
-            json.dumps(payload).encode(),
-            {"Content-Type": "application/json", "Cache-Control": "no-store"},
-        )
-        flow.response.reason = "OK" if status == 200 else "Service Unavailable"
+        if kind == "admin":
+            # The app may read the body: mitmproxy buffers it before `request` (a streamed
+            # body and a set response cannot go together). The stand-in answer makes every
+            # later addon leave the flow alone; `request` replaces it.
+            req.stream = False
+            flow.metadata[_PENDING] = True
+            flow.response = errors.make("INTERNAL_ERROR", _UNANSWERED, rid=errors.request_id(flow))
+            return
+        if req.method not in ("GET", "HEAD"):
+            flow.response = errors.make(
+                "METHOD_NOT_ALLOWED", "Use GET.", flow, status=405, headers=_ALLOW_GET
+            )
+            return
+        if kind == "metrics":
+            resp = http.Response.make(
+                200, generate_latest(REGISTRY), {"Content-Type": CONTENT_TYPE_LATEST}
+            )
+        else:
+            status, payload = self.health(path)
+            if status == 404:
+                resp = errors.make("NOT_FOUND", "Unknown health endpoint.", flow, status=404)
+            else:
+                resp = http.Response.make(
+                    status,
+                    json.dumps(payload).encode(),
+                    {"Content-Type": "application/json", "Cache-Control": "no-store"},
+                )
+                resp.reason = "OK" if status == 200 else "Service Unavailable"
+        if req.method == "HEAD":
+            without_body(resp)
+        flow.response = resp
+
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        # Sync, returning an awaitable only for the admin requests: mitmproxy awaits it, and
+        # every other flow pays no coroutine.
+        if not flow.metadata.pop(_PENDING, False) or flow.error or not flow.live:
+            return None
+        return self._answer_admin(flow)
+
+    async def _answer_admin(self, flow: http.HTTPFlow) -> None:
+        try:
+            flow.response = await self._through_app(flow)
+        except (OSError, ValueError, TimeoutError) as e:
+            log.error("admin %s on the proxy port failed: %s", flow.request.path, e)
+            flow.response = errors.make("INTERNAL_ERROR", _UNANSWERED, flow)
 
     # --- endpoints -------------------------------------------------------------------------
 
@@ -267,7 +410,7 @@ class Management:
         """Status and JSON body of a /health/* endpoint (404 for unknown ones)."""
         now = errors.timestamp()
         if path == "/health/liveness":
-            return 200, {"status": "healthy", "timestamp": now}
+            return 200, {"status": "ok", "timestamp": now}
         ps = ctx.master.addons.get("proxyserver")
         addrs = ps.listen_addrs() if ps else []
         if path == "/health/readiness":
@@ -276,9 +419,9 @@ class Management:
             if cfg is not None:
                 config = (bool(getattr(cfg, "loaded", False)), getattr(cfg, "reload_error", None))
             ok, checks = readiness(addrs, config)
-            for name, check in self._readiness_checks():
-                checks[name] = check
-                ok = ok and bool(check.get("ok"))
+            for name, value, check_ok in self._readiness_checks():
+                checks[name] = value
+                ok = ok and bool(check_ok)
             status = "ready" if ok else "not_ready"
         elif path == "/health/startup":
             ok, checks = startup(self.is_running, addrs)
@@ -345,7 +488,7 @@ class Management:
                 return handler
         return None
 
-    def _readiness_checks(self) -> list[tuple[str, dict[str, Any]]]:
+    def _readiness_checks(self) -> list[tuple[str, Any, bool]]:
         out = []
         for addon in list(ctx.master.addons.lookup.values()):
             check = getattr(addon, "readiness_check", None)
@@ -393,13 +536,61 @@ class Management:
                 "INTERNAL_ERROR", "The management app could not process this request."
             )
 
-    def _make_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024)
+    def _make_app(self, proxy_port: bool = False) -> web.Application:
+        middlewares = [self._errors, _client_from_header] if proxy_port else [self._errors]
+        app = web.Application(middlewares=middlewares, client_max_size=64 * 1024)
         for name in ("liveness", "readiness", "startup"):
             app.router.add_route("*", f"/health/{name}", self._health)
         app.router.add_route("*", "/admin/reload", self._reload)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         return app
+
+    # --- admin requests on the proxy port --------------------------------------------------
+
+    async def _proxy_port_runner(self) -> web.AppRunner:
+        """The app that answers the proxy port's admin requests (made on first use)."""
+        task = self._proxy_app
+        if task is None or (task.done() and (task.cancelled() or task.exception())):
+            self._proxy_app = spawn(self._setup_proxy_port_app())
+        return await asyncio.shield(self._proxy_app)
+
+    async def _setup_proxy_port_app(self) -> web.AppRunner:
+        runner = web.AppRunner(
+            self._make_app(proxy_port=True), access_log=None, handle_signals=False
+        )
+        await runner.setup()
+        return runner
+
+    async def _through_app(self, flow: http.HTTPFlow) -> http.Response:
+        """The management app's answer to `flow`'s request, handed over a socket pair."""
+        runner = await self._proxy_port_runner()
+        data = app_request(flow.request, net.client_ip(flow) or "-")
+        ours, theirs = socket.socketpair()
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                runner.server,  # type: ignore[arg-type]
+                theirs,
+            )
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        reader, writer = await asyncio.open_connection(sock=ours)
+        try:
+            writer.write(data)
+            raw = await asyncio.wait_for(reader.read(), APP_TIMEOUT)
+        finally:
+            writer.close()
+        return app_answer(raw, flow.request.http_version)
+
+    def _stop_proxy_port_app(self) -> None:
+        task, self._proxy_app = self._proxy_app, None
+        if task is None:
+            return
+        if task.done() and not task.cancelled() and task.exception() is None:
+            spawn(task.result().cleanup())
+        else:
+            task.cancel()
 
     # --- listener lifecycle ----------------------------------------------------------------
 

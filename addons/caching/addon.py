@@ -9,6 +9,7 @@ response    stores, freshens or invalidates, labels the answer (`storing`, `answ
 error       wakes the requests waiting for this flow's fetch (`revalidate`)
 waypost_origin_unavailable   answers stale when the origin is down (`answer`)
 management_routes            purge and stats (`admin`)
+readiness_check              "cache": "ok" or "disabled" (`admin`)
 """
 
 from __future__ import annotations
@@ -124,6 +125,9 @@ class Cache:
 
     def management_routes(self) -> dict[str, Handler]:
         return self.admin.routes()
+
+    def readiness_check(self) -> tuple[str, str, bool]:
+        return self.admin.readiness()
 
 
 def _close_and_log(flow: http.HTTPFlow, reason: str) -> None:

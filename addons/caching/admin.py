@@ -5,6 +5,8 @@ management app, which finds them through the addon's duck-typed `management_rout
   `tag=<Surrogate-Key / Cache-Tag>`, `soft=true` to mark stale instead of dropping
   -> `{"invalidated": n, "remaining": m}`.
 - `GET /admin/cache/stats` -> sizes, limits, hit and miss rates, evictions, counts by result.
+- the readiness check: `"cache": "ok"` (PRD §7.2.1), `"disabled"` when cache_enabled is off
+  (still ready: a proxy without a cache serves).
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ class Admin:
             "evictions": shared.evictions(),
             "results": {r: counts.get(r, 0) for r in RESULTS},
         }
+
+    def readiness(self) -> tuple[str, str, bool]:
+        # The store is in-process memory: enabled means it works.
+        return "cache", "ok" if self.shared.enabled else "disabled", True
 
     def routes(self) -> dict[str, Handler]:
         return {"/admin/cache": self._purge, "/admin/cache/stats": self._stats}

@@ -25,10 +25,10 @@ class Record(TypedDict, total=False):
     # The client's IP, behind trusted proxies the forwarded one. Written by kernel.net.client_ip
     # the first time any addon asks (acl, ratelimit, forwarding, ...); read by the access log.
     client_ip: str
-    # The proxy answers this flow itself: "health" (management: /health/* on the proxy port) or
-    # "cli" (the CLI rerouted /cli/execute to its own listener). Read by metrics (not counted),
+    # The proxy answers this flow itself: "health", "metrics" or "admin" (management: its
+    # endpoints on the proxy port) or "cli" (the CLI rerouted /cli/execute to its own listener). Read by metrics (not counted),
     # cache, router, filter and contentfilter (skip it) and egress ("cli" may reach that listener).
-    local: Literal["health", "cli"]
+    local: Literal["health", "metrics", "admin", "cli"]
 
     # --- policy decisions ---
 

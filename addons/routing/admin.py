@@ -36,15 +36,15 @@ def backend_states(backends: Iterable[Backend], breaker_enabled: bool) -> list[d
     ]
 
 
-def readiness(states: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+def readiness(states: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]], bool]:
+    """PRD §7.2.1's `"backends": [{"url", "status"}, ...]`, plus each one's name and circuit;
+    ready while any backend is available (or none is configured)."""
     ok = not states or any(s["available"] for s in states)
-    return "backends", {
-        "ok": ok,
-        "backends": {
-            s["name"]: {"status": s["status"], "circuit": s["circuit"], "url": s["url"]}
-            for s in states
-        },
-    }
+    shown = [
+        {"name": s["name"], "url": s["url"], "status": s["status"], "circuit": s["circuit"]}
+        for s in states
+    ]
+    return "backends", shown, ok
 
 
 async def backends_page(request: Any, states: Callable[[], list[dict[str, Any]]]) -> Any:

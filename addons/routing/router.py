@@ -339,7 +339,7 @@ class Router:
     def backend_states(self) -> list[dict[str, Any]]:
         return admin.backend_states(self.backends.values(), self.breaker_enabled)
 
-    def readiness_check(self) -> tuple[str, dict[str, Any]]:
+    def readiness_check(self) -> tuple[str, list[dict[str, Any]], bool]:
         return admin.readiness(self.backend_states())
 
     def management_routes(self) -> dict[str, Any]:

@@ -138,11 +138,20 @@ class Logging(Section):
         return self
 
 
+class ProxyPortEndpoints(Section):
+    """Which management endpoints the proxy port answers too (PRD §11.3 uses them there)."""
+
+    health: bool = True
+    metrics: bool = True
+    admin: bool = True
+
+
 class Metrics(Section):
     enabled: Annotated[bool, Env("METRICS_ENABLED")] = True
     host: Annotated[str, Env("METRICS_HOST")] = "127.0.0.1"
     port: Annotated[Port, Env("METRICS_PORT")] = 9090
     path: str = "/metrics"
+    proxy_port: ProxyPortEndpoints = ProxyPortEndpoints()
 
     @field_validator("path")
     @classmethod

@@ -16,8 +16,9 @@ class Extension:
     def management_routes(self) -> dict[str, Any]:
         return {"/admin/fake": self._admin, "/fake/public": self._public}
 
-    def readiness_check(self) -> tuple[str, dict[str, Any]]:
-        return "fake", {"ok": ctx.options.fake_extension_ready}
+    def readiness_check(self) -> tuple[str, dict[str, Any], bool]:
+        ready = ctx.options.fake_extension_ready
+        return "fake", {"ok": ready}, ready
 
     async def _admin(self, request: web.Request) -> web.Response:
         return web.json_response({"admin": True, "method": request.method})

@@ -53,7 +53,7 @@ def test_health_endpoints(proxy_factory: Callable[..., Proxy]) -> None:
     p, mport = start(proxy_factory)
     with direct() as c:
         for path, status in [
-            ("liveness", "healthy"),
+            ("liveness", "ok"),
             ("readiness", "ready"),
             ("startup", "started"),
         ]:
@@ -102,7 +102,7 @@ def test_active_connections_gauge_moves(proxy_factory: Callable[..., Proxy]) -> 
 
 def test_health_on_the_proxy_port(proxy_factory: Callable[..., Proxy], backend: Backend) -> None:
     p, mport = start(proxy_factory)
-    for path, status in [("liveness", "healthy"), ("readiness", "ready"), ("startup", "started")]:
+    for path, status in [("liveness", "ok"), ("readiness", "ready"), ("startup", "started")]:
         resp = raw_request(
             p.port, f"GET /health/{path} HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\n\r\n".encode()
         )
@@ -111,19 +111,105 @@ def test_health_on_the_proxy_port(proxy_factory: Callable[..., Proxy], backend: 
         assert b"application/json" in resp.partition(b"\r\n\r\n")[0].lower()
     # Answered by the proxy, not proxied: not counted as traffic.
     assert sample(mport, "http_requests_total", backend="", method="GET", status="200") == 0
-    # /metrics and /admin/* are never served on the proxy port.
-    for req in (
-        f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\n\r\n",
-        f"POST /admin/reload HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\nContent-Length: 0\r\n\r\n",
-    ):
-        resp = raw_request(p.port, req.encode())
-        assert status_of(resp) == 502 and b"http_requests_total" not in resp
-    # Absolute-form to an origin's /health path goes to the origin (aiohttp's plain 404).
+    # /metrics and /admin/* are served there too (the admin API is off without a token).
+    resp = raw_request(
+        p.port, f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\n\r\n".encode()
+    )
+    assert status_of(resp) == 200 and b"http_requests_total" in resp
     resp = raw_request(
         p.port,
-        f"GET {backend.url}/health/liveness HTTP/1.1\r\nHost: 127.0.0.1:{backend.port}\r\n\r\n".encode(),
+        f"POST /admin/reload HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\nContent-Length: 0\r\n\r\n".encode(),
     )
-    assert status_of(resp) == 404 and resp.endswith(b"404: Not Found")
+    assert status_of(resp) == 404 and json_body(resp)["error"]["code"] == "NOT_FOUND"
+    # Absolute-form to an origin's /health, /admin or /metrics path goes to the origin
+    # (aiohttp's plain 404).
+    for path in ("/health/liveness", "/admin/reload", "/metrics"):
+        method = "POST" if path.startswith("/admin") else "GET"
+        resp = raw_request(
+            p.port,
+            f"{method} {backend.url}{path} HTTP/1.1\r\nHost: 127.0.0.1:{backend.port}\r\n"
+            "Content-Length: 0\r\n\r\n".encode(),
+        )
+        assert status_of(resp) == 404 and resp.endswith(b"404: Not Found"), path
+
+
+PROFILE = """\
+server: {host: 127.0.0.1, port: 8080}
+metrics: {enabled: true, host: 127.0.0.1, port: 0, path: /metrics%s}
+admin: {token: s3cret}
+security: {egress: {block_private: false}}
+"""
+
+
+def bundle(proxy_factory: Callable[..., Proxy], tmp_path: Path, extra: str = "") -> tuple:
+    path = tmp_path / "profile.yaml"
+    path.write_text(PROFILE % extra)
+    p = proxy_factory(options={"waypost_profile": str(path)})
+    return p, int(p.wait_for(MANAGEMENT).group(1))
+
+
+def test_admin_metrics_and_head_on_the_proxy_port(
+    proxy_factory: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """PRD §11.3's commands, against the proxy port of the whole bundle."""
+    p, mport = bundle(proxy_factory, tmp_path)
+    proxy, mgmt = f"http://127.0.0.1:{p.port}", f"http://127.0.0.1:{mport}"
+    auth = {"Authorization": "Bearer s3cret"}
+    with direct() as c:
+        r = c.post(f"{proxy}/admin/reload")  # curl -X POST http://localhost:8080/admin/reload
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["code"] == "UNAUTHORIZED"
+        r = c.post(f"{proxy}/admin/reload", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 403
+        r = c.post(f"{proxy}/admin/reload", headers=auth)
+        assert r.status_code == 200 and r.json()["reloaded"] is True, r.text
+        r = c.get(f"{proxy}/admin/cache/stats", headers=auth)
+        assert r.status_code == 200 and {"size", "entries", "hit_rate"} <= set(r.json())
+        assert c.get(f"{proxy}/admin/cache/stats").status_code == 401
+        r = c.get(f"{proxy}/admin/backends", headers=auth)
+        assert r.status_code == 200 and r.json()["backends"] == []
+        r = c.get(f"{proxy}/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        assert "# TYPE http_requests_total counter" in r.text
+        for base in (proxy, mgmt):
+            r = c.head(f"{base}/health/liveness")
+            assert r.status_code == 200 and r.content == b"", base
+            assert int(r.headers["content-length"]) > 0
+            assert r.headers["content-type"].startswith("application/json")
+            for path in ("/health/readiness", "/health/startup", "/metrics",
+                         "/admin/cache/stats", "/admin/backends"):  # fmt: skip
+                got = c.get(base + path, headers=auth)
+                r = c.head(base + path, headers=auth)
+                assert (r.status_code, r.content) == (got.status_code, b""), (base, path)
+                assert r.headers["content-type"] == got.headers["content-type"], (base, path)
+            assert c.head(f"{base}/admin/cache/stats").status_code == 401
+            ready = c.get(f"{base}/health/readiness").json()
+            assert ready["status"] == "ready"
+            assert ready["checks"]["cache"] == "ok" and ready["checks"]["backends"] == []
+            assert ready["checks"]["config"]["ok"] is True
+            assert c.get(f"{base}/health/liveness").json()["status"] == "ok"
+    assert "admin /admin/reload refused: wrong bearer token from 127.0.0.1" in "\n".join(p.lines)
+    # None of it was proxied traffic.
+    assert not [k for k in samples(mport) if k[0] == "http_requests_total"]
+
+
+def test_proxy_port_endpoints_switched_off(
+    proxy_factory: Callable[..., Proxy], tmp_path: Path, backend: Backend
+) -> None:
+    off = ", proxy_port: {health: false, metrics: false, admin: false}"
+    p, mport = bundle(proxy_factory, tmp_path, off)
+    proxy, mgmt = f"http://127.0.0.1:{p.port}", f"http://127.0.0.1:{mport}"
+    auth = {"Authorization": "Bearer s3cret"}
+    with direct() as c:
+        for method, path in [("GET", "/health/liveness"), ("GET", "/metrics"),
+                             ("POST", "/admin/reload"), ("GET", "/admin/cache/stats")]:  # fmt: skip
+            r = c.request(method, proxy + path, headers=auth)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND", path
+            assert c.request(method, mgmt + path, headers=auth).status_code == 200, path
+    # A forward-proxy request for another host's /admin/reload is still proxied.
+    with httpx.Client(proxy=p.url, trust_env=False, timeout=5) as c:
+        r = c.post(f"{backend.url}/admin/reload", headers=auth)
+        assert r.status_code == 404 and r.text == "404: Not Found"
 
 
 @pytest.mark.parametrize("token", ["", "s3cret"])
@@ -198,6 +284,7 @@ def test_addons_extend_the_app(proxy_factory: Callable[..., Proxy], ready: bool)
     with direct() as c:
         r = c.get(f"{base}/health/readiness")
         assert r.status_code == (200 if ready else 503)
+        assert r.json()["status"] == ("ready" if ready else "not_ready")
         assert r.json()["checks"]["fake"] == {"ok": ready}
         assert c.get(f"{base}/fake/public").json() == {"public": True}
         assert c.delete(f"{base}/admin/fake").status_code == 401  # the admin check runs first

@@ -127,7 +127,7 @@ def test_requestheaders_answers_health_on_the_proxy_port() -> None:
             m.requestheaders(f)
             assert f.response is not None and f.response.status_code == 200, path
             assert f.response.headers["content-type"] == "application/json"
-            assert json.loads(f.response.content)["status"] in ("healthy", "ready", "started")
+            assert json.loads(f.response.content)["status"] in ("ok", "ready", "started")
             assert record(f)["local"] == "health"
         unknown = _health_flow("127.0.0.1", 8080, "/health/other")
         m.requestheaders(unknown)
@@ -139,9 +139,10 @@ def test_requestheaders_answers_health_on_the_proxy_port() -> None:
     "host,port,path,method",
     [
         ("example.com", 80, "/health/liveness", "GET"),  # absolute-form: the origin's own path
-        ("127.0.0.1", 8080, "/metrics", "GET"),  # never on the proxy port
-        ("127.0.0.1", 8080, "/admin/reload", "POST"),
-        ("127.0.0.1", 8080, "/health/liveness", "POST"),
+        ("example.com", 80, "/admin/reload", "POST"),
+        ("example.com", 80, "/metrics", "GET"),
+        ("127.0.0.1", 8080, "/other", "GET"),
+        ("127.0.0.1", 8080, "/admin", "GET"),
         ("127.0.0.1", 5000, "/health/liveness", "GET"),
     ],
 )
@@ -154,6 +155,156 @@ def test_requestheaders_leaves_other_requests_alone(
         f.request.method = method
         m.requestheaders(f)
         assert f.response is None
+
+
+@pytest.mark.parametrize(
+    "path,kind",
+    [("/health/liveness", "health"), ("/health/x", "health"), ("/metrics", "metrics"),
+     ("/admin/reload", "admin"), ("/admin/cache/stats", "admin"), ("/admin", None),
+     ("/metricsx", None), ("/", None), ("/cli/execute", None)],
+)  # fmt: skip
+def test_endpoint_kind(path: str, kind: str | None) -> None:
+    assert management.endpoint_kind(path, "/metrics") == kind
+
+
+def test_app_request_and_answer() -> None:
+    f = tflow.tflow()
+    f.request.method, f.request.path = "POST", "/admin/reload?x=1"
+    f.request.headers["Authorization"] = "Bearer t"
+    f.request.headers["Connection"] = "keep-alive"
+    f.request.headers["X-Waypost-Proxy-Port-Client"] = "spoofed"
+    f.request.content = b"abc"
+    raw = management.app_request(f.request, "10.0.0.7")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /admin/reload?x=1 HTTP/1.0" and body == b"abc"
+    assert b"Authorization: Bearer t" in lines and b"Content-Length: 3" in lines
+    assert b"X-Waypost-Proxy-Port-Client: 10.0.0.7" in lines
+    assert not any(b"spoofed" in line or b"keep-alive" in line for line in lines)
+    resp = management.app_answer(
+        b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+        b"Connection: close\r\n\r\n{}",
+        "HTTP/1.1",
+    )
+    assert resp.status_code == 200 and resp.content == b"{}" and resp.http_version == "HTTP/1.1"
+    assert "connection" not in resp.headers
+    head_only = management.app_answer(b"HTTP/1.0 200 OK\r\nContent-Length: 9\r\n\r\n", "HTTP/1.1")
+    assert head_only.content == b"" and head_only.headers["content-length"] == "9"
+    with pytest.raises(ValueError):
+        management.app_answer(b"HTTP/1.0 200 OK\r\n", "HTTP/1.1")
+
+
+class FakeCheck:
+    def __init__(self, name: str, value: Any, ok: bool) -> None:
+        self.name, self.value, self.ok = f"fake_{name}", value, ok
+        self.check_name = name
+
+    def readiness_check(self) -> tuple[str, Any, bool]:
+        return self.check_name, self.value, self.ok
+
+
+@pytest.mark.parametrize("backends_ok", [True, False])
+def test_readiness_shows_extension_checks_as_they_give_them(backends_ok: bool) -> None:
+    m = Management()
+    backends = [{"name": "a", "url": "http://a:80", "status": "healthy", "circuit": "closed"}]
+    with taddons.context(
+        m, FakeProxyserver(LISTEN), FakeCheck("cache", "ok", True),
+        FakeCheck("backends", backends, backends_ok),
+    ):  # fmt: skip
+        status, body = m.health("/health/readiness")
+        assert status == (200 if backends_ok else 503)
+        assert body["status"] == ("ready" if backends_ok else "not_ready")
+        assert body["checks"]["cache"] == "ok"
+        assert body["checks"]["backends"] == backends
+        assert body["checks"]["listeners"]["ok"] is True
+
+
+def test_head_and_methods_on_the_proxy_port() -> None:
+    m = Management()
+    with taddons.context(m, FakeProxyserver(LISTEN)):
+        for path in ("/health/liveness", "/health/readiness", "/metrics", "/health/nope"):
+            get, head = _health_flow("127.0.0.1", 8080, path), _health_flow("127.0.0.1", 8080, path)
+            head.request.method = "HEAD"
+            m.requestheaders(get)
+            m.requestheaders(head)
+            assert head.response.status_code == get.response.status_code, path
+            assert head.response.content == b"", path
+            length = int(head.response.headers["content-length"])
+            if path == "/metrics":  # the exposition changes between two scrapes
+                assert length > 0
+            else:
+                assert length == len(get.response.content), path
+            assert head.response.headers["content-type"] == get.response.headers["content-type"]
+        post = _health_flow("127.0.0.1", 8080, "/health/liveness")
+        post.request.method = "POST"
+        m.requestheaders(post)
+        assert post.response.status_code == 405 and post.response.headers["allow"] == "GET, HEAD"
+
+
+def test_metrics_on_the_proxy_port() -> None:
+    m = Management()
+    with taddons.context(m, FakeProxyserver(LISTEN)) as tctx:
+        f = _health_flow("127.0.0.1", 8080, "/metrics")
+        m.requestheaders(f)
+        assert f.response.status_code == 200
+        assert f.response.headers["content-type"].startswith("text/plain")
+        assert record(f)["local"] == "metrics"
+        tctx.configure(m, metrics_path="/prom")
+        f = _health_flow("127.0.0.1", 8080, "/prom")
+        m.requestheaders(f)
+        assert f.response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "option,path,method",
+    [("metrics_proxy_port_health", "/health/liveness", "GET"),
+     ("metrics_proxy_port_metrics", "/metrics", "GET"),
+     ("metrics_proxy_port_admin", "/admin/reload", "POST")],
+)  # fmt: skip
+def test_switched_off_on_the_proxy_port_is_404(option: str, path: str, method: str) -> None:
+    m = Management()
+    with taddons.context(m, FakeProxyserver(LISTEN)) as tctx:
+        tctx.configure(m, **{option: False})
+        f = _health_flow("127.0.0.1", 8080, path)
+        f.request.method = method
+        m.requestheaders(f)
+        assert f.response.status_code == 404
+        assert json.loads(f.response.content)["error"]["code"] == "NOT_FOUND"
+
+
+async def test_admin_on_the_proxy_port_goes_through_the_app() -> None:
+    m = Management()
+    cfg = FakeConfig()
+    with taddons.context(m, FakeProxyserver(LISTEN), cfg) as tctx:
+        tctx.configure(m, metrics_enabled=False, admin_token="s3cret")
+
+        async def ask(method: str, path: str, auth: str | None = None) -> Any:
+            f = _health_flow("127.0.0.1", 8080, path)
+            f.request.method = method
+            if auth:
+                f.request.headers["Authorization"] = auth
+            m.requestheaders(f)
+            assert f.response is not None and record(f)["local"] == "admin"
+            assert f.response.status_code == 500  # the stand-in until `request`
+            await m.request(f)
+            return f.response
+
+        r = await ask("POST", "/admin/reload")
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert (await ask("POST", "/admin/reload", "Bearer wrong")).status_code == 403
+        r = await ask("POST", "/admin/reload", "Bearer s3cret")
+        assert r.status_code == 200 and json.loads(r.content)["reloaded"] is True
+        assert r.http_version == "HTTP/1.1" and "connection" not in r.headers
+        assert (await ask("GET", "/admin/nothing", "Bearer s3cret")).status_code == 404
+        tctx.configure(m, admin_token="")
+        assert (await ask("POST", "/admin/reload", "Bearer s3cret")).status_code == 404
+        tctx.configure(m, admin_token="s3cret", metrics_proxy_port_admin=False)
+        off = _health_flow("127.0.0.1", 8080, "/admin/reload")
+        off.request.headers["Authorization"] = "Bearer s3cret"
+        m.requestheaders(off)
+        assert m.request(off) is None and off.response.status_code == 404
+        m.done()
+        await asyncio.sleep(0.05)
 
 
 def test_readiness_reports_config_and_listeners() -> None:
@@ -194,7 +345,9 @@ async def test_listener_serves_endpoints_and_stops() -> None:
         port = m.listen_addrs[0][1]
         assert m.listen_addrs == [("127.0.0.1", port)]
         status, _, body = await _get(port, "GET", "/health/liveness")
-        assert status == 200 and json.loads(body)["status"] == "healthy"
+        assert status == 200 and json.loads(body)["status"] == "ok"
+        status, head, body = await _get(port, "HEAD", "/health/liveness")
+        assert status == 200 and body == b"" and "Content-Length: " in head
         status, _, body = await _get(port, "GET", "/health/readiness")
         assert status == 200 and json.loads(body)["checks"]["config"]["ok"] is True
         status, head, body = await _get(port, "GET", "/metrics")

@@ -271,13 +271,11 @@ def test_backend_state_survives_a_reload_and_egress_exemption() -> None:
         assert r.egress_exempt(rev.client_conn, ("10.0.0.1", 8080))
         r.client_disconnected(f.client_conn)
         assert not r.egress_exempt(f.client_conn, ("10.0.0.1", 8080))
-        name, check = r.readiness_check()
-        assert name == "backends" and check["ok"] is True
-        assert check["backends"]["10.0.0.1:8080"] == {
-            "status": "healthy",
-            "circuit": "closed",
-            "url": A,
-        }
+        name, check, ok = r.readiness_check()
+        assert name == "backends" and ok is True
+        assert check == [
+            {"name": "10.0.0.1:8080", "url": A, "status": "healthy", "circuit": "closed"}
+        ]
 
 
 def test_retry_patch_is_installed_on_checked_versions() -> None:
