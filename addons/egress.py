@@ -191,6 +191,18 @@ def port_allowed(ranges: Sequence[PortRange], port: int) -> bool:
 # --- the decision ----------------------------------------------------------------------------
 
 
+# What the operator can change, named in the refusal's body (never the resolved address, which
+# stays in the log: the client should not learn how names resolve inside the network).
+HINTS = {
+    "block_private": "private, loopback and link-local destinations are refused; the proxy's "
+    "operator can allow a network with security.egress.allowed_networks "
+    "(egress_allowed_networks), e.g. 127.0.0.1/32 for a local origin",
+    "connect_ports": "CONNECT is allowed to the ports in security.egress.connect_ports "
+    "(egress_connect_ports) only",
+    "management_port": "the proxy's management app is never reachable through the proxy",
+}
+
+
 class Verdict(NamedTuple):
     rule: str  # "block_private" | "management_port"
     reason: str  # for logs and `server.error`; never sent to the client
@@ -453,7 +465,10 @@ class Egress:
         meta["blocked_by"] = "egress"
         meta["rule"] = rule
         flow.response = errors.make(
-            "ACCESS_DENIED", f"The proxy's egress policy does not allow {what}.", flow
+            "ACCESS_DENIED",
+            f"The proxy's egress policy does not allow {what}.",
+            flow,
+            details={"rule": rule, "hint": HINTS[rule]},
         )
         log.warning(
             "egress blocked rule=%s client=%s target=%r reason=%s",

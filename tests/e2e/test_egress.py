@@ -49,7 +49,10 @@ def test_connect_to_disallowed_port_is_refused_before_any_upstream_connection(
 ):
     # Loopback is allowed, so only the port rule can refuse.
     p = proxy_factory(scripts=(EGRESS,), options={"egress_allowed_networks": "127.0.0.0/8"})
-    _assert_denied(_connect(p.port, f"127.0.0.1:{origin.port}"))
+    resp = _connect(p.port, f"127.0.0.1:{origin.port}")
+    _assert_denied(resp)
+    error = json_body(resp)["error"]
+    assert error["rule"] == "connect_ports" and "egress_connect_ports" in error["hint"]
     p.wait_for(r"egress blocked rule=connect_ports")
     assert origin.accepts == 0
 
@@ -81,6 +84,10 @@ def test_plain_http_to_loopback_is_refused_by_default(proxy_factory, backend):
     assert r.status_code == 403
     assert r.json()["error"]["code"] == "ACCESS_DENIED"
     assert r.headers["content-type"] == "application/json"
+    # the body names the rule and how an operator allows the destination, never the address
+    error = r.json()["error"]
+    assert error["rule"] == "block_private" and "egress_allowed_networks" in error["hint"]
+    assert "127.0.0.1 is loopback" not in r.text
     assert backend.hits.get("/echo/egress-default", 0) == before
     line = p.wait_for(r"egress blocked rule=block_private").string
     assert "127.0.0.1 is loopback" in line
