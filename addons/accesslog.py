@@ -8,7 +8,8 @@
   `connect` from `http_connected`/`http_connect_error`, with request_id, client_ip
   (`kernel.net.client_ip`: through `forwarding_trusted_proxies`, as the policies see it), method,
   url (secret query values redacted), status, duration_ms, bytes_sent, bytes_received,
-  cache_hit, backend, and every decision recorded in `record(flow)`. They go straight to
+  cache_hit, backend, user_agent (first USER_AGENT_MAX characters, when sent), trace_id (from
+  a valid W3C `traceparent`, when sent), and every decision recorded in `record(flow)`. They go straight to
   the output handler rather than through the root logger: mitmproxy's root handlers turn every
   record into an `add_log` event dispatched to all addons, which would cost more than the line.
 - In JSON mode, mitmproxy's per-connection chatter (`client connect`, `server connect`, ...
@@ -176,9 +177,10 @@ def _json_default(value: object) -> object:
 
 
 # ensure_ascii escapes every non-ASCII character, so no raw bidi/control code point from a
-# client reaches a terminal; json escapes C0 controls, and DEL is done by hand. One encoder:
+# client reaches a terminal; json escapes C0 controls, and DEL is done by hand. Compact
+# separators (`"status":200`), so greps like `'"duration_ms":[0-9]{3,}'` match. One encoder:
 # json.dumps with any argument builds a new one per call.
-_ENCODER = json.JSONEncoder(ensure_ascii=True, default=_json_default)
+_ENCODER = json.JSONEncoder(ensure_ascii=True, default=_json_default, separators=(",", ":"))
 
 
 def to_json(obj: dict[str, Any]) -> str:
@@ -291,6 +293,27 @@ def _url(req: http.Request) -> str:
     return f"{data.scheme.decode('ascii', 'replace')}://{host}{port}{path}"
 
 
+# A User-Agent is client input: kept to this many characters (the encoder escapes the rest).
+USER_AGENT_MAX = 256
+# W3C trace context: version-traceid-parentid-flags, lowercase hex.
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_ZERO_TRACE = "0" * 32
+
+
+def trace_id(traceparent: str | None) -> str | None:
+    """The trace id of a valid W3C `traceparent` (not all zero, version not ff), else None."""
+    if not traceparent:
+        return None
+    value = traceparent.strip()
+    m = _TRACEPARENT.match(value)
+    # Version 00 is exactly 55 characters; later versions may append fields, ff is invalid.
+    if m is None or value[:2] == "ff" or (value[:2] == "00" and len(value) != 55):
+        return None
+    if m[1] == _ZERO_TRACE:
+        return None
+    return m[1]
+
+
 def access_fields(flow: http.HTTPFlow, now: float) -> dict[str, Any]:
     """The access line's fields for a finished (or failed) request or CONNECT."""
     meta = record(flow)
@@ -320,6 +343,13 @@ def access_fields(flow: http.HTTPFlow, now: float) -> dict[str, Any]:
         "cache_hit": bool(cache_hit),
         "backend": backend,
     }
+    headers = req.headers
+    agent = headers.get("user-agent")
+    if agent is not None:
+        fields["user_agent"] = agent[:USER_AGENT_MAX]
+    trace = trace_id(headers.get("traceparent"))
+    if trace is not None:
+        fields["trace_id"] = trace
     for k, v in meta.items():
         fields.setdefault(k, v)
     if flow.error is not None:

@@ -163,6 +163,58 @@ def test_access_line_fields(term) -> None:
     assert line["request_id"] == errors.request_id(f)
 
 
+def test_access_line_is_compact_json(term) -> None:
+    addon, out, _ = term
+    addon.response(make_flow())
+    (raw,) = [x for x in out.getvalue().splitlines() if "waypost.access" in x]
+    # The PRD's troubleshooting grep: no space after the colon, none after the comma.
+    assert '"duration_ms":250.0,' in raw and '": ' not in raw and '", "' not in raw
+
+
+def test_user_agent_and_trace_id(term) -> None:
+    addon, out, _ = term
+    f = make_flow()
+    f.request.headers["User-Agent"] = "curl/8.5\x1b[31m" + "x" * 1000
+    f.request.headers["traceparent"] = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    addon.response(f)
+    g = make_flow()
+    g.request.headers["traceparent"] = "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+    addon.response(g)
+    first, second = lines(out)
+    assert first["user_agent"] == ("curl/8.5\x1b[31m" + "x" * 1000)[: accesslog.USER_AGENT_MAX]
+    assert "\x1b" not in out.getvalue()
+    assert first["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert "user_agent" not in second and "trace_id" not in second
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+        ),
+        (
+            " 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00 ",
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+        ),
+        (
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+        ),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x", None),
+        ("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None),
+        ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", None),
+        ("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", None),
+        ("00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_trace_id(value: str | None, expected: str | None) -> None:
+    assert accesslog.trace_id(value) == expected
+
+
 def test_error_line(term) -> None:
     addon, out, _ = term
     f = make_flow()
