@@ -19,6 +19,8 @@ Metrics:
     policy_decisions_total{policy,decision,rule}
                                               policy decisions: counted by `addons/policy.py`
                                               when made, or from a flow's recorded decision
+    waypost_build_info{version,mitmproxy,python}
+                                              always 1: the running versions
 
 Hooks: response, error, http_connected, http_connect_error, client_connected,
 client_disconnected. Options: none. Add it last in the chain so it sees every decision.
@@ -45,6 +47,7 @@ from prometheus_client.utils import floatToGoString
 from addons import errors
 from addons.kernel.options import once
 from addons.kernel.record import record
+from addons.kernel.version import versions
 
 METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
@@ -78,6 +81,7 @@ class Store:
         self.bytes = [0, 0]  # in, out
         self.decisions: dict[tuple[str, str, str], int] = {}
         self.open_clients: set[str] = set()
+        self.build = versions()  # read once: package metadata is files on disk
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -117,6 +121,14 @@ class Store:
         for labels, n in self.decisions.items():
             decisions.add_metric(list(labels), n)
         yield decisions
+        build = GaugeMetricFamily(
+            "waypost_build_info",
+            "Always 1; the labels are the running Waypost, mitmproxy and Python versions.",
+            labels=["version", "mitmproxy", "python"],
+        )
+        b = self.build
+        build.add_metric([b["waypost"], b["mitmproxy"], b["python"]], 1)
+        yield build
 
 
 def _define() -> tuple[CollectorRegistry, Store]:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 import time
 from pathlib import Path
 
@@ -7,6 +9,7 @@ import pytest
 from mitmproxy import connection, flow
 from mitmproxy.addons import script
 from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.version import VERSION
 
 from addons import metrics
 from addons.kernel.record import record
@@ -270,3 +273,12 @@ def test_requests_carry_the_routed_backend() -> None:
         before = requests("GET", "200", "api-1")
         m.response(f)
         assert requests("GET", "200", "api-1") == before + 1
+
+
+def test_build_info() -> None:
+    labels = {
+        "version": importlib.metadata.version("waypost"),
+        "mitmproxy": VERSION,
+        "python": platform.python_version(),
+    }
+    assert value("waypost_build_info", **labels) == 1.0
