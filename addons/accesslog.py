@@ -4,8 +4,12 @@
   stdout, mitmproxy's included ("HTTP(S) proxy listening at ..."), is one JSON object with
   `timestamp` (ISO 8601 UTC, ms, Z), `level`, `logger`, `message` and any extra fields. Text
   mode keeps mitmproxy's line format and appends `key=value` fields.
-- Access lines (logger `waypost.access`, INFO): message `request` from `response`/`error`, and
-  `connect` from `http_connected`/`http_connect_error`, with request_id, client_ip
+- Access lines (logger `waypost.access`, INFO): message `request` from `response`/`error`,
+  `connect` from `http_connected`/`http_connect_error` (when the tunnel opens, or is refused),
+  and `tunnel` from `client_disconnected` when an established tunnel closes (bytes_sent and
+  bytes_received are then the tunnel's wire bytes to and from the client, duration_ms its
+  whole life, outcome `client_closed`, `server_closed` or `error`; counted through
+  `metrics.watch_tunnel`/`watch_layer`/`end_tunnel`), with request_id, client_ip
   (`kernel.net.client_ip`: through `forwarding_trusted_proxies`, as the policies see it), method,
   url (secret query values redacted), status, duration_ms, bytes_sent, bytes_received,
   cache_hit, backend, user_agent (first USER_AGENT_MAX characters, when sent), trace_id (from
@@ -19,7 +23,8 @@
   background thread, reopened when logrotate moves it); mitmproxy's lines and waypost
   errors stay on stdout, where startup failures are reported.
 
-Hooks: configure, done, response, error, http_connected, http_connect_error.
+Hooks: configure, done, response, error, http_connected, http_connect_error, next_layer,
+client_disconnected.
 Options: log_level, log_format, log_output, log_file; forwarding_trusted_proxies (declared by
 `addons/kernel/net.py`).
 """
@@ -37,13 +42,14 @@ import time
 from typing import Any
 from urllib.parse import unquote_plus
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.proxy import layer
 
 from addons import errors
 from addons.kernel import net
 from addons.kernel.options import Option, declare
 from addons.kernel.record import record
-from addons.metrics import sent_response, sent_status
+from addons.metrics import Tunnel, end_tunnel, sent_response, sent_status, watch_layer, watch_tunnel
 
 log = logging.getLogger("waypost.accesslog")
 access_log = logging.getLogger("waypost.access")
@@ -357,6 +363,29 @@ def access_fields(flow: http.HTTPFlow, now: float) -> dict[str, Any]:
     return fields
 
 
+def tunnel_fields(tunnel: Tunnel) -> dict[str, Any]:
+    """The closing line of a CONNECT tunnel: the CONNECT's fields with the tunnel's bytes each
+    way (on the wire), its whole duration and its outcome."""
+    flow = tunnel.flow
+    end = tunnel.end or time.time()
+    fields = access_fields(flow, end)
+    fields["duration_ms"] = round((end - flow.request.timestamp_start) * 1000, 2)
+    fields["bytes_sent"] = tunnel.down  # to the client, from the server
+    fields["bytes_received"] = tunnel.up  # from the client, to the server
+    fields["outcome"] = outcome = tunnel.outcome()
+    if outcome == "error":
+        fields["error"] = tunnel.client.error or flow.server_conn.error
+    return fields
+
+
+def _emit(message: str, fields: dict[str, Any]) -> None:
+    # A record made directly: Logger.info would also walk the stack for the caller's file
+    # and line, a fifth of the line's cost, to say "accesslog.py" every time.
+    record = logging.LogRecord(access_log.name, logging.INFO, __file__, 0, message, None, None)
+    record.waypost = fields
+    access_log.handle(record)
+
+
 # --- addon ---------------------------------------------------------------------------------------
 
 
@@ -512,11 +541,7 @@ class AccessLog:
         if not access_log.isEnabledFor(logging.INFO) or flow.metadata.get(_LOGGED):
             return
         flow.metadata[_LOGGED] = True
-        # A record made directly: Logger.info would also walk the stack for the caller's file
-        # and line, a fifth of the line's cost, to say "accesslog.py" every time.
-        record = logging.LogRecord(access_log.name, logging.INFO, __file__, 0, message, None, None)
-        record.waypost = access_fields(flow, time.time())
-        access_log.handle(record)
+        _emit(message, access_fields(flow, time.time()))
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._log(flow, "request")
@@ -526,6 +551,15 @@ class AccessLog:
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
         self._log(flow, "connect")
+        watch_tunnel(flow)
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        watch_layer(nextlayer)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        tunnel = end_tunnel(client)
+        if tunnel is not None and access_log.isEnabledFor(logging.INFO):
+            _emit("tunnel", tunnel_fields(tunnel))
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         self._log(flow, "connect")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -104,6 +105,41 @@ def test_connect_lines(proxy_factory, backend) -> None:
     assert lines[0]["url"] == f"127.0.0.1:{backend.port}"
     assert lines[0]["backend"] == f"127.0.0.1:{backend.port}"
     assert all(x["request_id"] for x in lines)
+
+
+def test_a_tunnel_logs_one_closing_line_with_bytes_each_way(proxy_factory) -> None:
+    p = proxy_factory(scripts=SCRIPTS, options={"flow_detail": 0})
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def echo() -> None:
+            conn, _ = server.accept()
+            with conn:
+                data = conn.recv(100)
+                conn.sendall(b"pong:" + data)
+
+        threading.Thread(target=echo, daemon=True).start()
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
+            c.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += c.recv(1000)
+            assert status_of(head) == 200
+            c.sendall(b"\x00\x01ping")  # not HTTP, not TLS: a raw TCP tunnel
+            got = b""
+            while len(got) < 11:
+                got += c.recv(100)
+        assert got == b"pong:\x00\x01ping"
+    (line,) = wait_lines(lambda: access(p, "tunnel"), 1)
+    (opened,) = access(p, "connect")
+    assert line["method"] == "CONNECT" and line["status"] == 200
+    assert line["url"] == f"127.0.0.1:{port}" and line["request_id"] == opened["request_id"]
+    assert line["bytes_received"] == 6 and line["bytes_sent"] == 11
+    assert line["outcome"] in ("client_closed", "server_closed")
+    assert line["duration_ms"] >= opened["duration_ms"]
+    assert opened["bytes_sent"] == 0
 
 
 def test_text_format(proxy_factory, backend) -> None:

@@ -12,7 +12,7 @@ from mitmproxy import exceptions, flow, hooks
 from mitmproxy.addons.termlog import TermLog
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import accesslog, errors
+from addons import accesslog, errors, metrics
 from addons.accesslog import AccessLog, JsonFormatter, TextFormatter, redact_url
 from addons.kernel.record import record
 
@@ -251,6 +251,38 @@ def test_connect_line(term) -> None:
     assert line["message"] == "connect" and line["method"] == "CONNECT"
     assert line["url"] == "example.com:443"
     assert line["bytes_sent"] == 0 and line["request_id"]
+
+
+def test_tunnel_closing_line(term) -> None:
+    addon, out, _ = term
+    f = tflow.tflow(resp=True)
+    f.request = tutils.treq(method=b"CONNECT", host="example.com", port=443, path=b"")
+    f.request.authority = "example.com:443"
+    f.request.timestamp_start = time.time() - 2
+    addon.http_connected(f)
+    t = metrics.TUNNELS[f.client_conn.id]
+    t.up, t.down, t.closed_by = 517, 4096, "client"
+    addon.client_disconnected(f.client_conn)
+    addon.client_disconnected(f.client_conn)  # once only
+    opened, closed = lines(out)
+    assert opened["message"] == "connect" and opened["bytes_sent"] == 0
+    assert closed["message"] == "tunnel" and closed["request_id"] == opened["request_id"]
+    assert closed["url"] == "example.com:443" and closed["status"] == 200
+    assert closed["bytes_received"] == 517 and closed["bytes_sent"] == 4096
+    assert closed["outcome"] == "client_closed" and "error" not in closed
+    assert closed["duration_ms"] >= 2000
+    assert f.client_conn.id not in metrics.TUNNELS
+
+
+def test_tunnel_error_outcome(term) -> None:
+    addon, out, _ = term
+    f = tflow.tflow(resp=True)
+    f.request = tutils.treq(method=b"CONNECT", host="example.com", port=443, path=b"")
+    addon.http_connected(f)
+    f.server_conn.error = "Connection reset by peer"
+    addon.client_disconnected(f.client_conn)
+    closed = lines(out)[-1]
+    assert closed["outcome"] == "error" and closed["error"] == "Connection reset by peer"
 
 
 def test_level_warning_disables_access_lines(term) -> None:
