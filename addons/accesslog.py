@@ -4,11 +4,16 @@
   stdout, mitmproxy's included ("HTTP(S) proxy listening at ..."), is one JSON object with
   `timestamp` (ISO 8601 UTC, ms, Z), `level`, `logger`, `message` and any extra fields. Text
   mode keeps mitmproxy's line format and appends `key=value` fields.
-- Access lines (logger `waypost.access`, INFO): message `request` from `response`/`error`, and
-  `connect` from `http_connected`/`http_connect_error`, with request_id, client_ip
+- Access lines (logger `waypost.access`, INFO): message `request` from `response`/`error`,
+  `connect` from `http_connected`/`http_connect_error` (when the tunnel opens, or is refused),
+  and `tunnel` from `client_disconnected` when an established tunnel closes (bytes_sent and
+  bytes_received are then the tunnel's wire bytes to and from the client, duration_ms its
+  whole life, outcome `client_closed`, `server_closed` or `error`; counted through
+  `metrics.watch_tunnel`/`watch_layer`/`end_tunnel`), with request_id, client_ip
   (`kernel.net.client_ip`: through `forwarding_trusted_proxies`, as the policies see it), method,
   url (secret query values redacted), status, duration_ms, bytes_sent, bytes_received,
-  cache_hit, backend, and every decision recorded in `record(flow)`. They go straight to
+  cache_hit, backend, user_agent (first USER_AGENT_MAX characters, when sent), trace_id (from
+  a valid W3C `traceparent`, when sent), and every decision recorded in `record(flow)`. They go straight to
   the output handler rather than through the root logger: mitmproxy's root handlers turn every
   record into an `add_log` event dispatched to all addons, which would cost more than the line.
 - In JSON mode, mitmproxy's per-connection chatter (`client connect`, `server connect`, ...
@@ -18,7 +23,8 @@
   background thread, reopened when logrotate moves it); mitmproxy's lines and waypost
   errors stay on stdout, where startup failures are reported.
 
-Hooks: configure, done, response, error, http_connected, http_connect_error.
+Hooks: configure, done, response, error, http_connected, http_connect_error, next_layer,
+client_disconnected.
 Options: log_level, log_format, log_output, log_file; forwarding_trusted_proxies (declared by
 `addons/kernel/net.py`).
 """
@@ -36,13 +42,14 @@ import time
 from typing import Any
 from urllib.parse import unquote_plus
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy.proxy import layer
 
 from addons import errors
 from addons.kernel import net
 from addons.kernel.options import Option, declare
 from addons.kernel.record import record
-from addons.metrics import sent_response, sent_status
+from addons.metrics import Tunnel, end_tunnel, sent_response, sent_status, watch_layer, watch_tunnel
 
 log = logging.getLogger("waypost.accesslog")
 access_log = logging.getLogger("waypost.access")
@@ -176,9 +183,10 @@ def _json_default(value: object) -> object:
 
 
 # ensure_ascii escapes every non-ASCII character, so no raw bidi/control code point from a
-# client reaches a terminal; json escapes C0 controls, and DEL is done by hand. One encoder:
+# client reaches a terminal; json escapes C0 controls, and DEL is done by hand. Compact
+# separators (`"status":200`), so greps like `'"duration_ms":[0-9]{3,}'` match. One encoder:
 # json.dumps with any argument builds a new one per call.
-_ENCODER = json.JSONEncoder(ensure_ascii=True, default=_json_default)
+_ENCODER = json.JSONEncoder(ensure_ascii=True, default=_json_default, separators=(",", ":"))
 
 
 def to_json(obj: dict[str, Any]) -> str:
@@ -291,6 +299,27 @@ def _url(req: http.Request) -> str:
     return f"{data.scheme.decode('ascii', 'replace')}://{host}{port}{path}"
 
 
+# A User-Agent is client input: kept to this many characters (the encoder escapes the rest).
+USER_AGENT_MAX = 256
+# W3C trace context: version-traceid-parentid-flags, lowercase hex.
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_ZERO_TRACE = "0" * 32
+
+
+def trace_id(traceparent: str | None) -> str | None:
+    """The trace id of a valid W3C `traceparent` (not all zero, version not ff), else None."""
+    if not traceparent:
+        return None
+    value = traceparent.strip()
+    m = _TRACEPARENT.match(value)
+    # Version 00 is exactly 55 characters; later versions may append fields, ff is invalid.
+    if m is None or value[:2] == "ff" or (value[:2] == "00" and len(value) != 55):
+        return None
+    if m[1] == _ZERO_TRACE:
+        return None
+    return m[1]
+
+
 def access_fields(flow: http.HTTPFlow, now: float) -> dict[str, Any]:
     """The access line's fields for a finished (or failed) request or CONNECT."""
     meta = record(flow)
@@ -320,11 +349,41 @@ def access_fields(flow: http.HTTPFlow, now: float) -> dict[str, Any]:
         "cache_hit": bool(cache_hit),
         "backend": backend,
     }
+    headers = req.headers
+    agent = headers.get("user-agent")
+    if agent is not None:
+        fields["user_agent"] = agent[:USER_AGENT_MAX]
+    trace = trace_id(headers.get("traceparent"))
+    if trace is not None:
+        fields["trace_id"] = trace
     for k, v in meta.items():
         fields.setdefault(k, v)
     if flow.error is not None:
         fields["error"] = flow.error.msg
     return fields
+
+
+def tunnel_fields(tunnel: Tunnel) -> dict[str, Any]:
+    """The closing line of a CONNECT tunnel: the CONNECT's fields with the tunnel's bytes each
+    way (on the wire), its whole duration and its outcome."""
+    flow = tunnel.flow
+    end = tunnel.end or time.time()
+    fields = access_fields(flow, end)
+    fields["duration_ms"] = round((end - flow.request.timestamp_start) * 1000, 2)
+    fields["bytes_sent"] = tunnel.down  # to the client, from the server
+    fields["bytes_received"] = tunnel.up  # from the client, to the server
+    fields["outcome"] = outcome = tunnel.outcome()
+    if outcome == "error":
+        fields["error"] = tunnel.client.error or flow.server_conn.error
+    return fields
+
+
+def _emit(message: str, fields: dict[str, Any]) -> None:
+    # A record made directly: Logger.info would also walk the stack for the caller's file
+    # and line, a fifth of the line's cost, to say "accesslog.py" every time.
+    record = logging.LogRecord(access_log.name, logging.INFO, __file__, 0, message, None, None)
+    record.waypost = fields
+    access_log.handle(record)
 
 
 # --- addon ---------------------------------------------------------------------------------------
@@ -482,11 +541,7 @@ class AccessLog:
         if not access_log.isEnabledFor(logging.INFO) or flow.metadata.get(_LOGGED):
             return
         flow.metadata[_LOGGED] = True
-        # A record made directly: Logger.info would also walk the stack for the caller's file
-        # and line, a fifth of the line's cost, to say "accesslog.py" every time.
-        record = logging.LogRecord(access_log.name, logging.INFO, __file__, 0, message, None, None)
-        record.waypost = access_fields(flow, time.time())
-        access_log.handle(record)
+        _emit(message, access_fields(flow, time.time()))
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._log(flow, "request")
@@ -496,6 +551,15 @@ class AccessLog:
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
         self._log(flow, "connect")
+        watch_tunnel(flow)
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        watch_layer(nextlayer)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        tunnel = end_tunnel(client)
+        if tunnel is not None and access_log.isEnabledFor(logging.INFO):
+            _emit("tunnel", tunnel_fields(tunnel))
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         self._log(flow, "connect")

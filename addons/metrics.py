@@ -15,12 +15,24 @@ Metrics:
                                               backend: the router's backend name, else "")
     http_request_duration_seconds             request start to response end (histogram)
     http_request_bytes_total{direction}       body bytes, "in" from clients, "out" to clients
+    tunnel_bytes_total{direction}             CONNECT tunnel wire bytes, "in" from the client,
+                                              "out" from the server(s) to the client; counted
+                                              when the tunnel closes
     proxy_active_connections                  open client connections
     policy_decisions_total{policy,decision,rule}
                                               policy decisions: counted by `addons/policy.py`
                                               when made, or from a flow's recorded decision
+    waypost_build_info{version,mitmproxy,python}
+                                              always 1: the running versions
 
-Hooks: response, error, http_connected, http_connect_error, client_connected,
+Tunnels: `watch_tunnel(flow)` (from `http_connected`) notes an established CONNECT tunnel;
+`watch_layer(nextlayer)` (from `next_layer`) wraps the event handler of the CONNECT's HTTP
+stream, the one place every event of the tunnel passes (TLS passthrough has no tcp_* hooks),
+to add each DataReceived's length to the tunnel's counters: one call and one addition per
+message. `end_tunnel(client)` (from `client_disconnected`) closes it. The access
+log shares these calls, so each works without the other.
+
+Hooks: response, error, http_connected, http_connect_error, next_layer, client_connected,
 client_disconnected. Options: none. Add it last in the chain so it sees every decision.
 Flows answered locally (`record(flow)["local"]`, e.g. health probes on the proxy port) are
 not counted.
@@ -33,6 +45,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 
 from mitmproxy import connection, http
+from mitmproxy.proxy import events, layer
 from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -45,6 +58,7 @@ from prometheus_client.utils import floatToGoString
 from addons import errors
 from addons.kernel.options import once
 from addons.kernel.record import record
+from addons.kernel.version import versions
 
 METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
@@ -76,8 +90,10 @@ class Store:
         self.buckets = [0] * (len(BUCKETS) + 1)  # per bucket, not cumulative; last is +Inf
         self.duration_sum = 0.0
         self.bytes = [0, 0]  # in, out
+        self.tunnel_bytes = [0, 0]  # in, out
         self.decisions: dict[tuple[str, str, str], int] = {}
         self.open_clients: set[str] = set()
+        self.build = versions()  # read once: package metadata is files on disk
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -106,6 +122,15 @@ class Store:
         size.add_metric(["in"], self.bytes[0])
         size.add_metric(["out"], self.bytes[1])
         yield size
+        tunnel = CounterMetricFamily(
+            "tunnel_bytes_total",
+            "CONNECT tunnel bytes from the client (in) and to the client (out), on the wire "
+            "(TLS records included), counted when the tunnel closes.",
+            labels=["direction"],
+        )
+        tunnel.add_metric(["in"], self.tunnel_bytes[0])
+        tunnel.add_metric(["out"], self.tunnel_bytes[1])
+        yield tunnel
         yield GaugeMetricFamily(
             "proxy_active_connections", "Open client connections.", len(self.open_clients)
         )
@@ -117,6 +142,14 @@ class Store:
         for labels, n in self.decisions.items():
             decisions.add_metric(list(labels), n)
         yield decisions
+        build = GaugeMetricFamily(
+            "waypost_build_info",
+            "Always 1; the labels are the running Waypost, mitmproxy and Python versions.",
+            labels=["version", "mitmproxy", "python"],
+        )
+        b = self.build
+        build.add_metric([b["waypost"], b["mitmproxy"], b["python"]], 1)
+        yield build
 
 
 def _define() -> tuple[CollectorRegistry, Store]:
@@ -205,6 +238,105 @@ def count_decision(policy: str, decision: str, rule: str) -> None:
     counts[key] = counts.get(key, 0) + 1
 
 
+# --- CONNECT tunnels ------------------------------------------------------------------------------
+
+
+class Tunnel:
+    """An established CONNECT tunnel: its flow and what crossed it."""
+
+    __slots__ = ("flow", "client", "up", "down", "closed_by", "end", "watchers", "watched")
+
+    def __init__(self, flow: http.HTTPFlow) -> None:
+        self.flow = flow
+        self.client = flow.client_conn
+        self.up = 0  # bytes received from the client (client -> server)
+        self.down = 0  # bytes received from the server side (server -> client)
+        self.closed_by: str | None = None  # "client" or "server": who closed first
+        self.end: float | None = None
+        self.watchers = 0  # addons that will call end_tunnel for it
+        self.watched = False  # the tunnel's layer is wrapped
+
+    def outcome(self) -> str:
+        """ "error" when either connection failed, else who closed first ("closed": unknown)."""
+        if self.client.error or self.flow.server_conn.error:
+            return "error"
+        return f"{self.closed_by}_closed" if self.closed_by else "closed"
+
+
+# Open tunnels by client connection id: an HTTP/1 client connection carries one tunnel once
+# CONNECT succeeded. Shared across reloads, like the registry.
+TUNNELS: dict[str, Tunnel] = once("metrics.tunnels", dict)
+
+
+def watch_tunnel(flow: http.HTTPFlow) -> None:
+    """Note an established CONNECT tunnel (called once per addon that will end it)."""
+    resp = flow.response
+    if resp is None or not 200 <= resp.status_code < 300:
+        return
+    t = TUNNELS.get(flow.client_conn.id)
+    if t is None or t.flow is not flow:
+        t = TUNNELS[flow.client_conn.id] = Tunnel(flow)
+    t.watchers += 1
+
+
+def watch_layer(nextlayer: layer.NextLayer) -> None:
+    """Count the bytes of the tunnel whose contents `nextlayer` is about to choose a layer for.
+
+    Script addons see this hook before mitmproxy's own next-layer addon has chosen, so the
+    wrapped method is the CONNECT stream's: after the `200`, it hands every event of the
+    tunnel, both connections', to `nextlayer`. What `nextlayer` buffered so far is added here.
+    """
+    t = TUNNELS.get(nextlayer.context.client.id)
+    if t is None or t.watched:
+        return
+    stream = next(
+        (
+            x
+            for x in reversed(nextlayer.context.layers)
+            if getattr(x, "child_layer", None) is nextlayer
+        ),
+        None,
+    )
+    if stream is None:
+        return
+    t.watched = True
+    t.up += len(nextlayer.data_client())
+    t.down += len(nextlayer.data_server())
+    inner = stream._handle_event
+    client = t.client
+    data_received = events.DataReceived
+    closed = events.ConnectionClosed
+
+    def handle_event(event: events.Event) -> layer.CommandGenerator[None]:
+        kind = type(event)
+        if kind is data_received:
+            if event.connection is client:  # type: ignore[attr-defined]
+                t.up += len(event.data)  # type: ignore[attr-defined]
+            else:
+                t.down += len(event.data)  # type: ignore[attr-defined]
+        elif kind is closed and t.closed_by is None:
+            t.closed_by = "client" if event.connection is client else "server"  # type: ignore[attr-defined]
+        return inner(event)
+
+    stream._handle_event = handle_event  # type: ignore[method-assign]
+
+
+def end_tunnel(client: connection.Client) -> Tunnel | None:
+    """The client's tunnel, ended now (its bytes counted once); forgotten after the last
+    watcher's call."""
+    t = TUNNELS.get(client.id)
+    if t is None:
+        return None
+    if t.end is None:
+        t.end = time.time()
+        STORE.tunnel_bytes[0] += t.up
+        STORE.tunnel_bytes[1] += t.down
+    t.watchers -= 1
+    if t.watchers <= 0:
+        del TUNNELS[client.id]
+    return t
+
+
 class Metrics:
     def response(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
@@ -220,6 +352,7 @@ class Metrics:
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
         self.http_connect_error(flow)
+        watch_tunnel(flow)
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
@@ -229,9 +362,13 @@ class Metrics:
     def client_connected(self, client: connection.Client) -> None:
         STORE.open_clients.add(client.id)
 
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        watch_layer(nextlayer)
+
     def client_disconnected(self, client: connection.Client) -> None:
         # A set of ids, not a counter: a reload or a late load never goes negative.
         STORE.open_clients.discard(client.id)
+        end_tunnel(client)
 
 
 addons = [Metrics()]

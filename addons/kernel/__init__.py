@@ -14,4 +14,5 @@ wire      strict HTTP/1 reading below the hooks (head cap, header timeout, trail
 endpoints bind(), bearer_status(), addressed_to_proxy(): what the proxy's own endpoints share
 record    record(flow): the typed flow record behind flow.metadata["waypost"]
 tls       certificate, key and chain files read and checked (the TLS listener, the schema)
+version   versions(): Waypost's (package metadata), mitmproxy's and Python's
 """

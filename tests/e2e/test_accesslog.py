@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
+import threading
 import time
 from pathlib import Path
 
 import httpx
+import trustme
 
-from tests.conftest import raw_request, status_of
+from tests.conftest import connect_tunnel, raw_request, status_of
 
 SCRIPTS = ("addons/forwarding.py", "addons/accesslog.py")
 FIELDS = (
@@ -104,6 +107,78 @@ def test_connect_lines(proxy_factory, backend) -> None:
     assert lines[0]["url"] == f"127.0.0.1:{backend.port}"
     assert lines[0]["backend"] == f"127.0.0.1:{backend.port}"
     assert all(x["request_id"] for x in lines)
+
+
+def test_a_tunnel_logs_one_closing_line_with_bytes_each_way(proxy_factory) -> None:
+    p = proxy_factory(scripts=SCRIPTS, options={"flow_detail": 0})
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def echo() -> None:
+            conn, _ = server.accept()
+            with conn:
+                data = conn.recv(100)
+                conn.sendall(b"pong:" + data)
+
+        threading.Thread(target=echo, daemon=True).start()
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
+            c.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += c.recv(1000)
+            assert status_of(head) == 200
+            c.sendall(b"\x00\x01ping")  # not HTTP, not TLS: a raw TCP tunnel
+            got = b""
+            while len(got) < 11:
+                got += c.recv(100)
+        assert got == b"pong:\x00\x01ping"
+    (line,) = wait_lines(lambda: access(p, "tunnel"), 1)
+    (opened,) = access(p, "connect")
+    assert line["method"] == "CONNECT" and line["status"] == 200
+    assert line["url"] == f"127.0.0.1:{port}" and line["request_id"] == opened["request_id"]
+    assert line["bytes_received"] == 6 and line["bytes_sent"] == 11
+    assert line["outcome"] in ("client_closed", "server_closed")
+    assert line["duration_ms"] >= opened["duration_ms"]
+    assert opened["bytes_sent"] == 0
+
+
+def test_a_tls_passthrough_tunnel_counts_its_wire_bytes(proxy_factory) -> None:
+    ca = trustme.CA()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    body = b"y" * 50_000
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(100)
+                tls.sendall(body)
+
+        threading.Thread(target=serve, daemon=True).start()
+        p = proxy_factory(
+            scripts=("addons/tlspolicy.py", "addons/accesslog.py"), options={"flow_detail": 0}
+        )
+        client_ctx = ssl.create_default_context()
+        ca.configure_trust(client_ctx)
+        with (
+            connect_tunnel(p.port, f"localhost:{port}") as s,
+            client_ctx.wrap_socket(s, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"ping")
+            got = b""
+            while len(got) < len(body):
+                got += tls.recv(65536)
+    (line,) = wait_lines(lambda: access(p, "tunnel"), 1)
+    assert line["tls"] == "passthrough" and line["url"] == f"localhost:{port}"
+    # TLS records: the handshake, certificates and record overhead come on top of the data.
+    assert 4 < line["bytes_received"] < 4000
+    assert len(body) < line["bytes_sent"] < len(body) + 8000
 
 
 def test_text_format(proxy_factory, backend) -> None:

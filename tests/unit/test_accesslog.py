@@ -12,7 +12,7 @@ from mitmproxy import exceptions, flow, hooks
 from mitmproxy.addons.termlog import TermLog
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import accesslog, errors
+from addons import accesslog, errors, metrics
 from addons.accesslog import AccessLog, JsonFormatter, TextFormatter, redact_url
 from addons.kernel.record import record
 
@@ -163,6 +163,58 @@ def test_access_line_fields(term) -> None:
     assert line["request_id"] == errors.request_id(f)
 
 
+def test_access_line_is_compact_json(term) -> None:
+    addon, out, _ = term
+    addon.response(make_flow())
+    (raw,) = [x for x in out.getvalue().splitlines() if "waypost.access" in x]
+    # The PRD's troubleshooting grep: no space after the colon, none after the comma.
+    assert '"duration_ms":250.0,' in raw and '": ' not in raw and '", "' not in raw
+
+
+def test_user_agent_and_trace_id(term) -> None:
+    addon, out, _ = term
+    f = make_flow()
+    f.request.headers["User-Agent"] = "curl/8.5\x1b[31m" + "x" * 1000
+    f.request.headers["traceparent"] = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    addon.response(f)
+    g = make_flow()
+    g.request.headers["traceparent"] = "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+    addon.response(g)
+    first, second = lines(out)
+    assert first["user_agent"] == ("curl/8.5\x1b[31m" + "x" * 1000)[: accesslog.USER_AGENT_MAX]
+    assert "\x1b" not in out.getvalue()
+    assert first["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert "user_agent" not in second and "trace_id" not in second
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+        ),
+        (
+            " 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00 ",
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+        ),
+        (
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+        ),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x", None),
+        ("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None),
+        ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", None),
+        ("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", None),
+        ("00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_trace_id(value: str | None, expected: str | None) -> None:
+    assert accesslog.trace_id(value) == expected
+
+
 def test_error_line(term) -> None:
     addon, out, _ = term
     f = make_flow()
@@ -199,6 +251,38 @@ def test_connect_line(term) -> None:
     assert line["message"] == "connect" and line["method"] == "CONNECT"
     assert line["url"] == "example.com:443"
     assert line["bytes_sent"] == 0 and line["request_id"]
+
+
+def test_tunnel_closing_line(term) -> None:
+    addon, out, _ = term
+    f = tflow.tflow(resp=True)
+    f.request = tutils.treq(method=b"CONNECT", host="example.com", port=443, path=b"")
+    f.request.authority = "example.com:443"
+    f.request.timestamp_start = time.time() - 2
+    addon.http_connected(f)
+    t = metrics.TUNNELS[f.client_conn.id]
+    t.up, t.down, t.closed_by = 517, 4096, "client"
+    addon.client_disconnected(f.client_conn)
+    addon.client_disconnected(f.client_conn)  # once only
+    opened, closed = lines(out)
+    assert opened["message"] == "connect" and opened["bytes_sent"] == 0
+    assert closed["message"] == "tunnel" and closed["request_id"] == opened["request_id"]
+    assert closed["url"] == "example.com:443" and closed["status"] == 200
+    assert closed["bytes_received"] == 517 and closed["bytes_sent"] == 4096
+    assert closed["outcome"] == "client_closed" and "error" not in closed
+    assert closed["duration_ms"] >= 2000
+    assert f.client_conn.id not in metrics.TUNNELS
+
+
+def test_tunnel_error_outcome(term) -> None:
+    addon, out, _ = term
+    f = tflow.tflow(resp=True)
+    f.request = tutils.treq(method=b"CONNECT", host="example.com", port=443, path=b"")
+    addon.http_connected(f)
+    f.server_conn.error = "Connection reset by peer"
+    addon.client_disconnected(f.client_conn)
+    closed = lines(out)[-1]
+    assert closed["outcome"] == "error" and closed["error"] == "Connection reset by peer"
 
 
 def test_level_warning_disables_access_lines(term) -> None:

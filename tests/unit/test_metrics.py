@@ -1,12 +1,18 @@
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mitmproxy import connection, flow
 from mitmproxy.addons import script
+from mitmproxy.proxy import events
 from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.version import VERSION
 
 from addons import metrics
 from addons.kernel.record import record
@@ -270,3 +276,71 @@ def test_requests_carry_the_routed_backend() -> None:
         before = requests("GET", "200", "api-1")
         m.response(f)
         assert requests("GET", "200", "api-1") == before + 1
+
+
+def test_build_info() -> None:
+    labels = {
+        "version": importlib.metadata.version("waypost"),
+        "mitmproxy": VERSION,
+        "python": platform.python_version(),
+    }
+    assert value("waypost_build_info", **labels) == 1.0
+
+
+def connect_flow() -> flow.Flow:
+    f = tflow.tflow(resp=True)
+    f.request = tutils.treq(method=b"CONNECT", host="example.com", port=443, path=b"")
+    f.request.authority = "example.com:443"
+    return f
+
+
+def test_tunnel_bytes_counted_once_when_the_tunnel_closes() -> None:
+    f = connect_flow()
+    before_in = value("tunnel_bytes_total", direction="in")
+    before_out = value("tunnel_bytes_total", direction="out")
+    metrics.watch_tunnel(f)
+    metrics.watch_tunnel(f)  # the access log watches it too
+    t = metrics.TUNNELS[f.client_conn.id]
+    t.up, t.down = 10, 300
+    assert metrics.end_tunnel(f.client_conn) is t
+    assert value("tunnel_bytes_total", direction="in") == before_in + 10
+    assert value("tunnel_bytes_total", direction="out") == before_out + 300
+    assert metrics.end_tunnel(f.client_conn) is t  # the second watcher still gets it
+    assert value("tunnel_bytes_total", direction="in") == before_in + 10
+    assert f.client_conn.id not in metrics.TUNNELS
+    assert metrics.end_tunnel(f.client_conn) is None
+
+
+def test_a_refused_connect_is_no_tunnel() -> None:
+    f = connect_flow()
+    f.response.status_code = 502
+    metrics.watch_tunnel(f)
+    assert f.client_conn.id not in metrics.TUNNELS
+
+
+def test_watch_layer_counts_every_event_of_the_tunnel() -> None:
+    f = connect_flow()
+    metrics.watch_tunnel(f)
+    seen: list[events.Event] = []
+
+    def stream_handler(event: events.Event) -> Iterator[None]:
+        seen.append(event)
+        return iter(())
+
+    nextlayer = SimpleNamespace(data_client=lambda: b"hello", data_server=lambda: b"")
+    stream = SimpleNamespace(child_layer=nextlayer, _handle_event=stream_handler)
+    nextlayer.context = SimpleNamespace(client=f.client_conn, layers=[stream, nextlayer])
+    metrics.watch_layer(nextlayer)  # type: ignore[arg-type]
+    metrics.watch_layer(nextlayer)  # asked again: wrapped once
+    server = f.server_conn
+    for event in (
+        events.DataReceived(f.client_conn, b"abc"),
+        events.DataReceived(server, b"0123456789"),
+        events.ConnectionClosed(server),
+        events.ConnectionClosed(f.client_conn),
+    ):
+        list(stream._handle_event(event))
+    assert len(seen) == 4
+    t = metrics.end_tunnel(f.client_conn)
+    assert t is not None and (t.up, t.down) == (5 + 3, 10)
+    assert t.outcome() == "server_closed"
