@@ -45,6 +45,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 
 from mitmproxy import connection, http
+from mitmproxy import version as mitmproxy_version
 from mitmproxy.proxy import events, layer
 from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector
 from prometheus_client.core import (
@@ -56,6 +57,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from addons import errors
+from addons.kernel import patching
 from addons.kernel.options import once
 from addons.kernel.record import record
 from addons.kernel.version import versions
@@ -285,9 +287,11 @@ def watch_layer(nextlayer: layer.NextLayer) -> None:
     Script addons see this hook before mitmproxy's own next-layer addon has chosen, so the
     wrapped method is the CONNECT stream's: after the `200`, it hands every event of the
     tunnel, both connections', to `nextlayer`. What `nextlayer` buffered so far is added here.
+    This wraps one object's method of mitmproxy's HTTP layer (no hook reports a tunnel's bytes),
+    so, like every patch in kernel/patching.py, only on the mitmproxy versions it was read for.
     """
     t = TUNNELS.get(nextlayer.context.client.id)
-    if t is None or t.watched:
+    if t is None or t.watched or not patching.checked(mitmproxy_version.VERSION):
         return
     stream = next(
         (
