@@ -12,6 +12,7 @@ close to a known name) stops startup with a did-you-mean: mitmproxy keeps unknow
 values aside ("deferred") in case an addon declares them later, and says nothing once none did.
 
 Hooks: load, configure (startup load), running (unknown options, file watcher, SIGHUP), done.
+Command: waypost.reload (mitmweb's command bar, mitmproxy's `:` prompt), as POST /admin/reload.
 Options: waypost_profile.
 Metrics: config_reloads_total{result="success"|"failure"} (reloads after startup),
 config_last_reload_successful (0 while the running config is not the file's latest version),
@@ -30,7 +31,7 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import ctx, exceptions
+from mitmproxy import command, ctx, exceptions
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from addons import metrics, schema
@@ -171,6 +172,14 @@ class Config:
         except schema.ProfileError as e:
             return self._refused(str(e))
         return self._swap(loaded, path)
+
+    @command.command("waypost.reload")
+    def reload_command(self) -> str:
+        """Re-read the Waypost profile now; a bad version is refused and the old one stays."""
+        ok, message = self.reload()
+        if not ok:
+            raise exceptions.CommandError(f"profile reload refused: {message}")
+        return message
 
     async def _reload_async(self) -> None:
         path = self.path()

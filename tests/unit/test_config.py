@@ -224,3 +224,17 @@ def test_a_deferred_value_outside_the_choices_is_logged_and_dropped(
         with pytest.raises(exceptions.OptionsError, match="not one of 'enforce', 'shadow'"):
             tctx.options.update(filter_mode="bogus")
         assert tctx.options.filter_mode == "shadow"
+
+
+def test_reload_command(tmp_path: Path) -> None:
+    cfg, lim = Config(), Limits()
+    with taddons.context(cfg, lim) as tctx:
+        path = write(tmp_path, "limits: {max_url_length: 100}\n")
+        tctx.configure(cfg, waypost_profile=path)
+        Path(path).write_text("limits: {max_url_length: 200}\n")
+        assert "reloaded" in tctx.master.commands.execute("waypost.reload")
+        assert ctx.options.limits_max_url_length == 200
+        Path(path).write_text("limits: {max_url_length: nope}\n")
+        with pytest.raises(exceptions.CommandError, match="max_url_length"):
+            tctx.master.commands.call("waypost.reload")
+        assert ctx.options.limits_max_url_length == 200
