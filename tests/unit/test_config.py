@@ -238,3 +238,29 @@ def test_reload_command(tmp_path: Path) -> None:
         with pytest.raises(exceptions.CommandError, match="max_url_length"):
             tctx.master.commands.call("waypost.reload")
         assert ctx.options.limits_max_url_length == 200
+
+
+class Secrets:
+    def load(self, loader: Any) -> None:
+        loader.add_option("admin_token", str, "", "")
+        loader.add_option("cli_token", str, "", "")
+
+
+def test_secrets_are_hidden_from_mitmwebs_options() -> None:
+    from mitmproxy import optmanager
+
+    cfg = Config()
+    with taddons.context(cfg, Secrets()) as tctx:
+        tctx.options.update(admin_token="s3cret")
+        # What mitmweb's GET /options and its option updates send.
+        dumped = optmanager.dump_dicts(tctx.options)
+        assert dumped["admin_token"]["value"] == "********"
+        assert dumped["cli_token"]["value"] == ""  # unset stays visibly unset
+        assert optmanager.dump_dicts(tctx.options, ["admin_token"])["admin_token"]["value"] != (
+            "s3cret"
+        )
+        assert tctx.options.admin_token == "s3cret"  # the option itself is untouched
+        tctx.options.set("admin_token=other")  # --set still works
+        assert tctx.options.admin_token == "other"
+        cfg.done()
+        assert optmanager.dump_dicts(tctx.options)["admin_token"]["value"] == "other"
