@@ -31,7 +31,12 @@ addon sees them) stays the coarse default while no allowlist is configured. A no
 explicitly (to a non-default value) on the command line or in the profile's `mitmproxy:`
 section, and turns it back on when the allowlist is emptied again.
 
-Hooks: client_connected, client_disconnected, http_connect, requestheaders.
+A refused CONNECT (this addon's, any other policy's, mitmproxy's own 502) would not appear in
+mitmweb: mitmproxy's flow view lists flows from `requestheaders`, which a CONNECT never reaches.
+`http_connect_error` (called only for a non-2xx CONNECT answer) adds it to the view, and to
+`save_stream_file` when set, with the mark and comment its refusal gave it.
+
+Hooks: client_connected, client_disconnected, http_connect, requestheaders, http_connect_error.
 Options: acl_allowed_ips, acl_denied_ips, acl_mode; forwarding_trusted_proxies (kernel/net.py).
 """
 
@@ -185,6 +190,14 @@ class Acl:
     @errors.fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._check(flow)
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        view = ctx.master.addons.get("view")
+        if view is not None and flow not in view:
+            view.add([flow])
+        save = ctx.master.addons.get("save")
+        if save is not None and save.stream:
+            save.save_flow(flow)
 
     def _check(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:

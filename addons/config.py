@@ -12,6 +12,10 @@ close to a known name) stops startup with a did-you-mean: mitmproxy keeps unknow
 values aside ("deferred") in case an addon declares them later, and says nothing once none did.
 
 Hooks: load, configure (startup load), running (unknown options, file watcher, SIGHUP), done.
+Secrets (`SECRETS`: admin_token, cli_token) are shown as "********" by mitmweb's option editor
+(its options API goes through `optmanager.dump_dicts`, patched here: no hook hides an option's
+value). `mitmdump --options` prints defaults only, never a value.
+Command: waypost.reload (mitmweb's command bar, mitmproxy's `:` prompt), as POST /admin/reload.
 Options: waypost_profile.
 Metrics: config_reloads_total{result="success"|"failure"} (reloads after startup),
 config_last_reload_successful (0 while the running config is not the file's latest version),
@@ -30,10 +34,11 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import ctx, exceptions
+from mitmproxy import command, ctx, exceptions, optmanager
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from addons import metrics, schema
+from addons.kernel import patching
 from addons.kernel.options import once, spawn
 
 log = logging.getLogger("waypost.config")
@@ -94,6 +99,29 @@ def _stats() -> ReloadStats:
 STATS = once("config.reload_stats", _stats)
 
 
+SECRETS = frozenset({"admin_token", "cli_token"})
+HIDDEN = "********"
+
+
+def _redacted_dicts(opts: Any, keys: Any = None) -> dict[str, Any]:
+    dumped: dict[str, Any] = getattr(_redacted_dicts, patching.CHAIN)(opts, keys)
+    for name in SECRETS & dumped.keys():
+        for field in ("value", "default"):
+            if dumped[name][field]:
+                dumped[name][field] = HIDDEN
+    return dumped
+
+
+REDACT = patching.Patch(
+    key="config.redact_secrets",
+    target=optmanager,
+    name="dump_dicts",
+    replacement=_redacted_dicts,
+    missing="mitmweb's options API (GET /options, its websocket updates) sends every option's "
+    "value through optmanager.dump_dicts, and no hook lets an addon hide one",
+)
+
+
 class Config:
     def __init__(self) -> None:
         self.loaded = False
@@ -105,6 +133,7 @@ class Config:
         self._rebind = False
 
     def load(self, loader: Any) -> None:
+        patching.install(REDACT, unchecked="mitmweb shows admin_token and cli_token", by="config")
         loader.add_option(
             "waypost_profile",
             str,
@@ -150,6 +179,7 @@ class Config:
             pass
 
     def done(self) -> None:
+        patching.uninstall(REDACT.key, by="config")
         for task in self._tasks:
             task.cancel()
         try:
@@ -171,6 +201,14 @@ class Config:
         except schema.ProfileError as e:
             return self._refused(str(e))
         return self._swap(loaded, path)
+
+    @command.command("waypost.reload")
+    def reload_command(self) -> str:
+        """Re-read the Waypost profile now; a bad version is refused and the old one stays."""
+        ok, message = self.reload()
+        if not ok:
+            raise exceptions.CommandError(f"profile reload refused: {message}")
+        return message
 
     async def _reload_async(self) -> None:
         path = self.path()

@@ -131,6 +131,10 @@ def body(code: str, message: str, rid: str, details: Mapping[str, Any] | None = 
     return json.dumps({"error": error | extra}).encode()
 
 
+# A name from mitmproxy.utils.emoji, like policy.ENFORCED: what mitmproxy's `flow.mark` accepts.
+REFUSED_MARK = ":warning:"
+
+
 def make(
     code: str,
     message: str,
@@ -144,6 +148,8 @@ def make(
 
     `details` adds fields to the error object (e.g. the `rule` that refused the request).
     `rid`: the request id when there is no flow (else a new one).
+    With a flow, marks it (REFUSED_MARK) and adds "waypost CODE status" to its comment for
+    mitmweb, unless a policy decision (`policy.decide`) already did.
     """
     status = status or STATUS[code]
     if flow is not None:
@@ -160,7 +166,13 @@ def make(
     # mitmproxy 11's status table lacks 429/431 and would send an empty reason phrase.
     resp.reason = HTTPStatus(status).phrase
     if flow is not None:
-        record(flow)["error_code"] = code
+        meta = record(flow)
+        meta["error_code"] = code
+        if "decision" not in meta:  # a policy's refusal is marked already (policy.decide)
+            # Shown by mitmweb; only refusals and failures pay for it.
+            line = f"waypost {code} {status}"
+            flow.comment = f"{flow.comment}\n{line}" if flow.comment else line
+            flow.marked = REFUSED_MARK
     return resp
 
 

@@ -11,6 +11,9 @@ auditing:
   (`record(flow)`) gets `decision`, `rule` and `policy`, which the access line shows.
 - `mode` "shadow": returns False (the request passes); the outcome is `would_block` and is
   appended to the flow's `shadow` list, so one request can carry several shadow hits.
+- With a flow, mitmweb shows why: `flow.marked` is ":no_entry:" (enforced) or ":eyes:" (shadow,
+  unless already marked) and `flow.comment` gains a line "waypost acl deny rule=..."
+  (`annotate`; `errors.make` uses it too for refusals no policy decided).
 - Either way: one WARNING event on logger `waypost.audit` (JSON fields policy, decision, rule,
   client_ip, request_id and the caller's details) and one increment of
   `policy_decisions_total{policy,decision,rule}`. Counted here, at decision time, because
@@ -33,6 +36,9 @@ from addons.kernel.record import record
 log = logging.getLogger("waypost.audit")
 
 MODES = ("enforce", "shadow")
+# mitmproxy's marks are names from mitmproxy.utils.emoji (what its `flow.mark` command accepts).
+ENFORCED = ":no_entry:"
+SHADOW = ":eyes:"
 
 
 def decide(
@@ -60,9 +66,19 @@ def decide(
             meta["decision"] = outcome
             meta["rule"] = rule
             meta["policy"] = policy
+            annotate(flow, ENFORCED, f"waypost {policy} {outcome} rule={rule}", force=True)
         else:
             meta.setdefault("shadow", []).append(f"{policy}:{rule}")
+            annotate(flow, SHADOW, f"waypost {policy} {outcome} (shadow) rule={rule}")
     fields.update(detail)
     metrics.count_decision(policy, outcome, rule)
     log.warning("%s %s rule=%s", policy, outcome, rule, extra={"waypost": fields})
     return enforce
+
+
+def annotate(flow: http.HTTPFlow, mark: str, line: str, force: bool = False) -> None:
+    """Add `line` to the flow's comment; mark the flow unless it is marked already (`force`:
+    mark anyway, an enforced refusal outranks a shadow hit)."""
+    flow.comment = f"{flow.comment}\n{line}" if flow.comment else line
+    if force or not flow.marked:
+        flow.marked = mark

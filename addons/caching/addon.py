@@ -10,6 +10,9 @@ error       wakes the requests waiting for this flow's fetch (`revalidate`)
 waypost_origin_unavailable   answers stale when the origin is down (`answer`)
 management_routes            purge and stats (`admin`)
 readiness_check              "cache": "ok" or "disabled" (`admin`)
+
+Command: waypost.purge [PATTERN] (mitmweb's command bar, mitmproxy's `:` prompt): drops the
+entries whose URL or host match the glob, all of them without one (`admin`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import command, ctx, http
 
 from addons import errors
 from addons.caching import options, patch
@@ -128,6 +131,13 @@ class Cache:
 
     def readiness_check(self) -> tuple[str, str, bool]:
         return self.admin.readiness()
+
+    @command.command("waypost.purge")
+    def purge_command(self, pattern: str = "") -> str:
+        """Drop the cached entries whose URL or host match the glob; without one, all."""
+        n = self.admin.purge(pattern or None)
+        log.info("cache purge", extra={"waypost": {"pattern": pattern, "invalidated": n}})
+        return f"{n} cache entries purged, {len(self.shared.store)} remain"
 
 
 def _close_and_log(flow: http.HTTPFlow, reason: str) -> None:

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 from mitmproxy import exceptions
-from mitmproxy.addons import block
+from mitmproxy.addons import block, view
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow
 
@@ -178,3 +178,18 @@ def test_allowlist_takes_block_global_over_unless_set_explicitly() -> None:
         tctx.configure(a, acl_allowed_ips=["10.0.0.0/8"])
         tctx.configure(a, acl_allowed_ips=[])
         assert tctx.options.block_global is False
+
+
+def test_refused_connect_is_shown_in_the_view_with_its_mark() -> None:
+    a, v = acl.Acl(), view.View()
+    with taddons.context(a, v) as tctx:
+        tctx.configure(a, acl_denied_ips=["192.0.2.0/24"])
+        bad = client("192.0.2.7")
+        a.client_connected(bad)
+        c = flow_from(bad, b"CONNECT")
+        a.http_connect(c)
+        a.http_connect_error(c)
+        a.http_connect_error(c)  # once only
+        assert list(v) == [c]
+        assert c.marked == ":no_entry:"
+        assert c.comment == "waypost acl deny rule=deny:192.0.2.0/24"

@@ -707,3 +707,13 @@ def test_a_stale_answer_to_an_origin_5xx_records_the_backend_error() -> None:
         _respond(c, f, 502, {})
         assert f.response.status_code == 200 and f.response.content == b"kept"
         assert record(f)["backend_error"] == "status 502"  # for the router's breaker
+
+
+def test_purge_command_by_pattern_or_all() -> None:
+    c = Cache()
+    with taddons.context(c) as tctx:
+        for path in ("/c/1", "/c/2", "/d/1"):
+            _fetch(c, path)
+        out = tctx.master.commands.call("waypost.purge", "http://origin.example/c/*")
+        assert out == "2 cache entries purged, 1 remain"
+        assert tctx.master.commands.execute("waypost.purge") == "1 cache entries purged, 0 remain"

@@ -224,3 +224,43 @@ def test_a_deferred_value_outside_the_choices_is_logged_and_dropped(
         with pytest.raises(exceptions.OptionsError, match="not one of 'enforce', 'shadow'"):
             tctx.options.update(filter_mode="bogus")
         assert tctx.options.filter_mode == "shadow"
+
+
+def test_reload_command(tmp_path: Path) -> None:
+    cfg, lim = Config(), Limits()
+    with taddons.context(cfg, lim) as tctx:
+        path = write(tmp_path, "limits: {max_url_length: 100}\n")
+        tctx.configure(cfg, waypost_profile=path)
+        Path(path).write_text("limits: {max_url_length: 200}\n")
+        assert "reloaded" in tctx.master.commands.execute("waypost.reload")
+        assert ctx.options.limits_max_url_length == 200
+        Path(path).write_text("limits: {max_url_length: nope}\n")
+        with pytest.raises(exceptions.CommandError, match="max_url_length"):
+            tctx.master.commands.call("waypost.reload")
+        assert ctx.options.limits_max_url_length == 200
+
+
+class Secrets:
+    def load(self, loader: Any) -> None:
+        loader.add_option("admin_token", str, "", "")
+        loader.add_option("cli_token", str, "", "")
+
+
+def test_secrets_are_hidden_from_mitmwebs_options() -> None:
+    from mitmproxy import optmanager
+
+    cfg = Config()
+    with taddons.context(cfg, Secrets()) as tctx:
+        tctx.options.update(admin_token="s3cret")
+        # What mitmweb's GET /options and its option updates send.
+        dumped = optmanager.dump_dicts(tctx.options)
+        assert dumped["admin_token"]["value"] == "********"
+        assert dumped["cli_token"]["value"] == ""  # unset stays visibly unset
+        assert optmanager.dump_dicts(tctx.options, ["admin_token"])["admin_token"]["value"] != (
+            "s3cret"
+        )
+        assert tctx.options.admin_token == "s3cret"  # the option itself is untouched
+        tctx.options.set("admin_token=other")  # --set still works
+        assert tctx.options.admin_token == "other"
+        cfg.done()
+        assert optmanager.dump_dicts(tctx.options)["admin_token"]["value"] == "other"

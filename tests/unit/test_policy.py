@@ -52,3 +52,29 @@ def test_connection_level_decisions_count_without_a_flow() -> None:
     before = count(policy="acl", decision="deny", rule="denied_ips")
     assert policy.decide("acl", "denied_ips", "192.0.2.7", decision="deny")
     assert count(policy="acl", decision="deny", rule="denied_ips") == before + 1
+
+
+def test_decisions_mark_and_comment_the_flow_for_mitmweb() -> None:
+    f = tflow.tflow()
+    policy.decide("ratelimit", "default", "10.0.0.1", "shadow", f)
+    assert (f.marked, f.comment) == (
+        ":eyes:",
+        "waypost ratelimit would_block (shadow) rule=default",
+    )
+    policy.decide("filter", "ads", "10.0.0.1", "enforce", f)
+    assert f.marked == ":no_entry:"
+    assert f.comment.splitlines()[1] == "waypost filter block rule=ads"
+    errors.make("DOMAIN_BLOCKED", "no", f)  # the policy's line stays the only one
+    assert f.comment.count("\n") == 1 and f.marked == ":no_entry:"
+
+
+def test_refusals_without_a_policy_are_marked_too() -> None:
+    f = tflow.tflow()
+    errors.make("RATE_LIMITED", "slow down", f)
+    assert (f.marked, f.comment) == (":warning:", "waypost RATE_LIMITED 429")
+
+
+def test_marks_are_names_mitmproxy_accepts() -> None:
+    from mitmproxy.utils import emoji
+
+    assert {policy.ENFORCED, policy.SHADOW, errors.REFUSED_MARK} <= emoji.emoji.keys()
