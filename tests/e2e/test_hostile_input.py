@@ -225,7 +225,7 @@ def test_origin_form_on_the_forward_listener(bundle: tuple[str, Proxy], origin: 
     # The proxy's own endpoints on its port stay reachable in origin-form.
     own = f"GET /health/liveness HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\n\r\n".encode()
     resp = raw_request(p.port, own)
-    assert status_of(resp) == 200 and json_body(resp)["status"] == "healthy"
+    assert status_of(resp) == 200 and json_body(resp)["status"] == "ok"
 
 
 def test_origin_form_relayed_when_configured(tmp_path: Path, origin: Recorder) -> None:
