@@ -464,7 +464,7 @@ def test_metrics_and_one_log_event_without_secrets(cli: Cli) -> None:
         extra={"X-Request-ID": "cli-log-test-1"},
     )
     assert r.exit["code"] == 0
-    line = cli.proxy.wait_for(r'"message": "cli execution".*cli-log-test-1')
+    line = cli.proxy.wait_for(r'"message":"cli execution".*cli-log-test-1')
     event = json.loads(line.string)
     assert event["command"] == "/bin/cat" and event["outcome"] == "ok"
     assert event["env_names"] == ["LANG"] and event["stdin_bytes"] == 13

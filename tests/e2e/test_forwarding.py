@@ -106,7 +106,7 @@ def test_trusted_proxy_chain(proxy_factory, backend) -> None:
     assert seen["x-forwarded-host"] == ["public.example"]
     assert seen["via"] == ["1.1 edge-7"]
     assert r.headers["x-proxy-id"] == "edge-7"
-    p.wait_for(r'"message": "request".*"client_ip": "203\.0\.113\.9"')
+    p.wait_for(r'"message":"request".*"client_ip":"203\.0\.113\.9"')
 
 
 def test_invalid_trusted_proxies_refuses_to_start(proxy_factory) -> None:
