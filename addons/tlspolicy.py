@@ -9,8 +9,8 @@ Hooks:
   (`flow.metadata["waypost"]["tls"] = "passthrough" | "intercept" | "tcp"`).
 - `next_layer`: a tunnel whose client speaks first with bytes that cannot start a TLS record
   (SSH, SMTP, anything) is relayed as raw TCP, byte for byte, unless its CONNECT host is
-  intercepted (then mitmproxy decides, and HTTP inside is policed). A server that speaks first
-  (an SMTP or SSH banner) is relayed too: the eager connect reads it, and the tunnel is TCP.
+  intercepted (then mitmproxy decides, and HTTP inside is policed); so is a tunnel whose server
+  speaks first (an SMTP or SSH banner, read by the eager connect) while the client is silent.
 - `tls_clienthello`: matches the SNI (falling back to the CONNECT host) against the patterns and
   sets `ignore_connection` for every host that is not intercepted. Not on reverse listeners,
   which terminate TLS themselves.
@@ -90,7 +90,8 @@ class TlsPolicy:
         ):
             return
         data = nextlayer.data_client()
-        if could_start_tls(data):
+        server_first = not data and nextlayer.data_server()  # a banner: TLS clients speak first
+        if could_start_tls(data) and not server_first:
             return  # tls_clienthello decides, or next_layer is asked again with more bytes
         host = context.server.address[0]
         if self.patterns.match(hosts.host_key(host)) is not None:

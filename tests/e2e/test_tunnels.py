@@ -74,9 +74,20 @@ def test_client_first_non_tls_bytes_are_relayed(proxy_factory, echo, first):
         assert _recv_exactly(s, 11) == b"more bytes\n"
 
 
+def test_lazy_connect_relays_once_the_client_speaks(proxy_factory, echo):
+    # With connection_strategy lazy (set with routing.listeners) the tunnel dials on the
+    # client's first bytes; SSH clients send their banner at once, so SSH works there too.
+    server = echo(b"SSH-2.0-server\r\n")
+    p = proxy_factory(options={**_options(server.port), "connection_strategy": "lazy"})
+    with connect_tunnel(p.port, f"127.0.0.1:{server.port}") as s:
+        s.sendall(b"SSH-2.0-client\r\n")
+        assert _recv_exactly(s, 32) == b"SSH-2.0-server\r\nSSH-2.0-client\r\n"
+
+
 def test_server_first_banner_arrives(proxy_factory, echo):
     server = echo(b"220 smtp.example ESMTP ready\r\n")
-    p = proxy_factory(options=_options(server.port))
+    # rawtcp off: the relay is Waypost's decision, not mitmproxy's guess at raw TCP.
+    p = proxy_factory(options={**_options(server.port), "rawtcp": False})
     with connect_tunnel(p.port, f"127.0.0.1:{server.port}") as s:
         assert _recv_exactly(s, 30) == b"220 smtp.example ESMTP ready\r\n"
         s.sendall(b"EHLO me\r\n")
