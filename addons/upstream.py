@@ -63,8 +63,8 @@ a WARNING and no patch on any other; undone in `done`):
   HTTP/2 frames where mitmproxy inlines its HTML page; the same conditions as its own branch
   (11.0.2 and 12.3.1): stream open, no headers sent yet, a status to send. Every other case
   (a stream reset) stays mitmproxy's. The flow is the one our `error` hook saw last on that
-  client connection: the layer is paused during the hook, so no other stream's error
-  comes between.
+  client connection (the layer is paused during the hook, so no other stream's error comes
+  between) if its error is the message being sent.
 Not rewritten: HTTP/3 client connections (h3 reverse listeners) still get mitmproxy's HTML
 error page (`_http3.py` inlines it) with mitmproxy's status.
 """
@@ -174,6 +174,10 @@ def _h2_send_error(self: _http2.Http2Server, event: ResponseProtocolError) -> bo
     if self.h2_conn.streams[event.stream_id].state_machine.headers_sent:
         return False
     flow = _ERRORED.pop(self.conn.id, None)
+    # HttpStream.handle_protocol_error sets the flow's error to the message it then sends: a
+    # flow left from another stream (an error hook with no page after it) does not match.
+    if flow is not None and (flow.error is None or flow.error.msg != event.message):
+        flow = None
     resp = errors.error_response(status, event.message, flow)
     fields = [(b":status", b"%d" % resp.status_code)]
     fields += [

@@ -109,26 +109,27 @@ def test_h2_patch_is_installed_and_undone() -> None:
     assert _http2.Http2Server._handle_event is original
 
 
-def _h2_exchange(f: tflow.HTTPFlow, error: ResponseProtocolError) -> list[h2.events.Event]:
+def _h2_exchange(
+    tctx: taddons.context, f: tflow.HTTPFlow, error: ResponseProtocolError
+) -> list[h2.events.Event]:
     """An HTTP/2 client's request on stream 1, the server's `error` for it, what the client
     then receives."""
-    with taddons.context(Proxyserver()) as tctx:
-        server = _http2.Http2Server(Context(f.client_conn, tctx.options))
-        server.h2_conn.initiate_connection()
-        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        client.initiate_connection()
-        client.receive_data(server.h2_conn.data_to_send())
-        request = [(":method", "GET"), (":scheme", "https"), (":authority", "x"), (":path", "/")]
-        client.send_headers(1, request, end_stream=True)
-        server.h2_conn.receive_data(client.data_to_send())
-        cmds = list(server._handle_event(error))
+    server = _http2.Http2Server(Context(f.client_conn, tctx.options))
+    server.h2_conn.initiate_connection()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.receive_data(server.h2_conn.data_to_send())
+    request = [(":method", "GET"), (":scheme", "https"), (":authority", "x"), (":path", "/")]
+    client.send_headers(1, request, end_stream=True)
+    server.h2_conn.receive_data(client.data_to_send())
+    cmds = list(server._handle_event(error))
     assert len(cmds) == 1 and isinstance(cmds[0], commands.SendData)
     return client.receive_data(cmds[0].data)
 
 
 def test_h2_server_sends_json_with_the_flows_status_and_request_id() -> None:
     addon = upstream.Upstream()
-    with taddons.context(addon):
+    with taddons.context(addon, Proxyserver()) as tctx:  # Proxyserver: the HTTP/2 options
         upstream.install_patch()
         try:
             f = tflow.tflow()
@@ -136,7 +137,7 @@ def test_h2_server_sends_json_with_the_flows_status_and_request_id() -> None:
             f.metadata["waypost"] = {"timed_out": "read_timeout"}
             f.error = tflow.terr("server closed connection")
             addon.error(f)
-            got = _h2_exchange(f, _protocol_error("server closed connection", 502))
+            got = _h2_exchange(tctx, f, _protocol_error("server closed connection", 502))
             (resp,) = [e for e in got if isinstance(e, h2.events.ResponseReceived)]
             headers = dict(resp.headers)
             assert headers[b":status"] == b"504"
@@ -146,6 +147,13 @@ def test_h2_server_sends_json_with_the_flows_status_and_request_id() -> None:
             err = json.loads(body)["error"]
             assert (err["code"], err["request_id"]) == ("BACKEND_TIMEOUT", "rid-h2")
             assert any(isinstance(e, h2.events.StreamEnded) for e in got)
+
+            # A flow whose error is not the one being sent (another stream's) is not used.
+            addon.error(f)
+            got = _h2_exchange(tctx, f, _protocol_error("[Errno 111] refused", 502))
+            (resp,) = [e for e in got if isinstance(e, h2.events.ResponseReceived)]
+            assert dict(resp.headers)[b":status"] == b"502"
+            assert dict(resp.headers)[b"x-request-id"] != b"rid-h2"
         finally:
             addon.done()
 
