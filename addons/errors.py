@@ -17,6 +17,8 @@ through `make()`, so clients and log readers see one shape:
   `error_page(status, message, flow)` also writes the page of a failed upstream exchange
   (upstream's patched `Http1Server.send`), with the flow's request id and timers; without a
   flow, the page carries the id of the request whose head was read (its access line's).
+  `error_response` is that answer as a response, which upstream's patched `Http2Server`
+  sends as HTTP/2 frames.
 """
 
 from __future__ import annotations
@@ -329,19 +331,6 @@ def classify(status: int | None, message: str, timed_out: str | None = None) -> 
     return Failure(code_of(status) or "INTERNAL_ERROR", status, reason, message)
 
 
-def http1_error(
-    code: str,
-    message: str,
-    status: int,
-    flow: http.HTTPFlow | None = None,
-    rid: str | None = None,
-) -> bytes:
-    """A whole HTTP/1 error response that closes the connection, as mitmproxy writes its own."""
-    return http1.assemble_response(
-        make(code, message, flow, {"Connection": "close"}, status, rid=rid)
-    )
-
-
 # --- the error-page patch ----------------------------------------------------------------------
 
 # Errors of the client's request, answered with the caller's message (the wire guards' reasons,
@@ -357,17 +346,32 @@ def error_page(status_code: int, message: str = "", flow: http.HTTPFlow | None =
     was read, the one its access line carries.
     """
     rid = None if flow is not None else _caller_request_id(sys._getframe(1))
+    return http1.assemble_response(
+        error_response(status_code, message, flow, {"Connection": "close"}, rid)
+    )
+
+
+def error_response(
+    status_code: int,
+    message: str,
+    flow: http.HTTPFlow | None,
+    headers: Mapping[str, str] | None = None,
+    rid: str | None = None,
+) -> http.Response:
+    """The JSON answer for an error mitmproxy would answer `status_code` with: a client error
+    with the caller's message, anything else through `classify` (a timer of ours that fired
+    makes it 504). `error_page` writes it as HTTP/1; the HTTP/2 server as its own frames."""
     if status_code not in CLIENT_ERRORS:
         timed_out = record(flow).get("timed_out") if flow is not None else None
         failure = classify(status_code, message, timed_out)
-        return http1_error(failure.code, failure.message, failure.status, flow, rid)
+        return make(failure.code, failure.message, flow, headers, failure.status, rid=rid)
     if status_code == 413:
         limits = wire.limits()
         if limits is not None and limits.max_body is not None:
             message = f"The request body exceeds the limit of {limits.max_body} bytes."
         else:  # mitmproxy's own body_size_limit, whose message names mitmproxy
             message = _MESSAGES["request_too_large"]
-    return http1_error(_CODE_OF[status_code], message, status_code, flow, rid)
+    return make(_CODE_OF[status_code], message, flow, headers, status_code, rid=rid)
 
 
 def _caller_request_id(frame: FrameType | None) -> str | None:

@@ -58,9 +58,15 @@ a WARNING and no patch on any other; undone in `done`):
   flow is matched to the HTTP/1 connection by `flow.request is server.request`.
   11.0.2 carries an int status in `event.code` (444 = no response); 12.3.1 an `ErrorCode`
   with `.http_status_code()` (None = no response).
-Not rewritten: HTTP/2 and HTTP/3 *client* connections (only with TLS interception or an
-h2/h3 reverse listener) still get mitmproxy's HTML error page (`_http2.py`/`_http3.py` inline
-it in `_handle_event`) with mitmproxy's status, so a read timeout there shows as 502.
+- `proxy/layers/http/_http2.py`: `Http2Server._handle_event` for `ResponseProtocolError` sends
+  the same JSON answer (`errors.error_response` with the flow, so a read timeout is 504) as
+  HTTP/2 frames where mitmproxy inlines its HTML page; the same conditions as its own branch
+  (11.0.2 and 12.3.1): stream open, no headers sent yet, a status to send. Every other case
+  (a stream reset) stays mitmproxy's. The flow is the one our `error` hook saw last on that
+  client connection (the layer is paused during the hook, so no other stream's error comes
+  between) if its error is the message being sent.
+Not rewritten: HTTP/3 client connections (h3 reverse listeners) still get mitmproxy's HTML
+error page (`_http3.py` inlines it) with mitmproxy's status.
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ from typing import Any
 from mitmproxy import connection, ctx, http
 from mitmproxy import flow as mflow
 from mitmproxy.proxy import commands, server_hooks
-from mitmproxy.proxy.layers.http import ResponseProtocolError, _http1
+from mitmproxy.proxy.layers.http import ResponseProtocolError, _http1, _http2
 
 from addons import errors
 from addons.errors import CONNECT_TIMEOUT_MARK, Failure, classify
@@ -146,14 +152,66 @@ SEND = patching.Patch(
 )
 
 
+def _h2_handle_event(self: _http2.Http2Server, event: Any) -> Any:
+    if isinstance(event, ResponseProtocolError) and _h2_send_error(self, event):
+        yield commands.SendData(self.conn, self.h2_conn.data_to_send())
+        return
+    yield from _h2_handle_event.__waypost_wrapped__(self, event)  # type: ignore[attr-defined]
+
+
+# Connection-specific fields HTTP/2 forbids (RFC 9113 8.2.2); make() adds none of them today.
+_H2_FORBIDDEN = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding"})
+
+
+def _h2_send_error(self: _http2.Http2Server, event: ResponseProtocolError) -> bool:
+    """Queue the JSON error answer on the stream, as mitmproxy's own branch would queue its
+    HTML page (11.0.2 and 12.3.1); False when that branch would reset the stream instead."""
+    status = event_status(event.code)
+    if status is None or self.is_closed(event.stream_id):
+        return False
+    if not self.is_open_for_us(event.stream_id):
+        return False
+    if self.h2_conn.streams[event.stream_id].state_machine.headers_sent:
+        return False
+    flow = _ERRORED.pop(self.conn.id, None)
+    # HttpStream.handle_protocol_error sets the flow's error to the message it then sends: a
+    # flow left from another stream (an error hook with no page after it) does not match.
+    if flow is not None and (flow.error is None or flow.error.msg != event.message):
+        flow = None
+    resp = errors.error_response(status, event.message, flow)
+    fields = [(b":status", b"%d" % resp.status_code)]
+    fields += [
+        (k.lower(), v)
+        for k, v in resp.headers.fields
+        if k.lower().decode("latin-1") not in _H2_FORBIDDEN
+    ]
+    self.h2_conn.send_headers(event.stream_id, fields)
+    self.h2_conn.send_data(event.stream_id, resp.content or b"", end_stream=True)
+    return True
+
+
+H2_SEND = patching.Patch(
+    key="upstream.h2_send",
+    target=_http2.Http2Server,
+    name="_handle_event",
+    replacement=_h2_handle_event,
+    missing="the error hook cannot change the HTML error page mitmproxy's HTTP/2 server "
+    "writes for a failed upstream (`ResponseProtocolError`): it is built inline, not the "
+    "flow's response",
+)
+
+
 def install_patch() -> bool:
-    """Patch mitmproxy's HTTP/1 error responses; idempotent. False if the version is unchecked."""
+    """Patch mitmproxy's HTTP/1 and HTTP/2 error responses; idempotent. False if the version
+    is unchecked."""
     unchecked = "its own error pages stay HTML"
-    return patching.install(SEND, unchecked=unchecked) and errors.install_error_page("upstream")
+    return patching.install(SEND, H2_SEND, unchecked=unchecked) and errors.install_error_page(
+        "upstream"
+    )
 
 
 def uninstall_patch() -> None:
-    patching.uninstall(SEND.key)
+    patching.uninstall(SEND.key, H2_SEND.key)
     errors.uninstall_error_page("upstream")
 
 

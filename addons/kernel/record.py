@@ -54,8 +54,8 @@ class Record(TypedDict, total=False):
     # Requests hygiene repaired instead of refusing: "host_rewritten", "h2c_stripped".
     # Appended by hygiene; the access log shows them.
     hygiene: list[str]
-    # "passthrough" or "intercept": tlspolicy's choice for a tunnel's TLS, written on its
-    # CONNECT flow. The access log shows it.
+    # "passthrough", "intercept" or "tcp" (not TLS, relayed raw): tlspolicy's choice for a
+    # tunnel, written on its CONNECT flow. The access log shows it.
     tls: str
 
     # --- routing and the backend ---

@@ -9,7 +9,7 @@ from mitmproxy import connection, exceptions
 from mitmproxy.proxy import mode_specs
 from mitmproxy.test import taddons, tflow
 
-from addons.tlspolicy import TlsPolicy
+from addons.tlspolicy import TlsPolicy, could_start_tls
 
 PATTERNS = ["api.example.com", "*.corp.example", "Mixed.Case.Example."]
 
@@ -79,3 +79,21 @@ def test_reverse_listener_tls_is_never_passed_through() -> None:
         data = _hello("www.example.com", server, mode="reverse:https://127.0.0.1:8443")
         addon.tls_clienthello(data)  # type: ignore[arg-type]
         assert data.ignore_connection is False
+
+
+@pytest.mark.parametrize(
+    ("data", "maybe_tls"),
+    [
+        (b"", True),
+        (b"\x16", True),
+        (b"\x16\x03", True),
+        (b"\x16\x03\x01\x02\x00", True),
+        (b"\x16\x04", False),
+        (b"\x16\x03\x04", False),
+        (b"SSH-2.0-x\r\n", False),
+        (b"EHLO x\r\n", False),
+        (b"G", False),
+    ],
+)
+def test_could_start_tls(data: bytes, maybe_tls: bool) -> None:
+    assert could_start_tls(data) is maybe_tls

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from mitmproxy import exceptions, http, version
+from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands
-from mitmproxy.proxy.layers.http import ResponseProtocolError, _http1
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.http import ResponseProtocolError, _http1, _http2
 from mitmproxy.test import taddons, tflow
 
 from addons import upstream
@@ -90,6 +95,65 @@ def test_http1_server_sends_json_with_the_flows_request_id() -> None:
             err = json.loads(body)["error"]
             assert (err["code"], err["request_id"]) == ("BACKEND_UNREACHABLE", "rid-42")
             assert f.metadata["waypost"]["error_code"] == "BACKEND_UNREACHABLE"
+        finally:
+            addon.done()
+
+
+def test_h2_patch_is_installed_and_undone() -> None:
+    original = _http2.Http2Server._handle_event
+    addon = upstream.Upstream()
+    with taddons.context(addon):
+        assert upstream.install_patch()
+        assert _http2.Http2Server._handle_event is upstream._h2_handle_event
+        addon.done()
+    assert _http2.Http2Server._handle_event is original
+
+
+def _h2_exchange(
+    tctx: taddons.context, f: tflow.HTTPFlow, error: ResponseProtocolError
+) -> list[h2.events.Event]:
+    """An HTTP/2 client's request on stream 1, the server's `error` for it, what the client
+    then receives."""
+    server = _http2.Http2Server(Context(f.client_conn, tctx.options))
+    server.h2_conn.initiate_connection()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.receive_data(server.h2_conn.data_to_send())
+    request = [(":method", "GET"), (":scheme", "https"), (":authority", "x"), (":path", "/")]
+    client.send_headers(1, request, end_stream=True)
+    server.h2_conn.receive_data(client.data_to_send())
+    cmds = list(server._handle_event(error))
+    assert len(cmds) == 1 and isinstance(cmds[0], commands.SendData)
+    return client.receive_data(cmds[0].data)
+
+
+def test_h2_server_sends_json_with_the_flows_status_and_request_id() -> None:
+    addon = upstream.Upstream()
+    with taddons.context(addon, Proxyserver()) as tctx:  # Proxyserver: the HTTP/2 options
+        upstream.install_patch()
+        try:
+            f = tflow.tflow()
+            f.request.headers["X-Request-ID"] = "rid-h2"
+            f.metadata["waypost"] = {"timed_out": "read_timeout"}
+            f.error = tflow.terr("server closed connection")
+            addon.error(f)
+            got = _h2_exchange(tctx, f, _protocol_error("server closed connection", 502))
+            (resp,) = [e for e in got if isinstance(e, h2.events.ResponseReceived)]
+            headers = dict(resp.headers)
+            assert headers[b":status"] == b"504"
+            assert headers[b"content-type"] == b"application/json"
+            assert headers[b"x-request-id"] == b"rid-h2"
+            body = b"".join(e.data for e in got if isinstance(e, h2.events.DataReceived))
+            err = json.loads(body)["error"]
+            assert (err["code"], err["request_id"]) == ("BACKEND_TIMEOUT", "rid-h2")
+            assert any(isinstance(e, h2.events.StreamEnded) for e in got)
+
+            # A flow whose error is not the one being sent (another stream's) is not used.
+            addon.error(f)
+            got = _h2_exchange(tctx, f, _protocol_error("[Errno 111] refused", 502))
+            (resp,) = [e for e in got if isinstance(e, h2.events.ResponseReceived)]
+            assert dict(resp.headers)[b":status"] == b"502"
+            assert dict(resp.headers)[b"x-request-id"] != b"rid-h2"
         finally:
             addon.done()
 
