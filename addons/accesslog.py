@@ -12,10 +12,11 @@
   `metrics.watch_tunnel`/`watch_layer`/`end_tunnel`), with request_id, client_ip
   (`kernel.net.client_ip`: through `forwarding_trusted_proxies`, as the policies see it), method,
   url (secret query values redacted), status, duration_ms, bytes_sent, bytes_received,
-  cache_hit, backend, user_agent (first USER_AGENT_MAX characters, when sent), trace_id (from
-  a valid W3C `traceparent`, when sent), and every decision recorded in `record(flow)`. They go straight to
-  the output handler rather than through the root logger: mitmproxy's root handlers turn every
-  record into an `add_log` event dispatched to all addons, which would cost more than the line.
+  cache_hit, backend, user_agent (first USER_AGENT_MAX characters, when sent), trace_id
+  (from a valid W3C `traceparent`, when sent), and every decision recorded in
+  `record(flow)`. They go straight to the output handler rather than through the root
+  logger: mitmproxy's root handlers turn every record into an `add_log` event dispatched to
+  all addons, which would cost more than the line.
 - In JSON mode, mitmproxy's per-connection chatter (`client connect`, `server connect`, ...
   from `mitmproxy.proxy.server`) is raised to WARNING unless log_level is debug. mitmdump's
   `dumper` prints flows outside logging; set `flow_detail=0` (the bundle does) for pure JSON.

@@ -298,6 +298,9 @@ class Management:
         self._bind_host = "127.0.0.1"
         self._spec: tuple[str, int] = ("", -1)  # (host, metrics_port) the listener was made for
         self._proxy_app: asyncio.Task[web.AppRunner] | None = None
+        self._metrics_path = "/metrics"
+        # Every request on the proxy port is tested against these first: one startswith.
+        self._own_prefixes: tuple[str, ...] = (*RESERVED_PREFIXES, self._metrics_path)
 
     def load(self, loader: Any) -> None:
         declare(loader, OPTIONS)
@@ -322,6 +325,8 @@ class Management:
                 raise exceptions.OptionsError(
                     f"metrics_path: {ctx.options.metrics_path!r} {e}"
                 ) from e
+            self._metrics_path = ctx.options.metrics_path
+            self._own_prefixes = (*RESERVED_PREFIXES, self._metrics_path)
         if self.is_running and updated & {"metrics_enabled", "metrics_host", "metrics_port"}:
             self._rebind()
 
@@ -343,8 +348,10 @@ class Management:
         if flow.response or flow.error or not flow.live or flow.websocket:
             return
         req = flow.request
+        if not req.path.startswith(self._own_prefixes):
+            return
         path = req.path.partition("?")[0]
-        kind = endpoint_kind(path, ctx.options.metrics_path)
+        kind = endpoint_kind(path, self._metrics_path)
         if kind is None:
             return
         ps = ctx.master.addons.get("proxyserver")
