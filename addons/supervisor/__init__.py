@@ -1,0 +1,1 @@
+"""The supervisor: one Waypost instance as N mitmdump worker processes (`server.workers`)."""

@@ -1,0 +1,18 @@
+"""One worker of an instance: mitmdump in this process, started by the supervisor.
+
+`python -m addons.supervisor.worker [mitmdump arguments]` runs what `mitmdump` would.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mitmproxy.tools.main import mitmdump
+
+
+def main(argv: list[str]) -> int:
+    return mitmdump(argv) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
