@@ -15,4 +15,5 @@ endpoints bind(), bearer_status(), addressed_to_proxy(): what the proxy's own en
 record    record(flow): the typed flow record behind flow.metadata["waypost"]
 tls       certificate, key and chain files read and checked (the TLS listener, the schema)
 version   versions(): Waypost's (package metadata), mitmproxy's and Python's
+instance  identity(): which worker of how many this process is (set by the supervisor)
 """
