@@ -32,7 +32,7 @@ are not capped.
 Hooks: running, done, client_connected, client_disconnected, http_connect, requestheaders.
 Options: ratelimit_requests_per_second, ratelimit_burst, ratelimit_mode, ratelimit_exempt,
 ratelimit_rules, ratelimit_max_connections_per_ip, ratelimit_max_clients;
-forwarding_trusted_proxies (declared by `addons/kernel/net.py`).
+forwarding_trusted_proxies (declared by `addons/kernel/net.py`); state_* (`addons/state.py`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import pydantic
 from mitmproxy import connection, ctx, exceptions, http
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from addons import errors, metrics, policy
+from addons import errors, metrics, policy, state
 from addons.kernel import hosts, net
 from addons.kernel.options import Option, at_least, declare, once, spawn
 from addons.schema import RateLimitRule
@@ -352,10 +352,12 @@ class RateLimit:
 
     def load(self, loader: object) -> None:
         net.load(loader)
+        state.load(loader)
         declare(loader, OPTIONS)
 
     def configure(self, updated: set[str]) -> None:
         net.configure(updated)
+        state.configure(updated)
         opts = ctx.options
         if updated & _LIMITS:
             self._configure_limits()
@@ -393,6 +395,7 @@ class RateLimit:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        state.done()
 
     async def _sweep(self) -> None:
         while True:

@@ -21,6 +21,9 @@ from typing import TypeVar
 import pytest
 from aiohttp import web
 
+# The redis_server fixture (a real redis-server on a free port) for every test that shares state.
+pytest_plugins = ["tests.redis_helpers"]
+
 ROOT = Path(__file__).resolve().parent.parent
 MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
 # Forward mode logs "HTTP(S) proxy listening at ...", reverse mode "Reverse proxy to URL listening at".

@@ -342,6 +342,22 @@ class Cache(Section):
         return self
 
 
+def _redis_url(value: Any) -> Any:
+    if isinstance(value, str) and value.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return value
+
+
+class State(Section):
+    """Where shared state lives: each process (memory) or Redis, shared by every worker and
+    instance (addons/state.py)."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: Annotated[str, BeforeValidator(_redis_url)] = "redis://127.0.0.1:6379/0"
+    key_prefix: Annotated[str, Field(min_length=1)] = "waypost"
+    timeout: Annotated[Duration, Field(gt=0)] = 0.05
+
+
 class Profile(Section):
     server: Server = Server()
     logging: Logging = Logging()
@@ -356,6 +372,7 @@ class Profile(Section):
     routing: Routing = Routing()
     health_checks: HealthChecks = HealthChecks()
     circuit_breaker: CircuitBreaker = CircuitBreaker()
+    state: State = State()
     # Core mitmproxy options by their own names (block_global, connection_strategy, ...);
     # checked against the running mitmproxy's options when applied.
     mitmproxy: dict[str, Any] = {}

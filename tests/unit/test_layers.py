@@ -1,7 +1,7 @@
 """The layers of docs/architecture.md, checked on the source: what each file may import.
 
 - addons/kernel/: the base layer; imports no addon, only other kernel modules.
-- errors, policy, metrics and schema/: the shared layer; import the kernel and each other.
+- errors, policy, metrics, state and schema/: the shared layer; import the kernel and each other.
 - every other addon (an entry file such as cache.py and the package behind it, caching/):
   the kernel, the shared layer and its own package; never another addon.
 - bundle.py: anything (it loads every addon in pipeline order).
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ADDONS = Path(__file__).resolve().parents[2] / "addons"
-SHARED = {"errors", "policy", "metrics", "schema"}
+SHARED = {"errors", "policy", "metrics", "state", "schema"}
 # Entry files and the package they stand in front of (a module and a package cannot share a name).
 PACKAGES = {"cache": "caching", "cli": "clirun", "router": "routing"}
 
