@@ -21,13 +21,14 @@
   from `mitmproxy.proxy.server`) is raised to WARNING unless log_level is debug. mitmdump's
   `dumper` prints flows outside logging; set `flow_detail=0` (the bundle does) for pure JSON.
 - Output `file`: waypost's records and the access lines go to `log_file` (written by a
-  background thread, reopened when logrotate moves it); mitmproxy's lines and waypost
-  errors stay on stdout, where startup failures are reported.
+  background thread, reopened when logrotate moves it, rotated by size with old files removed
+  by count and age: `kernel/logfile.py`); mitmproxy's lines and waypost errors stay on
+  stdout, where startup failures are reported.
 
 Hooks: configure, done, response, error, http_connected, http_connect_error, next_layer,
 client_disconnected.
-Options: log_level, log_format, log_output, log_file; forwarding_trusted_proxies (declared by
-`addons/kernel/net.py`).
+Options: log_level, log_format, log_output, log_file, log_file_max_size, log_file_max_age,
+log_file_max_backups; forwarding_trusted_proxies (declared by `addons/kernel/net.py`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ from mitmproxy.proxy import layer
 
 from addons import errors
 from addons.kernel import net
-from addons.kernel.options import Option, declare
+from addons.kernel.logfile import RotatingLog
+from addons.kernel.options import Option, at_least, declare, size
 from addons.kernel.record import record
 from addons.metrics import Tunnel, end_tunnel, sent_response, sent_status, watch_layer, watch_tunnel
 
@@ -119,9 +121,31 @@ OPTIONS: tuple[Option, ...] = (
         "Path of the log file when log_output is `file`. Its directory must exist and be "
         "writable; the file is appended to.",
     ),
+    Option(
+        "log_file_max_size",
+        str,
+        "0",
+        "Rotate log_file when a line would take it past this size (e.g. 100MB): it is renamed "
+        "with the time appended and a new one started. 0: never (logrotate still works).",
+    ),
+    Option(
+        "log_file_max_age",
+        int,
+        0,
+        "Remove rotated log files older than this many days. 0: keep them.",
+    ),
+    Option(
+        "log_file_max_backups",
+        int,
+        0,
+        "Keep at most this many rotated log files, the newest. 0: keep them all.",
+    ),
 )
+_ROTATION = frozenset({"log_file_max_size", "log_file_max_age", "log_file_max_backups"})
 # Options that change where and how lines are written (termlog_verbosity is mitmproxy's).
-_WATCHED = frozenset({"log_level", "log_format", "log_output", "log_file", "termlog_verbosity"})
+_WATCHED = frozenset(
+    {"log_level", "log_format", "log_output", "log_file", "termlog_verbosity", *_ROTATION}
+)
 
 
 # --- pure helpers --------------------------------------------------------------------------------
@@ -410,7 +434,7 @@ class AccessLog:
             return
         opts = ctx.options
         to_file = opts.log_output == "file"
-        reopen = bool(updated & {"log_output", "log_file"}) or self.file_handler is None
+        reopen = bool(updated & {"log_output", "log_file", *_ROTATION}) or self.file_handler is None
         if to_file:
             _check_log_file(opts.log_file, reopen)
         level = logging.getLevelName(opts.log_level.upper())
@@ -490,8 +514,14 @@ class AccessLog:
         return handler if isinstance(handler, logging.Handler) else None
 
     def _open_file(self, path: str) -> logging.Handler:
+        opts = ctx.options
+        rotation = (
+            size("log_file_max_size", opts.log_file_max_size),
+            at_least("log_file_max_age", opts.log_file_max_age, 0),
+            at_least("log_file_max_backups", opts.log_file_max_backups, 0),
+        )
         try:
-            target = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+            target = RotatingLog(path, *rotation)
         except OSError as e:
             raise exceptions.OptionsError(
                 f"log_file: cannot open {path!r}: {e.strerror} (check the path and permissions)"

@@ -11,6 +11,7 @@ from addons.caching.addon import Cache
 from addons.clirun.addon import Cli
 from addons.compress import Compress
 from addons.config import Config
+from addons.connections import Connections
 from addons.contentfilter import ContentFilter
 from addons.drain import Drain
 from addons.egress import Egress
@@ -31,6 +32,7 @@ addons = [
     Config(),
     LeanChain(),
     Backlog(),
+    Connections(),
     Drain(),
     Hygiene(),
     Acl(),

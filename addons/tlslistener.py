@@ -81,10 +81,14 @@ def _ossl_cert(cert: x509.Certificate) -> Any:
     return crypto.X509.from_cryptography(cert)
 
 
-def make_context(pair: Keypair) -> SSL.Context:
+# mitmproxy's `tls_version_client_min` names; anything lower than TLS 1.2 keeps the 1.2 floor.
+MIN_VERSIONS = {"TLS1_3": SSL.TLS1_3_VERSION}
+
+
+def make_context(pair: Keypair, min_version: str = "TLS1_2") -> SSL.Context:
     """One server context per certificate: shared by all handshakes, so sessions resume."""
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
-    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_min_proto_version(MIN_VERSIONS.get(min_version, SSL.TLS1_2_VERSION))
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
     context.set_cipher_list(CIPHERS.encode())
     context.use_certificate(_ossl_cert(pair.cert))
@@ -95,6 +99,11 @@ def make_context(pair: Keypair) -> SSL.Context:
     context.set_session_id(b"waypost-tls-listener")
     context.set_alpn_select_callback(_alpn_callback)
     return context
+
+
+def _min_version() -> str:
+    # mitmproxy's tlsconfig addon declares it; a test context without that addon has none.
+    return getattr(ctx.options, "tls_version_client_min", "TLS1_2")
 
 
 def _mtimes(files: tuple[str, ...]) -> tuple[float | None, ...]:
@@ -145,7 +154,7 @@ class TlsListener:
     def configure(self, updated: set[str]) -> None:
         if "http2" in updated:
             self.http2 = bool(ctx.options.http2)
-        if not updated & set(_OPTIONS):
+        if not updated & {*_OPTIONS, "tls_version_client_min"}:
             return
         cert, key, chain = (getattr(ctx.options, o) for o in _OPTIONS)
         if not cert and not key and not chain:
@@ -159,7 +168,7 @@ class TlsListener:
         try:
             # Small local files, read once per config change (as mitmproxy's `certs` option).
             pair = load_keypair(cert, key, chain)
-            context = make_context(pair)
+            context = make_context(pair, _min_version())
         except KeypairError as e:
             raise exceptions.OptionsError(f"tls_listener_{e.which}: {e}") from None
         except SSL.Error as e:  # OpenSSL refused what cryptography accepted (rare)
@@ -200,7 +209,7 @@ class TlsListener:
             await asyncio.sleep(SETTLE)
             try:
                 new = await asyncio.to_thread(load_keypair, *pair.paths)
-                context = await asyncio.to_thread(make_context, new)
+                context = await asyncio.to_thread(make_context, new, _min_version())
             except (ValueError, SSL.Error) as e:
                 self._mtimes = mtimes  # do not retry the same broken files every interval
                 log.warning("TLS listener certificate not reloaded, keeping the old one: %s", e)

@@ -8,7 +8,7 @@ into the flat options of the addons (`to_options`), which is all the addons ever
     to_options(loaded.profile) -> {"listen_port": 8080, "cache_max_memory": "268435456", ...}
 
 Modules: fields (value types, `Section`, `Env`), models (`Profile` and its general sections;
-`ALIASES` and `NOT_SUPPORTED`, the product requirements' other names and unenforced keys),
+`ALIASES`, the product requirements' other names),
 security and routes (those sections), env (the environment tables: `Env` marks and
 `WAYPOST_<SECTION>__<KEY>`), loading (YAML, line map, aliases, errors), options (the option
 map and the `enabled: false` `SWITCHES`), validate (`python -m addons.schema`).
@@ -21,7 +21,6 @@ from addons.schema.loading import Loaded, ProfileError, load
 from addons.schema.models import (
     ALIASES,
     COMPRESSIBLE_TYPES,
-    NOT_SUPPORTED,
     CliArgumentRule,
     Profile,
 )
@@ -37,7 +36,6 @@ __all__ = [
     "OPTIONS",
     "CliArgumentRule",
     "FilterFile",
-    "NOT_SUPPORTED",
     "Loaded",
     "Profile",
     "ProfileError",

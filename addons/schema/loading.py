@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from addons.schema import env
-from addons.schema.models import ALIASES, NOT_SUPPORTED, Profile
+from addons.schema.models import ALIASES, Profile
 
 Lines = dict[tuple[str | int, ...], int]
 
@@ -79,10 +79,8 @@ def load(path: str | Path | None, environ: Mapping[str, str]) -> Loaded:
 
 def _other_names(data: dict[str, Any], lines: Lines, source: str) -> list[str]:
     """Move the aliases (the product requirements' spellings) to the keys they stand for, with
-    their lines; take out and report the keys not supported yet, by the name the file wrote.
-    Sections emptied by either are dropped."""
+    their lines; sections the moves empty are dropped."""
     problems: list[str] = []
-    written: dict[tuple[str, ...], tuple[str, ...]] = {}  # moved key -> the alias written
     for alias, target in ALIASES.items():
         value = _pop(data, alias)
         if value is _MISSING:
@@ -101,17 +99,8 @@ def _other_names(data: dict[str, Any], lines: Lines, source: str) -> list[str]:
                 )
                 continue
             parent[target[-1]] = value
-            written[target] = alias
             for path in [p for p in lines if p[: len(alias)] == alias]:
                 lines[target + path[len(alias) :]] = lines[path]
-    for path, why in NOT_SUPPORTED.items():
-        if _pop(data, path) is not _MISSING:
-            where = f"{source}:{lines[path]}" if path in lines else source
-            shown = next(
-                (alias + path[len(t) :] for t, alias in written.items() if path[: len(t)] == t),
-                path,
-            )
-            problems.append(f"{where}: {'.'.join(shown)}: not supported yet: {why}")
     return problems
 
 

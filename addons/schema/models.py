@@ -28,18 +28,17 @@ from addons.schema.security import Security
 class Timeouts(Section):
     connect: Annotated[Duration, Env("CONNECT_TIMEOUT")] = 10.0
     read: Annotated[Duration, Env("READ_TIMEOUT"), Env("BACKEND_TIMEOUT")] = 60.0
+    write: Duration = 30.0
+    idle: Duration = 120.0
 
 
 def _tls_version(value: Any) -> str:
     text = str(value).upper().replace("_", ".").replace("V", "")
     if text in ("TLS1.0", "TLS1", "TLS1.1"):
         raise ValueError("TLS 1.0 and 1.1 are insecure (RFC 8996); the minimum is TLS1.2")
-    if text != "TLS1.2":
-        raise ValueError(
-            "a TLS1.3 minimum is not supported yet (the reverse listeners' own TLS context "
-            "keeps a TLS 1.2 floor); TLS1.2 is"
-        )
-    return "TLS1.2"
+    if text not in ("TLS1.2", "TLS1.3"):
+        raise ValueError("must be TLS1.2 or TLS1.3")
+    return text
 
 
 class Tls(Section):
@@ -58,7 +57,7 @@ class Tls(Section):
     cert: str | None = None
     key: str | None = None
     chain: str | None = None
-    min_version: Annotated[Literal["TLS1.2"], BeforeValidator(_tls_version)] = "TLS1.2"
+    min_version: Annotated[Literal["TLS1.2", "TLS1.3"], BeforeValidator(_tls_version)] = "TLS1.2"
 
     @field_validator("cert")
     @classmethod
@@ -109,18 +108,25 @@ def _log_level(value: Any) -> Any:
 
 
 def _log_file(value: Any) -> Any:
-    """The requirements' `file: {path: ...}` is the path; rotation keys are refused until supported."""
+    """The requirements' `file: {path: ...}` is the path (its rotation keys are aliases of
+    `logging.rotation`, moved out by the loader)."""
     if not isinstance(value, dict):
         return value
     rest = sorted(set(value) - {"path"})
     if rest:
         raise ValueError(
-            f"{', '.join(rest)}: rotation is not supported yet; rotate with logrotate (the file "
-            "is reopened when it is moved), or leave these keys out"
+            f"{', '.join(rest)}: unknown; a file mapping has path, max_size, "
+            "max_age and max_backups"
         )
     if "path" not in value:
         raise ValueError("file as a mapping needs path (the file to write to)")
     return value["path"]
+
+
+class Rotation(Section):
+    max_size: Size = 0
+    max_age: Annotated[int, Field(ge=0)] = 0  # days, as the requirements write it
+    max_backups: Annotated[int, Field(ge=0)] = 0
 
 
 class Logging(Section):
@@ -130,6 +136,7 @@ class Logging(Section):
     format: Annotated[Literal["json", "text"], Env("LOG_FORMAT")] = "json"
     output: Annotated[Literal["stdout", "file"], Env("LOG_OUTPUT")] = "stdout"
     file: Annotated[str | None, BeforeValidator(_log_file), Env("LOG_FILE")] = None
+    rotation: Rotation = Rotation()
 
     @model_validator(mode="after")
     def _file_needed(self) -> Logging:
@@ -169,6 +176,7 @@ class Limits(Section):
     header_timeout: Duration = 10.0
     blocked_methods: list[Method] = ["TRACE", "TRACK"]
     origin_form: Literal["refuse", "relay"] = "refuse"
+    max_concurrent_connections: Annotated[int, Field(ge=0)] = 0
 
 
 class Headers(Section):
@@ -386,19 +394,9 @@ ALIASES: dict[KeyPath, KeyPath] = {
     ("listener",): ("server",),  # the listener component
     ("filtering",): ("security", "filtering"),  # the domain filtering example
     ("server", "limits", "max_header_bytes"): ("limits", "max_header_size"),
-}
-
-# Requirements keys Waypost does not enforce yet: refused with the reason rather than accepted and
-# ignored. docs/requirements-differences.md lists them.
-NOT_SUPPORTED: dict[KeyPath, str] = {
-    (
-        "server",
-        "timeouts",
-        "write",
-    ): "no write timeout yet (server.timeouts.read bounds the origin)",
-    ("server", "timeouts", "idle"): "no idle-connection timeout yet",
-    ("server", "limits", "max_concurrent_connections"): (
-        "no proxy-wide connection cap yet; security.rate_limiting.max_connections_per_ip caps "
-        "each client"
-    ),
+    ("server", "limits", "max_concurrent_connections"): ("limits", "max_concurrent_connections"),
+    **{
+        ("logging", "file", key): ("logging", "rotation", key)
+        for key in ("max_size", "max_age", "max_backups")
+    },
 }

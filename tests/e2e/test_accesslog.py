@@ -213,6 +213,45 @@ def test_file_output(proxy_factory, backend, tmp_path: Path) -> None:
     assert access(p) == []  # stdout keeps mitmproxy's lines only
 
 
+def test_the_log_file_rotates_by_size_and_keeps_its_backups(
+    proxy_factory, backend, tmp_path: Path
+) -> None:
+    path = tmp_path / "waypost.log"
+    p = proxy_factory(
+        scripts=SCRIPTS,
+        options={
+            "flow_detail": 0,
+            "log_output": "file",
+            "log_file": str(path),
+            "log_file_max_size": "2KB",
+            "log_file_max_backups": "2",
+        },
+    )
+    with httpx.Client(proxy=p.url, timeout=10, trust_env=False) as c:
+        ids = [c.get(f"{backend.url}/echo/{i}").headers["x-request-id"] for i in range(40)]
+
+    def files() -> list[Path]:
+        return sorted(tmp_path.glob("waypost*.log"))
+
+    def last_line_written() -> bool:
+        return path.exists() and ids[-1] in path.read_text()
+
+    wait_lines(lambda: [1] if last_line_written() else [], 1)
+    backups = [f for f in files() if f != path]
+    assert len(backups) == 2, files()  # 40 lines of ~600 bytes made more: the oldest went
+    for f in [*backups, path]:
+        assert f.stat().st_size <= 2048
+        assert all(json.loads(x)["message"] for x in f.read_text().splitlines())
+    # Nothing lost between the newest backup and the current file.
+    kept = [
+        json.loads(x)["request_id"]
+        for f in [*backups, path]
+        for x in f.read_text().split("\n")
+        if x
+    ]
+    assert ids[-1] in kept and len(set(kept)) == len(kept)
+
+
 def test_unwritable_log_file_refuses_to_start(proxy_factory, tmp_path: Path) -> None:
     p = proxy_factory(
         scripts=SCRIPTS,

@@ -12,16 +12,6 @@ import pytest
 from tests.conftest import MANAGEMENT, ROOT, Backend, start_proxy
 
 EXAMPLE = ROOT / "tests" / "fixtures" / "prd" / "full.yaml"
-# The keys Waypost refuses as not supported yet (tests/unit/test_profile_requirements.py).
-_UNSUPPORTED_LINE = re.compile(
-    r"(?m)^\s*(write|idle|max_concurrent_connections|max_size|max_age|max_backups):.*\n"
-)
-
-
-def supported_part(tmp_path: Path) -> Path:
-    path = tmp_path / "full.yaml"
-    path.write_text(_UNSUPPORTED_LINE.sub("", EXAMPLE.read_text()))
-    return path
 
 
 def test_the_full_example_runs_with_the_environment_variables(
@@ -43,7 +33,7 @@ def test_the_full_example_runs_with_the_environment_variables(
         "BACKEND_TIMEOUT": "5s",
         "DEFAULT_BACKEND": backend.url,
     }
-    p = proxy_factory(options={"waypost_profile": str(supported_part(tmp_path))}, env=env)
+    p = proxy_factory(options={"waypost_profile": str(EXAMPLE)}, env=env)
     p.wait_for(MANAGEMENT)
     p.wait_for(r"PROXY_PORT=tcp://10\.96\.0\.12:8080 looks like a Kubernetes service link")
     with httpx.Client(proxy=p.url, timeout=10, trust_env=False) as c:

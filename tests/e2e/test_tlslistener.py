@@ -176,6 +176,33 @@ def test_serves_the_configured_certificate_not_mitmproxys(
     assert served == ours
 
 
+def _handshake_version(port: int, maximum: ssl.TLSVersion) -> str | None:
+    """The TLS version negotiated by a client that offers at most `maximum`; None: refused."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.maximum_version = maximum
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        try:
+            with ctx.wrap_socket(s, server_hostname="localhost") as tls:
+                return tls.version()
+        except (ssl.SSLError, ConnectionResetError):
+            return None
+
+
+@pytest.mark.parametrize(
+    ("minimum", "tls12"), [("TLS1_2", "TLSv1.2"), ("TLS1_3", None)], ids=["min1.2", "min1.3"]
+)
+def test_the_minimum_tls_version_applies_to_our_certificate(
+    proxy_factory, server_files, backend: Backend, minimum: str, tls12: str | None
+) -> None:
+    _, port = start_listener(
+        proxy_factory, server_files, backend.url, tls_version_client_min=minimum
+    )
+    assert _handshake_version(port, ssl.TLSVersion.TLSv1_2) == tls12
+    assert _handshake_version(port, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+
+
 async def _quic_peer(port: int, ca: Path) -> x509.Certificate:
     """Complete a QUIC (HTTP/3) handshake that verifies against `ca`; the served leaf."""
     import asyncio

@@ -5,7 +5,6 @@ supported yet are exactly those docs/requirements-differences.md lists."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +13,10 @@ import pytest
 from addons import schema
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "fixtures" / "prd"
-# The keys refused as not supported yet (schema.NOT_SUPPORTED and logging.file rotation).
-_UNSUPPORTED_LINE = re.compile(
-    r"(?m)^\s*(write|idle|max_concurrent_connections|max_size|max_age|max_backups):.*\n"
-)
 
 
 def options(name: str, environ: dict[str, str] | None = None) -> dict[str, Any]:
     return schema.to_options(schema.load(EXAMPLES / name, environ or {}).profile)
-
-
-def supported_part(name: str, tmp_path: Path) -> Path:
-    """The fixture without the keys Waypost refuses as not supported yet."""
-    path = tmp_path / name
-    path.write_text(_UNSUPPORTED_LINE.sub("", (EXAMPLES / name).read_text()))
-    return path
 
 
 def problems(path: Path) -> list[str]:
@@ -110,38 +98,19 @@ def test_circuit_breaker_example() -> None:
     assert opts["router_circuit_breaker_success_threshold"] == 2
 
 
-def test_listener_example(tmp_path: Path) -> None:
-    fixture = EXAMPLES / "listener.yaml"
-    assert [p.split(": ")[1] for p in problems(fixture)] == [  # as the file writes them
-        "listener.timeouts.write",
-        "listener.timeouts.idle",
-        "listener.limits.max_concurrent_connections",
-    ]
-    assert all("not supported yet" in p for p in problems(fixture))
-    assert problems(fixture)[0].startswith(f"{fixture}:10:")  # the listener: file's own line
-    opts = schema.to_options(schema.load(supported_part(fixture.name, tmp_path), {}).profile)
+def test_listener_example() -> None:
+    opts = options("listener.yaml")
     assert (opts["listen_host"], opts["listen_port"]) == ("0.0.0.0", 8080)
     # tls.enabled: false: the example's placeholder paths are not read, no certificate is served.
     assert opts["tls_listener_cert"] == opts["tls_listener_key"] == ""
     assert opts["upstream_read_timeout"] == "30s"
+    assert (opts["server_write_timeout"], opts["server_idle_timeout"]) == ("30s", "120s")
+    assert opts["server_max_connections"] == 1000  # limits.max_concurrent_connections
     assert opts["limits_max_header_size"] == 16384  # max_header_bytes
 
 
-def test_full_config_refuses_only_what_is_not_supported_yet() -> None:
-    fixture = EXAMPLES / "full.yaml"
-    found = problems(fixture)
-    assert [p.split(": ")[1] for p in found] == [
-        "server.timeouts.write",
-        "server.timeouts.idle",
-        "server.limits.max_concurrent_connections",
-        "logging.file",
-    ]
-    assert all("not supported yet" in p for p in found)
-    assert "max_age, max_backups, max_size" in found[-1]
-
-
-def test_full_config(tmp_path: Path) -> None:
-    profile = schema.load(supported_part("full.yaml", tmp_path), {}).profile
+def test_full_config() -> None:
+    profile = schema.load(EXAMPLES / "full.yaml", {}).profile
     opts = schema.to_options(profile)
     assert (opts["listen_host"], opts["listen_port"]) == ("0.0.0.0", 8080)
     assert opts["tls_listener_cert"] == "" and opts["tls_version_client_min"] == "TLS1_2"
@@ -149,6 +118,10 @@ def test_full_config(tmp_path: Path) -> None:
     assert opts["limits_max_header_size"] == 16384
     assert (opts["log_level"], opts["log_format"], opts["log_output"]) == ("info", "json", "stdout")
     assert opts["log_file"] == "/var/log/proxy/proxy.log"
+    assert (opts["log_file_max_size"], opts["log_file_max_age"]) == (str(100 << 20), 7)
+    assert opts["log_file_max_backups"] == 3
+    assert (opts["server_write_timeout"], opts["server_idle_timeout"]) == ("30s", "120s")
+    assert opts["server_max_connections"] == 1000
     assert (opts["metrics_enabled"], opts["metrics_port"], opts["metrics_path"]) == (
         True,
         9090,
@@ -206,7 +179,7 @@ def test_tls_switch(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("version", "fragment"),
-    [("TLS1.0", "insecure"), ("TLS1.1", "insecure"), ("TLS1.3", "not supported yet")],
+    [("TLS1.0", "insecure"), ("TLS1.1", "insecure"), ("SSL3", "must be TLS1.2 or TLS1.3")],
 )
 def test_tls_min_version(tmp_path: Path, version: str, fragment: str) -> None:
     path = tmp_path / "p.yaml"
@@ -214,6 +187,8 @@ def test_tls_min_version(tmp_path: Path, version: str, fragment: str) -> None:
     assert fragment in problems(path)[0]
     path.write_text("server:\n  tls:\n    min_version: tls1_2\n")
     assert schema.to_options(schema.load(path, {}).profile)["tls_version_client_min"] == "TLS1_2"
+    path.write_text("server:\n  tls:\n    min_version: TLSv1.3\n")
+    assert schema.to_options(schema.load(path, {}).profile)["tls_version_client_min"] == "TLS1_3"
 
 
 def test_an_alias_and_its_key_together_is_an_error(tmp_path: Path) -> None:
@@ -224,10 +199,11 @@ def test_an_alias_and_its_key_together_is_an_error(tmp_path: Path) -> None:
     ]
 
 
-def test_the_differences_page_lists_every_key_refused_as_not_supported() -> None:
-    page = (
-        Path(__file__).resolve().parents[2] / "docs" / "requirements-differences.md"
-    ).read_text()
-    for path in schema.NOT_SUPPORTED:
-        assert f"`{'.'.join(path)}`" in page
-    assert "`logging.file.max_size`" in page
+def test_rotation_keys_inside_file_and_as_logging_rotation_are_one_key(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "logging:\n  file: {path: /tmp/w.log, max_size: 1MB}\n  rotation: {max_size: 2MB}\n"
+    )
+    assert "another name for logging.rotation.max_size" in problems(path)[0]
+    path.write_text("logging:\n  file: {path: /tmp/w.log, max_files: 3}\n")
+    assert "max_files: unknown" in problems(path)[0]

@@ -1,0 +1,74 @@
+"""kernel/logfile.py: size rotation, backups pruned by count and by age."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from addons.kernel.logfile import DAY, RotatingLog
+
+
+def record(message: str) -> logging.LogRecord:
+    return logging.LogRecord("t", logging.INFO, __file__, 0, message, None, None)
+
+
+def test_no_max_size_never_rotates(tmp_path: Path) -> None:
+    h = RotatingLog(str(tmp_path / "a.log"))
+    for _ in range(100):
+        h.emit(record("x" * 100))
+    h.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.log"]
+
+
+def test_a_line_that_would_pass_max_size_starts_a_new_file(tmp_path: Path) -> None:
+    h = RotatingLog(str(tmp_path / "a.log"), max_size=250)
+    for i in range(5):
+        h.emit(record(f"{i}" * 99))  # 100 bytes with the newline: two lines per file
+    h.close()
+    backups = h.backups()
+    assert len(backups) == 2 and all(p.stat().st_size == 200 for p in backups)
+    assert (tmp_path / "a.log").read_text() == "4" * 99 + "\n"
+    assert backups[0].read_text().startswith("2") and backups[1].read_text().startswith("0")
+
+
+def test_a_line_longer_than_max_size_is_written_whole(tmp_path: Path) -> None:
+    h = RotatingLog(str(tmp_path / "a.log"), max_size=10)
+    h.emit(record("y" * 50))
+    h.close()
+    assert (tmp_path / "a.log").read_text() == "y" * 50 + "\n"
+
+
+def test_backups_beyond_the_count_go_newest_kept(tmp_path: Path) -> None:
+    h = RotatingLog(str(tmp_path / "a.log"), max_size=100, max_backups=2)
+    for i in range(6):
+        h.emit(record(f"{i}" * 99))
+        time.sleep(0.002)  # distinct millisecond stamps
+    h.close()
+    assert [p.read_text()[0] for p in h.backups()] == ["4", "3"]
+
+
+def test_backups_older_than_max_age_go(tmp_path: Path) -> None:
+    h = RotatingLog(str(tmp_path / "a.log"), max_size=100, max_age_days=7)
+    old = tmp_path / h.backup_name(time.time() - 10 * DAY)
+    old.write_text("old\n")
+    os.utime(old, (time.time() - 10 * DAY,) * 2)
+    recent = tmp_path / h.backup_name(time.time() - DAY)
+    recent.write_text("recent\n")
+    os.utime(recent, (time.time() - DAY,) * 2)
+    h.emit(record("a" * 99))
+    h.emit(record("b" * 99))  # rotates, then prunes
+    h.close()
+    names = {p.name for p in h.backups()}
+    assert old.name not in names and recent.name in names and len(names) == 2
+
+
+def test_a_file_moved_away_by_logrotate_is_reopened(tmp_path: Path) -> None:
+    h = RotatingLog(str(tmp_path / "a.log"), max_size=10_000)
+    h.emit(record("first"))
+    (tmp_path / "a.log").rename(tmp_path / "a.log.1")
+    h.emit(record("second"))
+    h.close()
+    assert (tmp_path / "a.log").read_text() == "second\n"
+    assert (tmp_path / "a.log.1").read_text() == "first\n"
