@@ -29,6 +29,7 @@ class RotatingLog(logging.handlers.WatchedFileHandler):
         self.max_size = max_size
         self.max_age = max_age_days * DAY
         self.max_backups = max_backups
+        self._last_rotation = 0.0
         base = Path(path)
         self._dir = base.parent
         self._stem, self._ext = base.stem, base.suffix
@@ -54,7 +55,13 @@ class RotatingLog(logging.handlers.WatchedFileHandler):
             return
         self.stream.close()
         self.stream = None  # type: ignore[assignment]
-        os.rename(self.baseFilename, self._dir / self.backup_name(time.time()))
+        # Names sort by age even for rotations within one millisecond, here or in another
+        # worker writing the same file.
+        now = max(time.time(), self._last_rotation + 0.001)
+        while (target := self._dir / self.backup_name(now)).exists():
+            now += 0.001
+        self._last_rotation = now
+        os.rename(self.baseFilename, target)
         self.stream = self._open()
         self._statstream()
         self.prune(time.time())
