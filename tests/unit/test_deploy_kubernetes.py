@@ -155,6 +155,14 @@ def test_the_configmap_profile_passes_validate_config(
     assert validate.main([str(path)]) == 0, capsys.readouterr().err
 
 
+def test_the_configmap_profile_is_prod_with_workers_and_redis() -> None:
+    """docs/operations.md says so: a change to profiles/prod.yaml belongs here too."""
+    mine = profile()
+    assert mine["server"].pop("workers") == 2
+    assert mine.pop("state")["backend"] == "redis"
+    assert mine == yaml.safe_load((ROOT / "profiles" / "prod.yaml").read_text())
+
+
 def test_the_profile_is_the_mounted_configmap() -> None:
     c = container()
     env = {e["name"]: e for e in c["env"]}
