@@ -26,8 +26,9 @@ DOCKERFILE = ROOT / "Dockerfile"
 EXAMPLE = "secret.example.yaml"  # kept out of the kustomization: never apply placeholder tokens
 # The oldest Kubernetes still supported upstream when written, and the newest schemas bundled.
 VERSIONS = ["1.29.0", kubernetes_validate.utils.latest_version() + ".0"]
-# Until the schema has them (server.workers: h-workers; state: the lead), validate-config
-# refuses these keys; the marker fails (XPASS) once both are merged: then delete it.
+# Until the schema has them (the state section: on main, not on this branch; server.workers:
+# the supervisor's branch), validate-config refuses these keys; the marker fails (XPASS) once
+# both are merged: then delete it.
 PENDING_KEYS = pytest.mark.xfail(
     strict=True, reason="server.workers and the state section are not in addons/schema yet"
 )
