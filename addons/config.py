@@ -31,7 +31,6 @@ import os
 import signal
 import time
 from collections.abc import Coroutine, Iterator
-from pathlib import Path
 from typing import Any
 
 from mitmproxy import command, ctx, exceptions, optmanager
@@ -43,7 +42,6 @@ from addons.kernel.options import once, spawn
 
 log = logging.getLogger("waypost.config")
 
-DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "default.yaml"
 WATCH_INTERVAL = 1.0
 # Options that change the listeners; a profile's `mitmproxy: {mode: [...]}` (reverse
 # listeners) needs the same late rebind on mitmproxy 12 as the listen address.
@@ -188,10 +186,7 @@ class Config:
             pass
 
     def path(self) -> str | None:
-        chosen = ctx.options.waypost_profile or os.environ.get("WAYPOST_PROFILE", "")
-        if chosen:
-            return chosen
-        return str(DEFAULT_PROFILE) if DEFAULT_PROFILE.exists() else None
+        return schema.choose(ctx.options.waypost_profile, os.environ)
 
     def reload(self) -> tuple[bool, str]:
         """Re-read the profile now; on any error keep the running config. For /admin/reload."""

@@ -5,6 +5,7 @@ A profile is parsed into an immutable `Profile` (pydantic, unknown keys refused)
 into the flat options of the addons (`to_options`), which is all the addons ever read.
 
     load("profiles/prod.yaml", os.environ) -> Loaded    # raises ProfileError listing every problem
+    choose(option, os.environ) -> the profile path startup loads (--set, WAYPOST_PROFILE, default)
     to_options(loaded.profile) -> {"listen_port": 8080, "cache_max_memory": "268435456", ...}
 
 Modules: fields (value types, `Section`, `Env`), models (`Profile` and its general sections;
@@ -17,7 +18,7 @@ map and the `enabled: false` `SWITCHES`), validate (`python -m addons.schema`).
 from __future__ import annotations
 
 from addons.schema.env import ENV_OVERRIDES, SYSTEMATIC
-from addons.schema.loading import Loaded, ProfileError, load
+from addons.schema.loading import Loaded, ProfileError, choose, load
 from addons.schema.models import (
     ALIASES,
     COMPRESSIBLE_TYPES,
@@ -43,6 +44,7 @@ __all__ = [
     "RouteRule",
     "SWITCHES",
     "SYSTEMATIC",
+    "choose",
     "listener_options",
     "load",
     "to_options",

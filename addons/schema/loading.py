@@ -2,6 +2,7 @@
 validate, and report every problem at once as `file:line: key.path: message (hint)`.
 
     load("profiles/prod.yaml", os.environ) -> Loaded     # raises ProfileError
+    choose(ctx.options.waypost_profile, os.environ) -> the path startup loads (or None)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from addons.schema import env
 from addons.schema.models import ALIASES, Profile
 
 Lines = dict[tuple[str | int, ...], int]
+DEFAULT_PROFILE = Path(__file__).resolve().parents[2] / "profiles" / "default.yaml"
 
 
 class ProfileError(ValueError):
@@ -48,6 +50,15 @@ class Loaded:
                 return f"environment variable {var}"
         line = _nearest_line(self.lines, path)
         return f"{self.source}:{line}" if line else self.source
+
+
+def choose(option: str, environ: Mapping[str, str]) -> str | None:
+    """The profile to run: the `waypost_profile` option, else WAYPOST_PROFILE, else
+    profiles/default.yaml when it exists (None: defaults + env)."""
+    chosen = option or environ.get("WAYPOST_PROFILE", "")
+    if chosen:
+        return chosen
+    return str(DEFAULT_PROFILE) if DEFAULT_PROFILE.exists() else None
 
 
 def load(path: str | Path | None, environ: Mapping[str, str]) -> Loaded:
