@@ -41,7 +41,8 @@ port, the metrics path and /admin/* are then relayed to the instance app
 (WAYPOST_INSTANCE_MANAGEMENT), so they speak for the instance; /health/* stays this worker's.
 
 Hooks: load, configure, running, done (all sync: the listener is bound synchronously, the
-server runs as a task), requestheaders, request (awaitable for proxy-port admin requests only).
+server runs as a task), requestheaders, request (awaitable for proxy-port admin requests, and
+metrics requests relayed to the instance app, only).
 Options: metrics_enabled, metrics_host, metrics_port, metrics_path, admin_token,
 metrics_proxy_port_health, metrics_proxy_port_metrics, metrics_proxy_port_admin,
 metrics_worker_label (read by the supervisor's instance app, declared here with its siblings).
@@ -157,7 +158,7 @@ _HOP_BY_HOP = frozenset(
 )  # fmt: skip
 # How long the app may take over one proxy-port admin request (a reload validates a profile).
 APP_TIMEOUT = 60.0
-_UNANSWERED = "The admin request could not be answered."
+_UNANSWERED = "The request could not be answered by the management app."
 # flow.metadata key: an admin request on the proxy port (or, in a supervised worker, a metrics
 # request) waits for `request` to be answered.
 _PENDING = "waypost_management_pending"
@@ -444,20 +445,20 @@ class Management:
         flow.response = resp
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        # Sync, returning an awaitable only for the admin requests: mitmproxy awaits it, and
-        # every other flow pays no coroutine.
+        # Sync, returning an awaitable only for the pending ones (admin, relayed metrics):
+        # mitmproxy awaits it, and every other flow pays no coroutine.
         if not flow.metadata.pop(_PENDING, False) or flow.error or not flow.live:
             return None
-        return self._answer_admin(flow)
+        return self._answer_pending(flow)
 
-    async def _answer_admin(self, flow: http.HTTPFlow) -> None:
+    async def _answer_pending(self, flow: http.HTTPFlow) -> None:
         try:
             if self._instance is not None:
                 flow.response = await self._from_instance(flow, *self._instance)
             else:
                 flow.response = await self._through_app(flow)
         except (OSError, ValueError, TimeoutError) as e:
-            log.error("admin %s on the proxy port failed: %s", flow.request.path, e)
+            log.error("%s on the proxy port failed: %s", flow.request.path, e)
             flow.response = errors.make("INTERNAL_ERROR", _UNANSWERED, flow)
 
     # --- endpoints -------------------------------------------------------------------------

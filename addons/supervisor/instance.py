@@ -75,7 +75,8 @@ class WorkerView:
 
 @dataclass
 class Settings:
-    """What the instance app needs of the instance's configuration; read on every request."""
+    """What the instance app needs of the instance's configuration, read on every request: the
+    supervisor may change it in place (a reload, the start of a drain)."""
 
     metrics_path: str = "/metrics"
     worker_label: bool = False  # the metrics_worker_label option
@@ -344,17 +345,20 @@ def make_app(workers: Callable[[], Sequence[WorkerView]], settings: Settings) ->
         return health(200 if ok else 503, "ready" if ok else "not_ready", checks)
 
     async def startup(request: web.Request) -> web.Response:
-        views = [v for v in workers() if v.index not in started]
+        views = list(workers())
         answers = await asyncio.gather(
-            *(ask(v, "GET", "/health/startup", PROBE_TIMEOUT) for v in views)
+            *(
+                ask(v, "GET", "/health/startup", PROBE_TIMEOUT)
+                for v in views
+                if v.index not in started
+            )
         )
         started.update(a.worker for a in answers if a.status == 200)
-        indices = [v.index for v in workers()]
-        ok = all(i in started for i in indices)
+        indices = {v.index for v in views}
+        ok = indices <= started
         checks = {
-            "workers": {"ok": ok, "started": sorted(started & set(indices)),
-                        "configured": len(indices)}
-        }  # fmt: skip
+            "workers": {"ok": ok, "started": sorted(started & indices), "configured": len(views)}
+        }
         return health(200 if ok else 503, "started" if ok else "starting", checks)
 
     async def metrics(request: web.Request) -> web.Response:
