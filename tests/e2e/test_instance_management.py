@@ -10,6 +10,7 @@ SO_REUSEPORT needed here).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -171,6 +172,13 @@ def test_metrics_are_the_sum_of_the_workers(instance: Instance, backend: Backend
     assert got[("waypost_workers_up", frozenset())] == 2
     build = [v for (name, _), v in got.items() if name == "waypost_build_info"]
     assert build == [1.0]
+    promtool = shutil.which("promtool")
+    if promtool is not None:  # tests/unit/test_instance_app.py requires it in CI
+        proc = subprocess.run(
+            [promtool, "check", "metrics"], input=r.text, capture_output=True, text=True,
+            timeout=30, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_a_purge_purges_every_worker(instance: Instance, backend: Backend) -> None:

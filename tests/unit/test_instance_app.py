@@ -4,7 +4,6 @@ merged, and the app itself over fake worker management apps on loopback."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -27,6 +26,7 @@ from addons.supervisor.instance import (
     merge_admin,
     parse,
 )
+from tests.unit.test_deploy_prometheus import promtool
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -61,11 +61,8 @@ def combined(texts: Sequence[str], worker_label: bool = False) -> str:
 
 
 def promtool_accepts(text: str) -> None:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool not installed (apt-get install prometheus); CI runs this")
     proc = subprocess.run(
-        [path, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+        [promtool(), "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
