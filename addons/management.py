@@ -668,7 +668,9 @@ class Management:
         host, port = self._listener.addr
         self.listen_addrs = [(host, port)]
         shown = f"[{host}]" if ":" in host else host
-        log.info("management listening at http://%s:%d", shown, port)
+        inherited = self._identity.management_fd is not None
+        whose = " (this worker's, for the instance app)" if inherited else ""
+        log.info("management listening at http://%s:%d%s", shown, port, whose)
 
     def _stop(self) -> None:
         if self._listener is not None:
