@@ -23,9 +23,11 @@ memory, open fds, cache bytes) are summed. Gauges where a sum says nothing: the 
 `STATES` (a circuit not closed in any worker shows, a backend is healthy only if every worker
 sees it so), `*_start_time_seconds` the earliest (the oldest worker), `*_timestamp_seconds` the
 latest, `*_info` (waypost_build_info, stays 1) and `*_max_fds` (a per-process limit) the
-largest. With `metrics_worker_label` every sample keeps its worker's value with a `worker`
-label instead. A worker that does not answer within PROBE_TIMEOUT is left out of that scrape
-(waypost_workers_up says how many were read): counters of the instance may then dip.
+largest; `*_created` the earliest. The summed counters never go backwards (`Carry`): a worker
+that misses a scrape (PROBE_TIMEOUT; waypost_workers_up says how many were read) counts with
+its last values, and a restarted worker's last values stay in the sums. With
+`metrics_worker_label` every sample keeps its worker's value with a `worker` label instead
+(a restarted worker's series reset, as Prometheus expects of a new process).
 """
 
 from __future__ import annotations
@@ -149,9 +151,10 @@ def combine(
                 families[fam.name] = Metric(fam.name, fam.documentation, fam.type)
                 values[fam.name] = {}
             out = families[fam.name]
-            reduce = _reduce(out.name, out.type)
+            family_reduce = _reduce(out.name, out.type)
             samples = values[fam.name]
             for s in fam.samples:
+                reduce = min if s.name.endswith("_created") else family_reduce
                 labels = dict(s.labels)
                 if worker_label:
                     labels["worker"] = str(index)
@@ -167,6 +170,54 @@ def combine(
         for sample_name, labels, value in values[name].values():
             fam.add_sample(sample_name, labels, value)
     return list(families.values())
+
+
+def counting(families: Iterable[Metric]) -> list[Metric]:
+    """The samples of `families` that only grow: counters, histogram and summary counts and
+    sums (no `_created`, no quantiles)."""
+    out = []
+    for fam in families:
+        if fam.type not in ("counter", "histogram", "summary"):
+            continue
+        kept = Metric(fam.name, fam.documentation, fam.type)
+        for s in fam.samples:
+            if not s.name.endswith("_created") and "quantile" not in s.labels:
+                kept.add_sample(s.name, s.labels, s.value)
+        out.append(kept)
+    return out
+
+
+class Carry:
+    """Keeps the instance's summed counters from going backwards.
+
+    Prometheus reads any decrease of a counter as a reset to zero and counts the whole new
+    value as increase: one worker's restart (its counters back at zero) or one missed scrape
+    would show the other workers' entire totals as a spike in every rate(). So the last
+    counter values of each worker are kept: a worker that misses a scrape counts with them,
+    and when a worker comes back as a new process (another pid) its predecessor's last values
+    join `retired`, which stays in the sums.
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[int | None, list[Metric]]] = {}  # worker: pid, counters
+        self.retired: list[Metric] = []
+
+    def expositions(
+        self, read: Sequence[tuple[int, int | None, list[Metric]]]
+    ) -> list[tuple[int, list[Metric]]]:
+        """What to sum, from this scrape's answers (worker index, pid, families)."""
+        out: list[tuple[int, list[Metric]]] = []
+        for index, pid, families in read:
+            previous = self.seen.get(index)
+            if previous is not None and previous[0] != pid:
+                self.retired = combine([(0, self.retired), (0, previous[1])])
+            self.seen[index] = (pid, counting(families))
+            out.append((index, families))
+        answered = {index for index, _, _ in read}
+        out += [(i, last) for i, (_, last) in self.seen.items() if i not in answered]
+        if self.retired:
+            out.append((-1, self.retired))
+        return out
 
 
 def instance_families(views: Sequence[WorkerView], up: int) -> list[Metric]:
@@ -261,6 +312,7 @@ def _decode(raw: bytes, content_type: str) -> Any:
 def make_app(workers: Callable[[], Sequence[WorkerView]], settings: Settings) -> web.Application:
     """The instance's management app over the supervisor's current view of its workers."""
     started: set[int] = set()  # workers that answered their startup probe once
+    carry = Carry()
     session: aiohttp.ClientSession | None = None
 
     async def client(app: web.Application) -> Any:
@@ -363,17 +415,21 @@ def make_app(workers: Callable[[], Sequence[WorkerView]], settings: Settings) ->
 
     async def metrics(request: web.Request) -> web.Response:
         views, answers = await each("GET", settings.metrics_path, PROBE_TIMEOUT)
-        read: list[tuple[int, list[Metric]]] = []
+        pids = {v.index: v.pid for v in views}
+        read: list[tuple[int, int | None, list[Metric]]] = []
         for a in answers:
             if a.status is None:
                 continue
             try:
                 if a.status != 200 or not isinstance(a.body, str):
                     raise ValueError(f"HTTP {a.status}")
-                read.append((a.worker, parse(a.body)))
+                read.append((a.worker, pids[a.worker], parse(a.body)))
             except ValueError as e:  # that worker counts as not scraped; the others still do
                 log.warning("worker %d: its metrics could not be read: %s", a.worker, e)
-        families = combine(read, settings.worker_label)
+        if settings.worker_label:
+            families = combine([(i, f) for i, _, f in read], worker_label=True)
+        else:
+            families = combine(carry.expositions(read))
         body = exposition(families + instance_families(views, len(read)))
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

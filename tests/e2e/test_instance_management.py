@@ -239,6 +239,8 @@ def test_the_proxy_port_relays_metrics_and_admin_to_the_instance(
 def test_a_killed_worker_leaves_the_instance_ready(instance: Instance) -> None:
     """Last in this module: worker 1 is gone afterwards."""
     w1 = instance.workers[1]
+    with client(instance.url) as m:
+        before = requests_total(m.get("/metrics").text)
     w1.proc.send_signal(signal.SIGKILL)
     w1.proc.wait(10)
     with client(instance.url) as m:
@@ -258,6 +260,8 @@ def test_a_killed_worker_leaves_the_instance_ready(instance: Instance) -> None:
                          "error": "restarting"}  # fmt: skip
         got = samples(m.get("/metrics").text)
         assert got[("waypost_workers_up", frozenset())] == 1
+        # Its requests stay counted: the instance's counters never go backwards.
+        assert got[("http_requests_total", GET_200)] == before
         assert got[("waypost_worker_restarts_total", frozenset({("worker", "1")}))] == 1
         assert m.get("/health/startup").status_code == 200  # it had started once
         r = m.delete("/admin/cache", params={"pattern": "*"}, headers=AUTH)

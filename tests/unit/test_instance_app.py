@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from addons import metrics
 from addons.supervisor.instance import (
     Answer,
+    Carry,
     Settings,
     WorkerView,
     combine,
@@ -138,6 +139,40 @@ def test_a_series_only_one_worker_has_is_kept_and_histograms_stay_together() -> 
     assert got[("http_requests_total", b1)] == 3
     h = [re.search(r'backend="(.)"', ln)[1] for ln in text.splitlines() if ln.startswith("h_")]
     assert h == ["x"] * 4 + ["y"] * 4
+
+
+def test_counters_never_go_backwards_over_restarts_and_missed_scrapes() -> None:
+    carry = Carry()
+
+    def scrape(*read: tuple[int, int, str]) -> Samples:
+        got = carry.expositions([(i, pid, parse(t)) for i, pid, t in read])
+        return samples(exposition(combine(got)).decode())
+
+    got = scrape((0, 100, worker_text(5, 1, 2)), (1, 101, worker_text(7, 2, 3)))
+    assert got[("http_requests_total", GET_200)] == 12
+    # Worker 1 misses a scrape: its counters count with their last values, its gauges do not.
+    got = scrape((0, 100, worker_text(6, 1, 2)))
+    assert got[("http_requests_total", GET_200)] == 13
+    assert got[("http_request_duration_seconds_count", frozenset())] == 13
+    assert got[("proxy_active_connections", frozenset())] == 2
+    # Worker 1 restarted (a new pid, its counters from zero): its predecessor's stay in.
+    got = scrape((0, 100, worker_text(6, 1, 2)), (1, 200, worker_text(1, 0, 1)))
+    assert got[("http_requests_total", GET_200)] == 14
+    assert got[("http_request_duration_seconds_bucket", frozenset({("le", "+Inf")}))] == 14
+    assert got[("proxy_active_connections", frozenset())] == 3
+    # And once more: the retired values add up.
+    got = scrape((0, 100, worker_text(6, 1, 2)), (1, 300, worker_text(2, 0, 0)))
+    assert got[("http_requests_total", GET_200)] == 6 + 7 + 1 + 2
+    promtool_accepts(exposition(combine(carry.expositions([]))).decode())
+
+
+def test_created_is_the_earliest() -> None:
+    def text(created: float) -> str:
+        return f"# TYPE x_total counter\nx_total 1\nx_created {created}\n"
+
+    got = samples(combined([text(200.0), text(100.0)]))
+    assert got[("x_total", frozenset())] == 2
+    assert got[("x_created", frozenset())] == 100.0
 
 
 @pytest.mark.parametrize("worker_label", [False, True])
