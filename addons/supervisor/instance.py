@@ -16,6 +16,9 @@ socket the supervisor handed it (`WorkerView.management`); this app reads every 
     *    /admin/*           forwarded to every live worker (method, path, query, body,
                             Authorization, Content-Type); the answers combined (`merge_admin`).
                             The token is checked by the workers, which see the same header.
+    *    anything else      to one live worker in turn, its answer streamed back: the routes
+                            extensions add to the management app (`POST /cli/execute`), and
+                            the worker's own 404 for an unknown path
 
 Combining samples of equal name and labels (without `metrics_worker_label`): counters,
 histogram buckets/_sum/_count, summaries and gauges of amounts (open connections, resident
@@ -33,6 +36,7 @@ its last values, and a restarted worker's last values stay in the sums. With
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -55,6 +59,8 @@ PROBE_TIMEOUT = 2.0
 # An admin action may take long in a worker (a reload validates a profile): the proxy port's
 # own admin hand-over allows the same.
 ADMIN_TIMEOUT = 60.0
+# How often a request streamed from one worker checks that its client is still there.
+CLIENT_POLL = 0.2
 # Headers an admin request carries to the workers (the token is checked there).
 _FORWARDED = ("Authorization", "Content-Type", "Accept")
 # Headers of a refusal every worker agreed on that the client needs (how to authenticate, which
@@ -63,6 +69,11 @@ _KEPT = ("www-authenticate", "allow")
 # Fields of an admin answer that are the instance's total when summed over workers.
 SUMMED: dict[str, tuple[str, ...]] = {"/admin/cache": ("invalidated", "remaining")}
 _ALLOW_GET = {"Allow": "GET, HEAD"}
+# Not relayed between a client and a worker: each hop's own framing.
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade",
+     "content-length", "host"}
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -309,9 +320,17 @@ def _decode(raw: bytes, content_type: str) -> Any:
     return text
 
 
+async def _until_gone(request: web.Request) -> None:
+    """Returns once the client's connection is closed: aiohttp tells a handler only when a
+    write fails (or by cancelling it, if the runner was made with handler_cancellation)."""
+    while request.transport is not None and not request.transport.is_closing():
+        await asyncio.sleep(CLIENT_POLL)
+
+
 def make_app(workers: Callable[[], Sequence[WorkerView]], settings: Settings) -> web.Application:
     """The instance's management app over the supervisor's current view of its workers."""
     started: set[int] = set()  # workers that answered their startup probe once
+    turn = itertools.count()  # which live worker answers the next single-worker request
     carry = Carry()
     session: aiohttp.ClientSession | None = None
 
@@ -447,6 +466,53 @@ def make_app(workers: Callable[[], Sequence[WorkerView]], settings: Settings) ->
             headers={"Cache-Control": "no-store", **extra},
         )
 
+    async def one(request: web.Request) -> web.StreamResponse:
+        live = [v for v in workers() if v.pid is not None]
+        if not live:
+            return errors.web_error("BACKEND_UNREACHABLE", "No worker is running.")
+        view = live[next(turn) % len(live)]
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        assert session is not None
+        try:
+            upstream = await session.request(
+                request.method,
+                view.management + request.path_qs,
+                # Streamed as it arrives: a CLI run reads its stdin from a chunked body.
+                data=request.content.iter_any() if request.can_read_body else None,
+                headers=headers,
+                allow_redirects=False,
+                # A CLI run streams for as long as its process runs: no total limit.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=PROBE_TIMEOUT),
+            )
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.warning("worker %d did not take %s: %s", view.index, request.path, e)
+            return errors.web_error("BACKEND_UNREACHABLE", "The worker did not answer.")
+        # A client that leaves closes the worker's connection too, so the worker ends what it
+        # ran for it (a CLI process) at once, not at its next write.
+        gone = asyncio.ensure_future(_until_gone(request))
+        gone.add_done_callback(lambda _: upstream.close())
+        try:
+            async with upstream:
+                out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for k, v in upstream.headers.items():
+                    if k.lower() not in _HOP_BY_HOP:
+                        out.headers.add(k, v)
+                await out.prepare(request)
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        await out.write(chunk)
+                    await out.write_eof()
+                except (aiohttp.ClientError, ConnectionError) as e:
+                    # The client left, or the worker broke off: the client's connection ends
+                    # without the last chunk, so a cut answer never looks complete.
+                    if not gone.done():
+                        log.warning("worker %d broke off %s: %s", view.index, request.path, e)
+                    if request.transport is not None:
+                        request.transport.close()
+                return out
+        finally:
+            gone.cancel()
+
     async def dispatch(request: web.Request) -> web.StreamResponse:
         path = request.path
         if path.startswith("/admin/"):
@@ -458,7 +524,7 @@ def make_app(workers: Callable[[], Sequence[WorkerView]], settings: Settings) ->
             settings.metrics_path: metrics,
         }.get(path)
         if handler is None:
-            return errors.web_error("NOT_FOUND", "Not found.")
+            return await one(request)
         if request.method not in ("GET", "HEAD"):
             return errors.web_error("METHOD_NOT_ALLOWED", "Use GET.", headers=_ALLOW_GET)
         return await handler(request)

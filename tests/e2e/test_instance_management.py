@@ -32,7 +32,9 @@ from tests.conftest import (
     raw_request,
     serve_app,
     status_of,
+    wait_until,
 )
+from tests.e2e.cli_helpers import TOKEN, Stream, wait_gone
 
 PROFILE = """\
 server: {host: 127.0.0.1, port: 8080, timeouts: {connect: 2s, read: 3s}}
@@ -42,7 +44,7 @@ security:
   egress: {block_private: true, allowed_networks: [127.0.0.1/32]}
 admin: {token: s3cret}
 cache: {mode: default_ttl, default_ttl: 60s, max_memory: 8MB}
-"""
+""" + (f"cli: {{enabled: true, token: {TOKEN}, allowed_commands: [/bin/cat]}}\n")
 AUTH = {"Authorization": "Bearer s3cret"}
 GET_200 = frozenset({("method", "GET"), ("status", "200"), ("backend", "")})
 
@@ -72,8 +74,9 @@ class Worker(Proxy):
 
 
 class Instance:
-    def __init__(self, url: str, workers: list[Worker], views: list[WorkerView]) -> None:
-        self.url = url
+    def __init__(self, port: int, workers: list[Worker], views: list[WorkerView]) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
         self.workers = workers
         self.views = views
 
@@ -109,7 +112,7 @@ def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
                 views[i] = WorkerView(i, workers[-1].proc.pid, views[i].management)
                 # The worker holds it now: once the worker dies, its port refuses at once.
                 sock.close()
-            yield Instance(f"http://127.0.0.1:{port}", workers, views)
+            yield Instance(port, workers, views)
         finally:
             for w in workers:
                 w.stop()
@@ -234,6 +237,49 @@ def test_the_proxy_port_relays_metrics_and_admin_to_the_instance(
     resp = raw_request(w0.port, head.encode())
     assert status_of(resp) == 200
     assert json_body(resp)["checks"]["listeners"]["addresses"] == [f"127.0.0.1:{w0.port}"]
+
+
+def test_the_cli_streams_through_the_instance_port(instance: Instance) -> None:
+    """POST /cli/execute goes to one worker, its stdin and output streamed both ways."""
+    pids = []
+    for _ in instance.workers:  # one run per worker, in turn
+        s = Stream(instance.port, body=None)
+        try:
+            s.send(b'{"command": "cat", "stdin_stream": true}\n')
+            assert s.read_head()[0] == 200
+            assert s.headers["transfer-encoding"] == "chunked"
+            start = s.next_event()
+            assert start is not None and start[1]["type"] == "start"
+            pids.append(start[1]["pid"])
+            # Its output arrives while the request body is still open.
+            s.send(b'{"stdin": "first line\\n"}\n')
+            while (ev := s.next_event()) is not None and ev[1]["type"] == "heartbeat":
+                pass
+            assert ev is not None and ev[1]["data"] == "first line\n", ev
+            s.end()
+            rest = []
+            while (ev := s.next_event()) is not None:
+                rest.append(ev[1])
+            assert rest[-1]["type"] == "exit" and rest[-1]["code"] == 0
+        finally:
+            s.close()
+    # A client that leaves ends its run in the worker.
+    s = Stream(instance.port, body=None)
+    s.send(b'{"command": "cat", "stdin_stream": true}\n')
+    start = s.next_event()
+    assert start is not None and start[1]["type"] == "start"
+    pids.append(start[1]["pid"])
+    s.close()
+    assert wait_gone(start[1]["pid"], 5)
+
+    def ran() -> list[list[int]]:
+        return [
+            [j["pid"] for j in w.json_lines() if j.get("message") == "cli execution"]
+            for w in instance.workers
+        ]
+
+    wait_until(lambda: sum(map(len, ran())) == len(pids))
+    assert all(ran()) and sorted(sum(ran(), [])) == sorted(pids)  # both workers ran some
 
 
 def test_a_killed_worker_leaves_the_instance_ready(instance: Instance) -> None:

@@ -272,7 +272,15 @@ def fake_worker(index: int, ready: bool = True, started: bool = True) -> web.App
         assert request.query["pattern"] == "*"
         return web.json_response({"invalidated": index + 1, "remaining": 0})
 
+    async def execute(request: web.Request) -> web.StreamResponse:
+        out = web.StreamResponse(headers={"Content-Type": "text/plain", "X-Worker": str(index)})
+        await out.prepare(request)
+        await out.write(b"worker %d got %s\n" % (index, await request.read()))
+        await out.write(b"done\n")
+        return out
+
     app = web.Application()
+    app.router.add_post("/cli/execute", execute)
     app.router.add_get("/health/{n}", health)
     app.router.add_get("/metrics", scrape)
     app.router.add_delete("/admin/cache", purge)
@@ -384,5 +392,23 @@ async def test_admin_reaches_every_worker(workers: list[WorkerView]) -> None:
         r = await client.delete("/admin/cache?pattern=*")
         assert r.status == 401
         assert (await r.json())["error"]["code"] == "UNAUTHORIZED"
+    finally:
+        await client.close()
+
+
+async def test_other_paths_go_to_one_worker_in_turn_streamed(workers: list[WorkerView]) -> None:
+    views = list(workers)
+    client = await instance(lambda: views)
+    try:
+        got = []
+        for _ in range(3):
+            r = await client.post("/cli/execute", data=b"uptime", headers={"X-Test": "1"})
+            assert r.status == 200 and r.headers["Content-Type"] == "text/plain"
+            got.append(await r.text())
+        assert got == [f"worker {i} got uptime\ndone\n" for i in (0, 1, 0)]
+        assert (await client.get("/nothing")).status == 404  # the worker's own answer
+        views[:] = [WorkerView(v.index, None, v.management) for v in views]
+        r = await client.post("/cli/execute", data=b"uptime")
+        assert r.status == 502 and (await r.json())["error"]["code"] == "BACKEND_UNREACHABLE"
     finally:
         await client.close()
