@@ -39,7 +39,7 @@ import asyncio
 import itertools
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -334,7 +334,7 @@ def make_app(workers: Callable[[], Sequence[WorkerView]], settings: Settings) ->
     carry = Carry()
     session: aiohttp.ClientSession | None = None
 
-    async def client(app: web.Application) -> Any:
+    async def client(app: web.Application) -> AsyncIterator[None]:
         nonlocal session
         # A connection per request: a restarted worker never meets a stale kept-alive one.
         session = aiohttp.ClientSession(
@@ -374,7 +374,11 @@ def make_app(workers: Callable[[], Sequence[WorkerView]], settings: Settings) ->
             return Answer(view.index, None, error=f"no answer: {type(e).__name__} {e}".strip())
 
     async def each(
-        method: str, path: str, timeout: float, body: bytes = b"", headers: Any = None
+        method: str,
+        path: str,
+        timeout: float,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
     ) -> tuple[list[WorkerView], list[Answer]]:
         views = list(workers())
         answers = await asyncio.gather(
