@@ -33,10 +33,19 @@ mitmproxy buffers its body) and answered in the async `request` hook by the mana
 itself, handed the request over an in-process socket pair: the same routes, token check and
 errors as on the management port, no port opened, the event loop never blocked.
 
+A worker of a supervised instance (`addons/kernel/instance.py`, `addons/supervisor/`) serves
+its management app on the loopback socket the supervisor bound and passed it
+(WAYPOST_MANAGEMENT_FD), whatever metrics_enabled/host/port say and never rebound: the
+supervisor's instance app owns the management port and reads every worker there. On the proxy
+port, the metrics path and /admin/* are then relayed to the instance app
+(WAYPOST_INSTANCE_MANAGEMENT), so they speak for the instance; /health/* stays this worker's.
+
 Hooks: load, configure, running, done (all sync: the listener is bound synchronously, the
-server runs as a task), requestheaders, request (awaitable for proxy-port admin requests only).
+server runs as a task), requestheaders, request (awaitable for proxy-port admin requests, and
+metrics requests relayed to the instance app, only).
 Options: metrics_enabled, metrics_host, metrics_port, metrics_path, admin_token,
-metrics_proxy_port_health, metrics_proxy_port_metrics, metrics_proxy_port_admin.
+metrics_proxy_port_health, metrics_proxy_port_metrics, metrics_proxy_port_admin,
+metrics_worker_label (read by the supervisor's instance app, declared here with its siblings).
 """
 
 from __future__ import annotations
@@ -46,9 +55,11 @@ import errno
 import ipaddress
 import json
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from mitmproxy import ctx, exceptions, http
@@ -58,6 +69,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from addons import errors
 from addons.kernel import net
 from addons.kernel.endpoints import addressed_to_proxy, bearer_status, bind
+from addons.kernel.instance import Identity, identity
 from addons.kernel.options import Option, declare, spawn
 from addons.kernel.record import record
 from addons.metrics import REGISTRY
@@ -126,6 +138,13 @@ OPTIONS: tuple[Option, ...] = (
         "Answer /admin/* on the proxy port (origin-form requests addressed to the proxy; "
         "still needs admin_token); off: 404 there.",
     ),
+    Option(
+        "metrics_worker_label",
+        bool,
+        False,
+        "With several workers: keep each worker's series apart on the instance's metrics "
+        "path, with a worker label, instead of the instance's totals.",
+    ),
 )
 
 _ALLOW_GET = {"Allow": "GET, HEAD"}
@@ -139,8 +158,9 @@ _HOP_BY_HOP = frozenset(
 )  # fmt: skip
 # How long the app may take over one proxy-port admin request (a reload validates a profile).
 APP_TIMEOUT = 60.0
-_UNANSWERED = "The admin request could not be answered."
-# flow.metadata key: an admin request on the proxy port waits for `request` to be answered.
+_UNANSWERED = "The request could not be answered by the management app."
+# flow.metadata key: an admin request on the proxy port (or, in a supervised worker, a metrics
+# request) waits for `request` to be answered.
 _PENDING = "waypost_management_pending"
 
 # --- pure decisions --------------------------------------------------------------------------
@@ -242,6 +262,19 @@ async def _client_from_header(
     return await handler(request.clone(remote=client))
 
 
+async def _exchange(
+    stream: tuple[asyncio.StreamReader, asyncio.StreamWriter], data: bytes, flow: http.HTTPFlow
+) -> http.Response:
+    """Send an `app_request` and read the answer, which ends when the app closes."""
+    reader, writer = stream
+    try:
+        writer.write(data)
+        raw = await asyncio.wait_for(reader.read(), APP_TIMEOUT)
+    finally:
+        writer.close()
+    return app_answer(raw, flow.request.http_version)
+
+
 def json_response(status: int, payload: dict[str, Any]) -> web.Response:
     return web.Response(status=status, body=json.dumps(payload), content_type="application/json")
 
@@ -301,9 +334,14 @@ class Management:
         self._metrics_path = "/metrics"
         # Every request on the proxy port is tested against these first: one startswith.
         self._own_prefixes: tuple[str, ...] = (*RESERVED_PREFIXES, self._metrics_path)
+        self._identity = Identity()
+        self._instance: tuple[str, int] | None = None  # the instance app, in a worker
 
     def load(self, loader: Any) -> None:
         declare(loader, OPTIONS)
+        self._identity = identity()
+        url = urlsplit(self._identity.instance_management)
+        self._instance = (url.hostname, url.port) if url.hostname and url.port else None
 
     def configure(self, updated: set[str]) -> None:
         if "metrics_host" in updated:
@@ -327,12 +365,21 @@ class Management:
                 ) from e
             self._metrics_path = ctx.options.metrics_path
             self._own_prefixes = (*RESERVED_PREFIXES, self._metrics_path)
-        if self.is_running and updated & {"metrics_enabled", "metrics_host", "metrics_port"}:
+        if (
+            self.is_running
+            and self._identity.management_fd is None
+            and updated & {"metrics_enabled", "metrics_host", "metrics_port"}
+        ):
             self._rebind()
 
     def running(self) -> None:
         self.is_running = True
-        if ctx.options.metrics_enabled:
+        fd = self._identity.management_fd
+        if fd is not None:
+            # A duplicate: closing ours (done, a script reload) leaves the supervisor's socket
+            # open for the next instance of this addon.
+            self._start(socket.socket(fileno=os.dup(fd)))
+        elif ctx.options.metrics_enabled:
             try:
                 self._start(bind(self._bind_host, ctx.options.metrics_port))
             except OSError as e:
@@ -365,7 +412,7 @@ class Management:
                 "NOT_FOUND", f"{path} is not served on the proxy port.", flow, status=404
             )
             return
-        if kind == "admin":
+        if kind == "admin" or (kind == "metrics" and self._instance is not None):
             # The app may read the body: mitmproxy buffers it before `request` (a streamed
             # body and a set response cannot go together). The stand-in answer makes every
             # later addon leave the flow alone; `request` replaces it.
@@ -398,17 +445,20 @@ class Management:
         flow.response = resp
 
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        # Sync, returning an awaitable only for the admin requests: mitmproxy awaits it, and
-        # every other flow pays no coroutine.
+        # Sync, returning an awaitable only for the pending ones (admin, relayed metrics):
+        # mitmproxy awaits it, and every other flow pays no coroutine.
         if not flow.metadata.pop(_PENDING, False) or flow.error or not flow.live:
             return None
-        return self._answer_admin(flow)
+        return self._answer_pending(flow)
 
-    async def _answer_admin(self, flow: http.HTTPFlow) -> None:
+    async def _answer_pending(self, flow: http.HTTPFlow) -> None:
         try:
-            flow.response = await self._through_app(flow)
+            if self._instance is not None:
+                flow.response = await self._from_instance(flow, *self._instance)
+            else:
+                flow.response = await self._through_app(flow)
         except (OSError, ValueError, TimeoutError) as e:
-            log.error("admin %s on the proxy port failed: %s", flow.request.path, e)
+            log.error("%s on the proxy port failed: %s", flow.request.path, e)
             flow.response = errors.make("INTERNAL_ERROR", _UNANSWERED, flow)
 
     # --- endpoints -------------------------------------------------------------------------
@@ -582,13 +632,12 @@ class Management:
             ours.close()
             theirs.close()
             raise
-        reader, writer = await asyncio.open_connection(sock=ours)
-        try:
-            writer.write(data)
-            raw = await asyncio.wait_for(reader.read(), APP_TIMEOUT)
-        finally:
-            writer.close()
-        return app_answer(raw, flow.request.http_version)
+        return await _exchange(await asyncio.open_connection(sock=ours), data, flow)
+
+    async def _from_instance(self, flow: http.HTTPFlow, host: str, port: int) -> http.Response:
+        """The instance app's answer to `flow`'s request: it speaks for every worker."""
+        data = app_request(flow.request, net.client_ip(flow) or "-")
+        return await _exchange(await asyncio.open_connection(host, port), data, flow)
 
     def _stop_proxy_port_app(self) -> None:
         task, self._proxy_app = self._proxy_app, None
@@ -619,7 +668,9 @@ class Management:
         host, port = self._listener.addr
         self.listen_addrs = [(host, port)]
         shown = f"[{host}]" if ":" in host else host
-        log.info("management listening at http://%s:%d", shown, port)
+        inherited = self._identity.management_fd is not None
+        whose = " (this worker's, for the instance app)" if inherited else ""
+        log.info("management listening at http://%s:%d%s", shown, port, whose)
 
     def _stop(self) -> None:
         if self._listener is not None:

@@ -159,6 +159,7 @@ class Metrics(Section):
     port: Annotated[Port, Env("METRICS_PORT")] = 9090
     path: str = "/metrics"
     proxy_port: ProxyPortEndpoints = ProxyPortEndpoints()
+    worker_label: bool = False
 
     @field_validator("path")
     @classmethod

@@ -68,6 +68,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "metrics_proxy_port_health": (("metrics", "proxy_port", "health"), _same),
     "metrics_proxy_port_metrics": (("metrics", "proxy_port", "metrics"), _same),
     "metrics_proxy_port_admin": (("metrics", "proxy_port", "admin"), _same),
+    "metrics_worker_label": (("metrics", "worker_label"), _same),
     "limits_max_url_length": (("limits", "max_url_length"), _same),
     "limits_max_header_size": (("limits", "max_header_size"), _same),
     "limits_max_headers_count": (("limits", "max_headers_count"), _same),

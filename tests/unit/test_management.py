@@ -434,3 +434,88 @@ async def test_port_in_use_at_startup_logs_error(caplog: pytest.LogCaptureFixtur
         assert m.listen_addrs == [("127.0.0.1", good)]
         m.done()
         await asyncio.sleep(0.05)
+
+
+async def test_a_worker_serves_the_socket_the_supervisor_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inherited = socket.socket()
+    inherited.bind(("127.0.0.1", 0))
+    inherited.listen(16)
+    port = inherited.getsockname()[1]
+    monkeypatch.setenv("WAYPOST_WORKERS", "2")
+    monkeypatch.setenv("WAYPOST_WORKER", "1")
+    monkeypatch.setenv("WAYPOST_MANAGEMENT_FD", str(inherited.fileno()))
+    m = Management()
+    try:
+        with taddons.context(m) as tctx:
+            tctx.configure(m, metrics_port=0, metrics_enabled=False)
+            m.running()
+            assert m.listen_addrs == [("127.0.0.1", port)]
+            assert (await _get(port, "GET", "/health/liveness"))[0] == 200
+            # The instance app owns the management port: the worker never rebinds.
+            tctx.configure(m, metrics_port=0, metrics_enabled=True, metrics_host="::1")
+            assert m.listen_addrs == [("127.0.0.1", port)]
+            # A script reload: the next addon instance serves the same socket.
+            m.done()
+            m.running()
+            assert (await _get(port, "GET", "/health/liveness"))[0] == 200
+            m.done()
+            await asyncio.sleep(0.05)
+    finally:
+        inherited.close()
+
+
+async def test_metrics_and_admin_on_the_proxy_port_speak_for_the_instance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    seen: list[tuple[str, str, str | None, bytes]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(
+            (request.method, request.path_qs, request.headers.get("Authorization"),
+             await request.read())
+        )  # fmt: skip
+        if request.path == "/metrics":
+            return web.Response(text="instance_total 3\n", content_type="text/plain")
+        return web.json_response({"invalidated": 2, "workers": []})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    server = TestServer(app)
+    await server.start_server()
+    monkeypatch.setenv("WAYPOST_WORKERS", "2")
+    monkeypatch.setenv("WAYPOST_INSTANCE_MANAGEMENT", f"http://127.0.0.1:{server.port}")
+    m = Management()
+    try:
+        with taddons.context(m, FakeProxyserver(LISTEN)) as tctx:
+            tctx.configure(m, metrics_enabled=False, admin_token="s3cret")
+            f = _health_flow("127.0.0.1", 8080, "/metrics")
+            f.request.content = b""
+            m.requestheaders(f)
+            assert f.response.status_code == 500  # the stand-in until `request`
+            await m.request(f)
+            assert f.response.status_code == 200 and f.response.content == b"instance_total 3\n"
+            f = _health_flow("127.0.0.1", 8080, "/admin/cache?pattern=*")
+            f.request.method = "DELETE"
+            f.request.headers["Authorization"] = "Bearer s3cret"
+            f.request.content = b"{}"
+            m.requestheaders(f)
+            await m.request(f)
+            assert f.response.status_code == 200
+            assert json.loads(f.response.content)["invalidated"] == 2
+            assert seen == [
+                ("GET", "/metrics", None, b""),
+                ("DELETE", "/admin/cache?pattern=*", "Bearer s3cret", b"{}"),
+            ]
+            # Health stays this worker's own, answered at once.
+            f = _health_flow("127.0.0.1", 8080, "/health/liveness")
+            m.requestheaders(f)
+            assert f.response.status_code == 200 and m.request(f) is None
+            assert len(seen) == 2
+            m.done()
+    finally:
+        await server.close()
