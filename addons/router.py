@@ -22,7 +22,7 @@ Hooks:
   errors; a 503 with `Retry-After` takes the backend out of rotation for that long.
 - `server_connect_error`: keeps mitmproxy from answering later requests on the same client
   connection with a cached connect error for a backend that may be back.
-- `running` / `done`: the active health-check task (aiohttp client).
+- `running` / `done`: the active health-check task (aiohttp client); shared breakers.
 - `management_routes()`: `GET /admin/backends`; `readiness_check()`: the backends' states.
 - `egress_exempt(client, address)`: asked by the egress addon for operator-configured backends.
 
