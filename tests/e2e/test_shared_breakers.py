@@ -168,3 +168,34 @@ def test_a_late_instance_reads_the_opening_and_redis_down_keeps_breakers_local(
     finally:
         for p in fleet:
             p.stop()
+
+
+def test_a_successful_trial_on_one_instance_closes_the_circuit_on_the_others(
+    tmp_path: Path, pool: tuple[NamedBackend, NamedBackend], redis_server: RedisServer
+) -> None:
+    dead, _ = pool
+    dead.status = 503
+    state = {"state_backend": "redis", "state_redis_url": redis_server.url}
+    state |= {
+        "state_key_prefix": "test",
+        "router_circuit_breaker_timeout": "1s",
+        "router_circuit_breaker_success_threshold": 1,
+    }
+    first, second = fleet = start_fleet(tmp_path, pool, state, instances=2)
+    try:
+        wait_until(lambda: subscribers(redis_server) == 2, timeout=30)
+        dead_hits_until_stopped(fleet, dead)
+        second.wait_for(r"circuit closed -> open for backend dead", timeout=5)
+        dead.status = 200  # it is back
+        time.sleep(1.2)  # past the open time: the first instance's next request is its trial
+        with httpx.Client(base_url=first.url, timeout=10, trust_env=False) as c:
+            for _ in range(2):
+                assert c.get("/x").status_code == 200
+        first.wait_for(r"circuit half_open -> closed for backend dead", timeout=5)
+        second.wait_for(
+            r"circuit open -> closed for backend dead \(another process's trial succeeded",
+            timeout=5,
+        )
+    finally:
+        for p in fleet:
+            p.stop()
