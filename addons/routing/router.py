@@ -59,7 +59,8 @@ class Router:
         self.check_timeout = 2.0
         self._routed: dict[str, set[tuple[str, int]]] = {}
         self._checks = health.HealthChecks()
-        self.shared = SharedBreakers(lambda: self.backends)
+        # Without breakers there is nothing to share (and no Redis call to make for them).
+        self.shared = SharedBreakers(lambda: self.backends if self.breaker_enabled else {})
         self._running = False
         self._patched = False
 
