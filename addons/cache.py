@@ -12,7 +12,8 @@ Hooks:
     response                         store, freshen with a 304, invalidate on unsafe methods
     error                            wake requests waiting for the failed fetch
     waypost_origin_unavailable       a stale answer when the origin fails (stale-if-error)
-Management: `DELETE /admin/cache` (pattern, tag, soft), `GET /admin/cache/stats`.
+Management: `DELETE /admin/cache` (pattern, tag, soft; with state_backend redis published to
+every other process, which applies it), `GET /admin/cache/stats`.
 Metrics: cache_requests_total{result}, cache_bytes, cache_entries, cache_evictions_total.
 
 Options:
@@ -28,6 +29,7 @@ Options:
     cache_surrogate          act as the origin's surrogate for reverse and routed requests
     cache_surrogate_name     the device token for Surrogate-Control targeting
     cache_stale_on_error     answer stale when the origin is down, without stale-if-error
+    state_*                  shared state (`addons/state.py`): where purges are published
 """
 
 from __future__ import annotations

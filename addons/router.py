@@ -22,7 +22,7 @@ Hooks:
   errors; a 503 with `Retry-After` takes the backend out of rotation for that long.
 - `server_connect_error`: keeps mitmproxy from answering later requests on the same client
   connection with a cached connect error for a backend that may be back.
-- `running` / `done`: the active health-check task (aiohttp client).
+- `running` / `done`: the active health-check task (aiohttp client); shared breakers.
 - `management_routes()`: `GET /admin/backends`; `readiness_check()`: the backends' states.
 - `egress_exempt(client, address)`: asked by the egress addon for operator-configured backends.
 
@@ -30,7 +30,9 @@ Options (flat; a profile's `routing`, `health_checks`, `circuit_breaker` section
 `routing_rules` (JSON list of rules, see docs/routing.md), `routing_default_backend`,
 `router_retries_{max_attempts,backoff,max_backoff,budget_percent,budget_min}`,
 `router_health_checks_{enabled,interval,timeout,path,unhealthy_threshold,healthy_threshold}`,
-`router_circuit_breaker_{enabled,failure_threshold,timeout,success_threshold}`.
+`router_circuit_breaker_{enabled,failure_threshold,timeout,success_threshold}`;
+`state_*` (`addons/state.py`): with state_backend redis, breaker failures, openings and
+closings are shared by every worker and instance (`addons/routing/shared.py`).
 
 The retry patches (`addons/routing/retry.py`, through `addons/kernel/patching.py`) give
 mitmproxy a second connect after a failed one, and a resend after a connection that failed
@@ -40,7 +42,8 @@ before any response byte; on a mitmproxy version that was not checked there are 
 The addon lives in the `addons/routing/` package: `router.py` (the hooks), `options.py` (the
 option table, routes and backends from the options), `balance.py` (pure matching, pools,
 breakers, health, retry budget), `retry.py` (the patches), `health.py` (active checks),
-`admin.py` (`/admin/backends`, readiness), `stats.py` (the metrics collector).
+`admin.py` (`/admin/backends`, readiness), `stats.py` (the metrics collector), `shared.py`
+(breakers shared through Redis).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ answer      answers from stored entries (hits, 304s, ranges, stale) and the stat
 lookup      the request side: eligibility, lookup, waits, conditional requests upstream
 storing     the response side: storing, 304 freshening, invalidation by unsafe methods
 revalidate  one origin fetch per key, stale-while-revalidate in the background
-admin       purge and stats (management routes)
+admin       purge (published to the other processes through Redis) and stats
 collector   the cache_* metric families
 patch       the waypost_origin_unavailable hook and the mitmproxy patch that fires it
 options     the cache_* options: declared and parsed

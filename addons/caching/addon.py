@@ -1,8 +1,9 @@
 """The Cache addon: mitmproxy's hooks, each guarding and then handing over to one part.
 
-load        declares the options (`options`), installs the patch (`patch`)
-configure   parses the options into the shared state (`options`)
-running     points the metrics collector at this instance (`collector`)
+load        declares the options (`options`, `addons/state.py`'s), installs the patch (`patch`)
+configure   parses the options into the shared state (`options`); subscribes to purges
+running     points the metrics collector at this instance (`collector`); subscribes to the
+            purges of the other processes (state_backend redis: `admin`)
 done        undoes the patch, cancels its background revalidations (`revalidate`)
 request     looks GET/HEAD up and answers hits (`lookup`, `answer`)
 response    stores, freshens or invalidates, labels the answer (`storing`, `answer`)
@@ -12,7 +13,9 @@ management_routes            purge and stats (`admin`)
 readiness_check              "cache": "ok" or "disabled" (`admin`)
 
 Command: waypost.purge [PATTERN] (mitmweb's command bar, mitmproxy's `:` prompt): drops the
-entries whose URL or host match the glob, all of them without one (`admin`).
+entries whose URL or host match the glob, all of them without one (`admin`); with
+state_backend redis, also in every other process (published in the background: a failure is
+logged as a WARNING).
 """
 
 from __future__ import annotations
@@ -22,17 +25,17 @@ from typing import Any
 
 from mitmproxy import command, ctx, http
 
-from addons import errors
+from addons import errors, state
 from addons.caching import options, patch
 from addons.caching import rfc9111 as rfc
-from addons.caching.admin import Admin, Handler
+from addons.caching.admin import CHANNEL, NOT_PUBLISHED, Admin, Handler
 from addons.caching.answer import Answers
 from addons.caching.collector import COLLECTOR
 from addons.caching.lookup import Lookup, Waiting
 from addons.caching.revalidate import Flights, Revalidator
 from addons.caching.state import Shared, state_of
 from addons.caching.storing import Storing
-from addons.kernel.options import declare
+from addons.kernel.options import declare, spawn
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.cache")
@@ -51,18 +54,25 @@ class Cache:
 
     def load(self, loader: Any) -> None:
         declare(loader, options.OPTIONS)
+        state.load(loader)
         patch.install()
 
     def configure(self, updated: set[str]) -> None:
         options.apply(self.shared, ctx.options, updated)
         COLLECTOR.source = self.shared
+        state.configure(updated)
+        if any(k.startswith("state_") for k in updated):
+            state.STATE.subscribe(CHANNEL, self.admin.received)
 
     def running(self) -> None:
         COLLECTOR.source = self.shared
+        state.STATE.subscribe(CHANNEL, self.admin.received)
 
     def done(self) -> None:
         patch.uninstall()
         self.revalidator.close()
+        state.STATE.unsubscribe(CHANNEL, self.admin.received)
+        state.done()
 
     def request(self, flow: http.HTTPFlow) -> Waiting | None:
         if (
@@ -137,7 +147,14 @@ class Cache:
         """Drop the cached entries whose URL or host match the glob; without one, all."""
         n = self.admin.purge(pattern or None)
         log.info("cache purge", extra={"waypost": {"pattern": pattern, "invalidated": n}})
-        return f"{n} cache entries purged, {len(self.shared.store)} remain"
+        done = f"{n} cache entries purged, {len(self.shared.store)} remain"
+        if not state.STATE.shared:
+            return done
+        # A command cannot wait for Redis: say what is known of it now; the publish itself
+        # logs a WARNING if Redis turns out to be down.
+        up = state.STATE.client is not None and state.STATE.up
+        spawn(self.admin.publish(pattern or None, None, False))
+        return f"{done}; {'sent to the other processes' if up else NOT_PUBLISHED}"
 
 
 def _close_and_log(flow: http.HTTPFlow, reason: str) -> None:

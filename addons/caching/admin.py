@@ -3,7 +3,10 @@ management app, which finds them through the addon's duck-typed `management_rout
 
 - `DELETE /admin/cache` with `pattern=<glob over URL or host>` and/or
   `tag=<Surrogate-Key / Cache-Tag>`, `soft=true` to mark stale instead of dropping
-  -> `{"invalidated": n, "remaining": m}`.
+  -> `{"invalidated": n, "remaining": m}` (this process's counts). With state_backend redis
+  the purge is also published on `cache.purge` and every other process applies it on receipt;
+  the answer adds `"published": true`, or `false` with a `warning` (and a WARNING logged) when
+  Redis could not take it: the purge then applied to this process only.
 - `GET /admin/cache/stats` -> sizes, limits, hit and miss rates, evictions, counts by result.
 - the readiness check: `"cache": "ok"` (PRD §7.2.1), `"disabled"` when cache_enabled is off
   (still ready: a proxy without a cache serves).
@@ -22,8 +25,12 @@ from addons import errors
 from addons.caching.answer import RESULTS, SERVED_FROM_CACHE
 from addons.caching.key import compile_globs
 from addons.caching.state import Shared
+from addons.state import STATE
 
 log = logging.getLogger("waypost.cache")
+
+CHANNEL = "cache.purge"
+NOT_PUBLISHED = "Redis is unavailable: purged on this process only."
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -51,6 +58,32 @@ class Admin:
                 store.drop(entry.key)
             n += 1
         return n
+
+    async def publish(self, pattern: str | None, tag: str | None, soft: bool) -> bool:
+        """Send a purge to every other process; False (and a WARNING) when Redis is down."""
+        message = {"pattern": pattern, "tag": tag, "soft": soft}
+        published = await STATE.publish(CHANNEL, message)
+        if not published:
+            log.warning(
+                "cache purge (pattern=%r, tag=%r) applied to this process only: Redis is "
+                "unavailable, the other processes keep their entries",
+                pattern,
+                tag,
+            )
+        return published
+
+    def received(self, message: dict[str, Any]) -> None:
+        """A purge published by another process: apply it here."""
+        pattern, tag = message.get("pattern"), message.get("tag")
+        if not isinstance(pattern, str | None) or not isinstance(tag, str | None):
+            log.warning("cache: ignored a malformed purge message %r", message)
+            return
+        soft = message.get("soft") is True
+        n = self.purge(pattern, tag, soft)
+        log.info(
+            "cache purge from another process",
+            extra={"waypost": {"pattern": pattern, "tag": tag, "soft": soft, "invalidated": n}},
+        )
 
     def stats(self) -> dict[str, Any]:
         shared = self.shared
@@ -95,7 +128,12 @@ class Admin:
             "cache purge",
             extra={"waypost": {"pattern": pattern, "tag": tag, "soft": soft, "invalidated": n}},
         )
-        return web.json_response({"invalidated": n, "remaining": len(self.shared.store)})
+        body: dict[str, Any] = {"invalidated": n, "remaining": len(self.shared.store)}
+        if STATE.shared:
+            body["published"] = await self.publish(pattern, tag, soft)
+            if not body["published"]:
+                body["warning"] = NOT_PUBLISHED
+        return web.json_response(body)
 
     async def _stats(self, request: web.Request) -> web.Response:
         if request.method not in ("GET", "HEAD"):

@@ -7,4 +7,5 @@ retry     the patches of mitmproxy's HttpStream that let a failed request go to 
 health    active health checks; the health and circuit log lines
 admin     GET /admin/backends and the readiness check's backend states
 stats     the process's one metrics collector for backends
+shared    circuit breakers shared by every process through Redis (state_backend redis)
 """

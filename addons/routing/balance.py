@@ -178,6 +178,27 @@ class Breaker:
                     self._to("open", now)
         return (old, self.state) if self.state != old else None
 
+    def open_for(self, seconds: float, now: float) -> tuple[State, State] | None:
+        """Another process opened this backend's circuit for `seconds` more: open it here too,
+        without counting a failure; the half-open trial follows once they have passed. An open
+        circuit is only ever lengthened. Returns (old, new) when the state changed."""
+        until = now + seconds
+        if self.state == "open":
+            self.opened_at = max(self.opened_at, until - self.timeout)
+            return None
+        old = self.state
+        self._to("open", now)
+        self.opened_at = until - self.timeout
+        return (old, "open")
+
+    def close(self, now: float) -> tuple[State, State] | None:
+        """Another process's trial succeeded: the backend is back, close the circuit here too."""
+        if self.state == "closed":
+            return None
+        old = self.state
+        self._to("closed", now)
+        return (old, "closed")
+
     def _to(self, state: State, now: float) -> None:
         self.state = state
         self.failures = self.successes = 0

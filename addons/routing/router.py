@@ -11,7 +11,8 @@ The hooks, in the order mitmproxy runs them (see addons/router.py for the whole 
   reset before the response ended, a read timeout, a 502/503/504 it sent; a client's mistakes
   and policy kills never do. Every response from the backend counts as a success.
 - `server_connect_error`, `client_disconnected`: connection bookkeeping.
-- `running` / `done`: the health-check task, the retry patches.
+- `running` / `done`: the health-check task, the retry patches, shared breakers (`shared.py`:
+  with state_backend redis, openings and closings reach every process and instance).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from typing import Any
 from mitmproxy import connection, ctx, http
 from mitmproxy.proxy import mode_specs, server_hooks
 
-from addons import errors
+from addons import errors, state
 from addons.kernel.record import record
 from addons.routing import admin, balance, health, options, retry
 from addons.routing.balance import Backend
 from addons.routing.options import Route
 from addons.routing.retry import BACKEND, RETRY, UPSTREAM_ERROR
+from addons.routing.shared import SharedBreakers
 from addons.routing.stats import STORE
 
 log = logging.getLogger("waypost.router")
@@ -57,15 +59,21 @@ class Router:
         self.check_timeout = 2.0
         self._routed: dict[str, set[tuple[str, int]]] = {}
         self._checks = health.HealthChecks()
+        # Without breakers there is nothing to share (and no Redis call to make for them).
+        self.shared = SharedBreakers(lambda: self.backends if self.breaker_enabled else {})
         self._running = False
         self._patched = False
 
     def load(self, loader: Any) -> None:
         for name, typ, default, text in options.OPTIONS:
             loader.add_option(name, typ, default, text)
+        state.load(loader)
         self._patched = retry.install()
 
     def configure(self, updated: set[str]) -> None:
+        state.configure(updated)
+        if self._running and any(k.startswith("state_") for k in updated):
+            self.shared.start()
         if not any(k.startswith(("routing_", "router_")) for k in updated):
             return
         s = options.settings(ctx.options, self.backends)
@@ -84,11 +92,14 @@ class Router:
         STORE.router = self
         self._running = True
         self._start_checks()
+        self.shared.start()
 
     def done(self) -> None:
         retry.uninstall()
         self._running = False
         self._checks.stop()
+        self.shared.stop()
+        state.done()
 
     def _start_checks(self) -> None:
         self._checks.stop()
@@ -308,9 +319,11 @@ class Router:
             if b.breaker.half_opened:  # went half-open while not chosen: report it first
                 b.breaker.half_opened = False
                 health.log_circuit(b, ("open", "half_open"), "timeout passed")
+            counted = b.breaker.state == "closed"
             change = b.breaker.record(fault is None, now)
             if change is not None:
                 health.log_circuit(b, change, fault or "trial succeeded")
+            self.shared.outcome(b, fault is None, counted, change)
 
     # --- connections ---------------------------------------------------------------------------
 

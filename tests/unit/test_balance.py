@@ -162,6 +162,27 @@ def test_a_trial_without_outcome_frees_its_slot_at_once() -> None:
     assert b.allow(11) and b.state == "half_open"
 
 
+def test_an_opening_elsewhere_opens_without_counting_a_failure() -> None:
+    b = Breaker(failure_threshold=3, timeout=10.0, success_threshold=1)
+    b.record(False, 0)
+    assert b.open_for(4.0, 1) == ("closed", "open")
+    assert b.failures == 0 and not b.allow(4.9)
+    assert b.allow(5.0) and b.state == "half_open"  # after the time the opener had left
+    assert b.open_for(10.0, 5.0) == ("half_open", "open")  # the opener's trial failed
+    assert b.open_for(2.0, 6.0) is None and not b.allow(14.9)  # never shortened
+    assert b.open_for(20.0, 6.0) is None and not b.allow(25.9)  # lengthened
+    assert b.allow(26.0)
+
+
+def test_a_closing_elsewhere_closes() -> None:
+    b = Breaker(failure_threshold=1, timeout=10.0, success_threshold=2)
+    assert b.close(0) is None
+    b.record(False, 0)
+    assert b.close(1) == ("open", "closed") and b.allow(1)
+    b.record(False, 2)
+    assert b.allow(12) and b.close(12) == ("half_open", "closed")
+
+
 @pytest.mark.parametrize(
     "reason,complete,started,expected",
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -707,6 +708,27 @@ def test_a_stale_answer_to_an_origin_5xx_records_the_backend_error() -> None:
         _respond(c, f, 502, {})
         assert f.response.status_code == 200 and f.response.content == b"kept"
         assert record(f)["backend_error"] == "status 502"  # for the router's breaker
+
+
+def test_a_purge_from_another_process_applies_here() -> None:
+    c = Cache()
+    with taddons.context(c):
+        for path in ("/c/1", "/c/2", "/d/1"):
+            _fetch(c, path)
+        c.admin.received({"pattern": "http://origin.example/c/*", "tag": None, "soft": False})
+        assert len(c.shared.store) == 1
+        c.admin.received({"pattern": ["not", "a", "glob"]})  # malformed: ignored
+        assert len(c.shared.store) == 1
+        c.admin.received({"pattern": None, "tag": None})  # the command without a pattern
+        assert len(c.shared.store) == 0
+
+
+def test_a_purge_that_redis_could_not_take_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    c = Cache()
+    with caplog.at_level(logging.WARNING, logger="waypost.cache"):
+        # The memory backend has no Redis at all: the same answer as Redis being down.
+        assert asyncio.run(c.admin.publish("*", None, False)) is False
+    assert "applied to this process only" in caplog.records[-1].getMessage()
 
 
 def test_purge_command_by_pattern_or_all() -> None:

@@ -14,7 +14,9 @@ from addons import schema
 from addons.kernel import patching
 from addons.kernel.record import record
 from addons.routing import options, retry
+from addons.routing.balance import Backend
 from addons.routing.router import Router
+from addons.routing.shared import SharedBreakers
 
 A = "http://10.0.0.1:8080"
 B = "http://10.0.0.2:8080"
@@ -408,3 +410,28 @@ routing:
     (problem,) = e.value.problems
     assert ":3: routing.rules.0.match.host: " in problem
     assert "is not a host pattern" in problem
+
+
+def test_breaker_messages_from_other_processes() -> None:
+    a = Backend("a", "http", "10.0.0.1", 8080)
+    a.breaker.timeout = 30.0
+    shared = SharedBreakers(lambda: {"a": a})
+    url = "http://10.0.0.1:8080"
+    shared.received({"backend": "a", "url": "http://10.0.0.9:8080", "state": "open"})
+    assert a.breaker.state == "closed"  # same name, another backend: not ours
+    shared.received({"backend": "b", "url": url, "state": "open"})
+    shared.received({"backend": "a", "url": url, "state": "ajar"})
+    assert a.breaker.state == "closed"
+    shared.received({"backend": "a", "url": url, "state": "open", "seconds": 5.0})
+    assert a.breaker.state == "open" and a.breaker.failures == 0
+    shared.received({"backend": "a", "url": url, "state": "closed"})
+    assert a.breaker.state == "closed"
+
+
+def test_breakers_are_not_shared_with_the_memory_backend() -> None:
+    a = Backend("a", "http", "10.0.0.1", 8080)
+    shared = SharedBreakers(lambda: {"a": a})
+    # No Redis, no task: this would raise without a running loop if it tried to spawn one.
+    shared.outcome(a, False, True, None)
+    shared.outcome(a, False, False, ("closed", "open"))
+    shared.start()
