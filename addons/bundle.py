@@ -25,6 +25,7 @@ from addons.routing.router import Router
 from addons.secheaders import SecHeaders
 from addons.tlslistener import TlsListener
 from addons.tlspolicy import TlsPolicy
+from addons.tracing import Tracing
 from addons.upstream import Upstream
 
 addons = [
@@ -33,6 +34,7 @@ addons = [
     Backlog(),
     Drain(),
     Hygiene(),
+    Tracing(),
     Acl(),
     Management(),
     RateLimit(),

@@ -32,6 +32,7 @@ from addons.caching.lookup import Lookup, Waiting
 from addons.caching.revalidate import Flights, Revalidator
 from addons.caching.state import Shared, state_of
 from addons.caching.storing import Storing
+from addons.kernel import spans
 from addons.kernel.options import declare
 from addons.kernel.record import record
 
@@ -79,7 +80,8 @@ class Cache:
         meta = record(flow)
         if "local" in meta:
             return None
-        return self.lookup.request(flow, meta)
+        with spans.child(flow, "cache.lookup"):
+            return self.lookup.request(flow, meta)
 
     def response(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
