@@ -61,7 +61,7 @@ OPTIONS = [
 ]  # fmt: skip
 _WATCHED = frozenset(o.name for o in OPTIONS)
 # Written by the exporter on every failed batch, from its thread: Exporting says it once.
-_EXPORTER_LOGGERS = ("opentelemetry.exporter.otlp.proto.http", "opentelemetry.sdk.trace.export")
+_EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.http"
 # Proxy-port endpoints answered by the proxy itself: probes and scrapes are not traced.
 _UNTRACED = frozenset({"health", "metrics"})
 
@@ -91,32 +91,37 @@ class Exporting:
     def __init__(self) -> None:
         self.settings: Settings | None = None
         self.provider: TracerProvider | None = None
+        self.reporting: Reporting | None = None
 
     def use(self, settings: Settings) -> trace.Tracer:
         if settings != self.settings or self.provider is None:
             self.stop(wait=False)
-            self.provider = _provider(settings)
+            self.reporting = Reporting(OTLPSpanExporter(settings.endpoint))
+            self.provider = _provider(settings, self.reporting)
             self.settings = settings
         return self.provider.get_tracer("waypost", waypost_version())
 
     def stop(self, wait: bool) -> None:
         """Flush and end the provider; off the event loop unless `wait` (shutting down)."""
-        provider, self.provider, self.settings = self.provider, None, None
-        if provider is None:
+        provider, reporting = self.provider, self.reporting
+        self.provider = self.reporting = self.settings = None
+        if provider is None or reporting is None:
             return
         if wait:
+            # A receiver that is down would hold the exit for an export timeout per batch.
+            reporting.dropping = reporting.failing
             provider.shutdown()
         else:
             threading.Thread(target=provider.shutdown, name="tracing-shutdown", daemon=True).start()
 
 
-def _provider(s: Settings) -> TracerProvider:
+def _provider(s: Settings, exporter: SpanExporter) -> TracerProvider:
     provider = TracerProvider(
         resource=Resource.create({"service.name": s.service_name,
                                   "service.version": waypost_version()}),
         sampler=ParentBased(TraceIdRatioBased(s.sample_ratio)),
     )  # fmt: skip
-    provider.add_span_processor(BatchSpanProcessor(Reporting(OTLPSpanExporter(s.endpoint))))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
 
 
@@ -127,8 +132,11 @@ class Reporting(SpanExporter):
     def __init__(self, inner: OTLPSpanExporter) -> None:
         self.inner = inner
         self.failing = False
+        self.dropping = False  # shutting down with the receiver down: do not even try
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self.dropping:
+            return SpanExportResult.FAILURE
         try:
             result = self.inner.export(spans)
         except Exception:  # the batch thread must go on: spans are dropped, not requests
@@ -184,8 +192,7 @@ class Tracing:
         self.tracer = TRACES.tracer = exporting.use(settings)
         self.ratio = ratio
         self.on = True
-        for name in _EXPORTER_LOGGERS:
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+        logging.getLogger(_EXPORTER_LOGGER).setLevel(logging.CRITICAL)
 
     def done(self) -> None:
         self.on = False

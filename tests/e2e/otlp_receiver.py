@@ -66,9 +66,7 @@ def decode(body: bytes) -> list[Span]:
                         kind=ProtoSpan.SpanKind.Name(s.kind).removeprefix("SPAN_KIND_"),
                         attributes=_attributes(s.attributes),
                         events=[(e.name, _attributes(e.attributes)) for e in s.events],
-                        status=Status.StatusCode.Name(s.status.code).removeprefix(
-                            "STATUS_CODE_"
-                        ),
+                        status=Status.StatusCode.Name(s.status.code).removeprefix("STATUS_CODE_"),
                         service=service,
                         start_ns=s.start_time_unix_nano,
                         end_ns=s.end_time_unix_nano,

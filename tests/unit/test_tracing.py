@@ -281,3 +281,22 @@ def test_an_unreachable_receiver_is_reported_once(caplog: pytest.LogCaptureFixtu
         inner.up = True
         assert exporter.export([]) is SpanExportResult.SUCCESS
     assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
+
+
+def test_a_remote_span_continues_the_headers_trace(traced) -> None:
+    headers = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}
+    with spans.remote("cli.execute", headers, {"waypost.cli.command": "/bin/echo"}):
+        pass
+    with pytest.raises(RuntimeError), spans.remote("cli.execute", {}, {}):
+        raise RuntimeError("boom")
+    ok, failed = finished()
+    assert f"{ok.get_span_context().trace_id:032x}" == CLIENT_TRACE
+    assert ok.parent is not None and f"{ok.parent.span_id:016x}" == CLIENT_SPAN
+    assert failed.parent is None and failed.status.status_code is StatusCode.ERROR
+
+
+def test_without_tracing_the_extension_points_do_nothing() -> None:
+    f = tflow.tflow()
+    with spans.child(f, "cache.lookup"), spans.remote("cli.execute", {}, {}):
+        spans.event(f, "policy", {"waypost.policy": "acl"})
+    assert not spans.TRACES.spans and spans.TRACES.tracer is None
