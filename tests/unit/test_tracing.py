@@ -300,3 +300,13 @@ def test_without_tracing_the_extension_points_do_nothing() -> None:
     with spans.child(f, "cache.lookup"), spans.remote("cli.execute", {}, {}):
         spans.event(f, "policy", {"waypost.policy": "acl"})
     assert not spans.TRACES.spans and spans.TRACES.tracer is None
+
+
+def test_at_ratio_zero_a_sampled_client_trace_is_still_recorded(traced) -> None:
+    addon, tctx = traced
+    tctx.configure(addon, tracing_sample_ratio="0")
+    f = tflow.tflow(resp=True)
+    f.request.headers["TraceParent"] = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+    through(addon, f)
+    (server,) = [s for s in finished() if s.kind is SpanKind.SERVER]
+    assert f"{server.get_span_context().trace_id:032x}" == CLIENT_TRACE
