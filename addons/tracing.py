@@ -12,9 +12,10 @@
   the CLI's process run; `policy.decide` adds every decision as an event. The span's trace id
   goes into the flow's record (`trace_id`), so the access line shows it.
 - Export: a BatchSpanProcessor (its own thread, never the event loop) and the OTLP/HTTP
-  exporter; one WARNING when the receiver stops answering, one INFO when it is back; `done`
-  flushes. The provider survives script reloads (`kernel.options.once`) and is rebuilt only
-  when its options change.
+  exporter; one WARNING when the receiver stops answering, one INFO when it is back. One
+  provider per process (`kernel.options.once`), kept across profile reloads and rebuilt only
+  when a tracing option changes; `done` (shutdown, or the script's removal when mitmproxy
+  reloads it) flushes and ends it, without waiting on a receiver that is down.
 
 Hooks: configure, done, requestheaders (start; the traceparent to the backend), response /
 error (end), http_connect (start), http_connected / http_connect_error (end).
@@ -25,6 +26,7 @@ tracing_service_name.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -41,6 +43,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from addons import errors
 from addons.kernel import net
+from addons.kernel.instance import identity
 from addons.kernel.options import Option, declare, once
 from addons.kernel.record import Record, record
 from addons.kernel.spans import PROPAGATOR, TRACES
@@ -116,11 +119,18 @@ class Exporting:
 
 
 def _provider(s: Settings, exporter: SpanExporter) -> TracerProvider:
+    resource: dict[str, Any] = {
+        "service.name": s.service_name,
+        "service.version": waypost_version(),
+        "process.pid": os.getpid(),
+    }
+    worker = identity()
+    if worker.supervised:
+        resource["waypost.worker"] = worker.index
     provider = TracerProvider(
-        resource=Resource.create({"service.name": s.service_name,
-                                  "service.version": waypost_version()}),
+        resource=Resource.create(resource),
         sampler=ParentBased(TraceIdRatioBased(s.sample_ratio)),
-    )  # fmt: skip
+    )
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
 
