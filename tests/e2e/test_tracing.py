@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import MANAGEMENT, REVERSE, Backend, Proxy
+from tests.conftest import MANAGEMENT, REVERSE, Backend, Proxy, raw_request, status_of
 from tests.e2e.cli_helpers import TOKEN, execute
 from tests.e2e.otlp_receiver import Receiver, Span
 
@@ -91,7 +91,9 @@ def test_forward_requests_are_traced_end_to_end(traced, receiver, backend: Backe
         )
         refused = c.get("http://blocked.test/")
     assert (fresh.status_code, continued.status_code, refused.status_code) == (200, 200, 403)
-    spans = receiver.wait_for(lambda s: len(servers(s)) == 3)
+    tunnel = raw_request(p.port, b"CONNECT blocked.test:443 HTTP/1.1\r\nHost: blocked.test\r\n\r\n")
+    assert status_of(tunnel) == 403
+    spans = receiver.wait_for(lambda s: len(servers(s)) == 4)
     by_id = {s.attributes["waypost.request_id"]: s for s in servers(spans)}
     first = by_id[fresh.headers["x-request-id"]]
     second = by_id[continued.headers["x-request-id"]]
@@ -127,6 +129,9 @@ def test_forward_requests_are_traced_end_to_end(traced, receiver, backend: Backe
     assert ("policy", {"waypost.policy": "filter", "waypost.decision": "block",
                        "waypost.rule": "blocked.test"}) in third.events  # fmt: skip
     assert not [s for s in children(spans, third) if s.kind == "CLIENT"]
+    (connect,) = [s for s in servers(spans) if s.name == "CONNECT"]
+    assert connect.attributes["http.response.status_code"] == 403
+    assert [e[1]["waypost.policy"] for e in connect.events] == ["filter"]
 
     # the access lines name the spans' traces
     lines = {j["request_id"]: j for j in access(p)}
