@@ -99,7 +99,8 @@ class Exporting:
     def use(self, settings: Settings) -> trace.Tracer:
         if settings != self.settings or self.provider is None:
             self.stop(wait=False)
-            self.reporting = Reporting(OTLPSpanExporter(settings.endpoint))
+            exporter = OTLPSpanExporter(settings.endpoint)
+            self.reporting = Reporting(exporter, settings.endpoint)
             self.provider = _provider(settings, self.reporting)
             self.settings = settings
         return self.provider.get_tracer("waypost", waypost_version())
@@ -139,8 +140,9 @@ class Reporting(SpanExporter):
     """The OTLP exporter, saying once that the receiver is unreachable instead of once per
     batch (the exporter's own loggers are quietened to CRITICAL while tracing is on)."""
 
-    def __init__(self, inner: OTLPSpanExporter) -> None:
+    def __init__(self, inner: SpanExporter, endpoint: str) -> None:
         self.inner = inner
+        self.endpoint = endpoint
         self.failing = False
         self.dropping = False  # shutting down with the receiver down: do not even try
 
@@ -154,11 +156,11 @@ class Reporting(SpanExporter):
         if result is SpanExportResult.SUCCESS:
             if self.failing:
                 self.failing = False
-                log.info("tracing: exporting to %s again", self.inner._endpoint)
+                log.info("tracing: exporting to %s again", self.endpoint)
         elif not self.failing:
             self.failing = True
             log.warning("tracing: spans could not be exported to %s; they are dropped until it "
-                        "answers (requests are not affected)", self.inner._endpoint)  # fmt: skip
+                        "answers (requests are not affected)", self.endpoint)  # fmt: skip
         return result
 
     def shutdown(self) -> None:

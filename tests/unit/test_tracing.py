@@ -30,7 +30,6 @@ class Memory(InMemorySpanExporter):
 
     def __init__(self, endpoint: str) -> None:
         super().__init__()
-        self._endpoint = endpoint
         Memory.last = self
 
 
@@ -260,8 +259,6 @@ def test_the_provider_survives_a_reload_with_the_same_settings(traced) -> None:
 
 
 class Failing(InMemorySpanExporter):
-    _endpoint = "http://127.0.0.1:9/v1/traces"
-
     def __init__(self) -> None:
         super().__init__()
         self.up = False
@@ -274,7 +271,7 @@ class Failing(InMemorySpanExporter):
 
 def test_an_unreachable_receiver_is_reported_once(caplog: pytest.LogCaptureFixture) -> None:
     inner = Failing()
-    exporter = tracing.Reporting(inner)  # type: ignore[arg-type]
+    exporter = tracing.Reporting(inner, "http://127.0.0.1:9/v1/traces")
     with caplog.at_level(logging.INFO, logger="waypost.tracing"):
         assert exporter.export([]) is SpanExportResult.FAILURE
         assert exporter.export([]) is SpanExportResult.FAILURE
