@@ -13,8 +13,8 @@
   (`kernel.net.client_ip`: through `forwarding_trusted_proxies`, as the policies see it), method,
   url (secret query values redacted), status, duration_ms, bytes_sent, bytes_received,
   cache_hit, backend, user_agent (first USER_AGENT_MAX characters, when sent), trace_id
-  (from a valid W3C `traceparent`, when sent), and every decision recorded in
-  `record(flow)`. They go straight to the output handler rather than through the root
+  (the request's span's when traced, else a valid W3C `traceparent`'s), and every decision
+  recorded in `record(flow)`. They go straight to the output handler rather than through the root
   logger: mitmproxy's root handlers turn every record into an `add_log` event dispatched to
   all addons, which would cost more than the line.
 - In JSON mode, mitmproxy's per-connection chatter (`client connect`, `server connect`, ...
@@ -378,7 +378,7 @@ def access_fields(flow: http.HTTPFlow, now: float) -> dict[str, Any]:
     agent = headers.get("user-agent")
     if agent is not None:
         fields["user_agent"] = agent[:USER_AGENT_MAX]
-    trace = trace_id(headers.get("traceparent"))
+    trace = meta.get("trace_id") or trace_id(headers.get("traceparent"))
     if trace is not None:
         fields["trace_id"] = trace
     for k, v in meta.items():

@@ -26,6 +26,7 @@ from addons.routing.router import Router
 from addons.secheaders import SecHeaders
 from addons.tlslistener import TlsListener
 from addons.tlspolicy import TlsPolicy
+from addons.tracing import Tracing
 from addons.upstream import Upstream
 
 addons = [
@@ -35,6 +36,7 @@ addons = [
     Connections(),
     Drain(),
     Hygiene(),
+    Tracing(),
     Acl(),
     Management(),
     RateLimit(),

@@ -14,7 +14,8 @@ auditing:
 - With a flow, mitmweb shows why: `flow.marked` is ":no_entry:" (enforced) or ":eyes:" (shadow,
   unless already marked) and `flow.comment` gains a line "waypost acl deny rule=..."
   (`annotate`; `errors.make` uses it too for refusals no policy decided).
-- Either way: one WARNING event on logger `waypost.audit` (JSON fields policy, decision, rule,
+- Either way: an event `policy` on the flow's trace span when it is traced (`kernel.spans`),
+  and one WARNING event on logger `waypost.audit` (JSON fields policy, decision, rule,
   client_ip, request_id and the caller's details) and one increment of
   `policy_decisions_total{policy,decision,rule}`. Counted here, at decision time, because
   connection-level decisions (an ACL closing a connection) have no flow to count later.
@@ -31,6 +32,7 @@ from typing import Any
 from mitmproxy import http
 
 from addons import errors, metrics
+from addons.kernel import spans
 from addons.kernel.record import record
 
 log = logging.getLogger("waypost.audit")
@@ -70,6 +72,8 @@ def decide(
         else:
             meta.setdefault("shadow", []).append(f"{policy}:{rule}")
             annotate(flow, SHADOW, f"waypost {policy} {outcome} (shadow) rule={rule}")
+        spans.event(flow, "policy", {"waypost.policy": policy, "waypost.decision": outcome,
+                                     "waypost.rule": rule})  # fmt: skip
     fields.update(detail)
     metrics.count_decision(policy, outcome, rule)
     log.warning("%s %s rule=%s", policy, outcome, rule, extra={"waypost": fields})

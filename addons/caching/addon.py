@@ -35,6 +35,7 @@ from addons.caching.lookup import Lookup, Waiting
 from addons.caching.revalidate import Flights, Revalidator
 from addons.caching.state import Shared, state_of
 from addons.caching.storing import Storing
+from addons.kernel import spans
 from addons.kernel.options import declare, spawn
 from addons.kernel.record import record
 
@@ -89,7 +90,8 @@ class Cache:
         meta = record(flow)
         if "local" in meta:
             return None
-        return self.lookup.request(flow, meta)
+        with spans.child(flow, "cache.lookup"):
+            return self.lookup.request(flow, meta)
 
     def response(self, flow: http.HTTPFlow) -> None:
         resp = flow.response

@@ -4,7 +4,8 @@
 - `Endpoint.internal`: the loopback listener's handler; requests must carry the per-process
   secret header that only the proxy-port reroute adds (else 404), and name the client.
 - `Endpoint.execute`: bearer token, method, media type, the plan, the concurrency cap; then the
-  process runs, its output streams, and once its group is gone it is counted and logged once.
+  process runs (in a `cli.execute` span when traced: `kernel.spans`), its output streams, and
+  once its group is gone it is counted and logged once.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from addons.clirun import stream
 from addons.clirun.plan import Plan, Refusal, Settings
 from addons.clirun.runner import Execution
 from addons.clirun.stats import STATS
+from addons.kernel import spans
 from addons.kernel.endpoints import bearer_status
 from addons.kernel.options import spawn
 
@@ -118,7 +120,9 @@ class Endpoint:
         self.in_flight += 1
         STATS.in_flight += 1
         # _run releases the slot once the process group is gone.
-        return await self._run(request, plan, rest, s, client, rid)
+        attributes = {"waypost.cli.command": plan.path, "waypost.request_id": rid}
+        with spans.remote("cli.execute", request.headers, attributes):
+            return await self._run(request, plan, rest, s, client, rid)
 
     async def _run(
         self,

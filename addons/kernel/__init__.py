@@ -13,6 +13,7 @@ wire      strict HTTP/1 reading below the hooks (head cap, header timeout, trail
           body limit), patched through patching; installed and configured by hygiene
 endpoints bind(), bearer_status(), addressed_to_proxy(): what the proxy's own endpoints share
 record    record(flow): the typed flow record behind flow.metadata["waypost"]
+spans     child(), event(), remote(): adding to a request's trace without the tracing addon
 tls       certificate, key and chain files read and checked (the TLS listener, the schema)
 version   versions(): Waypost's (package metadata), mitmproxy's and Python's
 instance  identity(): which worker of how many this process is (set by the supervisor)

@@ -29,6 +29,9 @@ class Record(TypedDict, total=False):
     # endpoints on the proxy port) or "cli" (the CLI rerouted /cli/execute to its own listener). Read by metrics (not counted),
     # cache, router, filter and contentfilter (skip it) and egress ("cli" may reach that listener).
     local: Literal["health", "metrics", "admin", "cli"]
+    # The trace id (32 hex digits) of the request's server span, written by tracing when the
+    # request is traced; the access log shows it as trace_id.
+    trace_id: str
 
     # --- policy decisions ---
 

@@ -169,6 +169,34 @@ class Metrics(Section):
         return v
 
 
+def _otlp_protocol(value: Any) -> Any:
+    if value == "grpc":
+        raise ValueError(
+            "grpc is not supported: use http/protobuf (OTLP over HTTP, usually port 4318, "
+            "path /v1/traces)"
+        )
+    return value
+
+
+class Tracing(Section):
+    """OpenTelemetry tracing (PRD §5.4.2), exported over OTLP/HTTP."""
+
+    enabled: bool = False
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    protocol: Annotated[Literal["http/protobuf"], BeforeValidator(_otlp_protocol)] = "http/protobuf"
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
+    service_name: Annotated[str, Field(min_length=1)] = "waypost"
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"https?://[^/\s]+", v):
+            raise ValueError(
+                "must be an http:// or https:// URL (e.g. http://collector:4318/v1/traces)"
+            )
+        return v
+
+
 class Limits(Section):
     max_url_length: Annotated[int, Field(gt=0)] = 8192
     max_header_size: Size = 16384
@@ -371,6 +399,7 @@ class Profile(Section):
     server: Server = Server()
     logging: Logging = Logging()
     metrics: Metrics = Metrics()
+    tracing: Tracing = Tracing()
     limits: Limits = Limits()
     security: Security = Security()
     headers: Headers = Headers()
