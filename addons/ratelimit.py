@@ -802,17 +802,27 @@ class RateLimit:
         lifted = self.bans.lift(ip)
         st = state.STATE
         if st.shared:
-            keys = [st.key("ban", ip), st.key("rlv", ip)]
-            deleted = await st.call("bans", lambda r: r.delete(*keys))
+            deleted = await st.call(
+                "bans", lambda r: _lift(r, st.key("ban", ip), st.key("rlv", ip))
+            )
             if deleted is state.UNAVAILABLE:
                 return errors.web_error(
                     "INTERNAL_ERROR", "Redis did not answer; the ban may still hold.", status=503
                 )
-            lifted = lifted or bool(deleted)
+            lifted = lifted or deleted
         if not lifted:
             return errors.web_error("NOT_FOUND", f"{ip} is not banned.")
         log.info("ban lifted", extra={"waypost": {"policy": "ratelimit", "client_ip": ip}})
         return web.json_response({"lifted": ip})
+
+
+async def _lift(client: Any, ban: str, violations: str) -> bool:
+    """Delete a ban and the violations counted towards the next; whether there was a ban."""
+    pipe = client.pipeline(transaction=False)
+    pipe.delete(ban)
+    pipe.delete(violations)
+    found, _ = await pipe.execute()
+    return bool(found)
 
 
 async def _scan_bans(client: Any, prefix: str) -> list[tuple[str, int, int | None]]:
