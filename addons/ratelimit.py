@@ -538,6 +538,7 @@ class RateLimit:
         self.connections: dict[str, int] = {}  # peer IP -> open connections counted
         self.counted: dict[str, str] = {}  # client.id -> peer IP, for the decrement
         self.active = False
+        self.shared = False  # state_backend redis: decisions are Redis's
         self._sweeper: asyncio.Task[None] | None = None
         self._script: Any = None  # BUCKET_SCRIPT registered on the current Redis client
 
@@ -549,6 +550,7 @@ class RateLimit:
     def configure(self, updated: set[str]) -> None:
         net.configure(updated)
         state.configure(updated)
+        self.shared = state.STATE.shared
         opts = ctx.options
         if updated & _LIMITS:
             self._configure_limits()
@@ -664,31 +666,28 @@ class RateLimit:
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if not self.active or flow.response or flow.error or not flow.live:
             return None
-        if state.STATE.shared:
+        if self.shared:
             return self._limit_shared(flow)
-        self._limit_local(flow)
+        self._limit(flow)
         return None
 
-    def _match(self, flow: http.HTTPFlow) -> tuple[str, Limit] | None:
-        """The client and the limit that applies to this request; None for an exempt client."""
-        ip = net.client_ip(flow)
-        if self.has_exempt and self._exempt(ip):
-            return None
+    def _match(self, flow: http.HTTPFlow) -> Limit:
         if self.rules:
             req = flow.request
             tunnel = req.method == "CONNECT"
             rule = match(self.rules, hosts.host_key(req.host), None if tunnel else req.path)
             if rule is not None:
-                return ip, rule
-        return ip, self.default
+                return rule
+        return self.default
 
     @errors.fail_closed
-    def _limit_local(self, flow: http.HTTPFlow) -> None:
-        found = self._match(flow)
-        if found is not None:
-            self._decide_locally(flow, *found)
-
-    def _decide_locally(self, flow: http.HTTPFlow, ip: str, limit: Limit) -> None:
+    def _limit(self, flow: http.HTTPFlow) -> None:
+        """Decide on this process's own bucket and bans (memory, or Redis unavailable)."""
+        ip = net.client_ip(flow)
+        if self.has_exempt and self._exempt(ip):
+            return
+        # The default limit inlined: the path of every request in memory mode.
+        limit = self._match(flow) if self.rules else self.default
         now = time.monotonic()
         if self.ban_after:
             left = self.bans.left(ip, now)
@@ -697,8 +696,10 @@ class RateLimit:
                 return
         if not limit.rate:
             return
-        key = ip if limit.id == DEFAULT_ID else f"{limit.id} {ip}"
-        share = self.local_default if limit.id == DEFAULT_ID else self.local[limit.id]
+        if limit is self.default:
+            key, share = ip, self.local_default
+        else:
+            key, share = f"{limit.id} {ip}", self.local[limit.id]
         result = self.buckets.take(key, now, share.rate, share.burst)
         if result is None:
             return
@@ -711,10 +712,10 @@ class RateLimit:
 
     @errors.fail_closed
     async def _limit_shared(self, flow: http.HTTPFlow) -> None:
-        found = self._match(flow)
-        if found is None:
+        ip = net.client_ip(flow)
+        if self.has_exempt and self._exempt(ip):
             return
-        ip, limit = found
+        limit = self._match(flow)
         if not limit.rate and not self.ban_after:
             return
         st = state.STATE
@@ -727,10 +728,10 @@ class RateLimit:
             max(1, round(self.ban_duration * 1000)),
         ]
         answer = await st.call("ratelimit", lambda r: self._bucket_script(r)(keys, args))
-        if answer is state.UNAVAILABLE:
-            self._decide_locally(flow, ip, limit)
-            return
         if flow.response or flow.error or not flow.live:
+            return
+        if answer is state.UNAVAILABLE:
+            self._limit(flow)
             return
         kind, a, b, c = (int(x) for x in answer)
         if kind == 1:
