@@ -39,7 +39,8 @@ Temporary bans (`ratelimit_ban_after` > 0): a client refused `ban_after` times w
 is logged and counted once (`policy_decisions_total{policy="ratelimit",decision="ban"}`), each
 refusal while banned is counted (`decision="banned"`) without a log line. Memory: a table
 bounded by `ratelimit_max_clients`; Redis: a key `<prefix>:ban:<ip>` with a PX TTL, so a ban
-set through one instance refuses the client on all of them. Exempt clients are never banned.
+set through one instance refuses the client on all of them, and a sorted set `<prefix>:bans`
+(scored by each ban's end) that `/admin/bans` reads instead of scanning the keyspace. Exempt clients are never banned.
 `GET /admin/bans` lists the bans, `DELETE /admin/bans/<ip>` lifts one (management_routes()).
 
 Connections: `ratelimit_max_connections_per_ip` caps concurrent connections per peer address
@@ -350,9 +351,9 @@ def _ban_entry(ip: str, until: float, left: float, violations: int | None) -> di
 
 # --- the shared bucket: one Lua script in Redis ----------------------------------------------
 
-# KEYS: the bucket, the client's ban, the client's violation count.
+# KEYS: the bucket, the client's ban, the client's violation count, the index of bans.
 # ARGV: microseconds per token (0: only the ban check), burst, ban after N violations (0: no
-# bans), the violation window (ms), the ban's duration (ms).
+# bans), the violation window (ms), the ban's duration (ms), the client IP.
 # Returns {kind, a, b, c}: kind 1 allowed; 0 refused (a retry in us, b tokens left, c reset in
 # us); 2 banned (a ms left); 3 banned by this refusal (a ms, b violations).
 # The bucket is `take`'s `full_at` in microseconds of Redis's own clock (TIME, so instances'
@@ -379,13 +380,18 @@ if ban_after > 0 then
   if n >= ban_after then
     redis.call('DEL', KEYS[3])
     redis.call('SET', KEYS[2], n, 'PX', ARGV[5])
+    -- The index lists bans without a SCAN: scored by their end, pruned as they end, and gone
+    -- when the last one ends.
+    local ends = math.floor(now / 1000) + tonumber(ARGV[5])
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', math.floor(now / 1000))
+    redis.call('ZADD', KEYS[4], ends, ARGV[6])
+    if redis.call('PTTL', KEYS[4]) < tonumber(ARGV[5]) then redis.call('PEXPIRE', KEYS[4], ARGV[5]) end
     return {3, tonumber(ARGV[5]), n, 0}
   end
 end
 return {0, math.floor(after - now - capacity), math.floor((capacity - (full_at - now)) / interval + 1e-6), math.floor(full_at - now)}
 """
-# Listing bans scans Redis in pages of this many keys, up to MAX_LISTED bans.
-SCAN_PAGE = 500
+# /admin/bans lists at most this many bans (the ones ending last first).
 MAX_LISTED = 1000
 
 
@@ -719,13 +725,14 @@ class RateLimit:
         if not limit.rate and not self.ban_after:
             return
         st = state.STATE
-        keys = [st.key("rl", limit.id, ip), st.key("ban", ip), st.key("rlv", ip)]
+        keys = [st.key("rl", limit.id, ip), st.key("ban", ip), st.key("rlv", ip), st.key("bans")]
         args = [
             1e6 / limit.rate if limit.rate else 0,
             limit.burst,
             self.ban_after,
             max(1, round(self.ban_within * 1000)),
             max(1, round(self.ban_duration * 1000)),
+            ip,
         ]
         answer = await st.call("ratelimit", lambda r: self._bucket_script(r)(keys, args))
         if flow.response or flow.error or not flow.live:
@@ -788,11 +795,14 @@ class RateLimit:
         now, wall = time.monotonic(), time.time()
         listed = self.bans.listing(now, wall)
         st = state.STATE
+        shared = False
         if st.shared:
-            found = await st.call("bans", lambda r: _scan_bans(r, st.key("ban", "")))
+            found = await st.call("bans", lambda r: _shared_bans(r, st))
             if found is not state.UNAVAILABLE:
                 listed = [_ban_entry(ip, wall + ms / 1000, ms / 1000, n) for ip, ms, n in found]
-        return web.json_response({"bans": listed, "shared": st.shared})
+                shared = True
+        # shared false: this process's own bans (memory, or Redis did not answer)
+        return web.json_response({"bans": listed, "shared": shared})
 
     async def _admin_lift(self, request: web.Request) -> web.StreamResponse:
         if request.method != "DELETE":
@@ -803,9 +813,8 @@ class RateLimit:
         lifted = self.bans.lift(ip)
         st = state.STATE
         if st.shared:
-            deleted = await st.call(
-                "bans", lambda r: _lift(r, st.key("ban", ip), st.key("rlv", ip))
-            )
+            deleted = await st.call("bans", lambda r: _lift(r, st, ip))
+
             if deleted is state.UNAVAILABLE:
                 return errors.web_error(
                     "INTERNAL_ERROR", "Redis did not answer; the ban may still hold.", status=503
@@ -817,37 +826,33 @@ class RateLimit:
         return web.json_response({"lifted": ip})
 
 
-async def _lift(client: Any, ban: str, violations: str) -> bool:
-    """Delete a ban and the violations counted towards the next; whether there was a ban."""
+async def _lift(client: Any, st: state.SharedState, ip: str) -> bool:
+    """Delete a ban, the violations counted towards the next and its index entry; whether
+    there was a ban."""
     pipe = client.pipeline(transaction=False)
-    pipe.delete(ban)
-    pipe.delete(violations)
-    found, _ = await pipe.execute()
+    pipe.delete(st.key("ban", ip))
+    pipe.delete(st.key("rlv", ip))
+    pipe.zrem(st.key("bans"), ip)
+    found, _, _ = await pipe.execute()
     return bool(found)
 
 
-async def _scan_bans(client: Any, prefix: str) -> list[tuple[str, int, int | None]]:
-    """The bans in Redis: (ip, ms left, violations), at most MAX_LISTED, by bounded SCANs."""
-    keys: list[bytes] = []
-    cursor = 0
-    while len(keys) < MAX_LISTED:
-        cursor, page = await client.scan(cursor, match=f"{prefix}*", count=SCAN_PAGE)
-        keys.extend(page)
-        if not cursor:
-            break
-    keys = keys[:MAX_LISTED]
-    if not keys:
+async def _shared_bans(client: Any, st: state.SharedState) -> list[tuple[str, int, int | None]]:
+    """The bans in Redis: (ip, ms left, violations), at most MAX_LISTED, from the index (two
+    round trips, however many keys Redis holds)."""
+    index = st.key("bans")
+    members = await client.zrevrange(index, 0, MAX_LISTED - 1)
+    if not members:
         return []
     pipe = client.pipeline(transaction=False)
-    for key in keys:
-        pipe.pttl(key)
-        pipe.get(key)
+    for ip in members:
+        pipe.pttl(st.key("ban", ip.decode()))
+        pipe.get(st.key("ban", ip.decode()))
     answers = await pipe.execute()
     out = []
-    for key, ms, n in zip(keys, answers[::2], answers[1::2], strict=True):
-        if ms > 0:
-            ip = key.decode()[len(prefix) :]
-            out.append((ip, int(ms), int(n) if n is not None else None))
+    for ip, ms, n in zip(members, answers[::2], answers[1::2], strict=True):
+        if ms > 0:  # an entry whose ban ended or was lifted is pruned by the next ban
+            out.append((ip.decode(), int(ms), int(n) if n is not None else None))
     return out
 
 

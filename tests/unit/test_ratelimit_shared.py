@@ -37,12 +37,17 @@ class Script:
     def __init__(self, server: RedisServer) -> None:
         self.client = aioredis.Redis.from_url(server.url)
         self.script = self.client.register_script(ratelimit.BUCKET_SCRIPT)
-        self.keys = ["t:rl:default:192.0.2.1", "t:ban:192.0.2.1", "t:rlv:192.0.2.1"]
+        self.keys = ["t:rl:default:192.0.2.1", "t:ban:192.0.2.1", "t:rlv:192.0.2.1", "t:bans"]
 
     async def __call__(
         self, interval: float, burst: int, after: int = 0, within: int = 60_000, ban: int = 5_000
     ) -> list[int]:
-        return [int(x) for x in await self.script(self.keys, [interval, burst, after, within, ban])]
+        return [
+            int(x)
+            for x in await self.script(
+                self.keys, [interval, burst, after, within, ban, "192.0.2.1"]
+            )
+        ]
 
 
 async def test_script_takes_burst_tokens_then_refuses(redis_server: RedisServer) -> None:
@@ -85,6 +90,12 @@ async def test_script_bans_after_n_violations_with_a_ttl(redis_server: RedisServ
         assert (kind, ms, violations) == (3, 5_000, 3)
         assert 4_900 < await s.client.pttl(s.keys[1]) <= 5_000
         assert await s.client.exists(s.keys[2]) == 0  # counting starts again after the ban
+        # the index that /admin/bans reads: the client, scored by the ban's end (ms), and
+        # gone with the last ban
+        seconds, micros = await s.client.time()
+        end = await s.client.zscore(s.keys[3], "192.0.2.1")
+        assert 4_900 < end - (seconds * 1000 + micros // 1000) <= 5_000
+        assert 4_900 < await s.client.pttl(s.keys[3]) <= 5_000
         kind, left, _, _ = await s(SECOND_US, 1, after=3)
         assert kind == 2 and 4_900 < left <= 5_000
         # interval 0 (an unlimited request) still finds the ban
