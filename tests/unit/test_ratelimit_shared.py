@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from mitmproxy.test import taddons, tflow
 
-from addons import metrics, ratelimit, state
+from addons import metrics, ratelimit, schema, state
 from tests.redis_helpers import RedisServer
 
 SECOND_US = 1_000_000
@@ -277,3 +278,19 @@ def test_each_worker_enforces_its_share(monkeypatch: pytest.MonkeyPatch) -> None
             r.requestheaders(f)
             answers.append(f.response is None)
         assert answers == [True, True, True, False]
+
+
+def test_the_ban_profile_section_becomes_options(tmp_path: Path) -> None:
+    p = tmp_path / "p.yaml"
+    p.write_text(
+        "security:\n  rate_limiting:\n    ban: {after: 5, within: 30s, duration: 15m, status: 403}\n"
+    )
+    opts = schema.to_options(schema.load(p, {}).profile)
+    assert (opts["ratelimit_ban_after"], opts["ratelimit_ban_status"]) == (5, "403")
+    r = ratelimit.RateLimit()
+    with taddons.context(r) as tctx:
+        tctx.configure(r, **{k: v for k, v in opts.items() if k.startswith("ratelimit_ban_")})
+        assert (r.ban_after, r.ban_within, r.ban_duration, r.ban_status) == (5, 30.0, 900.0, 403)
+    p.write_text("security:\n  rate_limiting:\n    ban: {status: 500}\n")
+    with pytest.raises(schema.ProfileError, match="status"):
+        schema.load(p, {})
