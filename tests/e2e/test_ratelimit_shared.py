@@ -237,7 +237,8 @@ def histogram_quantiles(group: list[Instance]) -> str:
     for q in (0.5, 0.99):
         bound = next((b for b in sorted(counts) if counts[b] >= q * total), float("inf"))
         out.append(f"p{round(q * 100)} <= {bound * 1000:g} ms")
-    return ", ".join(out)
+    shares = ", ".join(f"<={b * 1000:g} ms: {counts[b] / total:.0%}" for b in sorted(counts))
+    return ", ".join(out) + f" ({shares})"
 
 
 # --- (c) bans ---------------------------------------------------------------------------------
