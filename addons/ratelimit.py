@@ -40,8 +40,9 @@ is logged and counted once (`policy_decisions_total{policy="ratelimit",decision=
 refusal while banned is counted (`decision="banned"`) without a log line. Memory: a table
 bounded by `ratelimit_max_clients`; Redis: a key `<prefix>:ban:<ip>` with a PX TTL, so a ban
 set through one instance refuses the client on all of them, and a sorted set `<prefix>:bans`
-(scored by each ban's end) that `/admin/bans` reads instead of scanning the keyspace. Exempt clients are never banned.
-`GET /admin/bans` lists the bans, `DELETE /admin/bans/<ip>` lifts one (management_routes()).
+(scored by each ban's end) that `/admin/bans` reads instead of scanning the keyspace. Exempt
+clients are never banned. `GET /admin/bans` lists the bans, `DELETE /admin/bans/<ip>` lifts
+one (management_routes()).
 
 Connections: `ratelimit_max_connections_per_ip` caps concurrent connections per peer address
 (slowloris and connection floods). A connection over the cap is closed in `client_connected`
