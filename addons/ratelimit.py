@@ -400,7 +400,8 @@ MAX_LISTED = 1000
 
 
 class _Collector:
-    """ratelimit_buckets (tracked clients) and ratelimit_connections (open, counted) at scrape."""
+    """ratelimit_buckets (tracked clients), ratelimit_connections (open, counted) and
+    ratelimit_bans (this process's ban table) at scrape."""
 
     def __init__(self) -> None:
         self.addon: RateLimit | None = None
@@ -416,6 +417,12 @@ class _Collector:
             "ratelimit_connections",
             "Open client connections counted against ratelimit_max_connections_per_ip.",
             len(addon.counted) if addon else 0,
+        )
+        yield GaugeMetricFamily(
+            "ratelimit_bans",
+            "Clients banned in this process's own table (memory backend, or while Redis is "
+            "down; Redis's bans are listed by /admin/bans).",
+            len(addon.bans.banned) if addon else 0,
         )
 
 

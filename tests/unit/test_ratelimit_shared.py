@@ -218,6 +218,7 @@ def test_memory_ban_then_lift() -> None:
         assert banned["code"] == "TEMPORARILY_BANNED" and answers[2].status_code == 429
         assert answers[2].headers["Retry-After"] == "600"
         assert json.loads(answers[3].content)["error"]["code"] == "TEMPORARILY_BANNED"
+        assert metrics.REGISTRY.get_sample_value("ratelimit_bans") == 1
         listed = r.bans.listing(time.monotonic(), time.time())
         assert [(b["ip"], b["violations"]) for b in listed] == [("192.0.2.1", 2)]
         assert r.bans.lift("192.0.2.1") and not r.bans.lift("192.0.2.1")
