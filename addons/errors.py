@@ -63,6 +63,7 @@ STATUS: dict[str, int] = {
     "URI_TOO_LONG": 414,
     "UNSUPPORTED_MEDIA_TYPE": 415,
     "RATE_LIMITED": 429,
+    "TEMPORARILY_BANNED": 429,  # ratelimit_ban_status may make it 403
     "CONFIG_INVALID": 422,
     "HEADERS_TOO_LARGE": 431,
     "INTERNAL_ERROR": 500,

@@ -13,9 +13,10 @@ Other addons extend the app without importing it, by duck typing (any loaded add
 each request, so script reloads and late loads just work):
 
     management_routes() -> {path: async handler(aiohttp.web.Request) -> StreamResponse}
-        Exact paths served by that addon. Paths under /admin/ get the admin bearer-token check
-        (and 404 while admin_token is empty) before the handler runs; any other path (e.g.
-        /cli/execute) does its own authentication.
+        Exact paths served by that addon; a key ending in `/*` serves any last path segment
+        under it (`/admin/bans/*`: `/admin/bans/<ip>`, read from request.path). Paths under
+        /admin/ get the admin bearer-token check (and 404 while admin_token is empty) before
+        the handler runs; any other path (e.g. /cli/execute) does its own authentication.
     readiness_check() -> (name, value, ok)
         One more entry in /health/readiness's `checks` (`value`, any JSON: the cache shows
         "ok"/"disabled", the router a list of backends); not `ok` makes readiness answer 503.
@@ -540,7 +541,8 @@ class Management:
             routes = getattr(addon, "management_routes", None)
             if routes is None or addon is self:
                 continue
-            handler = routes().get(path)
+            table = routes()
+            handler = table.get(path) or table.get(path.rpartition("/")[0] + "/*")
             if handler is not None:
                 return handler
         return None

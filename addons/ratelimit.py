@@ -23,15 +23,38 @@ memory). An OrderedDict rather than cachetools.TTLCache: measured here, TTLCache
 more per lookup-and-update and twice the memory per entry, for an expiry the bucket state
 already encodes.
 
+Workers and instances (`addons/state.py`): with `state_backend: memory` and N workers
+(`kernel.instance.identity().workers`) each worker enforces rate/N with a bucket of
+ceil(burst/N): the kernel spreads a client's connections over the workers, so the instance
+holds about the configured rate (docs/operations.md, "Rate limits and bans", has the measured
+error). With `state_backend: redis` the bucket is one Redis key `<prefix>:rl:<limit id>:<client
+IP>` updated by one Lua script (`BUCKET_SCRIPT`: the same `full_at` on Redis's own clock, the
+ban check and the violation count in the same round trip), so every worker of every instance
+takes from the same bucket. Redis unavailable (`state.UNAVAILABLE`): the request is decided on
+this process's own bucket at the memory rate (rate/N), counted in waypost_state_fallbacks_total.
+
+Temporary bans (`ratelimit_ban_after` > 0): a client refused `ban_after` times within
+`ratelimit_ban_within` is refused everything for `ratelimit_ban_duration`, with
+`ratelimit_ban_status` (429 or 403) TEMPORARILY_BANNED and Retry-After (seconds left); the ban
+is logged and counted once (`policy_decisions_total{policy="ratelimit",decision="ban"}`), each
+refusal while banned is counted (`decision="banned"`) without a log line. Memory: a table
+bounded by `ratelimit_max_clients`; Redis: a key `<prefix>:ban:<ip>` with a PX TTL, so a ban
+set through one instance refuses the client on all of them, and a sorted set `<prefix>:bans`
+(scored by each ban's end) that `/admin/bans` reads instead of scanning the keyspace. Exempt
+clients are never banned. `GET /admin/bans` lists the bans, `DELETE /admin/bans/<ip>` lifts
+one (management_routes()).
+
 Connections: `ratelimit_max_connections_per_ip` caps concurrent connections per peer address
 (slowloris and connection floods). A connection over the cap is closed in `client_connected`
 before any byte is read: a client that opens hundreds of connections is not owed an HTTP
 answer, and reading one would spend what the cap protects. Trusted proxies and exempt clients
 are not capped.
 
-Hooks: running, done, client_connected, client_disconnected, http_connect, requestheaders.
+Hooks: running, done, client_connected, client_disconnected, http_connect, requestheaders
+(both awaitable only with state_backend redis). Extension: management_routes() (/admin/bans).
 Options: ratelimit_requests_per_second, ratelimit_burst, ratelimit_mode, ratelimit_exempt,
-ratelimit_rules, ratelimit_max_connections_per_ip, ratelimit_max_clients;
+ratelimit_rules, ratelimit_max_connections_per_ip, ratelimit_max_clients, ratelimit_ban_after,
+ratelimit_ban_within, ratelimit_ban_duration, ratelimit_ban_status;
 forwarding_trusted_proxies (declared by `addons/kernel/net.py`); state_* (`addons/state.py`).
 """
 
@@ -43,16 +66,19 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Awaitable, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
 
 import pydantic
+from aiohttp import web
 from mitmproxy import connection, ctx, exceptions, http
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from addons import errors, metrics, policy, state
-from addons.kernel import hosts, net
-from addons.kernel.options import Option, at_least, declare, once, spawn
+from addons.kernel import hosts, instance, net
+from addons.kernel.options import Option, at_least, choice, declare, duration, once, spawn
+from addons.kernel.record import record
 from addons.schema import RateLimitRule
 
 log = logging.getLogger("waypost.ratelimit")
@@ -249,11 +275,133 @@ class Buckets:
         return dropped
 
 
+class Ban(NamedTuple):
+    until: float  # time.monotonic() when the ban ends
+    violations: int
+
+
+class Bans:
+    """Temporary bans and the violations counted towards them, by client IP (memory backend,
+    and the local decisions while Redis is down). Both tables hold at most `maxsize` entries:
+    past it the oldest goes (a flood of addresses can shorten bans, never grow memory)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self.banned: OrderedDict[str, Ban] = OrderedDict()
+        # ip -> (end of the counting window, violations in it)
+        self.violations: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def left(self, ip: str, now: float) -> float:
+        """Seconds left of the client's ban; 0 when it is not banned."""
+        ban = self.banned.get(ip)
+        if ban is None:
+            return 0.0
+        if ban.until <= now:
+            del self.banned[ip]
+            return 0.0
+        return ban.until - now
+
+    def violation(self, ip: str, now: float, after: int, within: float, duration: float) -> int:
+        """Count one refused request; the violation count when it bans the client, else 0."""
+        end, n = self.violations.pop(ip, (0.0, 0))
+        if end <= now:
+            end, n = now + within, 0
+        n += 1
+        if n >= after:
+            self.banned.pop(ip, None)
+            self.banned[ip] = Ban(now + duration, n)
+            _bound(self.banned, self.maxsize)
+            return n
+        self.violations[ip] = (end, n)
+        _bound(self.violations, self.maxsize)
+        return 0
+
+    def lift(self, ip: str) -> bool:
+        self.violations.pop(ip, None)
+        return self.banned.pop(ip, None) is not None
+
+    def sweep(self, now: float) -> None:
+        for ip in [ip for ip, ban in self.banned.items() if ban.until <= now]:
+            del self.banned[ip]
+        for ip in [ip for ip, (end, _) in self.violations.items() if end <= now]:
+            del self.violations[ip]
+
+    def listing(self, now: float, wall: float) -> list[dict[str, object]]:
+        return [
+            _ban_entry(ip, wall + ban.until - now, ban.until - now, ban.violations)
+            for ip, ban in self.banned.items()
+            if ban.until > now
+        ]
+
+
+def _bound(table: OrderedDict[str, object], maxsize: int) -> None:
+    while len(table) > maxsize:
+        table.popitem(last=False)
+
+
+def _ban_entry(ip: str, until: float, left: float, violations: int | None) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "ip": ip,
+        "until": datetime.fromtimestamp(until, UTC).isoformat(timespec="seconds"),
+        "seconds_left": math.ceil(left - _EPS),
+    }
+    if violations is not None:
+        entry["violations"] = violations
+    return entry
+
+
+# --- the shared bucket: one Lua script in Redis ----------------------------------------------
+
+# KEYS: the bucket, the client's ban, the client's violation count, the index of bans.
+# ARGV: microseconds per token (0: only the ban check), burst, ban after N violations (0: no
+# bans), the violation window (ms), the ban's duration (ms), the client IP.
+# Returns {kind, a, b, c}: kind 1 allowed; 0 refused (a retry in us, b tokens left, c reset in
+# us); 2 banned (a ms left); 3 banned by this refusal (a ms, b violations).
+# The bucket is `take`'s `full_at` in microseconds of Redis's own clock (TIME, so instances'
+# clocks do not matter), kept only while it is refilling (PX: a full bucket is no key).
+BUCKET_SCRIPT = """
+local left = redis.call('PTTL', KEYS[2])
+if left > 0 then return {2, left, 0, 0} end
+local interval = tonumber(ARGV[1])
+if interval == 0 then return {1, 0, 0, 0} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local full_at = tonumber(redis.call('GET', KEYS[1])) or now
+if full_at < now then full_at = now end
+local capacity = tonumber(ARGV[2]) * interval
+local after = full_at + interval
+if after - now <= capacity + 0.001 then
+  redis.call('SET', KEYS[1], after, 'PX', math.max(1, math.ceil((after - now) / 1000)))
+  return {1, 0, 0, 0}
+end
+local ban_after = tonumber(ARGV[3])
+if ban_after > 0 then
+  local n = redis.call('INCR', KEYS[3])
+  if n == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[4]) end
+  if n >= ban_after then
+    redis.call('DEL', KEYS[3])
+    redis.call('SET', KEYS[2], n, 'PX', ARGV[5])
+    -- The index lists bans without a SCAN: scored by their end, pruned as they end, and gone
+    -- when the last one ends.
+    local ends = math.floor(now / 1000) + tonumber(ARGV[5])
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', math.floor(now / 1000))
+    redis.call('ZADD', KEYS[4], ends, ARGV[6])
+    if redis.call('PTTL', KEYS[4]) < tonumber(ARGV[5]) then redis.call('PEXPIRE', KEYS[4], ARGV[5]) end
+    return {3, tonumber(ARGV[5]), n, 0}
+  end
+end
+return {0, math.floor(after - now - capacity), math.floor((capacity - (full_at - now)) / interval + 1e-6), math.floor(full_at - now)}
+"""
+# /admin/bans lists at most this many bans (the ones ending last first).
+MAX_LISTED = 1000
+
+
 # --- metrics -------------------------------------------------------------------------------
 
 
 class _Collector:
-    """ratelimit_buckets (tracked clients) and ratelimit_connections (open, counted) at scrape."""
+    """ratelimit_buckets (tracked clients), ratelimit_connections (open, counted) and
+    ratelimit_bans (this process's ban table) at scrape."""
 
     def __init__(self) -> None:
         self.addon: RateLimit | None = None
@@ -269,6 +417,12 @@ class _Collector:
             "ratelimit_connections",
             "Open client connections counted against ratelimit_max_connections_per_ip.",
             len(addon.counted) if addon else 0,
+        )
+        yield GaugeMetricFamily(
+            "ratelimit_bans",
+            "Clients banned in this process's own table (memory backend, or while Redis is "
+            "down; Redis's bans are listed by /admin/bans).",
+            len(addon.bans.banned) if addon else 0,
         )
 
 
@@ -327,28 +481,80 @@ OPTIONS: tuple[Option, ...] = (
         "ratelimit_max_clients",
         int,
         100_000,
-        "Most client buckets kept in memory (about 175 bytes each); past it the least recently used bucket is dropped.",
+        "Most client buckets kept in memory (about 175 bytes each); past it the least recently used bucket is dropped. Also bounds the local ban table.",
+    ),
+    Option(
+        "ratelimit_ban_after",
+        int,
+        0,
+        "Temporary bans: a client refused this many times within ratelimit_ban_within is refused everything for ratelimit_ban_duration (0: no bans).",
+    ),
+    Option(
+        "ratelimit_ban_within",
+        str,
+        "60s",
+        "The window in which ratelimit_ban_after violations ban a client, e.g. 60s.",
+    ),
+    Option(
+        "ratelimit_ban_duration",
+        str,
+        "10m",
+        "How long a temporary ban lasts, e.g. 10m.",
+    ),
+    Option(
+        "ratelimit_ban_status",
+        str,
+        "429",
+        "Status of the TEMPORARILY_BANNED answer: 429 or 403.",
+        ("429", "403"),
     ),
 )
 _LIMITS = frozenset(
     {"ratelimit_requests_per_second", "ratelimit_burst", "ratelimit_mode", "ratelimit_rules"}
 )
+_BANS = frozenset(
+    {
+        "ratelimit_ban_after",
+        "ratelimit_ban_within",
+        "ratelimit_ban_duration",
+        "ratelimit_ban_status",
+    }
+)
+BAN_STATUSES = ("429", "403")
+
+
+def divided(limit: Limit, workers: int) -> Limit:
+    """One worker's share of a limit in memory mode: rate/N, a bucket of ceil(burst/N)."""
+    if workers <= 1 or not limit.rate:
+        return limit
+    return limit._replace(rate=limit.rate / workers, burst=math.ceil(limit.burst / workers))
 
 
 class RateLimit:
     def __init__(self) -> None:
         self.default = Limit(DEFAULT_ID, 0.0, 1, "enforce")
         self.rules: tuple[Limit, ...] = ()
+        # This process's share of each limit (memory backend, Redis fallback): by id.
+        self.workers = 1
+        self.local: dict[str, Limit] = {}
+        self.local_default = self.default
         self.mode = "enforce"
         self.exempt = net.NO_NETWORKS
         self.has_exempt = False
         self._exempt_cache: dict[str, bool] = {}
         self.max_connections = 0
         self.buckets = Buckets(100_000)
+        self.bans = Bans(100_000)
+        self.ban_after = 0
+        self.ban_within = 60.0
+        self.ban_duration = 600.0
+        self.ban_status = 429
         self.connections: dict[str, int] = {}  # peer IP -> open connections counted
         self.counted: dict[str, str] = {}  # client.id -> peer IP, for the decrement
         self.active = False
+        self.shared = False  # state_backend redis: decisions are Redis's
         self._sweeper: asyncio.Task[None] | None = None
+        self._script: Any = None  # BUCKET_SCRIPT registered on the current Redis client
 
     def load(self, loader: object) -> None:
         net.load(loader)
@@ -358,9 +564,12 @@ class RateLimit:
     def configure(self, updated: set[str]) -> None:
         net.configure(updated)
         state.configure(updated)
+        self.shared = state.STATE.shared
         opts = ctx.options
         if updated & _LIMITS:
             self._configure_limits()
+        if updated & _BANS:
+            self._configure_bans()
         if "ratelimit_exempt" in updated:
             self.exempt = net.networks_option("ratelimit_exempt", opts.ratelimit_exempt)
             self._exempt_cache = {}
@@ -370,7 +579,11 @@ class RateLimit:
                 "ratelimit_max_connections_per_ip", opts.ratelimit_max_connections_per_ip, 0
             )
         if "ratelimit_max_clients" in updated:
-            self.buckets.resize(at_least("ratelimit_max_clients", opts.ratelimit_max_clients, 1))
+            maxsize = at_least("ratelimit_max_clients", opts.ratelimit_max_clients, 1)
+            self.buckets.resize(maxsize)
+            self.bans.maxsize = maxsize
+            _bound(self.bans.banned, maxsize)
+            _bound(self.bans.violations, maxsize)
         self.active = bool(self.default.rate or self.rules)
         COLLECTOR.addon = self
 
@@ -386,6 +599,18 @@ class RateLimit:
         self.mode = mode
         self.default = Limit(DEFAULT_ID, rate, effective_burst(rate, burst), mode)
         self.rules = rules
+        self.workers = instance.identity().workers
+        self.local_default = divided(self.default, self.workers)
+        self.local = {r.id: divided(r, self.workers) for r in rules}
+
+    def _configure_bans(self) -> None:
+        opts = ctx.options
+        self.ban_after = at_least("ratelimit_ban_after", opts.ratelimit_ban_after, 0)
+        self.ban_within = duration("ratelimit_ban_within", opts.ratelimit_ban_within, 0.001)
+        self.ban_duration = duration("ratelimit_ban_duration", opts.ratelimit_ban_duration, 0.001)
+        self.ban_status = int(
+            choice("ratelimit_ban_status", opts.ratelimit_ban_status, BAN_STATUSES)
+        )
 
     def running(self) -> None:
         if self._sweeper is None:
@@ -400,7 +625,9 @@ class RateLimit:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
-            self.buckets.sweep(time.monotonic())
+            now = time.monotonic()
+            self.buckets.sweep(now)
+            self.bans.sweep(now)
 
     def _exempt(self, ip: str) -> bool:
         if not self.has_exempt:
@@ -447,33 +674,204 @@ class RateLimit:
 
     # --- requests ---
 
-    @errors.fail_closed
-    def http_connect(self, flow: http.HTTPFlow) -> None:
-        if self.active and not (flow.response or flow.error or not flow.live):
-            self._limit(flow, True)
+    def http_connect(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        return self.requestheaders(flow)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        if not self.active or flow.response or flow.error or not flow.live:
+            return None
+        if self.shared:
+            return self._limit_shared(flow)
+        self._limit(flow)
+        return None
+
+    def _match(self, flow: http.HTTPFlow) -> Limit:
+        if self.rules:
+            req = flow.request
+            tunnel = req.method == "CONNECT"
+            rule = match(self.rules, hosts.host_key(req.host), None if tunnel else req.path)
+            if rule is not None:
+                return rule
+        return self.default
 
     @errors.fail_closed
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if self.active and not (flow.response or flow.error or not flow.live):
-            self._limit(flow, False)
-
-    def _limit(self, flow: http.HTTPFlow, tunnel: bool) -> None:
+    def _limit(self, flow: http.HTTPFlow) -> None:
+        """Decide on this process's own bucket and bans (memory, or Redis unavailable)."""
         ip = net.client_ip(flow)
         if self.has_exempt and self._exempt(ip):
             return
-        limit = self.default
-        key = ip
-        if self.rules:
-            req = flow.request
-            rule = match(self.rules, hosts.host_key(req.host), None if tunnel else req.path)
-            if rule is not None:
-                limit = rule
-                key = f"{rule.id} {ip}"
+        # The default limit inlined: the path of every request in memory mode.
+        limit = self._match(flow) if self.rules else self.default
+        now = time.monotonic()
+        if self.ban_after:
+            left = self.bans.left(ip, now)
+            if left:
+                self._banned(flow, ip, left)
+                return
         if not limit.rate:
             return
-        result = self.buckets.take(key, time.monotonic(), limit.rate, limit.burst)
-        if result is not None:
-            _refuse(flow, ip, limit, result)
+        if limit is self.default:
+            key, share = ip, self.local_default
+        else:
+            key, share = f"{limit.id} {ip}", self.local[limit.id]
+        result = self.buckets.take(key, now, share.rate, share.burst)
+        if result is None:
+            return
+        if self.ban_after:
+            n = self.bans.violation(ip, now, self.ban_after, self.ban_within, self.ban_duration)
+            if n:
+                self._ban(flow, ip, n)
+                return
+        _refuse(flow, ip, share, result)
+
+    @errors.fail_closed
+    async def _limit_shared(self, flow: http.HTTPFlow) -> None:
+        ip = net.client_ip(flow)
+        if self.has_exempt and self._exempt(ip):
+            return
+        limit = self._match(flow)
+        if not limit.rate and not self.ban_after:
+            return
+        st = state.STATE
+        keys = [st.key("rl", limit.id, ip), st.key("ban", ip), st.key("rlv", ip), st.key("bans")]
+        args = [
+            1e6 / limit.rate if limit.rate else 0,
+            limit.burst,
+            self.ban_after,
+            max(1, round(self.ban_within * 1000)),
+            max(1, round(self.ban_duration * 1000)),
+            ip,
+        ]
+        answer = await st.call("ratelimit", lambda r: self._bucket_script(r)(keys, args))
+        if flow.response or flow.error or not flow.live:
+            return
+        if answer is state.UNAVAILABLE:
+            self._limit(flow)
+            return
+        kind, a, b, c = (int(x) for x in answer)
+        if kind == 1:
+            return
+        if kind == 2:
+            self._banned(flow, ip, a / 1000)
+        elif kind == 3:
+            self._ban(flow, ip, b)
+        else:
+            _refuse(flow, ip, limit, Take(False, 0.0, b, a / 1e6, c / 1e6))
+
+    def _bucket_script(self, client: Any) -> Any:
+        # redis-py's Script: EVALSHA, and on NOSCRIPT (a restarted or flushed Redis) SCRIPT
+        # LOAD and EVALSHA again. Bound to one client: made again after a reconnect.
+        if self._script is None or self._script.registered_client is not client:
+            self._script = client.register_script(BUCKET_SCRIPT)
+        return self._script
+
+    # --- bans ---
+
+    def _ban(self, flow: http.HTTPFlow, ip: str, violations: int) -> None:
+        """This refusal banned the client: logged and counted once per ban."""
+        wait = retry_after(self.ban_duration)
+        if policy.decide(
+            "ratelimit",
+            "ban",
+            ip,
+            self.mode,
+            flow,
+            decision="ban",
+            violations=violations,
+            ban_seconds=wait,
+        ):
+            flow.response = _banned_response(flow, wait, self.ban_status)
+
+    def _banned(self, flow: http.HTTPFlow, ip: str, left: float) -> None:
+        """A banned client's request: counted, not logged (the ban was)."""
+        enforce = self.mode != "shadow"
+        metrics.count_decision("ratelimit", "banned" if enforce else "would_block", "ban")
+        if not enforce:
+            record(flow).setdefault("shadow", []).append("ratelimit:ban")
+            return
+        meta = record(flow)
+        meta["decision"], meta["rule"], meta["policy"] = "banned", "ban", "ratelimit"
+        policy.annotate(flow, policy.ENFORCED, "waypost ratelimit banned rule=ban", force=True)
+        flow.response = _banned_response(flow, retry_after(left), self.ban_status)
+
+    def management_routes(self) -> dict[str, Any]:
+        return {"/admin/bans": self._admin_bans, "/admin/bans/*": self._admin_lift}
+
+    async def _admin_bans(self, request: web.Request) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            return errors.web_error("METHOD_NOT_ALLOWED", "Use GET.", headers={"Allow": "GET"})
+        now, wall = time.monotonic(), time.time()
+        listed = self.bans.listing(now, wall)
+        st = state.STATE
+        shared = False
+        if st.shared:
+            found = await st.call("bans", lambda r: _shared_bans(r, st))
+            if found is not state.UNAVAILABLE:
+                listed = [_ban_entry(ip, wall + ms / 1000, ms / 1000, n) for ip, ms, n in found]
+                shared = True
+        # shared false: this process's own bans (memory, or Redis did not answer)
+        return web.json_response({"bans": listed, "shared": shared})
+
+    async def _admin_lift(self, request: web.Request) -> web.StreamResponse:
+        if request.method != "DELETE":
+            return errors.web_error(
+                "METHOD_NOT_ALLOWED", "Use DELETE.", headers={"Allow": "DELETE"}
+            )
+        ip = request.path.rpartition("/")[2]
+        lifted = self.bans.lift(ip)
+        st = state.STATE
+        if st.shared:
+            deleted = await st.call("bans", lambda r: _lift(r, st, ip))
+
+            if deleted is state.UNAVAILABLE:
+                return errors.web_error(
+                    "INTERNAL_ERROR", "Redis did not answer; the ban may still hold.", status=503
+                )
+            lifted = lifted or deleted
+        if not lifted:
+            return errors.web_error("NOT_FOUND", f"{ip} is not banned.")
+        log.info("ban lifted", extra={"waypost": {"policy": "ratelimit", "client_ip": ip}})
+        return web.json_response({"lifted": ip})
+
+
+async def _lift(client: Any, st: state.SharedState, ip: str) -> bool:
+    """Delete a ban, the violations counted towards the next and its index entry; whether
+    there was a ban."""
+    pipe = client.pipeline(transaction=False)
+    pipe.delete(st.key("ban", ip))
+    pipe.delete(st.key("rlv", ip))
+    pipe.zrem(st.key("bans"), ip)
+    found, _, _ = await pipe.execute()
+    return bool(found)
+
+
+async def _shared_bans(client: Any, st: state.SharedState) -> list[tuple[str, int, int | None]]:
+    """The bans in Redis: (ip, ms left, violations), at most MAX_LISTED, from the index (two
+    round trips, however many keys Redis holds)."""
+    index = st.key("bans")
+    members = await client.zrevrange(index, 0, MAX_LISTED - 1)
+    if not members:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for ip in members:
+        pipe.pttl(st.key("ban", ip.decode()))
+        pipe.get(st.key("ban", ip.decode()))
+    answers = await pipe.execute()
+    out = []
+    for ip, ms, n in zip(members, answers[::2], answers[1::2], strict=True):
+        if ms > 0:  # an entry whose ban ended or was lifted is pruned by the next ban
+            out.append((ip.decode(), int(ms), int(n) if n is not None else None))
+    return out
+
+
+def _banned_response(flow: http.HTTPFlow, wait: int, status: int) -> http.Response:
+    return errors.make(
+        "TEMPORARILY_BANNED",
+        f"Too many requests over the limit: temporarily banned; retry in {wait} s.",
+        flow,
+        {"Retry-After": str(wait)},
+        status=status,
+    )
 
 
 def _refuse(flow: http.HTTPFlow, ip: str, limit: Limit, result: Take) -> None:

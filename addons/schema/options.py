@@ -160,6 +160,10 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
         _same,
     ),
     "ratelimit_max_clients": (("security", "rate_limiting", "max_clients"), _same),
+    "ratelimit_ban_after": (("security", "rate_limiting", "ban", "after"), _same),
+    "ratelimit_ban_within": (("security", "rate_limiting", "ban", "within"), format_duration),
+    "ratelimit_ban_duration": (("security", "rate_limiting", "ban", "duration"), format_duration),
+    "ratelimit_ban_status": (("security", "rate_limiting", "ban", "status"), str),
     "ratelimit_rules": (
         ("security", "rate_limiting", "rules"),
         lambda rules: json.dumps([r.model_dump(exclude_none=True) for r in rules]) if rules else "",

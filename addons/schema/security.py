@@ -64,6 +64,13 @@ class RateLimitRule(Section):
         return self
 
 
+class RateLimitBan(Section):
+    after: Annotated[int, Field(ge=0)] = 0  # violations that ban a client; 0: no bans
+    within: Duration = 60.0
+    duration: Duration = 600.0
+    status: Literal[429, 403] = 429
+
+
 class RateLimiting(Section):
     enabled: Annotated[bool, Env("RATE_LIMIT_ENABLED")] = True  # false: no limit nor cap applies
     requests_per_second: Annotated[
@@ -75,6 +82,7 @@ class RateLimiting(Section):
     max_connections_per_ip: Annotated[int, Field(ge=0)] = 0
     max_clients: Annotated[int, Field(ge=1)] = 100_000
     rules: list[RateLimitRule] = []
+    ban: RateLimitBan = RateLimitBan()
 
     @field_validator("rules")
     @classmethod
