@@ -9,8 +9,11 @@ import sys
 
 from mitmproxy.tools.main import mitmdump
 
+from addons.kernel import reuseport
+
 
 def main(argv: list[str]) -> int:
+    reuseport.install()
     return mitmdump(argv) or 0
 
 
