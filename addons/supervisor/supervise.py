@@ -131,7 +131,7 @@ class Slot:
 class Supervisor:
     def __init__(self, settings: Settings, argv: Sequence[str]) -> None:
         self.settings = settings
-        self.argv = list(argv)
+        self.command = [sys.executable, "-m", "addons.supervisor.worker", *argv]
         self.slots = [Slot(i, bind("127.0.0.1", 0)) for i in range(settings.workers)]
         self.guard = CrashGuard()
         self.instance_management = ""
@@ -186,7 +186,7 @@ class Supervisor:
             instance.INSTANCE_MANAGEMENT: self.instance_management,
         }
         slot.proc = subprocess.Popen(
-            [sys.executable, "-m", "addons.supervisor.worker", *self.argv],
+            self.command,
             env=env,
             pass_fds=(fd,),
             stdin=subprocess.DEVNULL,
