@@ -12,10 +12,9 @@ import logging
 import os
 import sys
 
-from addons.accesslog import JsonFormatter
 from addons.kernel import instance
 from addons.supervisor.settings import SettingsError, resolve, usable_cores
-from addons.supervisor.supervise import Supervisor
+from addons.supervisor.supervise import JsonLines, Supervisor
 
 USAGE = """\
 usage: python -m addons.supervisor [mitmdump arguments...]
@@ -56,7 +55,7 @@ def main(argv: list[str]) -> int:
         os.execv(sys.executable, [sys.executable, "-m", "addons.supervisor.worker", *argv])
     handler = logging.StreamHandler(sys.stdout)
     if settings.options.get("log_format") == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonLines())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])

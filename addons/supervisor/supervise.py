@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -39,7 +40,6 @@ from aiohttp import web
 
 from addons.kernel import instance
 from addons.kernel.endpoints import bind
-from addons.management import parse_bind_host
 from addons.supervisor.settings import Settings
 
 log = logging.getLogger("waypost.supervisor")
@@ -168,7 +168,8 @@ class Supervisor:
         return instance_app.make_app(views, self.settings)
 
     async def serve_instance_app(self) -> None:
-        host = parse_bind_host(self.settings.metrics_host)
+        host = self.settings.metrics_host
+        host = "127.0.0.1" if host == "localhost" else host.strip("[]")
         sock = bind(host, self.settings.metrics_port)
         self._runner = web.AppRunner(self.instance_app(), handle_signals=False, access_log=None)
         await self._runner.setup()
@@ -262,6 +263,22 @@ class Supervisor:
 
 
 _LIBC = ctypes.CDLL(None)
+
+
+class JsonLines(logging.Formatter):
+    """The supervisor's own lines in the workers' JSON shape (addons/accesslog.py)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return json.dumps(
+            {
+                "timestamp": f"{stamp}.{int(record.msecs):03d}Z",
+                "level": record.levelname,
+                "logger": record.name,
+                "message": record.getMessage(),
+            },
+            separators=(",", ":"),
+        )
 
 
 def _die_with_parent() -> None:
