@@ -257,6 +257,9 @@ def test_one_worker_leaves_no_supervisor(tmp_path: Path, backend: Backend) -> No
         assert b"addons.supervisor.worker" in cmdline  # the started pid became the worker
         assert workers(p) == {}  # and it has no worker children
         assert get(p.port, f"{backend.url}/echo") == 200
-        assert "worker" not in next(j for j in p.json_lines() if j.get("message") == "request")
+        line = wait_until(
+            lambda: next((j for j in p.json_lines() if j.get("message") == "request"), None)
+        )
+        assert "worker" not in line
     finally:
         assert p.stop() == 0
