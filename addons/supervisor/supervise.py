@@ -73,9 +73,13 @@ class CrashGuard:
 
 
 def describe(returncode: int) -> str:
-    if returncode < 0:
+    """A worker's exit status as a person reads it: `code 1`, `signal SIGKILL`."""
+    if returncode >= 0:
+        return f"code {returncode}"
+    try:
         return f"signal {signal.Signals(-returncode).name}"
-    return f"code {returncode}"
+    except ValueError:  # a real-time signal has no name
+        return f"signal {-returncode}"
 
 
 def listening(pid: int, ignore: set[int]) -> bool:

@@ -30,6 +30,7 @@ from addons.drain import Drain
 from addons.kernel.units import parse_workers
 from addons.schema.models import Server
 from addons.supervisor import supervise
+from addons.supervisor.__main__ import main as supervisor_main
 from addons.supervisor.settings import Settings, SettingsError, resolve, set_options
 from addons.supervisor.supervise import CrashGuard, Supervisor, describe, instance_url, listening
 
@@ -67,6 +68,13 @@ def test_worker_option_is_checked_and_only_reported(caplog: pytest.LogCaptureFix
         with caplog.at_level(logging.WARNING, "waypost.drain"):
             tctx.configure(drain, server_workers="auto")
     assert "not started by the supervisor" in caplog.text
+
+
+def test_help_says_what_it_does(capsys: pytest.CaptureFixture[str]) -> None:
+    assert supervisor_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m addons.supervisor [mitmdump arguments...]")
+    assert "server.workers" in out and "SO_REUSEPORT" in out
 
 
 # --- settings ------------------------------------------------------------------------------
@@ -149,7 +157,9 @@ def test_crash_guard_counts_exits_in_a_window() -> None:
     assert all(spread.exited(t * 8.0, listened=True) is None for t in range(20))
 
 
-@pytest.mark.parametrize(("code", "text"), [(1, "code 1"), (0, "code 0"), (-9, "signal SIGKILL")])
+@pytest.mark.parametrize(
+    ("code", "text"), [(1, "code 1"), (0, "code 0"), (-9, "signal SIGKILL"), (-40, "signal 40")]
+)
 def test_describe(code: int, text: str) -> None:
     assert describe(code) == text
 
