@@ -151,7 +151,17 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self.relay, signal.SIGHUP)
         try:
             if self.settings.metrics_enabled:
-                await self.serve_instance_app()
+                try:
+                    await self.serve_instance_app()
+                except OSError as e:
+                    where = f"{self.settings.metrics_host}:{self.settings.metrics_port}"
+                    print(
+                        f"waypost supervisor: the management port cannot listen on {where}: "
+                        f"{e.strerror or e} (set metrics_port to a free port, or "
+                        "metrics_enabled=false)",
+                        file=sys.stderr,
+                    )
+                    return 1
             for slot in self.slots:
                 self.start(slot)
             await self.watch()
@@ -180,7 +190,8 @@ class Supervisor:
         await web.SockSite(self._runner, sock).start()
         port = sock.getsockname()[1]
         self.instance_management = instance_url(host, port)
-        log.info("instance management listening at %s", instance_url(host, port))
+        shown = f"[{host}]" if ":" in host else host
+        log.info("instance management listening at http://%s:%d", shown, port)
 
     def start(self, slot: Slot) -> None:
         fd = slot.sock.fileno()

@@ -352,3 +352,15 @@ def test_a_worker_that_does_not_drain_is_killed(
     assert asyncio.run(scenario()) == 1
     assert time.monotonic() - t0 < 5
     assert sup.slots[0].proc.returncode == -signal.SIGKILL  # type: ignore[union-attr]
+
+
+def test_a_taken_management_port_stops_the_instance_at_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        sup = stand_in(settings(metrics_port=port), monkeypatch, tmp_path)
+        assert asyncio.run(sup.run()) == 1
+    assert all(s.proc is None for s in sup.slots)  # no worker was started
+    err = capsys.readouterr().err
+    assert f"the management port cannot listen on 127.0.0.1:{port}: Address already in use" in err
