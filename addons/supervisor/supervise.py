@@ -5,6 +5,8 @@ the instance app on the management port.
   of `addons/kernel/instance.py` in its environment and its own management socket (bound here
   on 127.0.0.1:0, passed with pass_fds, kept across restarts so its address never changes).
   Workers inherit stdout and stderr: their lines reach the output as they write them.
+  Worker 0 starts alone, the others once it listens: it creates what they share on a first
+  start (mitmproxy's CA in confdir).
 - The proxy listeners are not here: every worker binds them with SO_REUSEPORT
   (`addons/kernel/reuseport.py`) and the kernel spreads connections.
 - A worker that exits when not told to is restarted at once (POLL). `CrashGuard` decides when
@@ -162,8 +164,7 @@ class Supervisor:
                         file=sys.stderr,
                     )
                     return 1
-            for slot in self.slots:
-                self.start(slot)
+            self.start(self.slots[0])  # the others once it listens: see watch()
             await self.watch()
             return await self.shutdown()
         finally:
@@ -219,7 +220,13 @@ class Supervisor:
             if self.stopping is not None:
                 return
             for slot in self.slots:
-                assert slot.proc is not None
+                if slot.proc is None:
+                    # Worker 0 alone first: it creates what the workers share on first start
+                    # (mitmproxy's CA in confdir, which a second worker would read half
+                    # written), and a worker that cannot start fails once, not N times.
+                    if self.slots[0].listened:
+                        self.start(slot)
+                    continue
                 code = slot.proc.poll()
                 if code is None:
                     if not slot.listened:

@@ -125,6 +125,33 @@ def test_two_workers_share_the_listener(instances, tmp_path: Path, backend: Back
     assert min(share.values()) >= 60, share
 
 
+def test_reverse_listeners_are_shared_too(instances, tmp_path: Path, backend: Backend) -> None:
+    port = free_port()
+    profile = write_profile(tmp_path / "p.yaml")
+    profile.write_text(
+        profile.read_text()
+        + f"routing:\n  default_backend: {backend.url}\n"
+        + f"  listeners: [{{mode: reverse, host: 127.0.0.1, port: {port}}}]\n"
+    )
+    p = instances(profile, port=port)
+    reverse = f"listening at 127.0.0.1:{port}"
+    wait_until(
+        lambda: (
+            {
+                j["worker"]
+                for j in p.json_lines()
+                if "reverse proxy" in j.get("message", "").lower() and reverse in j["message"]
+            }
+            == {0, 1}
+        ),
+        timeout=30,
+    )
+    mark = len(p.json_lines())
+    assert Counter(get(port, "/echo/reverse") for _ in range(100)) == {200: 100}
+    share = wait_until(lambda: sum((c := served_by(p, mark)).values()) == 100 and c)
+    assert min(share[0], share[1]) >= 25, share
+
+
 def test_sigkill_under_load_restarts_the_worker(
     instances, tmp_path: Path, backend: Backend
 ) -> None:
