@@ -48,7 +48,7 @@ from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.proxy import layer
 
 from addons import errors
-from addons.kernel import net
+from addons.kernel import instance, net
 from addons.kernel.logfile import RotatingLog
 from addons.kernel.options import Option, at_least, declare, size
 from addons.kernel.record import record
@@ -239,7 +239,13 @@ def _extra(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: timestamp, level, logger, message, then extra fields."""
+    """One JSON object per record: timestamp, level, logger, message, then extra fields; and
+    `worker`, this process's index, when it is one of several workers of an instance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        me = instance.identity()
+        self.worker = me.index if me.supervised else None
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -248,6 +254,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker is not None:
+            out["worker"] = self.worker
         fields = record.__dict__.get("waypost")
         if fields is not None and len(record.__dict__) <= _plain_record_size:
             out.update(fields)  # the access-line fast path: nothing else to look for

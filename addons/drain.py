@@ -23,6 +23,10 @@ Hooks: `running`, `done`, `requestheaders`, `http_connect` (count), `response`, 
 
 Options:
 - `server_shutdown_timeout` (str, "30s"): the longest wait for in-flight requests.
+- `server_workers` (str, "1"): worker processes per instance, or `auto`; acted on by the
+  supervisor (`python -m addons.supervisor`), which starts the workers and drains them all on
+  SIGTERM. A worker only checks it, and warns when it asks for more than one process but this
+  process was not started by the supervisor.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ import logging
 import signal
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 
-from addons.kernel import units
+from addons.kernel import instance, units
 from addons.kernel.options import Option, declare, duration, spawn
 
 log = logging.getLogger("waypost.drain")
@@ -54,6 +58,13 @@ OPTIONS: tuple[Option, ...] = (
         "long at most for the requests in flight to finish before it exits, e.g. 30s. "
         "Established tunnels do not hold the shutdown. A second signal exits at once.",
     ),
+    Option(
+        "server_workers",
+        str,
+        "1",
+        "Worker processes of this instance (a number, or auto: one per usable core), started "
+        "by python -m addons.supervisor, which reads this option; in a worker it only reports.",
+    ),
 )
 
 
@@ -70,6 +81,18 @@ class Drain:
     def configure(self, updated: set[str]) -> None:
         if "server_shutdown_timeout" in updated:
             self.timeout = duration("server_shutdown_timeout", ctx.options.server_shutdown_timeout)
+        if "server_workers" in updated:
+            try:
+                workers = units.parse_workers(ctx.options.server_workers)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"server_workers: {e}") from None
+            if workers != 1 and not instance.identity().supervised:
+                log.warning(
+                    "server_workers=%s, but this mitmdump was not started by the supervisor: "
+                    "it runs as one process (start with scripts/run or python -m "
+                    "addons.supervisor)",
+                    workers,
+                )
 
     def running(self) -> None:
         loop = asyncio.get_running_loop()

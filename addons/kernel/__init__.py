@@ -17,4 +17,5 @@ spans     child(), event(), remote(): adding to a request's trace without the tr
 tls       certificate, key and chain files read and checked (the TLS listener, the schema)
 version   versions(): Waypost's (package metadata), mitmproxy's and Python's
 instance  identity(): which worker of how many this process is (set by the supervisor)
+reuseport SO_REUSEPORT on a supervised worker's proxy listeners, so all its workers bind them
 """

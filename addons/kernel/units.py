@@ -1,7 +1,8 @@
-"""Durations (`30s`, `500ms`, `2m`) and sizes (`10MB`, `512k`, `1GiB`) as operators write them.
+"""Durations (`30s`, `500ms`, `2m`), sizes (`10MB`, `512k`, `1GiB`) and worker counts (`4`,
+`auto`) as operators write them.
 
-Shared by the profile models and by every addon's flat options, so `--set x=10MB` and
-`x: 10MB` in a profile mean the same thing. Both raise ValueError with a readable reason.
+Shared by the profile models, the flat options and the supervisor, so `--set x=10MB` and
+`x: 10MB` in a profile mean the same thing. All raise ValueError with a readable reason.
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ def parse_size(value: str | int) -> int:
     if size < 0:
         raise ValueError(f"a size cannot be negative, got {value!r}")
     return size
+
+
+def parse_workers(value: str | int) -> int | str:
+    """A number of worker processes, 1 or more, or `auto` (one per usable core)."""
+    text = str(value).strip().lower()
+    if isinstance(value, bool) or not (text == "auto" or text.isdigit() and int(text) >= 1):
+        raise ValueError(f"expected a number of workers (1 or more) or auto, got {value!r}")
+    return text if text == "auto" else int(text)
 
 
 def format_duration(seconds: float) -> str:

@@ -1,8 +1,9 @@
 """The building blocks of the profile schema: the base of every section, value types, `Env`.
 
 - `Section`: a frozen pydantic model that refuses unknown keys.
-- `Duration`, `Size`, `Port`, `Network`, `PortSpec`, `Method`: values written as an operator
-  writes them (`30s`, `10MB`, `10.0.0.0/8`, `8000-8999`, `trace`), checked and normalised.
+- `Duration`, `Size`, `Port`, `Workers`, `Network`, `PortSpec`, `Method`: values written as an
+  operator writes them (`30s`, `10MB`, `auto`, `10.0.0.0/8`, `8000-8999`, `trace`), checked
+  and normalised.
 - `Env`: marks a field an environment variable overrides (`env.py` derives its table from it).
 """
 
@@ -11,11 +12,11 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from addons.kernel.units import parse_duration, parse_size
+from addons.kernel.units import parse_duration, parse_size, parse_workers
 
 
 class Section(BaseModel):
@@ -32,6 +33,7 @@ class Env:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 Port = Annotated[int, Field(ge=0, le=65535)]
+Workers = Annotated[int | Literal["auto"], BeforeValidator(parse_workers)]
 
 
 def _network(value: Any) -> str:

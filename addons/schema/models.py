@@ -20,7 +20,7 @@ from pydantic import (
 
 from addons.kernel import tls as certfiles
 from addons.kernel.units import parse_size
-from addons.schema.fields import Duration, Env, Method, Port, Section, Size
+from addons.schema.fields import Duration, Env, Method, Port, Section, Size, Workers
 from addons.schema.routes import CircuitBreaker, HealthChecks, Routing
 from addons.schema.security import Security
 
@@ -97,6 +97,7 @@ class Server(Section):
     host: Annotated[str, Env("PROXY_HOST")] = "127.0.0.1"
     port: Annotated[Port, Env("PROXY_PORT")] = 8080
     shutdown_timeout: Annotated[Duration, Env("SHUTDOWN_TIMEOUT")] = 30.0
+    workers: Workers = 1
     timeouts: Timeouts = Timeouts()
     tls: Tls = Tls()
 

@@ -45,6 +45,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "listen_host": (("server", "host"), _same),
     "listen_port": (("server", "port"), _same),
     "server_shutdown_timeout": (("server", "shutdown_timeout"), format_duration),
+    "server_workers": (("server", "workers"), str),
     "upstream_connect_timeout": (("server", "timeouts", "connect"), format_duration),
     "upstream_read_timeout": (("server", "timeouts", "read"), format_duration),
     "server_write_timeout": (("server", "timeouts", "write"), format_duration),

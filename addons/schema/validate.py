@@ -63,9 +63,10 @@ def summary(loaded: Loaded) -> str:
 
 def _proxy_summary(p: Profile) -> str:
     s = p.server
+    workers = "" if s.workers == 1 else f", {s.workers} workers"
     return (
         f"{s.host}:{s.port} (shutdown {s.shutdown_timeout:g}s, "
-        f"connect {s.timeouts.connect:g}s, read {s.timeouts.read:g}s)"
+        f"connect {s.timeouts.connect:g}s, read {s.timeouts.read:g}s{workers})"
     )
 
 

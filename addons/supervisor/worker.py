@@ -9,8 +9,13 @@ import sys
 
 from mitmproxy.tools.main import mitmdump
 
+from addons.kernel import reuseport
+
 
 def main(argv: list[str]) -> int:
+    # Workers share the supervisor's stdout: one write per line keeps their lines whole.
+    sys.stdout.reconfigure(line_buffering=True, write_through=False)  # type: ignore[union-attr]
+    reuseport.install()
     return mitmdump(argv) or 0
 
 

@@ -26,12 +26,6 @@ DOCKERFILE = ROOT / "Dockerfile"
 EXAMPLE = "secret.example.yaml"  # kept out of the kustomization: never apply placeholder tokens
 # The oldest Kubernetes still supported upstream when written, and the newest schemas bundled.
 VERSIONS = ["1.29.0", kubernetes_validate.utils.latest_version() + ".0"]
-# Until the schema has them (the state section: on main, not on this branch; server.workers:
-# the supervisor's branch), validate-config refuses these keys; the marker fails (XPASS) once
-# both are merged: then delete it.
-PENDING_KEYS = pytest.mark.xfail(
-    strict=True, reason="server.workers and the state section are not in addons/schema yet"
-)
 
 
 def manifests() -> Iterator[tuple[Path, dict[str, Any]]]:
@@ -144,7 +138,6 @@ def test_grace_period_covers_the_prestop_sleep_and_the_drain() -> None:
     assert spec["terminationGracePeriodSeconds"] > shutdown + pre_stop
 
 
-@PENDING_KEYS
 def test_the_configmap_profile_passes_validate_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -342,7 +335,6 @@ def test_compose_runs_read_only_with_a_writable_confdir_for_the_images_user() ->
     assert f"gid={gid}" in tmpfs[dockerfile_confdir()]
 
 
-@PENDING_KEYS
 def test_the_compose_profile_passes_validate_config(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
