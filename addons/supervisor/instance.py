@@ -68,6 +68,9 @@ _FORWARDED = ("Authorization", "Content-Type", "Accept")
 _KEPT = ("www-authenticate", "allow")
 # Fields of an admin answer that are the instance's total when summed over workers.
 SUMMED: dict[str, tuple[str, ...]] = {"/admin/cache": ("invalidated", "remaining")}
+# Fields that list what each worker holds: the instance's list is their union (duplicates, the
+# same entry read from shared state by every worker, once).
+JOINED: dict[str, tuple[str, ...]] = {"/admin/bans": ("bans",)}
 _ALLOW_GET = {"Allow": "GET, HEAD"}
 # Not relayed between a client and a worker: each hop's own framing.
 _HOP_BY_HOP = frozenset(
@@ -270,12 +273,17 @@ def _payload(code: str, message: str, details: dict[str, Any]) -> dict[str, Any]
     return json.loads(errors.body(code, message, errors.new_request_id(), details))
 
 
-def merge_admin(path: str, answers: Sequence[Answer]) -> tuple[int, Any, dict[str, str]]:
+def merge_admin(
+    path: str, answers: Sequence[Answer], method: str = "GET"
+) -> tuple[int, Any, dict[str, str]]:
     """The instance's answer (status, JSON body, headers) to an admin request every worker got.
 
     - Every worker answered the same success: that status; the body lifts the fields every
       worker answered alike, sums the fields that are totals (`SUMMED`: a purge's
-      `invalidated`), and lists each worker's answer under "workers".
+      `invalidated`), joins the lists of what each worker holds (`JOINED`: bans), and lists
+      each worker's answer under "workers".
+    - A DELETE that some workers answered with a success and the others with 404 succeeded:
+      what it removed was held by some workers only (a ban in memory mode).
     - Every worker answered the same refusal (a wrong token, an unknown path): that answer.
     - Anything else (statuses differ, a worker did not answer): 207 Multi-Status with
       {"workers": [{"worker": i, "status": s, "body": ...} or {..., "error": why}]}.
@@ -283,6 +291,10 @@ def merge_admin(path: str, answers: Sequence[Answer]) -> tuple[int, Any, dict[st
     """
     listed = [a.listed() for a in answers]
     statuses = {a.status for a in answers}
+    if method == "DELETE" and 404 in statuses and len(statuses) == 2:
+        found = [a for a in answers if a.status != 404]
+        if found[0].status is not None and 200 <= found[0].status < 300:
+            answers, statuses = found, {found[0].status}
     if statuses <= {None}:
         body = _payload("BACKEND_UNREACHABLE", "No worker answered.", {"workers": listed})
         return 502, body, {}
@@ -299,6 +311,12 @@ def merge_admin(path: str, answers: Sequence[Answer]) -> tuple[int, Any, dict[st
         for key, value in bodies[0].items():
             if key in SUMMED.get(path, ()):
                 merged[key] = sum(b.get(key, 0) for b in bodies)
+            elif key in JOINED.get(path, ()):
+                joined: list[Any] = []
+                for item in (i for b in bodies for i in b.get(key) or ()):
+                    if item not in joined:
+                        joined.append(item)
+                merged[key] = joined
             elif all(key in b and b[key] == value for b in bodies):
                 merged[key] = value
     merged["workers"] = listed
@@ -460,7 +478,7 @@ def make_app(workers: Callable[[], Sequence[WorkerView]], settings: Settings) ->
         body = await request.read()
         headers = {k: v for k in _FORWARDED if (v := request.headers.get(k))}
         _, answers = await each(request.method, request.path_qs, ADMIN_TIMEOUT, body, headers)
-        status, payload, extra = merge_admin(request.path, answers)
+        status, payload, extra = merge_admin(request.path, answers, request.method)
         if isinstance(payload, str):
             return web.Response(status=status, text=payload, headers=extra)
         return web.Response(

@@ -229,6 +229,28 @@ def test_the_same_refusal_is_passed_on() -> None:
     assert merge_admin("/admin/reload", answers) == (401, refusal, {"WWW-Authenticate": "Bearer"})
 
 
+def test_the_bans_every_worker_holds_are_one_list() -> None:
+    shared = {"ip": "10.0.0.1", "until": 9.0}
+    answers = [
+        Answer(0, 200, {"bans": [shared, {"ip": "10.0.0.2", "until": 5.0}], "shared": False}),
+        Answer(1, 200, {"bans": [shared], "shared": False}),
+    ]
+    status, body, _ = merge_admin("/admin/bans", answers)
+    assert status == 200 and body["shared"] is False
+    assert body["bans"] == [shared, {"ip": "10.0.0.2", "until": 5.0}]
+
+
+def test_a_delete_found_on_some_workers_only_succeeded() -> None:
+    missing = {"error": {"code": "NOT_FOUND", "message": "not banned"}}
+    answers = [Answer(0, 404, missing), Answer(1, 200, {"lifted": "10.0.0.1"})]
+    status, body, _ = merge_admin("/admin/bans/10.0.0.1", answers, "DELETE")
+    assert status == 200 and body["lifted"] == "10.0.0.1"
+    # Not for other methods, nor when nobody found it.
+    assert merge_admin("/admin/bans/10.0.0.1", answers, "GET")[0] == 207
+    both = [Answer(0, 404, missing), Answer(1, 404, missing)]
+    assert merge_admin("/admin/bans/10.0.0.1", both, "DELETE")[0] == 404
+
+
 def test_disagreement_and_silence_are_207() -> None:
     answers = [Answer(0, 200, {"invalidated": 1}), Answer(1, None, error="restarting")]
     status, body, _ = merge_admin("/admin/cache", answers)
