@@ -327,3 +327,21 @@ def test_the_management_port_speaks_for_the_instance(
         # The proxy port's /metrics is the instance's too, whichever worker answers.
         via_proxy = c.get(f"http://127.0.0.1:{p.port}/metrics").text
         assert "waypost_workers 2.0" in via_proxy
+
+
+def test_two_workers_share_one_bucket_through_redis(
+    instances, tmp_path: Path, backend: Backend, redis_server
+) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text(
+        PROFILE.format(workers=2, blocked="").replace(
+            "security:",
+            f"state: {{backend: redis, redis_url: '{redis_server.url}'}}\n"
+            "security:\n  rate_limiting: {requests_per_second: 0.1, burst: 10}",
+        )
+    )
+    p = instances(profile)
+    # New connections: the kernel spreads them over both workers, one bucket holds for both.
+    statuses = Counter(get(p.port, f"{backend.url}/echo/{i}") for i in range(30))
+    assert statuses == {200: 10, 429: 20}
+    assert set(served_by(p)) == {0, 1}
