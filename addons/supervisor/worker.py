@@ -1,16 +1,95 @@
-"""One worker of an instance: mitmdump in this process, started by the supervisor.
+"""One worker of an instance: mitmdump in this process, on the event loop the profile chose.
 
-`python -m addons.supervisor.worker [mitmdump arguments]` runs what `mitmdump` would.
+`python -m addons.supervisor.worker [mitmdump arguments]` runs what `mitmdump` would, on uvloop
+when it is installed and `server.event_loop` is not `asyncio`. The loop has to be chosen before
+mitmproxy starts it (`mitmproxy.tools.main.run` calls `asyncio.run(main())`), so this reads the
+setting the way the profile loader does, before any addon is loaded: `--set
+server_event_loop=...` wins, else the profile (`--set waypost_profile=`, `WAYPOST_PROFILE`, else
+profiles/default.yaml) with the environment merged in (`WAYPOST_EVENT_LOOP`). A profile that
+does not load leaves `auto`: the config addon refuses it a moment later with its own message.
+`addons/runtime.py` reports the loop that runs and does the garbage-collector tuning.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from mitmproxy.tools.main import mitmdump
 
+DEFAULT_PROFILE = Path(__file__).resolve().parents[2] / "profiles" / "default.yaml"
+LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def set_values(argv: Sequence[str], name: str) -> list[str]:
+    """The values of every `--set name=value` (or `--set=name=value`) in mitmdump's argv."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg == "--set" and i + 1 < len(argv):
+            spec = argv[i + 1]
+        elif arg.startswith("--set="):
+            spec = arg[len("--set=") :]
+        else:
+            continue
+        key, sep, value = spec.partition("=")
+        if sep and key == name:
+            found.append(value)
+    return found
+
+
+def event_loop_setting(argv: Sequence[str], environ: Mapping[str, str]) -> str:
+    """`server_event_loop` as mitmdump will see it once the profile is applied."""
+    given = set_values(argv, "server_event_loop")
+    if given:
+        return given[-1]
+    from addons import schema
+
+    profiles = set_values(argv, "waypost_profile")
+    path = profiles[-1] if profiles else environ.get("WAYPOST_PROFILE", "")
+    if not path and DEFAULT_PROFILE.exists():
+        path = str(DEFAULT_PROFILE)
+    try:
+        return schema.load(path or None, environ).profile.server.event_loop
+    except (schema.ProfileError, OSError):
+        return "auto"
+
+
+class UvloopPolicy(asyncio.DefaultEventLoopPolicy):
+    """asyncio's policy with uvloop's loops: `asyncio.run` inside mitmproxy then runs on uvloop.
+    uvloop.install() says the same but warns on Python 3.12; `uvloop.run()` would need the
+    coroutine, which mitmproxy creates and runs itself. Policies are deprecated from Python
+    3.14 (mitmproxy 11 and 12 run on 3.11 and 3.12 here)."""
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        import uvloop
+
+        return uvloop.new_event_loop()
+
+
+def use_loop(setting: str) -> str:
+    """Install the loop for `setting` (auto|uvloop|asyncio); the name of the loop that will run."""
+    if setting not in LOOPS:
+        raise SystemExit(f"server_event_loop: {setting!r} is not one of {', '.join(LOOPS)}")
+    if setting == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        if setting == "uvloop":
+            raise SystemExit(
+                "server_event_loop is uvloop, but uvloop is not installed "
+                "(pip install uvloop, or set server.event_loop to auto or asyncio)"
+            ) from None
+        return "asyncio"
+    asyncio.set_event_loop_policy(UvloopPolicy())
+    return "uvloop"
+
 
 def main(argv: list[str]) -> int:
+    use_loop(event_loop_setting(argv, os.environ))
     return mitmdump(argv) or 0
 
 
