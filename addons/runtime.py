@@ -8,7 +8,9 @@ full collection, and with CPython's thresholds (700,10,10) a full collection cam
 thousand cache misses or so, 20-100 ms each. docs/performance.md has the measurements.
 
 Hooks:
-- `configure`: `gc.set_threshold(...)` from `server_gc_threshold` (a reload applies it).
+- `configure`: `gc.set_threshold(...)` from `server_gc_threshold` (a reload applies it);
+  refuses `cli_enabled` on uvloop (its subprocesses ignore `close_fds` and `user`, see the
+  worker), so a reload cannot turn the CLI on in a worker that started without it.
 - `running`: once, after the bundle and the profile loaded, `gc.collect()` then `gc.freeze()`
   (`server_gc_freeze`): what is alive now moves to the permanent generation, which later
   collections do not walk; then one INFO line with the loop, the freeze, the thresholds and
@@ -79,6 +81,13 @@ def loop_name(loop: asyncio.AbstractEventLoop) -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
+def running_loop() -> str:
+    try:
+        return loop_name(asyncio.get_running_loop())
+    except RuntimeError:  # outside a loop (tests): mitmproxy configures addons inside it
+        return "asyncio"
+
+
 class Runtime:
     def __init__(self) -> None:
         self.frozen = 0  # objects moved to the permanent generation by this addon
@@ -93,6 +102,12 @@ class Runtime:
             except ValueError as e:
                 raise exceptions.OptionsError(f"server_gc_threshold: {e}") from None
             gc.set_threshold(*threshold)
+        if "cli_enabled" in updated and ctx.options.cli_enabled and running_loop() == "uvloop":
+            raise exceptions.OptionsError(
+                "cli_enabled: this worker runs uvloop, whose subprocesses would inherit the "
+                "proxy's descriptors; the CLI needs a restart with server.event_loop auto or "
+                "asyncio"
+            )
 
     def running(self) -> None:
         if ctx.options.server_gc_freeze and not self.frozen:
@@ -100,13 +115,15 @@ class Runtime:
             gc.collect()
             gc.freeze()
             self.frozen = gc.get_freeze_count()
-        running = loop_name(asyncio.get_running_loop())
+        running = running_loop()
         wanted = ctx.options.server_event_loop
+        cli = getattr(ctx.options, "cli_enabled", False)
         log.info(
-            "runtime: event loop %s (server_event_loop=%s), gc.freeze %s, gc thresholds %s, "
+            "runtime: event loop %s (server_event_loop=%s%s), gc.freeze %s, gc thresholds %s, "
             "PYTHONOPTIMIZE=%d, Python %s",
             running,
             wanted,
+            ", the CLI is on" if cli else "",
             f"{self.frozen} objects" if self.frozen else "off",
             ",".join(map(str, gc.get_threshold())),
             sys.flags.optimize,

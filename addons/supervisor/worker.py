@@ -3,11 +3,16 @@
 `python -m addons.supervisor.worker [mitmdump arguments]` runs what `mitmdump` would, on uvloop
 when it is installed and `server.event_loop` is not `asyncio`. The loop has to be chosen before
 mitmproxy starts it (`mitmproxy.tools.main.run` calls `asyncio.run(main())`), so this reads the
-setting the way the profile loader does, before any addon is loaded: `--set
+settings the way the profile loader does, before any addon is loaded: `--set
 server_event_loop=...` wins, else the profile (`--set waypost_profile=`, `WAYPOST_PROFILE`, else
 profiles/default.yaml) with the environment merged in (`WAYPOST_EVENT_LOOP`). A profile that
 does not load leaves `auto`: the config addon refuses it a moment later with its own message.
-`addons/runtime.py` reports the loop that runs and does the garbage-collector tuning.
+
+`auto` runs asyncio when the CLI is enabled: uvloop 0.23's subprocesses ignore `close_fds`
+(its loop.pyx: "TODO: Implement close_fds") and refuse `user`/`group`, so every inheritable
+descriptor of the proxy (the supervisor's management socket among them) would reach the
+commands. `uvloop` with the CLI enabled refuses to start; `addons/runtime.py` refuses a reload
+that turns the CLI on under uvloop, reports the loop that runs and tunes the collector.
 """
 
 from __future__ import annotations
@@ -35,26 +40,30 @@ def set_values(argv: Sequence[str], name: str) -> list[str]:
         else:
             continue
         key, sep, value = spec.partition("=")
-        if sep and key == name:
-            found.append(value)
+        if key == name:
+            found.append(value if sep else "true")  # `--set flag` turns a boolean on
     return found
 
 
-def event_loop_setting(argv: Sequence[str], environ: Mapping[str, str]) -> str:
-    """`server_event_loop` as mitmdump will see it once the profile is applied."""
-    given = set_values(argv, "server_event_loop")
-    if given:
-        return given[-1]
-    from addons import schema
+def startup_settings(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, bool]:
+    """(`server_event_loop`, `cli_enabled`) as mitmdump will see them once the profile is
+    applied: a `--set` wins over the profile, as it does for every option."""
+    loop, cli = set_values(argv, "server_event_loop"), set_values(argv, "cli_enabled")
+    if not (loop and cli):
+        from addons import schema
 
-    profiles = set_values(argv, "waypost_profile")
-    path = profiles[-1] if profiles else environ.get("WAYPOST_PROFILE", "")
-    if not path and DEFAULT_PROFILE.exists():
-        path = str(DEFAULT_PROFILE)
-    try:
-        return schema.load(path or None, environ).profile.server.event_loop
-    except (schema.ProfileError, OSError):
-        return "auto"
+        profiles = set_values(argv, "waypost_profile")
+        path = profiles[-1] if profiles else environ.get("WAYPOST_PROFILE", "")
+        if not path and DEFAULT_PROFILE.exists():
+            path = str(DEFAULT_PROFILE)
+        try:
+            profile = schema.load(path or None, environ).profile
+        except (schema.ProfileError, OSError):
+            pass
+        else:
+            loop = loop or [profile.server.event_loop]
+            cli = cli or [str(profile.cli.enabled)]
+    return (loop or ["auto"])[-1], (cli or ["false"])[-1].lower() == "true"
 
 
 class UvloopPolicy(asyncio.DefaultEventLoopPolicy):
@@ -69,12 +78,18 @@ class UvloopPolicy(asyncio.DefaultEventLoopPolicy):
         return uvloop.new_event_loop()
 
 
-def use_loop(setting: str) -> str:
-    """Install the loop for `setting` (auto|uvloop|asyncio); the name of the loop that will run."""
+def use_loop(setting: str, cli: bool = False) -> str:
+    """Install the loop for `setting` (auto|uvloop|asyncio) with the CLI on or off; the name of
+    the loop that will run."""
     if setting not in LOOPS:
         raise SystemExit(f"server_event_loop: {setting!r} is not one of {', '.join(LOOPS)}")
-    if setting == "asyncio":
+    if setting == "asyncio" or (setting == "auto" and cli):
         return "asyncio"
+    if cli:
+        raise SystemExit(
+            "server_event_loop is uvloop, but the CLI is enabled: uvloop's subprocesses would "
+            "inherit the proxy's descriptors (set server.event_loop to auto or asyncio)"
+        )
     try:
         import uvloop  # noqa: F401
     except ImportError:
@@ -89,7 +104,7 @@ def use_loop(setting: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    use_loop(event_loop_setting(argv, os.environ))
+    use_loop(*startup_settings(argv, os.environ))
     return mitmdump(argv) or 0
 
 

@@ -88,24 +88,28 @@ async def test_freeze_off_and_a_loop_mitmdump_cannot_give(gc_state: None, caplog
         (["--set", "server_event_loop=asyncio"], ["asyncio"]),
         (["--set=server_event_loop=uvloop", "--set", "server_event_loop=auto"], ["uvloop", "auto"]),
         (["-s", "x.py", "--set", "server_event_loops=x", "--set"], []),
+        (["--set", "server_event_loop"], ["true"]),  # mitmproxy's `--set flag` for booleans
     ],
 )
 def test_set_values(argv: list[str], expected: list[str]) -> None:
     assert worker.set_values(argv, "server_event_loop") == expected
 
 
-def test_event_loop_setting_order(tmp_path: Path) -> None:
+def test_startup_settings_order(tmp_path: Path) -> None:
     profile = tmp_path / "p.yaml"
     profile.write_text("server: {event_loop: asyncio}\n")
     at = ["--set", f"waypost_profile={profile}"]
-    assert worker.event_loop_setting(at, {}) == "asyncio"
-    assert worker.event_loop_setting([], {"WAYPOST_PROFILE": str(profile)}) == "asyncio"
+    assert worker.startup_settings(at, {}) == ("asyncio", False)
+    assert worker.startup_settings([], {"WAYPOST_PROFILE": str(profile)}) == ("asyncio", False)
     # the environment over the file, --set over both (as for every option)
-    assert worker.event_loop_setting(at, {"WAYPOST_EVENT_LOOP": "uvloop"}) == "uvloop"
-    assert worker.event_loop_setting([*at, "--set", "server_event_loop=auto"], {}) == "auto"
+    env = {"WAYPOST_EVENT_LOOP": "uvloop", "CLI_ENABLED": "true"}
+    assert worker.startup_settings(at, env) == ("uvloop", True)
+    assert worker.startup_settings([*at, "--set", "server_event_loop=auto"], {}) == ("auto", False)
+    assert worker.startup_settings([*at, "--set", "cli_enabled"], {}) == ("asyncio", True)
+    assert worker.startup_settings([*at, "--set", "cli_enabled=false"], env) == ("uvloop", False)
     # a profile that does not load is the config addon's to refuse
     profile.write_text("server: {event_loop: fast}\n")
-    assert worker.event_loop_setting(at, {}) == "auto"
+    assert worker.startup_settings(at, {}) == ("auto", False)
 
 
 def test_use_loop() -> None:
@@ -121,5 +125,26 @@ def test_use_loop() -> None:
             loop.close()
         with pytest.raises(SystemExit, match="not one of"):
             worker.use_loop("fast")
+        # uvloop's subprocesses ignore close_fds: the CLI keeps asyncio's
+        asyncio.set_event_loop_policy(policy)
+        assert worker.use_loop("auto", cli=True) == "asyncio"
+        assert asyncio.get_event_loop_policy() is policy
+        with pytest.raises(SystemExit, match="the CLI is enabled"):
+            worker.use_loop("uvloop", cli=True)
     finally:
         asyncio.set_event_loop_policy(policy)
+
+
+def test_a_reload_cannot_turn_the_cli_on_under_uvloop() -> None:
+    import uvloop
+
+    async def configure(enabled: bool) -> None:
+        addon = runtime.Runtime()
+        with taddons.context(addon) as tctx:
+            tctx.options.add_option("cli_enabled", bool, False, "the CLI addon's option")
+            tctx.configure(addon, cli_enabled=enabled)
+
+    uvloop.run(configure(False))
+    with pytest.raises(OptionsError, match="cli_enabled: this worker runs uvloop"):
+        uvloop.run(configure(True))
+    asyncio.run(configure(True))
