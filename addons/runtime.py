@@ -111,7 +111,8 @@ class Runtime:
 
     def running(self) -> None:
         if ctx.options.server_gc_freeze and not self.frozen:
-            # Garbage first: frozen objects are never collected, even once unreachable.
+            # Garbage first: the collector never looks at frozen objects again, so a cycle
+            # frozen now would never be freed.
             gc.collect()
             gc.freeze()
             self.frozen = gc.get_freeze_count()

@@ -14,7 +14,7 @@ the req/s ratio of each setup to bare mitmdump.
 The proxy inherits the environment, so `PYTHONOPTIMIZE=1 scripts/bench` measures what the
 Docker image runs. `--policies` benches a generated profile with every security policy on and
 a 100,000-entry blocklist (scripts/bench-policies). This mode runs the bundle under plain
-mitmdump (asyncio, no GC tuning unless the runtime addon's options say so).
+mitmdump: asyncio, with the runtime addon's collector tuning (the bundle loads it).
 
 `scripts/bench workers` is issue 12's table: bare mitmdump, Waypost with 1 worker and with N
 workers (`python -m addons.supervisor --set server_workers=N`, the way Waypost starts: uvloop,
