@@ -8,8 +8,10 @@ handling are scripts/benchlib.py's (everything on 127.0.0.1, stopped by PID befo
 Four setups per connection count, interleaved per repetition so drift on a shared machine
 hits them alike:
 - bare, one URL          bare mitmdump, every request for the same URL
-- cache, one URL         mitmdump -s addons/leanchain.py -s addons/cache.py, the cache with the
-                         lean event chain the bundle always loads (--alone: cache.py only):
+- cache, one URL         mitmdump -s addons/leanchain.py -s addons/cache.py -s
+                         addons/runtime.py, the cache with the lean event chain and the
+                         collector tuning the bundle always loads (--alone: cache.py only;
+                         --cpython-gc: CPython's collector settings, no gc.freeze):
                          after the first request every one is a HIT
 - bare, unique URLs      bare mitmdump, every request for a new URL (`?n=<random>`)
 - cache, unique URLs     every request a MISS that is fetched, stored and later evicted
@@ -97,13 +99,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--alone",
         action="store_true",
-        help="load addons/cache.py alone, without the bundle's addons/leanchain.py",
+        help="load addons/cache.py alone, without the bundle's addons/leanchain.py and\n"
+        "addons/runtime.py",
+    )
+    p.add_argument(
+        "--cpython-gc",
+        action="store_true",
+        help="the runtime addon with CPython's collector settings (thresholds 700,10,10,\n"
+        "no gc.freeze): what the collector tuning changes for misses",
     )
     a = p.parse_args(argv)
     default = "10" if a.rate else "10,100"
     a.conn_list = [int(c) for c in (a.connections or default).split(",") if c.strip()]
     if a.rate is not None and a.rate <= 0:
         p.error("--rate must be positive")
+    if a.cpython_gc and a.alone:
+        p.error("--cpython-gc sets the runtime addon's options: not with --alone")
     # wrk's syntax, so one --timeout serves both modes
     try:
         a.timeout_s = parse_duration(a.timeout)
@@ -268,8 +279,13 @@ def main(argv: list[str]) -> int:
     benchlib.raise_nofile()
     load = benchlib.load_at_start()
     bare = benchlib.Setup("bare", [], [])
-    scripts = ["addons/cache.py"] if a.alone else ["addons/leanchain.py", "addons/cache.py"]
-    cache = benchlib.Setup("cache", scripts, ["--set", "cache_default_ttl=1h"])
+    scripts = ["addons/cache.py"]
+    if not a.alone:
+        scripts = ["addons/leanchain.py", *scripts, "addons/runtime.py"]
+    args = ["--set", "cache_default_ttl=1h"]
+    if a.cpython_gc and not a.alone:
+        args += ["--set", "server_gc_freeze=false", "--set", "server_gc_threshold=700,10,10"]
+    cache = benchlib.Setup("cache", scripts, args)
     rows: list[benchlib.Row] = []
     rate: list[RateRow] = []
     with tempfile.TemporaryDirectory(prefix="waypost-bench-cache-") as tmpdir:
