@@ -1,7 +1,8 @@
 """The Waypost bundle: `mitmdump -s addons/bundle.py` runs every addon, driven by one profile.
 
 The list order is the pipeline order: within each hook, earlier addons decide first, and the
-observers (metrics, access log) come last so they see every decision.
+observers (metrics, access log) come last so they see every decision, and the runtime addon
+after them, so its `running` freezes the heap once every other addon has started.
 """
 
 from addons.accesslog import AccessLog
@@ -23,6 +24,7 @@ from addons.management import Management
 from addons.metrics import Metrics
 from addons.ratelimit import RateLimit
 from addons.routing.router import Router
+from addons.runtime import Runtime
 from addons.secheaders import SecHeaders
 from addons.tlslistener import TlsListener
 from addons.tlspolicy import TlsPolicy
@@ -54,4 +56,5 @@ addons = [
     SecHeaders(),
     Metrics(),
     AccessLog(),
+    Runtime(),
 ]

@@ -8,8 +8,10 @@ handling are scripts/benchlib.py's (everything on 127.0.0.1, stopped by PID befo
 Four setups per connection count, interleaved per repetition so drift on a shared machine
 hits them alike:
 - bare, one URL          bare mitmdump, every request for the same URL
-- cache, one URL         mitmdump -s addons/leanchain.py -s addons/cache.py, the cache with the
-                         lean event chain the bundle always loads (--alone: cache.py only):
+- cache, one URL         mitmdump -s addons/leanchain.py -s addons/cache.py -s
+                         addons/runtime.py, the cache with the lean event chain and the
+                         collector tuning the bundle always loads (--alone: cache.py only;
+                         --cpython-gc: CPython's collector settings, no gc.freeze):
                          after the first request every one is a HIT
 - bare, unique URLs      bare mitmdump, every request for a new URL (`?n=<random>`)
 - cache, unique URLs     every request a MISS that is fetched, stored and later evicted
@@ -40,7 +42,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import math
 import os
 import random
 import sys
@@ -98,36 +99,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--alone",
         action="store_true",
-        help="load addons/cache.py alone, without the bundle's addons/leanchain.py",
+        help="load addons/cache.py alone, without the bundle's addons/leanchain.py and\n"
+        "addons/runtime.py",
+    )
+    p.add_argument(
+        "--cpython-gc",
+        action="store_true",
+        help="the runtime addon with CPython's collector settings (thresholds 700,10,10,\n"
+        "no gc.freeze): what the collector tuning changes for misses",
     )
     a = p.parse_args(argv)
     default = "10" if a.rate else "10,100"
     a.conn_list = [int(c) for c in (a.connections or default).split(",") if c.strip()]
     if a.rate is not None and a.rate <= 0:
         p.error("--rate must be positive")
+    if a.cpython_gc and a.alone:
+        p.error("--cpython-gc sets the runtime addon's options: not with --alone")
     # wrk's syntax, so one --timeout serves both modes
     try:
         a.timeout_s = parse_duration(a.timeout)
     except ValueError as e:
         p.error(f"--timeout: {e}")
     return a
-
-
-# --- fixed-rate client -------------------------------------------------------------------------
-
-
-class BadResponse(Exception):
-    """A response this client cannot frame or that is not the origin's file."""
-
-
-@dataclass
-class RateResult:
-    latencies: list[float]  # seconds to the end of the body, 200s only (see rate_run)
-    lags: list[float]  # seconds from due time to actual send, when the connection was idle
-    non_200: int
-    errors: int  # socket errors and unframeable responses; the connection is reopened
-    timeouts: int
-    elapsed: float  # clock start to the last answer (at least --duration)
 
 
 @dataclass
@@ -149,148 +142,6 @@ class RateRow:
     ratio: float | None = None
 
 
-async def read_response(reader: asyncio.StreamReader, size: int) -> tuple[int, bool]:
-    """(status, server closes) of one response; its body is read and dropped."""
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    version, _, rest = head[0].partition(" ")
-    if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
-        raise BadResponse(f"status line {head[0]!r}")
-    status, length, close = int(rest[:3]), None, False
-    for line in head[1:]:
-        name, _, value = line.partition(":")
-        name = name.strip().lower()
-        if name == "content-length":
-            length = int(value)
-        elif name == "connection":
-            close = "close" in value.lower()
-        elif name == "transfer-encoding":
-            raise BadResponse(f"Transfer-Encoding: {value.strip()} (only Content-Length is read)")
-    if length is None:
-        raise BadResponse("no Content-Length")
-    await reader.readexactly(length)
-    if status == 200 and length != size:
-        raise BadResponse(f"200 with {length} body bytes, the origin file has {size}")
-    return status, close
-
-
-RESPONSE_ERRORS = (
-    OSError,
-    asyncio.IncompleteReadError,
-    asyncio.LimitOverrunError,
-    ValueError,
-    BadResponse,
-)
-
-
-class Conn:
-    """One keep-alive client connection to the proxy, reopened after an error."""
-
-    def __init__(self, port: int, size: int):
-        self.port = port
-        self.size = size
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def request(self, req: bytes, timeout: float) -> int:
-        # asyncio.timeout, not wait_for: no extra task per request (the client shares the cores)
-        async with asyncio.timeout(timeout):
-            if self.writer is None:
-                self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-            assert self.reader is not None
-            self.writer.write(req)
-            status, close = await read_response(self.reader, self.size)
-        if close:
-            self.close()
-        return status
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
-async def rate_run(
-    port: int,
-    make_request: Callable[[], bytes],
-    conns: int,
-    rate: float,
-    duration: float,
-    timeout: float,
-    size: int,
-    on_start: Callable[[], None],
-) -> RateResult:
-    """`conns` connections, each sending at Poisson times `rate` per second for `duration`."""
-    loop = asyncio.get_running_loop()
-    rng = random.Random()
-    res = RateResult([], [], 0, 0, 0, 0.0)
-    clients = [Conn(port, size) for _ in range(conns)]
-    start = end = last_done = 0.0
-
-    async def worker(conn: Conn) -> None:
-        nonlocal last_done
-        intended = start + rng.expovariate(rate)
-        while intended < end:
-            now = loop.time()
-            if now < intended:
-                await asyncio.sleep(intended - now)
-                # asyncio wakes up to a few ms late (epoll's ms timeouts, the shared cores):
-                # the client's lateness, not the proxy's, so timed from the actual send.
-                sent = loop.time()
-                res.lags.append(sent - intended)
-            else:
-                # Still waiting for the previous answer when this one was due: timed from
-                # `intended`, as a client on its own schedule would see it. Past the timeout it
-                # is counted, not sent, so a backlog drains instead of stretching the run.
-                sent = intended
-            budget = intended + timeout - loop.time()
-            if budget <= 0:
-                res.timeouts += 1
-            else:
-                try:
-                    status = await conn.request(make_request(), budget)
-                except TimeoutError:
-                    res.timeouts += 1
-                    conn.close()  # an answer may still come: this connection is out of step
-                except RESPONSE_ERRORS as e:
-                    res.errors += 1
-                    if res.errors <= 3:
-                        benchlib.log(f"request error: {e!r}")
-                    conn.close()
-                else:
-                    done = loop.time()
-                    last_done = max(last_done, done)
-                    if status == 200:
-                        res.latencies.append(done - sent)
-                    else:
-                        res.non_200 += 1
-            intended += rng.expovariate(rate)
-
-    try:
-        # Connect and prime every connection (the upstream one too) before the clock runs.
-        try:
-            primed = await asyncio.gather(*(c.request(make_request(), timeout) for c in clients))
-        except RESPONSE_ERRORS as e:  # TimeoutError is an OSError
-            raise benchlib.BenchError(f"priming request through port {port} failed: {e!r}") from e
-        if any(status != 200 for status in primed):
-            raise benchlib.BenchError(f"priming requests through port {port} got HTTP {primed}")
-        on_start()
-        start = loop.time()
-        end = last_done = start + duration
-        await asyncio.gather(*(worker(c) for c in clients))
-    finally:
-        for c in clients:
-            c.close()
-    res.elapsed = last_done - start
-    return res
-
-
-def percentile(sorted_xs: list[float], pct: float) -> float:
-    """Nearest-rank percentile (0 for no samples)."""
-    if not sorted_xs:
-        return 0.0
-    return sorted_xs[max(0, math.ceil(pct / 100 * len(sorted_xs)) - 1)]
-
-
 def measure_rate(
     setup: benchlib.Setup,
     name: str,
@@ -310,7 +161,7 @@ def measure_rate(
         before.update(benchlib.proc_stat(pid), served=origin.served())
 
     res = asyncio.run(
-        rate_run(
+        benchlib.rate_run(
             setup.port,
             make_request,
             conns,
@@ -332,11 +183,11 @@ def measure_rate(
         connections=conns,
         offered=conns * a.rate,
         rps=n / res.elapsed,
-        p50_ms=percentile(lat, 50) * 1000,
-        p95_ms=percentile(lat, 95) * 1000,
-        p99_ms=percentile(lat, 99) * 1000,
+        p50_ms=benchlib.percentile(lat, 50) * 1000,
+        p95_ms=benchlib.percentile(lat, 95) * 1000,
+        p99_ms=benchlib.percentile(lat, 99) * 1000,
         max_ms=(lat[-1] if lat else 0.0) * 1000,
-        lag_p99_ms=percentile(lags, 99) * 1000,
+        lag_p99_ms=benchlib.percentile(lags, 99) * 1000,
         non_200=res.non_200,
         errors=res.errors,
         timeouts=res.timeouts,
@@ -428,8 +279,13 @@ def main(argv: list[str]) -> int:
     benchlib.raise_nofile()
     load = benchlib.load_at_start()
     bare = benchlib.Setup("bare", [], [])
-    scripts = ["addons/cache.py"] if a.alone else ["addons/leanchain.py", "addons/cache.py"]
-    cache = benchlib.Setup("cache", scripts, ["--set", "cache_default_ttl=1h"])
+    scripts = ["addons/cache.py"]
+    if not a.alone:
+        scripts = ["addons/leanchain.py", *scripts, "addons/runtime.py"]
+    args = ["--set", "cache_default_ttl=1h"]
+    if a.cpython_gc and not a.alone:
+        args += ["--set", "server_gc_freeze=false", "--set", "server_gc_threshold=700,10,10"]
+    cache = benchlib.Setup("cache", scripts, args)
     rows: list[benchlib.Row] = []
     rate: list[RateRow] = []
     with tempfile.TemporaryDirectory(prefix="waypost-bench-cache-") as tmpdir:

@@ -1,5 +1,6 @@
-"""What the bench scripts share: processes stopped by PID, /proc readers, tools, the nginx
-origin, mitmdump setups, wrk runs, medians, ratios and tables.
+"""What the bench scripts share: processes stopped by PID, /proc readers (per process and per
+process tree: a supervisor and its workers), tools, the nginx origin, mitmdump setups, the
+every-policy profile, wrk runs, the paced (open-loop) client, medians, ratios and tables.
 
 Every process started here listens on 127.0.0.1 only and is stopped by PID (`Child.stop`);
 `run(main)` turns SIGTERM into an exit that unwinds through the scripts' `finally` blocks.
@@ -9,9 +10,12 @@ Only the standard library is used.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
+import math
 import os
+import random
 import re
 import resource
 import shlex
@@ -236,6 +240,35 @@ def proc_stat(pid: int) -> dict[str, float]:
         "hwm_mb": status.get("VmHWM", 0) / 1024,
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
     }
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and every process below it (a supervisor and its workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children.get(p, ()))
+    return found
+
+
+def tree_stat(pid: int) -> dict[str, float]:
+    """proc_stat summed over `tree(pid)` (CPU seconds, RSS, peak RSS, fds), with the pids."""
+    total = {"cpu_s": 0.0, "rss_mb": 0.0, "hwm_mb": 0.0, "fds": 0}
+    pids = []
+    for p in tree(pid):
+        with contextlib.suppress(OSError):  # gone between the listing and the read
+            for key, value in proc_stat(p).items():
+                total[key] += value
+            pids.append(p)
+    return {**total, "pids": pids}  # type: ignore[dict-item]
 
 
 def listen_drops() -> int:
@@ -475,6 +508,54 @@ def loopback_sets() -> tuple[list[str], dict[str, str]]:
     return sets, {"METRICS_HOST": "127.0.0.1", "METRICS_PORT": mport}
 
 
+def policies_profile(tmp: Path) -> Path:
+    """A profile with every security policy on and the cache off, written into `tmp`: the IP
+    ACL (allow and deny lists), rate limiting on every request (limits never reached, so every
+    request still takes a token; two rules), the domain filter with a generated 100,000-entry
+    list file in the three formats plus inline wildcards, the content-type filter (exact,
+    `type/*` and a regex) and the security headers."""
+    rng = random.Random(7)
+    words = ["ads", "track", "metrics", "pixel", "cdn", "beacon", "stats", "click", "serve", "tag"]
+    tlds = ["com", "net", "org", "io", "info", "biz"]
+    lines = ["# generated blocklist: 100,000 entries in the three formats people have"]
+    for i in range(100_000):
+        name = (
+            f"{rng.choice(words)}{i}.{rng.choice(words)}-{rng.randrange(10**6)}.{rng.choice(tlds)}"
+        )
+        lines.append((name, f"0.0.0.0 {name}", f"||{name}^")[i % 3])
+    blocklist = tmp / "blocklist.txt"
+    blocklist.write_text("\n".join(lines) + "\n")
+    profile = tmp / "policies.yaml"
+    profile.write_text(POLICIES.format(blocklist=blocklist))
+    return profile
+
+
+POLICIES = """\
+server: {{host: 127.0.0.1, port: 8080, timeouts: {{connect: 5s, read: 60s}}}}
+logging: {{level: info, format: json, output: stdout}}
+metrics: {{enabled: true, host: 127.0.0.1, port: 9090}}
+security:
+  acl:
+    allowed_ips: [127.0.0.0/8, "::1/128", 10.0.0.0/8]
+    denied_ips: [127.0.0.99/32, 192.0.2.0/24]
+  rate_limiting:
+    requests_per_second: 1000000       # never refuses here, but every request takes a token
+    burst: 1000000
+    max_connections_per_ip: 100000
+    rules:
+      - {{id: api, path: /api/, requests_per_second: 100}}
+      - {{id: ads, host: "*.ads.example", requests_per_second: 1}}
+  filtering:
+    domains:
+      blocked: ["*.doubleclick.net", tracker.example]
+      files: ["{blocklist}"]
+  content_filtering:
+    blocked_types: [video/*, application/x-msdownload, "/^application\\\\/x-(?:bittorrent|rar)/"]
+  headers: {{enabled: true, content_security_policy: "default-src 'self'"}}
+cache: {{enabled: false}}
+"""
+
+
 @dataclass
 class Setup:
     """One mitmdump configuration of a forward-proxy bench."""
@@ -485,12 +566,20 @@ class Setup:
     env: dict[str, str] = field(default_factory=dict)
     child: Child | None = None
     port: int = 0
+    # what runs instead of mitmdump (e.g. [python, -m, addons.supervisor.worker]), and the port
+    # it is told to listen on (0: an ephemeral one, found by a GET through each listener)
+    command: list[str] = field(default_factory=list)
+    listen_port: int = 0
 
 
 def start_proxy(setup: Setup, tmp: Path, origin: Origin, timeout: float) -> None:
     """Start `setup` on an ephemeral port; its port is the one a GET of the origin's page works
     through."""
-    args = mitmdump_args(tmp / f"confdir-{setup.name}", "-p", "0", "-q", "--set", "flow_detail=0")
+    args = mitmdump_args(
+        tmp / f"confdir-{setup.name}", "-p", str(setup.listen_port), "-q", "--set", "flow_detail=0"
+    )
+    if setup.command:
+        args[0:1] = setup.command
     for s in setup.scripts:
         args += ["-s", s]
     args += setup.args
@@ -501,7 +590,7 @@ def start_proxy(setup: Setup, tmp: Path, origin: Origin, timeout: float) -> None
     answers: dict[int, str] = {}
     while time.monotonic() < deadline and child.alive():
         check_loopback(setup)
-        ports = sorted({p for _, p in listening_sockets(child.pid)})
+        ports = sorted({p for pid in tree(child.pid) for _, p in listening_sockets(pid)})
         for port in ports:
             try:
                 status, body = fetch(origin.url, proxy_port=port, timeout=5)
@@ -531,7 +620,12 @@ def start_proxy(setup: Setup, tmp: Path, origin: Origin, timeout: float) -> None
 
 def check_loopback(setup: Setup) -> None:
     assert setup.child is not None
-    exposed = [f"{a}:{p}" for a, p in listening_sockets(setup.child.pid) if not is_loopback(a)]
+    exposed = [
+        f"{a}:{p}"
+        for pid in tree(setup.child.pid)
+        for a, p in listening_sockets(pid)
+        if not is_loopback(a)
+    ]
     if exposed:
         raise BenchError(
             f"{setup.name} listens beyond loopback on {exposed}; stopped it "
@@ -540,12 +634,13 @@ def check_loopback(setup: Setup) -> None:
 
 
 def settle(pid: int, baseline: int, timeout: float = 10) -> None:
-    """Wait until the proxy has closed the previous run's connections: its fd count is back
+    """Wait until the proxy (with its workers) has closed the previous run's connections: its fd
+    count is back
     near the count it started with, or has stopped falling for half a second."""
     deadline = time.monotonic() + timeout
     last, stable = -1, 0
     while time.monotonic() < deadline:
-        fds = proc_stat(pid)["fds"]
+        fds = tree_stat(pid)["fds"]
         if fds <= baseline + 4:
             return
         stable = stable + 1 if fds >= last >= 0 else 0
@@ -643,12 +738,12 @@ def measure(
     baseline_fds: int,
 ) -> Row:
     """One wrk run through `setup` (args: duration, threads, timeout), with the proxy's CPU and
-    memory and what the origin served meanwhile."""
+    memory (summed over its workers) and what the origin served meanwhile."""
     assert setup.child is not None
     pid = setup.child.pid
     settle(pid, baseline_fds)
     check_loopback(setup)
-    before, served0, drops0 = proc_stat(pid), origin.served(), listen_drops()
+    before, served0, drops0 = tree_stat(pid), origin.served(), listen_drops()
     t0 = time.monotonic()
     w = run_wrk(
         wrk,
@@ -664,7 +759,9 @@ def measure(
         raise BenchError(
             f"{setup.name} died during the run at {conns} connections:\n{setup.child.tail()}"
         )
-    after, served1, drops1 = proc_stat(pid), origin.served(), listen_drops()
+    after, served1, drops1 = tree_stat(pid), origin.served(), listen_drops()
+    if set(after["pids"]) != set(before["pids"]):
+        log(f"WARNING {setup.name}: its processes changed during the run (a worker restarted?)")
     n = w["requests"]
     cpu = after["cpu_s"] - before["cpu_s"]
     return Row(
@@ -729,3 +826,162 @@ def table(head: list[str], body: Iterable[Sequence[object]], align: str = "") ->
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(head), rule, *map(line, rows)])
+
+
+# --- paced client -------------------------------------------------------------------------
+
+
+class BadResponse(Exception):
+    """A response this client cannot frame or that is not the origin's file."""
+
+
+@dataclass
+class RateResult:
+    latencies: list[float]  # seconds to the end of the body, 200s only (see rate_run)
+    lags: list[float]  # seconds from due time to actual send, when the connection was idle
+    non_200: int
+    errors: int  # socket errors and unframeable responses; the connection is reopened
+    timeouts: int
+    elapsed: float  # clock start to the last answer (at least --duration)
+
+
+async def read_response(reader: asyncio.StreamReader, size: int) -> tuple[int, bool]:
+    """(status, server closes) of one response; its body is read and dropped."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    version, _, rest = head[0].partition(" ")
+    if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
+        raise BadResponse(f"status line {head[0]!r}")
+    status, length, close = int(rest[:3]), None, False
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        if name == "content-length":
+            length = int(value)
+        elif name == "connection":
+            close = "close" in value.lower()
+        elif name == "transfer-encoding":
+            raise BadResponse(f"Transfer-Encoding: {value.strip()} (only Content-Length is read)")
+    if length is None:
+        raise BadResponse("no Content-Length")
+    await reader.readexactly(length)
+    if status == 200 and length != size:
+        raise BadResponse(f"200 with {length} body bytes, the origin file has {size}")
+    return status, close
+
+
+RESPONSE_ERRORS = (
+    OSError,
+    asyncio.IncompleteReadError,
+    asyncio.LimitOverrunError,
+    ValueError,
+    BadResponse,
+)
+
+
+class Conn:
+    """One keep-alive client connection to the proxy, reopened after an error."""
+
+    def __init__(self, port: int, size: int):
+        self.port = port
+        self.size = size
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, req: bytes, timeout: float) -> int:
+        # asyncio.timeout, not wait_for: no extra task per request (the client shares the cores)
+        async with asyncio.timeout(timeout):
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+            assert self.reader is not None
+            self.writer.write(req)
+            status, close = await read_response(self.reader, self.size)
+        if close:
+            self.close()
+        return status
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+async def rate_run(
+    port: int,
+    make_request: Callable[[], bytes],
+    conns: int,
+    rate: float,
+    duration: float,
+    timeout: float,
+    size: int,
+    on_start: Callable[[], None],
+) -> RateResult:
+    """`conns` connections, each sending at Poisson times `rate` per second for `duration`."""
+    loop = asyncio.get_running_loop()
+    rng = random.Random()
+    res = RateResult([], [], 0, 0, 0, 0.0)
+    clients = [Conn(port, size) for _ in range(conns)]
+    start = end = last_done = 0.0
+
+    async def worker(conn: Conn) -> None:
+        nonlocal last_done
+        intended = start + rng.expovariate(rate)
+        while intended < end:
+            now = loop.time()
+            if now < intended:
+                await asyncio.sleep(intended - now)
+                # asyncio wakes up to a few ms late (epoll's ms timeouts, the shared cores):
+                # the client's lateness, not the proxy's, so timed from the actual send.
+                sent = loop.time()
+                res.lags.append(sent - intended)
+            else:
+                # Still waiting for the previous answer when this one was due: timed from
+                # `intended`, as a client on its own schedule would see it. Past the timeout it
+                # is counted, not sent, so a backlog drains instead of stretching the run.
+                sent = intended
+            budget = intended + timeout - loop.time()
+            if budget <= 0:
+                res.timeouts += 1
+            else:
+                try:
+                    status = await conn.request(make_request(), budget)
+                except TimeoutError:
+                    res.timeouts += 1
+                    conn.close()  # an answer may still come: this connection is out of step
+                except RESPONSE_ERRORS as e:
+                    res.errors += 1
+                    if res.errors <= 3:
+                        log(f"request error: {e!r}")
+                    conn.close()
+                else:
+                    done = loop.time()
+                    last_done = max(last_done, done)
+                    if status == 200:
+                        res.latencies.append(done - sent)
+                    else:
+                        res.non_200 += 1
+            intended += rng.expovariate(rate)
+
+    try:
+        # Connect and prime every connection (the upstream one too) before the clock runs.
+        try:
+            primed = await asyncio.gather(*(c.request(make_request(), timeout) for c in clients))
+        except RESPONSE_ERRORS as e:  # TimeoutError is an OSError
+            raise BenchError(f"priming request through port {port} failed: {e!r}") from e
+        if any(status != 200 for status in primed):
+            raise BenchError(f"priming requests through port {port} got HTTP {primed}")
+        on_start()
+        start = loop.time()
+        end = last_done = start + duration
+        await asyncio.gather(*(worker(c) for c in clients))
+    finally:
+        for c in clients:
+            c.close()
+    res.elapsed = last_done - start
+    return res
+
+
+def percentile(sorted_xs: list[float], pct: float) -> float:
+    """Nearest-rank percentile (0 for no samples)."""
+    if not sorted_xs:
+        return 0.0
+    return sorted_xs[max(0, math.ceil(pct / 100 * len(sorted_xs)) - 1)]

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BeforeValidator,
     Field,
+    PositiveInt,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -93,6 +94,11 @@ class Tls(Section):
         return self
 
 
+def _gc_threshold(value: Any) -> Any:
+    # `700,10,10` as the environment gives it; a YAML list as it is
+    return [part.strip() for part in value.split(",")] if isinstance(value, str) else value
+
+
 class Server(Section):
     host: Annotated[str, Env("PROXY_HOST")] = "127.0.0.1"
     port: Annotated[Port, Env("PROXY_PORT")] = 8080
@@ -100,6 +106,11 @@ class Server(Section):
     workers: Workers = 1
     timeouts: Timeouts = Timeouts()
     tls: Tls = Tls()
+    event_loop: Annotated[Literal["auto", "uvloop", "asyncio"], Env("WAYPOST_EVENT_LOOP")] = "auto"
+    gc_freeze: bool = True
+    gc_threshold: Annotated[
+        tuple[PositiveInt, PositiveInt, PositiveInt], BeforeValidator(_gc_threshold)
+    ] = (2_000, 10, 100)
 
 
 def _log_level(value: Any) -> Any:

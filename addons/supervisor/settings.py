@@ -47,7 +47,8 @@ def usable_cores() -> int:
 
 
 def set_options(argv: Sequence[str]) -> dict[str, str]:
-    """The `--set name=value` (and `--set=name=value`) pairs of a mitmdump command line."""
+    """The `--set name=value` (and `--set=name=value`) pairs of a mitmdump command line; the
+    last one wins, and a bare `--set name` is mitmproxy's "true" for a boolean."""
     out: dict[str, str] = {}
     args = iter(argv)
     for arg in args:
@@ -58,8 +59,8 @@ def set_options(argv: Sequence[str]) -> dict[str, str]:
         else:
             continue
         name, sep, value = spec.partition("=")
-        if sep:
-            out[name] = value
+        if name:
+            out[name] = value if sep else "true"
     return out
 
 

@@ -178,6 +178,7 @@ def test_environment_table_is_derived_from_the_schema() -> None:
         "PROXY_HOST": ("server", "host"),
         "PROXY_PORT": ("server", "port"),
         "SHUTDOWN_TIMEOUT": ("server", "shutdown_timeout"),
+        "WAYPOST_EVENT_LOOP": ("server", "event_loop"),
         "CONNECT_TIMEOUT": ("server", "timeouts", "connect"),
         "READ_TIMEOUT": ("server", "timeouts", "read"),
         "BACKEND_TIMEOUT": ("server", "timeouts", "read"),

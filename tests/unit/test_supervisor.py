@@ -82,7 +82,8 @@ def test_help_says_what_it_does(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_set_options() -> None:
     argv = ["-s", "a.py", "--set", "server_workers=3", "--set=metrics_port=0", "--set", "x"]
-    assert set_options(argv) == {"server_workers": "3", "metrics_port": "0"}
+    assert set_options(argv) == {"server_workers": "3", "metrics_port": "0", "x": "true"}
+    assert set_options(["--set=a=1", "--set", "a=2", "--set"]) == {"a": "2"}  # the last wins
 
 
 def _profile(tmp_path: Path, text: str) -> str:

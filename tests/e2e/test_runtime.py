@@ -1,0 +1,101 @@
+"""The bundle through a worker (`python -m addons.supervisor.worker`) on each event loop, with
+and without PYTHONOPTIMIZE=1: requests, refusals, errors, health and drain behave the same."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import (
+    _LISTENING,
+    MANAGEMENT,
+    ROOT,
+    Backend,
+    Proxy,
+    raw_request,
+    status_of,
+)
+
+PROFILE = """\
+server: {host: 127.0.0.1, port: 8080, shutdown_timeout: 5s, event_loop: %s}
+logging: {level: info, format: json, output: stdout}
+metrics: {enabled: true, host: 127.0.0.1, port: 0}
+limits: {max_url_length: 2048, max_body_size: 1MB}
+security:
+  egress: {block_private: true, allowed_networks: [127.0.0.1/32]}
+  rate_limiting: {requests_per_second: 1000, burst: 1000}
+  filtering: {domains: {blocked: ["*.blocked.example"]}}
+  headers: {enabled: true}
+cache: {enabled: true}
+"""
+
+# (server.event_loop, PYTHONOPTIMIZE): the Docker image's setup, and plain asyncio with asserts.
+SETUPS = [("auto", "1"), ("asyncio", "")]
+
+
+@pytest.fixture(params=SETUPS, ids=lambda s: f"{s[0]}-O{s[1] or 0}")
+def worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Proxy]:
+    loop, optimize = request.param
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(PROFILE % loop)
+    confdir = tmp_path / "confdir"
+    confdir.mkdir()
+    args = [sys.executable, "-m", "addons.supervisor.worker", "--listen-host", "127.0.0.1"]
+    args += ["-p", "0", "--set", f"confdir={confdir}", "-s", str(ROOT / "addons/bundle.py")]
+    args += ["--set", f"waypost_profile={profile}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WAYPOST_")}
+    env.update(PYTHONUNBUFFERED="1", PYTHONOPTIMIZE=optimize)
+    p = Proxy(args, env, ROOT)
+    try:
+        p.port = int(p.wait_for(_LISTENING, timeout=30).group(2))
+        p.mgmt_port = int(p.wait_for(MANAGEMENT).group(1))  # type: ignore[attr-defined]
+        p.setup = request.param  # type: ignore[attr-defined]
+        yield p
+    finally:
+        p.stop()
+
+
+def test_bundle_serves_through_a_worker(worker: Proxy, backend: Backend) -> None:
+    loop, optimize = worker.setup  # type: ignore[attr-defined]
+    line = worker.wait_for(
+        r"runtime: event loop (\w+) .*gc\.freeze (\d+) objects.*PYTHONOPTIMIZE=(\d)"
+    )
+    assert line.group(1) == ("uvloop" if loop == "auto" else "asyncio")
+    assert int(line.group(2)) > 10_000
+    assert line.group(3) == (optimize or "0")
+    with httpx.Client(proxy=worker.url, timeout=10, trust_env=False) as c:
+        for method in ("GET", "POST", "HEAD"):
+            r = c.request(method, f"{backend.url}/echo")
+            assert r.status_code == 200, method
+            assert r.headers["x-content-type-options"] == "nosniff"
+        assert c.get(f"{backend.url}/echo").status_code == 200  # the cache on, a second GET
+        refused = {
+            "TRACE": c.request("TRACE", f"{backend.url}/echo"),
+            "long": c.get(f"{backend.url}/echo/{'a' * 3000}"),
+            "private": c.get("http://10.255.255.1:9/"),
+            "blocked": c.get("http://ads.blocked.example/"),
+        }
+        assert {k: r.status_code for k, r in refused.items()} == {
+            "TRACE": 405,
+            "long": 414,
+            "private": 403,
+            "blocked": 403,
+        }
+        for r in refused.values():
+            assert r.json()["error"]["request_id"] == r.headers["x-request-id"]
+    bad = raw_request(
+        worker.port,
+        f"GET {backend.url}/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: b\r\n folded\r\n\r\n".encode(),
+    )
+    assert status_of(bad) == 400 and b'"BAD_REQUEST"' in bad
+    with httpx.Client(timeout=5, trust_env=False) as direct:
+        ready = direct.get(f"http://127.0.0.1:{worker.mgmt_port}/health/readiness")  # type: ignore[attr-defined]
+        assert ready.status_code == 200
+    errors = [j for j in worker.json_lines() if j.get("level") in ("ERROR", "CRITICAL")]
+    assert not errors
+    assert worker.stop() == 0  # SIGTERM drains through the loop's signal handlers
