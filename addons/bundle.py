@@ -24,6 +24,7 @@ from addons.metrics import Metrics
 from addons.ratelimit import RateLimit
 from addons.routing.router import Router
 from addons.secheaders import SecHeaders
+from addons.statuspage import StatusPage
 from addons.tlslistener import TlsListener
 from addons.tlspolicy import TlsPolicy
 from addons.tracing import Tracing
@@ -39,6 +40,7 @@ addons = [
     Tracing(),
     Acl(),
     Management(),
+    StatusPage(),
     RateLimit(),
     Cli(),
     Filter(),
