@@ -75,7 +75,7 @@ def _refuse_method(request: web.Request) -> web.Response | None:
 def _json(payload: dict[str, object]) -> web.Response:
     # default=str: a policy's details are the caller's values (hosts, ports, counts).
     return web.Response(
-        body=json.dumps(payload, default=str),
+        text=json.dumps(payload, default=str),
         content_type="application/json",
         headers={"Cache-Control": "no-store"},
     )

@@ -144,12 +144,17 @@ function renderHealth(liveness, readiness) {
   );
 }
 
-function backendRow(worker, b) {
+// The "worker" column only when an instance of several workers answered.
+function withWorker(multi, headers) {
+  return multi ? ["worker", ...headers] : headers;
+}
+
+function backendRow(multi, worker, b) {
   const healthy = b.status === "healthy";
   return el(
     "tr",
     { "data-backend": b.name, "data-status": b.status, "data-circuit": b.circuit },
-    el("td", {}, worker === null ? "" : worker),
+    ...(multi ? [el("td", {}, worker)] : []),
     el("td", {}, b.name),
     el("td", {}, b.url),
     el("td", {}, state(b.status, healthy)),
@@ -161,15 +166,17 @@ function backendRow(worker, b) {
 }
 
 function renderBackends(readiness, admin) {
-  const headers = ["worker", "name", "url", "health", "circuit", "active", "requests", "failures"];
+  const headers = ["name", "url", "health", "circuit", "active", "requests", "failures"];
   if (admin && admin.status === 200) {
-    const rows = perWorker(admin, "backends").flatMap(([w, body]) => body.backends.map((b) => backendRow(w, b)));
-    show("backends", rows.length ? table(headers, rows) : el("p", {}, "No backends configured."));
+    const answers = perWorker(admin, "backends");
+    const multi = answers.some(([w]) => w !== null);
+    const rows = answers.flatMap(([w, body]) => body.backends.map((b) => backendRow(multi, w, b)));
+    show("backends", rows.length ? table(withWorker(multi, headers), rows) : el("p", {}, "No backends configured."));
     return;
   }
   // Without the token, the readiness check's list: name, url, health and circuit.
   const listed = ((readiness.body && readiness.body.checks) || {}).backends;
-  const rows = Array.isArray(listed) ? listed.map((b) => backendRow(null, b)) : [];
+  const rows = Array.isArray(listed) ? listed.map((b) => backendRow(false, null, b)) : [];
   show(
     "backends",
     rows.length ? table(headers, rows) : el("p", {}, "No backends configured."),
@@ -191,7 +198,9 @@ function renderCache(answer) {
 function renderDecisions(answer) {
   if (!answer) return show("decisions", hidden("Recent policy decisions"));
   if (answer.status !== 200) return show("decisions", el("p", { class: "bad" }, failed(answer)));
-  const all = perWorker(answer, "decisions").flatMap(([w, body]) => body.decisions.map((d) => [w, d]));
+  const answers = perWorker(answer, "decisions");
+  const multi = answers.some(([w]) => w !== null);
+  const all = answers.flatMap(([w, body]) => body.decisions.map((d) => [w, d]));
   all.sort((a, b) => (a[1].timestamp < b[1].timestamp ? 1 : -1));
   if (!all.length) return show("decisions", el("p", {}, "No policy decision yet."));
   const known = new Set(["timestamp", "policy", "decision", "rule", "client_ip", "request_id"]);
@@ -200,7 +209,7 @@ function renderDecisions(answer) {
       "tr",
       { "data-policy": d.policy, "data-decision": d.decision, "data-rule": d.rule },
       el("td", {}, d.timestamp),
-      el("td", {}, w === null ? "" : w),
+      ...(multi ? [el("td", {}, w)] : []),
       el("td", {}, d.policy),
       el("td", {}, state(d.decision, d.decision === "allow")),
       el("td", {}, d.rule),
@@ -209,7 +218,8 @@ function renderDecisions(answer) {
       el("td", {}, el("code", {}, short(Object.fromEntries(Object.entries(d).filter(([k]) => !known.has(k)))))),
     ),
   );
-  show("decisions", table(["time", "worker", "policy", "decision", "rule", "client", "request id", "details"], rows));
+  const headers = ["policy", "decision", "rule", "client", "request id", "details"];
+  show("decisions", table(["time", ...withWorker(multi, headers)], rows));
 }
 
 async function renderConfig(readiness, profile) {
