@@ -19,10 +19,13 @@ import httpx
 import pytest
 
 from tests.conftest import MANAGEMENT, REVERSE, Proxy
-from tests.e2e.browser import Browser, chromium
+from tests.e2e import test_instance_management
+from tests.e2e.browser import Browser, Page, chromium
 from tests.e2e.router_helpers import NamedBackend, write_profile
 
 TOKEN = "status-page-token"
+# Two real workers behind the instance app (the supervisor's management port), module-scoped.
+instance = test_instance_management.instance
 REFRESH = 1.0  # seconds: the page's ?refresh=
 
 
@@ -53,8 +56,20 @@ async def _forward_port(client: httpx.AsyncClient, mgmt: int) -> int:
     raise TimeoutError(f"no forward listener among {addrs}")
 
 
-def _js(value: str) -> str:
-    return json.dumps(value)
+def _chromium() -> str:
+    exe = chromium()
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium is not installed")
+    return exe
+
+
+async def _use_token(page: Page, token: str) -> None:
+    await page.evaluate(
+        f"document.querySelector('#token').value = {json.dumps(token)};"
+        "document.querySelector('#token-form').requestSubmit()"
+    )
 
 
 @pytest.mark.timeout(150)
@@ -64,11 +79,7 @@ async def test_status_page_in_a_headless_browser(
     backends: list[NamedBackend],
     artifacts: Path,
 ) -> None:
-    exe = chromium()
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing (.ci/run installs Debian's chromium)")
-        pytest.skip("chromium is not installed")
+    exe = _chromium()
     a, b = backends
     profile = write_profile(
         tmp_path,
@@ -127,14 +138,11 @@ async def test_status_page_in_a_headless_browser(
         )
         await page.wait_for("Number(document.querySelector('#traffic .big').textContent) >= 0")
 
-        await page.evaluate(
-            f"document.querySelector('#token').value = {_js(TOKEN)};"
-            "document.querySelector('#token-form').requestSubmit()"
-        )
+        await _use_token(page, TOKEN)
         shown = await page.wait_for("document.querySelector('#profile')?.textContent")
         assert str(profile) in shown
         assert await page.evaluate(
-            f"sessionStorage.getItem('waypost-admin-token') === {_js(TOKEN)}"
+            f"sessionStorage.getItem('waypost-admin-token') === {json.dumps(TOKEN)}"
         )
         assert "Admin token in use" in await page.evaluate(
             "document.querySelector('#token-note').textContent"
@@ -169,5 +177,37 @@ async def test_status_page_in_a_headless_browser(
         print(f"status page screenshot: {shot}")
         assert shot.stat().st_size > 10_000
 
+        assert page.console_errors() == []
+        assert page.failed_requests() == []
+
+
+@pytest.mark.timeout(120)
+async def test_status_page_speaks_for_every_worker(
+    instance: test_instance_management.Instance, tmp_path: Path, artifacts: Path
+) -> None:
+    """Through the instance app: the page from one worker, the admin answers from both."""
+    exe = _chromium()
+    async with Browser.launch(tmp_path / "chromium", exe) as browser:
+        page = await browser.new_page()
+        await page.navigate(f"{instance.url}/?refresh={REFRESH:g}")
+        await page.wait_for("Number(document.body.dataset.refreshes) >= 2")
+        await _use_token(page, test_instance_management.AUTH["Authorization"].split()[1])
+        assert "profile.yaml" in await page.wait_for(
+            "document.querySelector('#profile')?.textContent"
+        )
+        # Readiness lists each worker and its own checks.
+        assert (
+            await page.evaluate(
+                "[...document.querySelectorAll('#health tr[data-check^=\"worker \"]')].length"
+            )
+            == 2
+        )
+        worker_tables = "[...document.querySelectorAll('#cache h3')].map(h => h.textContent)"
+        assert await page.wait_for(worker_tables) == ["worker 0", "worker 1"]
+        assert "No policy decision yet." in await page.evaluate(
+            "document.querySelector('#decisions').textContent"
+        )
+        shot = await page.screenshot(artifacts / "status_page_workers.png")
+        print(f"status page screenshot (two workers): {shot}")
         assert page.console_errors() == []
         assert page.failed_requests() == []

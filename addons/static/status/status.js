@@ -68,6 +68,14 @@ function perWorker(answer, key) {
   return body.workers.filter((w) => w.body && key in w.body).map((w) => [w.worker, w.body]);
 }
 
+// Readiness's checks per process: the instance app nests each worker's under checks.workers.
+function workerChecks(readiness) {
+  const checks = (readiness.body && readiness.body.checks) || {};
+  const nested = checks.workers && checks.workers.workers;
+  if (!Array.isArray(nested)) return [[null, checks]];
+  return nested.map((w) => [w.worker, w.checks || {}]);
+}
+
 function failed(answer) {
   if (answer.status === 0) return `no answer (${answer.error})`;
   const err = answer.body && answer.body.error;
@@ -123,18 +131,31 @@ function traffic(text) {
 
 // --- sections ---------------------------------------------------------------------------------
 
+function checkRow(name, check, nested) {
+  const ok = check && typeof check === "object" && "ok" in check ? check.ok : null;
+  return el(
+    "tr",
+    { "data-check": name },
+    el("td", nested ? { "data-indent": "" } : {}, name),
+    el("td", {}, ok === null ? "" : state(ok ? "ok" : "failing", ok)),
+    el("td", {}, el("code", {}, short(check))),
+  );
+}
+
 function renderHealth(liveness, readiness) {
   const checks = (readiness.body && readiness.body.checks) || {};
-  const rows = Object.entries(checks).map(([name, check]) => {
-    const ok = check && typeof check === "object" && "ok" in check ? check.ok : null;
-    return el(
-      "tr",
-      { "data-check": name },
-      el("td", {}, name),
-      el("td", {}, ok === null ? "" : state(ok ? "ok" : "failing", ok)),
-      el("td", {}, el("code", {}, short(check))),
-    );
-  });
+  const rows = [];
+  for (const [name, check] of Object.entries(checks)) {
+    if (name === "workers" && check && Array.isArray(check.workers)) {
+      // An instance: one row per worker, then that worker's own checks.
+      for (const w of check.workers) {
+        rows.push(checkRow(`worker ${w.worker}`, { ok: w.ok, status: w.status, pid: w.pid }));
+        for (const [inner, value] of Object.entries(w.checks || {})) rows.push(checkRow(inner, value, true));
+      }
+    } else {
+      rows.push(checkRow(name, check));
+    }
+  }
   const ready = readiness.body && readiness.body.status;
   show(
     "health",
@@ -175,11 +196,14 @@ function renderBackends(readiness, admin) {
     return;
   }
   // Without the token, the readiness check's list: name, url, health and circuit.
-  const listed = ((readiness.body && readiness.body.checks) || {}).backends;
-  const rows = Array.isArray(listed) ? listed.map((b) => backendRow(false, null, b)) : [];
+  const listed = workerChecks(readiness);
+  const multi = listed.some(([w]) => w !== null);
+  const rows = listed.flatMap(([w, checks]) =>
+    Array.isArray(checks.backends) ? checks.backends.map((b) => backendRow(multi, w, b)) : [],
+  );
   show(
     "backends",
-    rows.length ? table(headers, rows) : el("p", {}, "No backends configured."),
+    rows.length ? table(withWorker(multi, headers), rows) : el("p", {}, "No backends configured."),
     admin ? el("p", { class: "bad" }, `/admin/backends: ${failed(admin)}`) : hidden("Active requests and failures"),
   );
 }
@@ -223,11 +247,13 @@ function renderDecisions(answer) {
 }
 
 async function renderConfig(readiness, profile) {
-  const check = ((readiness.body && readiness.body.checks) || {}).config;
   const parts = [];
-  if (check) {
-    parts.push(el("p", {}, "Loaded: ", state(check.loaded ? "yes" : "no", check.loaded)));
-    if (check.error) parts.push(el("p", { class: "bad" }, `Last reload failed: ${check.error}`));
+  for (const [w, checks] of workerChecks(readiness)) {
+    const check = checks.config;
+    if (!check) continue;
+    const who = w === null ? "" : `Worker ${w}: `;
+    parts.push(el("p", {}, `${who}Loaded: `, state(check.loaded ? "yes" : "no", check.loaded)));
+    if (check.error) parts.push(el("p", { class: "bad" }, `${who}Last reload failed: ${check.error}`));
   }
   if (!profile) {
     parts.push(hidden("The profile path and the effective config"));
