@@ -115,11 +115,11 @@ class Page:
         path.write_bytes(base64.b64decode(result["data"]))
         return path
 
-    def console_errors(self) -> list[str]:
+    def console_errors(self, start: int = 0) -> list[str]:
         """Console errors, uncaught exceptions and browser log errors (CSP violations, failed
-        loads) seen so far."""
+        loads) among the events from index `start` on."""
         out = []
-        for e in self.events:
+        for e in self.events[start:]:
             p = e.get("params", {})
             if e["method"] == "Runtime.exceptionThrown":
                 out.append(json.dumps(p["exceptionDetails"]))
@@ -129,15 +129,16 @@ class Page:
                 out.append(f"{p['entry']['source']}: {p['entry']['text']}")
         return out
 
-    def failed_requests(self) -> list[str]:
-        """Requests that failed (no answer, blocked) or were answered with 4xx/5xx."""
+    def failed_requests(self, start: int = 0) -> list[str]:
+        """Requests that failed (no answer, blocked) or were answered with 4xx/5xx, among the
+        events from index `start` on."""
         urls = {
             e["params"]["requestId"]: e["params"]["request"]["url"]
             for e in self.events
             if e["method"] == "Network.requestWillBeSent"
         }
         out = []
-        for e in self.events:
+        for e in self.events[start:]:
             p = e.get("params", {})
             if e["method"] == "Network.loadingFailed":
                 out.append(f"{urls.get(p['requestId'], '?')}: {p['errorText']}")

@@ -211,3 +211,19 @@ async def test_status_page_speaks_for_every_worker(
         print(f"status page screenshot (two workers): {shot}")
         assert page.console_errors() == []
         assert page.failed_requests() == []
+
+        # A wrong token: refused once (four 403s), dropped, said so; no request repeats it.
+        start = len(page.events)
+        await _use_token(page, "wrong")
+        assert "refused" in await page.wait_for(
+            "document.querySelector('#token-note').textContent.includes('refused')"
+            " && document.querySelector('#token-note').textContent"
+        )
+        assert await page.evaluate("sessionStorage.getItem('waypost-admin-token')") is None
+        shown = await page.evaluate("Number(document.body.dataset.refreshes)")
+        await page.wait_for(f"Number(document.body.dataset.refreshes) >= {shown + 2}")
+        refused = page.failed_requests(start)
+        assert len(refused) == 4 and all("/admin/" in r and "HTTP 403" in r for r in refused)
+        assert "hidden without the admin token" in await page.evaluate(
+            "document.querySelector('#decisions').textContent"
+        )

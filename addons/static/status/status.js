@@ -9,6 +9,7 @@ const METRICS_PATH = document.body.dataset.metricsPath;
 const PERIOD_MS = Math.max(1, Number(new URLSearchParams(location.search).get("refresh")) || 5) * 1000;
 let previous = null; // the last scrape's totals, for rates: {at, total, client, server}
 let refreshes = 0;
+let tokenNote = ""; // why the last token was dropped, shown until another one is typed
 
 function token() {
   return sessionStorage.getItem(TOKEN_KEY) || "";
@@ -285,7 +286,7 @@ async function refresh() {
     get("/health/readiness"),
     get(METRICS_PATH),
   ]);
-  const [backends, cache, decisions, profile] = admin
+  let [backends, cache, decisions, profile] = admin
     ? await Promise.all([
         get("/admin/backends", true),
         get("/admin/cache/stats", true),
@@ -293,18 +294,27 @@ async function refresh() {
         get("/admin/profile", true),
       ])
     : [null, null, null, null];
+  // /admin/profile is served next to this page: 404 there means the admin API is off, and
+  // 401/403 a refused token. Either way the token is dropped, so that no later refresh repeats
+  // the refused requests, and the note says why until another token is typed.
+  if (profile && [401, 403, 404].includes(profile.status)) {
+    tokenNote =
+      profile.status === 404
+        ? "The admin API is off on this proxy (no admin token is configured): admin data is unavailable."
+        : "The admin token was refused: admin data is hidden. Enter it again.";
+    sessionStorage.removeItem(TOKEN_KEY);
+    [backends, cache, decisions, profile] = [null, null, null, null];
+  }
   renderHealth(liveness, readiness);
   show("traffic", metrics.status === 200 ? traffic(metrics.body) : el("p", { class: "bad" }, `${METRICS_PATH}: ${failed(metrics)}`));
   renderBackends(readiness, backends);
   renderCache(cache);
   renderDecisions(decisions);
   await renderConfig(readiness, profile);
-  const refused = [backends, cache, decisions, profile].some((a) => a && (a.status === 401 || a.status === 403));
-  document.getElementById("token-note").textContent = !admin
-    ? "Without the admin token: health, traffic and backend health only (cache, decisions, config source and backend details are hidden)."
-    : refused
-      ? "The admin token was refused: admin data is hidden."
-      : "Admin token in use (kept in this tab only).";
+  document.getElementById("token-note").textContent = profile
+    ? "Admin token in use (kept in this tab only)."
+    : tokenNote ||
+      "Without the admin token: health, traffic and backend health only (cache, decisions, config source and backend details are hidden).";
   refreshes += 1;
   document.body.dataset.refreshes = String(refreshes);
   document.getElementById("updated").textContent = `Updated ${new Date().toLocaleTimeString()} · every ${PERIOD_MS / 1000} s`;
@@ -323,10 +333,12 @@ document.getElementById("token-form").addEventListener("submit", (event) => {
   const input = document.getElementById("token");
   sessionStorage.setItem(TOKEN_KEY, input.value.trim());
   input.value = "";
+  tokenNote = "";
   refresh();
 });
 document.getElementById("forget").addEventListener("click", () => {
   sessionStorage.removeItem(TOKEN_KEY);
+  tokenNote = "";
   refresh();
 });
 loop();
