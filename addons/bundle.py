@@ -26,6 +26,7 @@ from addons.ratelimit import RateLimit
 from addons.routing.router import Router
 from addons.runtime import Runtime
 from addons.secheaders import SecHeaders
+from addons.statuspage import StatusPage
 from addons.tlslistener import TlsListener
 from addons.tlspolicy import TlsPolicy
 from addons.tracing import Tracing
@@ -41,6 +42,7 @@ addons = [
     Tracing(),
     Acl(),
     Management(),
+    StatusPage(),
     RateLimit(),
     Cli(),
     Filter(),

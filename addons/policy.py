@@ -19,6 +19,8 @@ auditing:
   client_ip, request_id and the caller's details) and one increment of
   `policy_decisions_total{policy,decision,rule}`. Counted here, at decision time, because
   connection-level decisions (an ACL closing a connection) have no flow to count later.
+- The last `RECENT_SIZE` decisions are kept in `RECENT` (newest last, the audit event's fields
+  plus `timestamp`), for the status page's GET /admin/decisions (`addons/statuspage.py`).
 
 Rule ids must come from configuration (a rule's id or pattern), never from raw client input:
 they become metric labels.
@@ -27,6 +29,7 @@ they become metric labels.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any
 
 from mitmproxy import http
@@ -41,6 +44,10 @@ MODES = ("enforce", "shadow")
 # mitmproxy's marks are names from mitmproxy.utils.emoji (what its `flow.mark` command accepts).
 ENFORCED = ":no_entry:"
 SHADOW = ":eyes:"
+RECENT_SIZE = 100
+# Process-wide like the metric objects it sits beside: `decide` is a function every policy
+# addon calls, connection-level decisions included, so no addon instance owns this history.
+RECENT: deque[dict[str, Any]] = deque(maxlen=RECENT_SIZE)
 
 
 def decide(
@@ -76,6 +83,7 @@ def decide(
                                      "waypost.rule": rule})  # fmt: skip
     fields.update(detail)
     metrics.count_decision(policy, outcome, rule)
+    RECENT.append({"timestamp": errors.timestamp(), **fields})
     log.warning("%s %s rule=%s", policy, outcome, rule, extra={"waypost": fields})
     return enforce
 
