@@ -268,6 +268,8 @@ def start_bundle(tmp: Path, profile: Path, ports: Ports) -> Child:
 
 
 class Soak:
+    """One run: the processes, the load, the faults and what was recorded."""
+
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.args = args
         self.tmp = tmp
@@ -275,7 +277,7 @@ class Soak:
         self.ports = Ports(benchlib.free_port(), benchlib.free_port(), benchlib.free_port())
         self.profile = tmp / "profile.yaml"
         self.bundle: Child | None = None
-        self.rec = Recorder(time.monotonic())
+        self.rec = Recorder(time.monotonic())  # restarted when the load starts
         self.inflight: set[asyncio.Task[None]] = set()
         self.reloads = 0
         self.kills = 0
@@ -297,7 +299,7 @@ class Soak:
     # -- the load --
 
     def sessions(self) -> list[tuple[aiohttp.ClientSession, str]]:
-        """One session per load address: (session, listener); half reverse, half forward."""
+        """One session per load address: (session, listener); a quarter of them forward."""
         out = []
         timeout = aiohttp.ClientTimeout(total=10)
         for i, addr in enumerate(LOAD_ADDRS):
