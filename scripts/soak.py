@@ -510,7 +510,7 @@ class Soak:
         answers: dict[str, int] = {}
         i = 0
         while self.rec.now() < w.end:
-            data = malformed(i, self.ports, self.origins)
+            data = malformed(i)
             port = self.ports.forward if i % 2 else self.ports.reverse
             got = await exchange(port, data, FLOOD_ADDR, HEADER_TIMEOUT + LINGER + 2)
             answers[got] = answers.get(got, 0) + 1
@@ -658,8 +658,9 @@ def established(pid: int) -> int:
 # --- requests that are not the load --------------------------------------------------------
 
 
-def malformed(i: int, ports: Ports, origins: Origins) -> bytes:
-    """The i-th request of the flood (all kinds of issue 15's list), to either listener."""
+def malformed(i: int) -> bytes:
+    """The i-th request of the flood: framing, limit and syntax errors of the security
+    table, and 4 KiB of random bytes; odd ones absolute-form (forward), even ones origin-form."""
     target = "http://pool.internal/upload" if i % 2 else "/upload"
     head = f"POST {target} HTTP/1.1\r\nHost: pool.internal\r\nX-Request-ID: flood-{i}\r\n"
     te = head + "Transfer-Encoding: chunked\r\n\r\n"
