@@ -20,6 +20,9 @@ auditing:
   `policy_decisions_total{policy,decision,rule}`. Counted here, at decision time, because
   connection-level decisions (an ACL closing a connection) have no flow to count later.
 
+`explained` is the same outcome as plain data, recording nothing: each policy addon's
+`explain(flow)` (POST /admin/explain) returns it.
+
 Rule ids must come from configuration (a rule's id or pattern), never from raw client input:
 they become metric labels.
 """
@@ -78,6 +81,18 @@ def decide(
     metrics.count_decision(policy, outcome, rule)
     log.warning("%s %s rule=%s", policy, outcome, rule, extra={"waypost": fields})
     return enforce
+
+
+def explained(
+    policy: str, rule: str | None, mode: str, decision: str = "block", **detail: Any
+) -> dict[str, Any]:
+    """A policy's part of POST /admin/explain (`explain(flow)` on the addon): what `decide`
+    would record for `rule` (None: the request passes), without recording anything."""
+    if rule is None:
+        return {"addon": policy, "decision": "allow", **detail}
+    shadow = mode == "shadow"
+    return {"addon": policy, "decision": "would_block" if shadow else decision, "rule": rule,
+            "shadow": shadow, "refuses": not shadow, **detail}  # fmt: skip
 
 
 def annotate(flow: http.HTTPFlow, mark: str, line: str, force: bool = False) -> None:

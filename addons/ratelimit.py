@@ -475,6 +475,27 @@ class RateLimit:
         if result is not None:
             _refuse(flow, ip, limit, result)
 
+    def explain(self, flow: http.HTTPFlow) -> dict[str, object]:
+        """POST /admin/explain: would this request be limited now? Read-only: the bucket is
+        read (`take` on a copy of its state), never written."""
+        ip = net.client_ip(flow)
+        if not self.active or (self.has_exempt and self._exempt(ip)):
+            return {"addon": "ratelimit", "decision": "allow", "client_ip": ip,
+                    "exempt": self.active}  # fmt: skip
+        limit, key, req = self.default, ip, flow.request
+        rule = match(self.rules, hosts.host_key(req.host), None if req.method == "CONNECT"
+                     else req.path) if self.rules else None  # fmt: skip
+        if rule is not None:
+            limit, key = rule, f"{rule.id} {ip}"
+        if not limit.rate:
+            return {"addon": "ratelimit", "decision": "allow", "client_ip": ip, "rule": limit.id}
+        now = time.monotonic()
+        result = take(self.buckets.table.get(key, now), now, limit.rate, limit.burst)
+        found = policy.explained("ratelimit", None if result.allowed else limit.id, limit.mode,
+                                 "limit", client_ip=ip)  # fmt: skip
+        return found | {"rule": limit.id, "remaining": result.remaining if result.allowed
+                        else 0, "retry_after": retry_after(result.retry_after)}  # fmt: skip
+
 
 def _refuse(flow: http.HTTPFlow, ip: str, limit: Limit, result: Take) -> None:
     """429 RATE_LIMITED (or, in shadow mode, only the would_block record)."""
