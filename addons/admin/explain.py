@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from mitmproxy import connection, http
+from mitmproxy.proxy import mode_specs
 
 from addons.admin.models import Decision, ExplainAnswer, ExplainRequest
 
@@ -36,6 +37,9 @@ def synthetic_flow(req: ExplainRequest) -> http.HTTPFlow:
         request = http.Request.make(req.method, req.url, b"", http.Headers(headers))
         if not any(k.lower() == b"host" for k, _ in headers):
             request.headers["Host"] = request.host_header or request.host
+    if req.listener == "reverse" and req.method != "CONNECT":
+        target = f"{request.scheme}://{request.host}:{request.port}"
+        client.proxy_mode = mode_specs.ProxyMode.parse(f"reverse:{target}")
     flow = http.HTTPFlow(client, connection.Server(address=(request.host, request.port)))
     flow.request = request
     return flow

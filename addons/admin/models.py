@@ -35,6 +35,11 @@ class ExplainRequest(BaseModel):
     )
     client_ip: str = Field(default="127.0.0.1", max_length=64, description="The client's IP.")
     headers: dict[str, str] = {}
+    listener: Literal["forward", "reverse"] = Field(
+        default="forward",
+        description="The kind of listener the request arrives on: reverse applies the "
+        "router's default backend and its no-route refusal.",
+    )
 
     @field_validator("method")
     @classmethod

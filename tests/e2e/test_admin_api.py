@@ -144,7 +144,8 @@ def test_explain(admin: tuple[Proxy, str]) -> None:
     with direct() as c:
 
         def breaker() -> dict:
-            return _by(_explain(c, base, url="http://api.internal/", client_ip="127.0.0.1"))
+            return _by(_explain(c, base, url="http://api.internal/", client_ip="127.0.0.1",
+                                listener="reverse"))  # fmt: skip
 
         router = wait_until(lambda: (b := breaker())["router"]["decision"] == "circuit_open" and b)
         assert router["router"]["backends"][0]["circuit"] == "open"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from mitmproxy import ctx
+from mitmproxy import ctx, exceptions
 from mitmproxy.test import taddons
 from pydantic import BaseModel, ValidationError
 
@@ -186,11 +186,37 @@ def test_explain_router_open_breaker() -> None:
         for b in r.backends.values():
             b.breaker.state = "open"
             b.breaker.opened_at = __import__("time").monotonic()
-        found = _explain([r], url="http://service.local/x")
+        found = _explain([r], url="http://service.local/x", listener="reverse")
         d = found["decisions"][0]
         assert d["decision"] == "circuit_open" and d["refuses"]
         assert d["backends"][0]["circuit"] == "open"
         assert next(iter(r.backends.values())).breaker.state == "open"  # untouched
+
+
+def test_explain_reverse_listener_without_a_matching_rule() -> None:
+    r = Router()
+    with taddons.context(r) as tctx:
+        tctx.options.update(
+            routing_rules=json.dumps(
+                [{"name": "api", "match": {"path": "/api"},
+                  "forward": {"target": "http://127.0.0.1:9"}}]
+            )
+        )  # fmt: skip
+        forward = _explain([r], url="http://service.local/other")["decisions"][0]
+        assert forward["decision"] == "pass" and not forward["refuses"]
+        reverse = _explain([r], url="http://service.local/other", listener="reverse")
+        assert reverse["refused_by"] == "router"
+        assert reverse["decisions"][0]["decision"] == "no_route"
+
+
+def test_explain_command() -> None:
+    m, f = management.Management(), filter.Filter()
+    with taddons.context(m, f) as tctx:
+        tctx.options.update(filter_blocked=["ads.example"])
+        out = json.loads(m.explain_command("get", "https://ads.example/", "192.0.2.1"))
+        assert out["refused_by"] == "filter"
+        with pytest.raises(exceptions.CommandError, match="absolute"):
+            m.explain_command("GET", "nowhere")
 
 
 # --- the app: routes, auth, openapi ---------------------------------------------------------------
@@ -215,6 +241,9 @@ async def test_routes_need_the_token(client: Any) -> None:
         bad = {"Authorization": "Bearer nope"}
         assert (await client.request(method, path, headers=bad)).status == 403
     assert (await client.post("/admin/version", headers=TOKEN)).status == 405
+    head = await client.head("/admin/version", headers=TOKEN)
+    assert head.status == 200 and await head.read() == b""
+    assert (await client.get("/admin/explain", headers=TOKEN)).status == 405
     ctx.options.update(admin_token="")
     assert (await client.get("/admin/version", headers=TOKEN)).status == 404
 
