@@ -551,8 +551,13 @@ class Egress:
         req = flow.request
         found: dict[str, object] = {"addon": "egress", "host": req.host, "port": req.port}
         if req.method == "CONNECT" and not port_allowed(self.connect_ports, req.port):
-            return found | {"decision": "block", "rule": "connect_ports", "refuses": True,
-                            "reason": f"port {req.port} is not allowed"}  # fmt: skip
+            why = f"port {req.port} is not allowed"
+            return found | {
+                "decision": "block",
+                "rule": "connect_ports",
+                "refuses": True,
+                "reason": why,
+            }
         host = normalise_host(req.host)
         ip = parse_ip(host)
         ips = (ip,) if ip is not None else self._dns.get(host)
@@ -565,8 +570,8 @@ class Egress:
         found["addresses"] = [str(a) for a in ips]
         if verdict is None:
             return found | {"decision": "allow"}
-        return found | {"decision": "block", "rule": verdict.rule, "refuses": True,
-                        "reason": verdict.reason}  # fmt: skip
+        refusal = {"rule": verdict.rule, "refuses": True, "reason": verdict.reason}
+        return found | {"decision": "block"} | refusal
 
 
 def _management_addrs() -> Sequence[tuple[str, int]]:

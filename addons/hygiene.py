@@ -517,8 +517,8 @@ class Hygiene:
             req.method, target or req.authority, req.http_version, self.limits, http1=True
         ) or check_fields(req.headers.fields, req.http_version, self.limits)
         if isinstance(found, Refusal):
-            return {"addon": "hygiene", "decision": "block", "rule": found.rule,
-                    "refuses": True, "code": found.code, "reason": found.message}  # fmt: skip
+            refusal = {"rule": found.rule, "code": found.code, "reason": found.message}
+            return {"addon": "hygiene", "decision": "block", "refuses": True} | refusal
         return {"addon": "hygiene", "decision": "allow"}
 
 

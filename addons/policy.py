@@ -91,8 +91,14 @@ def explained(
     if rule is None:
         return {"addon": policy, "decision": "allow", **detail}
     shadow = mode == "shadow"
-    return {"addon": policy, "decision": "would_block" if shadow else decision, "rule": rule,
-            "shadow": shadow, "refuses": not shadow, **detail}  # fmt: skip
+    return {
+        "addon": policy,
+        "decision": "would_block" if shadow else decision,
+        "rule": rule,
+        "shadow": shadow,
+        "refuses": not shadow,
+        **detail,
+    }
 
 
 def annotate(flow: http.HTTPFlow, mark: str, line: str, force: bool = False) -> None:

@@ -476,25 +476,31 @@ class RateLimit:
             _refuse(flow, ip, limit, result)
 
     def explain(self, flow: http.HTTPFlow) -> dict[str, object]:
-        """POST /admin/explain: would this request be limited now? Read-only: the bucket is
-        read (`take` on a copy of its state), never written."""
+        """POST /admin/explain: would this request be limited now? Read-only: `take` runs on
+        the bucket's state as read, which is never written back."""
         ip = net.client_ip(flow)
-        if not self.active or (self.has_exempt and self._exempt(ip)):
-            return {"addon": "ratelimit", "decision": "allow", "client_ip": ip,
-                    "exempt": self.active}  # fmt: skip
-        limit, key, req = self.default, ip, flow.request
-        rule = match(self.rules, hosts.host_key(req.host), None if req.method == "CONNECT"
-                     else req.path) if self.rules else None  # fmt: skip
-        if rule is not None:
-            limit, key = rule, f"{rule.id} {ip}"
+        found: dict[str, object] = {"addon": "ratelimit", "decision": "allow", "client_ip": ip}
+        if not self.active:
+            return found
+        if self.has_exempt and self._exempt(ip):
+            return found | {"exempt": True}
+        req = flow.request
+        limit, key = self.default, ip
+        if self.rules:
+            path = None if req.method == "CONNECT" else req.path
+            rule = match(self.rules, hosts.host_key(req.host), path)
+            if rule is not None:
+                limit, key = rule, f"{rule.id} {ip}"
         if not limit.rate:
-            return {"addon": "ratelimit", "decision": "allow", "client_ip": ip, "rule": limit.id}
+            return found | {"rule": limit.id}
         now = time.monotonic()
         result = take(self.buckets.table.get(key, now), now, limit.rate, limit.burst)
-        found = policy.explained("ratelimit", None if result.allowed else limit.id, limit.mode,
-                                 "limit", client_ip=ip)  # fmt: skip
-        return found | {"rule": limit.id, "remaining": result.remaining if result.allowed
-                        else 0, "retry_after": retry_after(result.retry_after)}  # fmt: skip
+        refusing = None if result.allowed else limit.id
+        return policy.explained("ratelimit", refusing, limit.mode, "limit", client_ip=ip) | {
+            "rule": limit.id,
+            "remaining": result.remaining if result.allowed else 0,
+            "retry_after": retry_after(result.retry_after),
+        }
 
 
 def _refuse(flow: http.HTTPFlow, ip: str, limit: Limit, result: Take) -> None:

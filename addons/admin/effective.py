@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 REDACTED = "********"
 SECRETS = frozenset({"admin_token", "cli_token"})
 _CREDENTIAL = re.compile(
-    r"authorization|cookie|token|secret|password|passwd|api[-_]?key|x-api-key|credential", re.I
+    r"authorization|cookie|token|secret|password|passwd|api[-_]?key|credential", re.I
 )
 _USERINFO = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]*@", re.I)
 
@@ -32,21 +32,15 @@ def without_password(url: str) -> str | None:
     if not _USERINFO.match(url):
         return None
     parts = urlsplit(url)
-    if not parts.password:
-        return None
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:{REDACTED}@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{hostport}"))
 
 
 def redact(option: str, value: Any) -> tuple[Any, str | None]:
     """The value to show and why it was changed (None: shown as is)."""
     if option in SECRETS:
-        return (REDACTED if value else value), "secret"
+        return (REDACTED, "secret") if value else (value, None)
     if isinstance(value, str) and value[:1] in "[{":
         try:
             parsed = json.loads(value)

@@ -113,10 +113,8 @@ class Lookup:
         data = flow.request.data
         found = scan_request(data.headers.fields)
         host = found.get(b"host")
-        url = request_url(
-            data.scheme, host[0] if host else (data.authority or data.host.encode()),
-            data.port, data.path,
-        )  # fmt: skip
+        authority = host[0] if host else (data.authority or data.host.encode())
+        url = request_url(data.scheme, authority, data.port, data.path)
         why = None
         if not self.shared.enabled:
             why = "cache_enabled is off"
@@ -129,8 +127,8 @@ class Lookup:
         if why is not None:
             return {"addon": "cache", "decision": "bypass", "reason": why, "url": url}
         stored = self.shared.store.index.get(f"GET\n{url}") is not None
-        return {"addon": "cache", "decision": "lookup", "url": url, "entry": stored,
-                "store": "if the response is cacheable (RFC 9111)"}  # fmt: skip
+        store = "if the response is cacheable (RFC 9111)"
+        return {"addon": "cache", "decision": "lookup", "url": url, "entry": stored, "store": store}
 
     def surrogate(self, flow: http.HTTPFlow, meta: Record) -> bool:
         """Whether this cache stands in for the origin: reverse mode or a routed request."""

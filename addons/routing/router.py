@@ -373,8 +373,8 @@ class Router:
             refuses = bool(self.routes) and isinstance(
                 flow.client_conn.proxy_mode, mode_specs.ReverseMode
             )
-            return {"addon": "router", "decision": "no_route" if refuses else "pass",
-                    "rule": None, "refuses": refuses}  # fmt: skip
+            decision = "no_route" if refuses else "pass"
+            return {"addon": "router", "decision": decision, "rule": None, "refuses": refuses}
         states = admin.backend_states(chosen.pool.backends, self.breaker_enabled)
         available = any(s["available"] for s in states)
         return {

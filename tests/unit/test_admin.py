@@ -35,7 +35,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     "option, value, shown, why",
     [
         ("admin_token", "s3cret", "********", "secret"),
-        ("cli_token", "", "", "secret"),
+        ("cli_token", "", "", None),
+        ("state_redis_url", "redis://:pw@[::1]:6379", "redis://:********@[::1]:6379",
+         "url password"),
         ("state_redis_url", "redis://u:pw@redis:6379/0", "redis://u:********@redis:6379/0",
          "url password"),
         ("state_redis_url", "redis://redis:6379/0", "redis://redis:6379/0", None),
