@@ -68,6 +68,9 @@ _FORWARDED = ("Authorization", "Content-Type", "Accept")
 _KEPT = ("www-authenticate", "allow")
 # Fields of an admin answer that are the instance's total when summed over workers.
 SUMMED: dict[str, tuple[str, ...]] = {"/admin/cache": ("invalidated", "remaining")}
+# Admin answers that are one document (a `workers` field would make the OpenAPI document
+# invalid): answered as is when every worker's is the same.
+WHOLE = frozenset({"/admin/openapi.json", "/admin/version"})
 _ALLOW_GET = {"Allow": "GET, HEAD"}
 # Not relayed between a client and a worker: each hop's own framing.
 _HOP_BY_HOP = frozenset(
@@ -275,7 +278,8 @@ def merge_admin(path: str, answers: Sequence[Answer]) -> tuple[int, Any, dict[st
 
     - Every worker answered the same success: that status; the body lifts the fields every
       worker answered alike, sums the fields that are totals (`SUMMED`: a purge's
-      `invalidated`), and lists each worker's answer under "workers".
+      `invalidated`), and lists each worker's answer under "workers"; a document (`WHOLE`)
+      every worker answered alike is that document.
     - Every worker answered the same refusal (a wrong token, an unknown path): that answer.
     - Anything else (statuses differ, a worker did not answer): 207 Multi-Status with
       {"workers": [{"worker": i, "status": s, "body": ...} or {..., "error": why}]}.
@@ -295,6 +299,8 @@ def merge_admin(path: str, answers: Sequence[Answer]) -> tuple[int, Any, dict[st
         return status, first.body, {k: v for k, v in first.headers.items() if k.lower() in _KEPT}
     merged: dict[str, Any] = {}
     bodies = [a.body for a in answers]
+    if path in WHOLE and all(b == bodies[0] for b in bodies):
+        return status, bodies[0], {}
     if all(isinstance(b, dict) for b in bodies):
         for key, value in bodies[0].items():
             if key in SUMMED.get(path, ()):

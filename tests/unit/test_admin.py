@@ -308,3 +308,15 @@ def test_every_example_validates() -> None:
                     )
                     seen += 1
     assert seen >= 6
+
+
+def test_instance_answers_one_document_as_is() -> None:
+    from addons.supervisor.instance import Answer, merge_admin
+
+    doc = openapi.document()
+    status, body, _ = merge_admin("/admin/openapi.json", [Answer(0, 200, doc), Answer(1, 200, doc)])
+    assert status == 200 and body == doc
+    v = {"waypost": "1", "mitmproxy": "11", "python": "3.11.2"}
+    other = v | {"waypost": "2"}
+    status, body, _ = merge_admin("/admin/version", [Answer(0, 200, v), Answer(1, 200, other)])
+    assert body["mitmproxy"] == "11" and len(body["workers"]) == 2  # a mid-upgrade mix shows
