@@ -98,9 +98,14 @@ def test_config_sources_and_redaction(admin: tuple[Proxy, str]) -> None:
 
 
 def test_version(admin: tuple[Proxy, str]) -> None:
-    _, base = admin
+    p, base = admin
     with direct() as c:
         v = c.get(base + "/admin/version", headers=AUTH).json()
+        # The proxy port answers the same (origin-form, addressed to the proxy itself).
+        assert c.get(p.url + "/admin/version", headers=AUTH).json() == v
+        assert c.get(p.url + "/admin/version").status_code == 401
+        on_proxy = c.post(p.url + "/admin/explain", headers=AUTH, json={"url": "http://a.b/"})
+        assert on_proxy.status_code == 200 and on_proxy.json()["request"]["url"] == "http://a.b/"
     assert set(v) == {"waypost", "mitmproxy", "python"}
     assert v["python"].count(".") == 2
 

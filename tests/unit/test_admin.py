@@ -320,3 +320,22 @@ def test_instance_answers_one_document_as_is() -> None:
     other = v | {"waypost": "2"}
     status, body, _ = merge_admin("/admin/version", [Answer(0, 200, v), Answer(1, 200, other)])
     assert body["mitmproxy"] == "11" and len(body["workers"]) == 2  # a mid-upgrade mix shows
+
+
+def test_explain_cli_endpoint_only_for_its_path() -> None:
+    from mitmproxy.proxy import mode_specs
+
+    from addons.clirun.addon import Cli
+
+    cli = Cli()
+    with taddons.context(cli):
+        cli.listen_addrs = [("127.0.0.1", 1)]
+        req = models.ExplainRequest.model_validate(
+            {"method": "POST", "url": "http://backend.example/cli/execute", "listener": "reverse"}
+        )
+        flow = explain.synthetic_flow(req)
+        assert isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode)
+        assert cli.explain(flow) == {"addon": "cli", "decision": "cli", "rule": "/cli/execute",
+                                     "backend": "cli"}  # fmt: skip
+        other = _explain([cli], method="POST", url="http://backend.example/cli/execute")
+        assert other["decisions"] == []  # forward, not addressed to the proxy
