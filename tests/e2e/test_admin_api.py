@@ -1,6 +1,7 @@
 """The admin API through a real bundle: /admin/config (sources, redaction), /admin/version,
 /admin/explain (allowed, blocked enforce and shadow, rate-limited read-only, an open breaker),
-/admin/openapi.json; every route token-gated like the other admin routes."""
+/admin/openapi.json; every route token-gated like the other admin routes; and the same routes
+through the instance app of two workers (test_instance_management's fixture)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ import httpx
 import pytest
 
 from tests.conftest import MANAGEMENT, Proxy, wait_until
+from tests.e2e import test_instance_management
+from tests.e2e.test_instance_management import Instance
+
+# Two real workers behind the instance app (module-scoped, started only for the test using it).
+instance = test_instance_management.instance
 
 TOKEN = "s3cret-admin"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -172,3 +178,23 @@ def test_openapi(admin: tuple[Proxy, str]) -> None:
                  "/admin/cache/stats"):  # fmt: skip
         assert path in doc["paths"]
     assert doc["paths"]["/admin/explain"]["post"]["requestBody"]["content"]
+
+
+def test_the_instance_app_speaks_for_every_worker(instance: Instance) -> None:
+    from openapi_spec_validator import validate
+
+    with direct() as c:
+        auth = {"Authorization": "Bearer s3cret"}  # the instance fixture's profile
+        doc = c.get(instance.url + "/admin/openapi.json", headers=auth).json()
+        validate(doc)  # one document, not wrapped per worker
+        version = c.get(instance.url + "/admin/version", headers=auth).json()
+        assert set(version) == {"waypost", "mitmproxy", "python"}
+        config = c.get(instance.url + "/admin/config", headers=auth).json()
+        assert config["keys"]["admin.token"]["value"] == "********"
+        assert len(config["workers"]) == 2
+        r = c.post(instance.url + "/admin/explain", headers=auth, json={"url": "http://a.b/"})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["request"]["url"] == "http://a.b/" and answer["outcome"] == "allow"
+        assert [w["status"] for w in answer["workers"]] == [200, 200]
+        assert c.get(instance.url + "/admin/config").status_code == 401
