@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import MANAGEMENT, Proxy, wait_until
 from tests.e2e import test_instance_management
 from tests.e2e.test_instance_management import Instance
+from tests.unit.test_admin import spec_validator
 
 # Two real workers behind the instance app (module-scoped, started only for the test using it).
 instance = test_instance_management.instance
@@ -167,8 +168,7 @@ def test_explain(admin: tuple[Proxy, str]) -> None:
 
 
 def test_openapi(admin: tuple[Proxy, str]) -> None:
-    from openapi_spec_validator import validate
-
+    validate = spec_validator()
     _, base = admin
     with direct() as c:
         doc = c.get(base + "/admin/openapi.json", headers=AUTH).json()
@@ -181,8 +181,7 @@ def test_openapi(admin: tuple[Proxy, str]) -> None:
 
 
 def test_the_instance_app_speaks_for_every_worker(instance: Instance) -> None:
-    from openapi_spec_validator import validate
-
+    validate = spec_validator()
     with direct() as c:
         auth = {"Authorization": "Bearer s3cret"}  # the instance fixture's profile
         doc = c.get(instance.url + "/admin/openapi.json", headers=auth).json()

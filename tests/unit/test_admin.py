@@ -4,6 +4,8 @@ policy's read-only explain), /admin/openapi.json (every served route, valid 3.1,
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,18 @@ from addons.config import Config
 from addons.routing.router import Router
 
 TOKEN = {"Authorization": "Bearer s3cret"}
+
+
+def spec_validator() -> Callable[[dict[str, Any]], None]:
+    """openapi-spec-validator's `validate` (a dev dependency): skipped when it is missing, except
+    in CI (`CI` set), where a missing validator fails."""
+    try:
+        from openapi_spec_validator import validate
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("openapi-spec-validator (a dev dependency) is not installed")
+    return validate  # type: ignore[no-any-return]
 
 
 @pytest.fixture(autouse=True)
@@ -279,8 +293,7 @@ def _served(app: Any) -> set[tuple[str, str]]:
 
 
 async def test_openapi_covers_every_route_and_validates(client: Any) -> None:
-    from openapi_spec_validator import validate  # dev dependency
-
+    validate = spec_validator()
     doc = await (await client.get("/admin/openapi.json", headers=TOKEN)).json()
     validate(doc)
     served = _served(client.app_under_test)
