@@ -1,10 +1,11 @@
 """GET /admin/config's answer: every option a profile sets, its value as applied, where it came
 from (the config addon's `sources()`), and secrets redacted.
 
-Redacted (each listed in `redacted` with why): admin.token and cli.token ("secret"), the
-password of any URL with userinfo (state.redis_url, a backend's URL: "url password"), and the
-value of any header named like a credential (Authorization, Cookie, *token*, *key*, *secret*,
-*password*: "credential header") wherever a header map or match appears in a value.
+Redacted (each listed in `redacted` with why): admin.token and cli.token, and mitmproxy's
+upstream_auth and proxyauth from the `mitmproxy:` section ("secret"); the password of any URL
+with userinfo (state.redis_url, a backend's URL: "url password"); the value of any header
+named like a credential (Authorization, Cookie, *token*, *api-key*, *secret*, *password*:
+"credential header") wherever a header map or match appears in a value.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 REDACTED = "********"
-SECRETS = frozenset({"admin_token", "cli_token"})
+# Waypost's tokens, and core mitmproxy options a profile's `mitmproxy:` section may carry
+# credentials in (user:password).
+SECRETS = frozenset({"admin_token", "cli_token", "upstream_auth", "proxyauth"})
 _CREDENTIAL = re.compile(
     r"authorization|cookie|token|secret|password|passwd|api[-_]?key|credential", re.I
 )

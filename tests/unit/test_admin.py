@@ -50,6 +50,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         ("admin_token", "s3cret", "********", "secret"),
         ("cli_token", "", "", None),
+        ("upstream_auth", "user:pass", "********", "secret"),
         ("state_redis_url", "redis://:pw@[::1]:6379", "redis://:********@[::1]:6379",
          "url password"),
         ("state_redis_url", "redis://u:pw@redis:6379/0", "redis://u:********@redis:6379/0",
