@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from mitmproxy import connection, ctx, http
 from mitmproxy.proxy import mode_specs
@@ -222,6 +223,12 @@ class Acl:
                 flow.response = errors.make(
                     "ACCESS_DENIED", "Your address is not allowed to use this proxy.", flow
                 )
+
+    def explain(self, flow: http.HTTPFlow) -> dict[str, Any]:
+        """POST /admin/explain: the ACL's verdict on the flow's client, read-only."""
+        ip = net.client_ip(flow)
+        rule = verdict(net.parse_ip(ip) if ip else None, self.allowed, self.denied)
+        return policy.explained("acl", rule, self.mode, "deny", client_ip=ip)
 
 
 addons = [Acl()]

@@ -16,6 +16,8 @@ Secrets (`SECRETS`: admin_token, cli_token) are shown as "********" by mitmweb's
 (its options API goes through `optmanager.dump_dicts`, patched here: no hook hides an option's
 value). `mitmdump --options` prints defaults only, never a value.
 Command: waypost.reload (mitmweb's command bar, mitmproxy's `:` prompt), as POST /admin/reload.
+Sources: `sources()` says where each option's value came from (file:line, environment variable,
+--set or a runtime change, default): GET /admin/config, through the management app.
 Options: waypost_profile.
 Metrics: config_reloads_total{result="success"|"failure"} (reloads after startup),
 config_last_reload_successful (0 while the running config is not the file's latest version),
@@ -31,7 +33,7 @@ import os
 import signal
 import time
 from collections.abc import Coroutine, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from mitmproxy import command, ctx, exceptions, optmanager
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -282,6 +284,34 @@ class Config:
             # as soon as we are running.
             self._rebind = True
 
+    def sources(self) -> list[Source]:
+        """Every option a profile can set, with its profile key and where its value came from:
+        `set` (command line, mitmweb, a runtime change), `env` (the variable), `file`
+        (file:line) or `default`. In the option map's order, then the `mitmproxy:` section."""
+        loaded = self.current
+        # option -> (its key in the answer, the profile path its value comes from)
+        keys: dict[str, tuple[str, tuple[str | int, ...]]] = {
+            option: (".".join(path), path) for option, (path, _) in schema.OPTIONS.items()
+        }
+        if loaded is not None:
+            for option in schema.listener_options(loaded.profile):
+                keys[option] = (f"mitmproxy.{option}", ("routing", "listeners"))
+            for option in loaded.profile.mitmproxy:
+                keys[option] = (f"mitmproxy.{option}", ("mitmproxy", option))
+        for option in schema.CORE_DEFAULTS:
+            keys.setdefault(option, (f"mitmproxy.{option}", ("mitmproxy", option)))
+        out = []
+        for option, (key, path) in keys.items():
+            if option not in ctx.options:
+                continue  # its addon is not loaded
+            if self._set_by_user(option):
+                out.append(Source(key, option, "set", None))
+            elif loaded is None:
+                out.append(Source(key, option, "default", None))
+            else:
+                out.append(Source(key, option, *_origin(loaded, path)))
+        return out
+
     def _set_by_user(self, key: str) -> bool:
         """True when someone other than this addon set the option (command line, mitmweb)."""
         if key in self._applied:
@@ -299,6 +329,27 @@ class Config:
         task = spawn(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+class Source(NamedTuple):
+    key: str  # the profile's key path, dotted
+    option: str
+    source: str  # file, env, set, default
+    where: str | None  # file:line, or the variable
+
+
+def _origin(loaded: schema.Loaded, path: tuple[str | int, ...]) -> tuple[str, str | None]:
+    for target, var in loaded.env.items():
+        if path[: len(target)] == target or target[: len(path)] == path:
+            return "env", var
+    line = loaded.lines.get(path)
+    if line is None:
+        # A list or mapping value: the first line written under the key.
+        found = [n for p, n in loaded.lines.items() if p[: len(path)] == path]
+        line = min(found) if found else None
+    if line is None:
+        return "default", None
+    return "file", f"{loaded.source}:{line}"
 
 
 def unknown_options(options: Any) -> list[str]:

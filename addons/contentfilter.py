@@ -171,6 +171,15 @@ class ContentFilter:
         if rule is not None and self._decide(flow, rule, ctype, "request"):
             flow.response = self._refusal(flow, rule, "request")
 
+    def explain(self, flow: http.HTTPFlow) -> dict[str, Any]:
+        """POST /admin/explain: the request side (the body's Content-Type), read-only; the
+        response side is decided when a response comes."""
+        ctype = flow.request.headers.get("content-type")
+        rule = match(self.patterns, ctype) if self.check_request and self.patterns else None
+        found = policy.explained(POLICY, rule, self.mode, "block", content_type=ctype)
+        found["response_checked"] = bool(self.patterns)
+        return found
+
     @errors.fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if not self.patterns or flow.response is None or flow.error or not flow.live:

@@ -544,6 +544,35 @@ class Egress:
         if verdict is not None and flow.response is not None and flow.response.status_code == 502:
             self._deny(flow, verdict.rule, verdict.reason, "this destination")
 
+    def explain(self, flow: http.HTTPFlow) -> dict[str, object]:
+        """POST /admin/explain: port and destination checks, read-only and without DNS: a name
+        is judged on the addresses in this process's DNS cache, else "resolved at request
+        time" (explaining must not wait on, or be a way to trigger, lookups)."""
+        req = flow.request
+        found: dict[str, object] = {"addon": "egress", "host": req.host, "port": req.port}
+        if req.method == "CONNECT" and not port_allowed(self.connect_ports, req.port):
+            why = f"port {req.port} is not allowed"
+            return found | {
+                "decision": "block",
+                "rule": "connect_ports",
+                "refuses": True,
+                "reason": why,
+            }
+        host = normalise_host(req.host)
+        ip = parse_ip(host)
+        ips = (ip,) if ip is not None else self._dns.get(host)
+        if ips is None:
+            return found | {"decision": "resolved at request time"}
+        exempt = isinstance(flow.client_conn.proxy_mode, ReverseMode) and _operator_backend(
+            flow.client_conn, (host, req.port)
+        )
+        verdict = self._verdict(ips, req.port, exempt)
+        found["addresses"] = [str(a) for a in ips]
+        if verdict is None:
+            return found | {"decision": "allow"}
+        refusal = {"rule": verdict.rule, "refuses": True, "reason": verdict.reason}
+        return found | {"decision": "block"} | refusal
+
 
 def _management_addrs() -> Sequence[tuple[str, int]]:
     """The management app's listen addresses and the CLI's internal one: never reachable

@@ -656,6 +656,17 @@ class Filter:
         ):
             nextlayer.layer = _CloseClient(context)
 
+    def explain(self, flow: http.HTTPFlow) -> dict[str, Any]:
+        """POST /admin/explain: the lists' verdict on the request's host (a CONNECT's
+        authority; the SNI of its tunnel is judged the same way), read-only."""
+        host = hosts.host_key(flow.request.host)
+        verdict = decide(self.rules, host)
+        if verdict is None:
+            return policy.explained(POLICY, None, "enforce", host=host)
+        return policy.explained(
+            POLICY, verdict.rule, verdict.mode, "block", host=host, entry=verdict.entry
+        )
+
 
 def _message(host: str, verdict: Verdict) -> str:
     if verdict.rule == "allowlist":

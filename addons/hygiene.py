@@ -509,6 +509,18 @@ class Hygiene:
         if found.h2c:
             _strip_h2c_offer(flow)
 
+    def explain(self, flow: http.HTTPFlow) -> dict[str, object]:
+        """POST /admin/explain: the request line and header limits, read-only."""
+        req = flow.request.data
+        target = req.path if req.method == b"CONNECT" else flow.request.url.encode()
+        found = check_request_line(
+            req.method, target or req.authority, req.http_version, self.limits, http1=True
+        ) or check_fields(req.headers.fields, req.http_version, self.limits)
+        if isinstance(found, Refusal):
+            refusal = {"rule": found.rule, "code": found.code, "reason": found.message}
+            return {"addon": "hygiene", "decision": "block", "refuses": True} | refusal
+        return {"addon": "hygiene", "decision": "allow"}
+
 
 def _rewrite_host(flow: http.HTTPFlow, sent: bytes, authority: str) -> None:
     """RFC 9112 §3.2.2: the absolute-form URL's authority wins over a differing Host."""

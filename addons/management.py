@@ -8,6 +8,13 @@ An aiohttp app inside mitmproxy's event loop on its own listener (`metrics_host`
     GET  /health/startup     200 once startup finished (running hook done, listeners up), else 503
     GET  <metrics_path>      Prometheus text exposition of `addons.metrics.REGISTRY`
     POST /admin/reload       reload the config addon; `Authorization: Bearer <admin_token>`
+    GET  /admin/config       the effective configuration: every key's value (secrets
+                             redacted) and source (file:line, env, set, default)
+    GET  /admin/version      Waypost's, mitmproxy's and Python's versions
+    POST /admin/explain      what every policy and the router would decide for a request
+                             ({method, url, client_ip, headers}), nothing sent or changed
+    GET  /admin/openapi.json the admin API as an OpenAPI 3.1 document
+    (the last four live in `addons/admin/`: routes, effective, explain, openapi, models)
 
 Other addons extend the app without importing it, by duck typing (any loaded addon, found on
 each request, so script reloads and late loads just work):
@@ -20,6 +27,11 @@ each request, so script reloads and late loads just work):
     readiness_check() -> (name, value, ok)
         One more entry in /health/readiness's `checks` (`value`, any JSON: the cache shows
         "ok"/"disabled", the router a list of backends); not `ok` makes readiness answer 503.
+    explain(flow) -> dict | None
+        That addon's part of POST /admin/explain: what it would decide for the synthetic flow
+        (never live, never sent), read-only (`addons/admin/explain.py`).
+    management_openapi() -> {path: {method: OpenAPI operation}}
+        Operations for /admin/openapi.json that `addons/admin/openapi.py` does not describe.
 
 Every GET endpoint answers HEAD too (same status and headers, no body). Errors use the JSON
 shape of `addons/errors.py`. With `admin_token` empty, `/admin/*` answers 404 (the admin API is
@@ -44,6 +56,8 @@ port, the metrics path and /admin/* are then relayed to the instance app
 Hooks: load, configure, running, done (all sync: the listener is bound synchronously, the
 server runs as a task), requestheaders, request (awaitable for proxy-port admin requests, and
 metrics requests relayed to the instance app, only).
+Command: waypost.explain METHOD URL [CLIENT_IP] (mitmweb's command bar, mitmproxy's `:`
+prompt): POST /admin/explain's answer as indented JSON.
 Options: metrics_enabled, metrics_host, metrics_port, metrics_path, admin_token,
 metrics_proxy_port_health, metrics_proxy_port_metrics, metrics_proxy_port_admin,
 metrics_worker_label (read by the supervisor's instance app, declared here with its siblings).
@@ -63,11 +77,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.net.http import http1
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from addons import errors
+from addons.admin import routes as admin_routes
 from addons.kernel import net
 from addons.kernel.endpoints import addressed_to_proxy, bearer_status, bind
 from addons.kernel.instance import Identity, identity
@@ -576,6 +591,33 @@ class Management:
         log.info("admin reload done: %s", message)
         return json_response(200, {"reloaded": True, "message": message})
 
+    def _own_admin(self, method: str, handler: admin_routes.Handler) -> admin_routes.Handler:
+        """`handler` behind the method and token checks (a GET route answers HEAD too)."""
+        allowed = ("GET", "HEAD") if method == "GET" else (method,)
+        allow = {"Allow": ", ".join(allowed)}
+
+        async def checked(request: web.Request) -> web.Response:
+            if request.method not in allowed:
+                return errors.web_error("METHOD_NOT_ALLOWED", f"Use {method}.", headers=allow)
+            refusal = self._admin_refusal(request)
+            if refusal is not None:
+                return refusal
+            return await handler(request)
+
+        return checked
+
+    @command.command("waypost.explain")
+    def explain_command(self, method: str, url: str, client_ip: str = "127.0.0.1") -> str:
+        """What every Waypost policy and the router would decide for METHOD URL (nothing is
+        sent, no state changes), as POST /admin/explain answers."""
+        try:
+            answer = admin_routes.explain_answer(
+                {"method": method, "url": url, "client_ip": client_ip}
+            )
+        except ValueError as e:  # pydantic's ValidationError is one
+            raise exceptions.CommandError(str(e)) from None
+        return json.dumps(answer, indent=2)
+
     @web.middleware
     async def _errors(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -601,6 +643,8 @@ class Management:
         for name in ("liveness", "readiness", "startup"):
             app.router.add_route("*", f"/health/{name}", self._health)
         app.router.add_route("*", "/admin/reload", self._reload)
+        for path, (method, handler) in admin_routes.ROUTES.items():
+            app.router.add_route("*", path, self._own_admin(method, handler))
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         return app
 

@@ -22,6 +22,9 @@ auditing:
 - The last `RECENT_SIZE` decisions are kept in `RECENT` (newest last, the audit event's fields
   plus `timestamp`), for the status page's GET /admin/decisions (`addons/statuspage.py`).
 
+`explained` is the same outcome as plain data, recording nothing: each policy addon's
+`explain(flow)` (POST /admin/explain) returns it.
+
 Rule ids must come from configuration (a rule's id or pattern), never from raw client input:
 they become metric labels.
 """
@@ -86,6 +89,24 @@ def decide(
     RECENT.append({"timestamp": errors.timestamp(), **fields})
     log.warning("%s %s rule=%s", policy, outcome, rule, extra={"waypost": fields})
     return enforce
+
+
+def explained(
+    policy: str, rule: str | None, mode: str, decision: str = "block", **detail: Any
+) -> dict[str, Any]:
+    """A policy's part of POST /admin/explain (`explain(flow)` on the addon): what `decide`
+    would record for `rule` (None: the request passes), without recording anything."""
+    if rule is None:
+        return {"addon": policy, "decision": "allow", **detail}
+    shadow = mode == "shadow"
+    return {
+        "addon": policy,
+        "decision": "would_block" if shadow else decision,
+        "rule": rule,
+        "shadow": shadow,
+        "refuses": not shadow,
+        **detail,
+    }
 
 
 def annotate(flow: http.HTTPFlow, mark: str, line: str, force: bool = False) -> None:

@@ -833,6 +833,48 @@ class RateLimit:
         log.info("ban lifted", extra={"waypost": {"policy": "ratelimit", "client_ip": ip}})
         return web.json_response({"lifted": ip})
 
+    # --- explain ---
+
+    def explain(self, flow: http.HTTPFlow) -> dict[str, object]:
+        """POST /admin/explain: would this request be limited now by this process's buckets
+        and bans? Read-only: `take` runs on the bucket as read, never written back. With
+        Redis the request is decided on the shared bucket (`shared`), which this does not
+        read: the local answer is what Redis being down would give."""
+        ip = net.client_ip(flow)
+        found: dict[str, object] = {
+            "addon": "ratelimit", "decision": "allow", "client_ip": ip, "shared": self.shared
+        }  # fmt: skip
+        if not self.active:
+            return found
+        if self.has_exempt and self._exempt(ip):
+            return found | {"exempt": True}
+        now = time.monotonic()
+        banned = self.bans.banned.get(ip) if self.ban_after else None
+        if banned is not None and banned.until > now:
+            return (
+                found
+                | policy.explained("ratelimit", "ban", self.mode, "banned")
+                | {"retry_after": retry_after(banned.until - now)}
+            )
+        limit = self._match(flow)
+        if not limit.rate:
+            return found | {"rule": limit.id}
+        if limit is self.default:
+            key, share = ip, self.local_default
+        else:
+            key, share = f"{limit.id} {ip}", self.local[limit.id]
+        result = take(self.buckets.table.get(key, now), now, share.rate, share.burst)
+        refusing = None if result.allowed else limit.id
+        return (
+            found
+            | policy.explained("ratelimit", refusing, limit.mode, "limit")
+            | {
+                "rule": limit.id,
+                "remaining": result.remaining if result.allowed else 0,
+                "retry_after": retry_after(result.retry_after),
+            }
+        )
+
 
 async def _lift(client: Any, st: state.SharedState, ip: str) -> bool:
     """Delete a ban, the violations counted towards the next and its index entry; whether

@@ -144,6 +144,11 @@ class Cache:
     def readiness_check(self) -> tuple[str, str, bool]:
         return self.admin.readiness()
 
+    def explain(self, flow: http.HTTPFlow) -> dict[str, Any]:
+        """POST /admin/explain: would the request be looked up (and its response stored if
+        cacheable), and is there an entry for its URL now; the store is only read."""
+        return self.lookup.explain(flow)
+
     @command.command("waypost.purge")
     def purge_command(self, pattern: str = "") -> str:
         """Drop the cached entries whose URL or host match the glob; without one, all."""

@@ -107,6 +107,29 @@ class Lookup:
                 return None
         return self._upstream(flow, state, entry, flight_key, coalesce)
 
+    def explain(self, flow: http.HTTPFlow) -> dict[str, Any]:
+        """The cache's part of POST /admin/explain, from the same checks as `request`; the
+        route's cache setting is the router's answer, so only patterns are judged here."""
+        data = flow.request.data
+        found = scan_request(data.headers.fields)
+        host = found.get(b"host")
+        authority = host[0] if host else (data.authority or data.host.encode())
+        url = request_url(data.scheme, authority, data.port, data.path)
+        why = None
+        if not self.shared.enabled:
+            why = "cache_enabled is off"
+        elif data.method not in (b"GET", b"HEAD"):
+            why = f"{data.method.decode()} is never looked up"
+        elif self.shared.patterns is not None and not pattern_matches(self.shared.patterns, url):
+            why = "cache_patterns do not match (a routing rule's cache setting wins)"
+        elif b"upgrade" in found:
+            why = "an Upgrade request"
+        if why is not None:
+            return {"addon": "cache", "decision": "bypass", "reason": why, "url": url}
+        stored = self.shared.store.index.get(f"GET\n{url}") is not None
+        store = "if the response is cacheable (RFC 9111)"
+        return {"addon": "cache", "decision": "lookup", "url": url, "entry": stored, "store": store}
+
     def surrogate(self, flow: http.HTTPFlow, meta: Record) -> bool:
         """Whether this cache stands in for the origin: reverse mode or a routed request."""
         return self.shared.surrogate and (

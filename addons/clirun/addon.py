@@ -14,6 +14,7 @@ Hooks:
 - requestheaders: the reroute, with request streaming on (the body is the process's stdin);
   the client it names is `kernel.net.client_ip` (behind trusted proxies, the forwarded one).
 - responseheaders: response streaming on for rerouted flows.
+- explain (POST /admin/explain): whether a request would be taken by the CLI endpoint.
 """
 
 from __future__ import annotations
@@ -127,3 +128,16 @@ class Cli:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None and record(flow).get("local") == "cli":
             flow.response.stream = True
+
+    def explain(self, flow: http.HTTPFlow) -> dict[str, Any] | None:
+        """POST /admin/explain: a request the CLI endpoint would take (and run, if its token
+        and command pass); None for any other."""
+        req = flow.request
+        if req.path.partition("?")[0] != PATH or not self.listen_addrs:
+            return None
+        if not isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode):
+            ps = ctx.master.addons.get("proxyserver")
+            addrs = ps.listen_addrs() if ps else []
+            if not addressed_to_proxy(req.host, req.port, flow.client_conn.sockname, addrs):
+                return None
+        return {"addon": "cli", "decision": "cli", "rule": PATH, "backend": "cli"}

@@ -360,3 +360,29 @@ class Router:
 
     async def _admin_backends(self, request: Any) -> Any:
         return await admin.backends_page(request, self.backend_states)
+
+    def explain(self, flow: http.HTTPFlow) -> dict[str, Any] | None:
+        """POST /admin/explain: the rule that matches and its backends with their health and
+        breaker state (read with `peek`: no trial taken, no request counted)."""
+        if not self.routes and self.default is None:
+            return None
+        if flow.request.method == "CONNECT":
+            return {"addon": "router", "decision": "tunnel", "rule": None}
+        chosen = self._match(flow)
+        if chosen is None:
+            refuses = bool(self.routes) and isinstance(
+                flow.client_conn.proxy_mode, mode_specs.ReverseMode
+            )
+            decision = "no_route" if refuses else "pass"
+            return {"addon": "router", "decision": decision, "rule": None, "refuses": refuses}
+        states = admin.backend_states(chosen.pool.backends, self.breaker_enabled)
+        available = any(s["available"] for s in states)
+        return {
+            "addon": "router",
+            "decision": "route" if available else "circuit_open",
+            "rule": chosen.name,
+            "refuses": not available,
+            "strategy": chosen.pool.strategy,
+            "backends": states,
+            "cache": chosen.cache,
+        }

@@ -71,6 +71,9 @@ SUMMED: dict[str, tuple[str, ...]] = {"/admin/cache": ("invalidated", "remaining
 # Fields that list what each worker holds: the instance's list is their union (duplicates, the
 # same entry read from shared state by every worker, once).
 JOINED: dict[str, tuple[str, ...]] = {"/admin/bans": ("bans",)}
+# Admin answers that are one document (a `workers` field would make the OpenAPI document
+# invalid): answered as is when every worker's is the same.
+WHOLE = frozenset({"/admin/openapi.json", "/admin/version"})
 _ALLOW_GET = {"Allow": "GET, HEAD"}
 # Not relayed between a client and a worker: each hop's own framing.
 _HOP_BY_HOP = frozenset(
@@ -281,7 +284,8 @@ def merge_admin(
     - Every worker answered the same success: that status; the body lifts the fields every
       worker answered alike, sums the fields that are totals (`SUMMED`: a purge's
       `invalidated`), joins the lists of what each worker holds (`JOINED`: bans), and lists
-      each worker's answer under "workers".
+      each worker's answer under "workers"; a document (`WHOLE`) every worker answered alike
+      is that document.
     - A DELETE that some workers answered with a success and the others with 404 succeeded:
       what it removed was held by some workers only (a ban in memory mode).
     - Every worker answered the same refusal (a wrong token, an unknown path): that answer.
@@ -307,6 +311,8 @@ def merge_admin(
         return status, first.body, {k: v for k, v in first.headers.items() if k.lower() in _KEPT}
     merged: dict[str, Any] = {}
     bodies = [a.body for a in answers]
+    if path in WHOLE and all(b == bodies[0] for b in bodies):
+        return status, bodies[0], {}
     if all(isinstance(b, dict) for b in bodies):
         for key, value in bodies[0].items():
             if key in SUMMED.get(path, ()):

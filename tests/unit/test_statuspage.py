@@ -20,9 +20,10 @@ from addons.statuspage import STATIC, StatusPage
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class ServesConfig:
-    def management_routes(self) -> dict[str, object]:
-        return {"/admin/config": object()}
+class ConfigStandIn:
+    """Loaded under the config addon's name: the management app then serves /admin/config."""
+
+    name = "config"
 
 
 async def call(page: StatusPage, method: str, path: str) -> web.Response:
@@ -78,12 +79,12 @@ async def test_decisions_newest_first_and_bounded(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize("served", [False, True])
 async def test_profile_names_the_config_endpoint_only_when_served(served: bool) -> None:
     page = StatusPage()
-    extra = [ServesConfig()] if served else []
+    extra = [ConfigStandIn()] if served else []
     with taddons.context(Management(), page, *extra):
         resp = await call(page, "GET", "/admin/profile")
     body = json.loads(resp.text or "")
     assert body["config_endpoint"] == ("/admin/config" if served else None)
-    assert body["profile"] is None  # no config addon loaded
+    assert body["profile"] is None  # no profile known
 
 
 def test_the_static_files_ship_with_the_package() -> None:
