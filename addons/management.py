@@ -81,7 +81,7 @@ from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.net.http import http1
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from addons import errors
+from addons import errors, state
 from addons.admin import routes as admin_routes
 from addons.kernel import net
 from addons.kernel.endpoints import addressed_to_proxy, bearer_status, bind
@@ -563,7 +563,8 @@ class Management:
         return None
 
     def _readiness_checks(self) -> list[tuple[str, Any, bool]]:
-        out = []
+        # Shared state is no addon's: "degraded" while Redis is away, never a failed probe.
+        out = [state.STATE.readiness()] if state.STATE.shared else []
         for addon in list(ctx.master.addons.lookup.values()):
             check = getattr(addon, "readiness_check", None)
             if check is not None and addon is not self:

@@ -308,10 +308,16 @@ def test_redis_killed_mid_traffic_fails_no_request_and_recovers(
     threads = [threading.Thread(target=traffic, args=(inst,)) for inst in pair]
     for th in threads:
         th.start()
+    def readiness(inst: Instance) -> tuple[int, object]:
+        r = httpx.get(f"http://127.0.0.1:{inst.management}/health/readiness", timeout=5)
+        return r.status_code, r.json()["checks"]["state"]
+
     try:
         time.sleep(1)
+        assert readiness(pair[0]) == (200, "ok")
         redis_server.stop()
         time.sleep(2)
+        assert readiness(pair[0]) == (200, "degraded")  # still ready: decides locally
         redis_server.start()
         wait_until(
             lambda: all(metric(i.metrics(), "waypost_state_redis_up") == 1 for i in pair), 10
