@@ -16,7 +16,7 @@ Docker image runs. `--policies` benches a generated profile with every security 
 a 100,000-entry blocklist (scripts/bench-policies). This mode runs the bundle under plain
 mitmdump: asyncio, with the runtime addon's collector tuning (the bundle loads it).
 
-`scripts/bench workers` is issue 12's table: bare mitmdump, Waypost with 1 worker and with N
+`scripts/bench workers` is the scale-out table: bare mitmdump, Waypost with 1 worker and with N
 workers (`python -m addons.supervisor --set server_workers=N`, the way Waypost starts: uvloop,
 the GC tuning), every policy on, the cache off, in one run: wrk at 10/100/1000 connections, a
 paced open-loop run at 1,000 req/s (the asyncio client of benchlib: wrk cannot pace, and
@@ -371,7 +371,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-# --- scripts/bench workers: one process against an instance of N workers (issue 12) ------------
+# --- scripts/bench workers: one process against an instance of N workers ---------------------
 
 SCALE_TARGET = 1.8  # N workers' req/s over 1 worker's
 PACED_P95_MS = 50.0
@@ -401,7 +401,7 @@ def workers_args(argv: list[str]) -> argparse.Namespace:
         "(python -m addons.supervisor --set server_workers=N), every security policy on, a "
         "100,000-entry blocklist, the cache off, in one run: wrk at each connection count, a "
         "paced (open-loop) run at --rate req/s, and a --storm connection run counting socket "
-        "errors, with the targets of issue 12 printed next to the results. CPU time is summed "
+        "errors, with the scale-out targets printed next to the results. CPU time is summed "
         "over every process of a setup (the supervisor and its workers).",
     )
     p.add_argument("--duration", type=float, default=10, help="seconds per wrk run (default 10)")
@@ -618,7 +618,7 @@ def render_workers(
             for r in storm
         ]
         out += [table(head, body, align="right"), ""]
-    out.append("## targets (issue 12)")
+    out.append("## targets (scale-out)")
     n = meta["workers"]
     if scale:
         cells = ", ".join(
