@@ -250,7 +250,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "timestamp": iso_timestamp(record.created),
-            "level": record.levelname,
+            "level": _LEVEL_NAMES.get(record.levelname, record.levelname),
             "logger": record.name,
             "message": record.getMessage(),
         }
@@ -269,6 +269,8 @@ class JsonFormatter(logging.Formatter):
         return to_json(out)
 
 
+# The requirements' name for the level of failures that stop the proxy (Python's CRITICAL).
+_LEVEL_NAMES = {"CRITICAL": "FATAL"}
 # A record made with only extra={"waypost": ...} has this many attributes.
 _plain_record_size = len(vars(logging.LogRecord("", 0, "", 0, "", (), None))) + 1
 

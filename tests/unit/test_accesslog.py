@@ -72,6 +72,12 @@ def test_json_formatter_escapes_everything() -> None:
     assert list(out)[:4] == ["timestamp", "level", "logger", "message"]
 
 
+def test_a_critical_record_is_fatal_as_the_requirements_name_it() -> None:
+    rec = _record("cannot start")
+    rec.levelno, rec.levelname = logging.CRITICAL, "CRITICAL"
+    assert json.loads(JsonFormatter().format(rec))["level"] == "FATAL"
+
+
 def test_json_formatter_timestamp_and_exception() -> None:
     rec = _record()
     rec.created = 1700000000.123456
