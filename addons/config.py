@@ -28,7 +28,9 @@ import asyncio
 import difflib
 import logging
 import os
+import re
 import signal
+import sys
 import time
 from collections.abc import Coroutine, Iterator
 from typing import Any
@@ -152,12 +154,18 @@ class Config:
         except schema.ProfileError as e:
             self.reload_error = str(e)
             STATS.refused()
+            self._refuse_startup(e.problems)
             raise exceptions.OptionsError(str(e)) from None
         try:
             self._apply(loaded)
-        except exceptions.OptionsError:
+        except exceptions.OptionsError as e:
             STATS.refused()
+            self._refuse_startup(str(e).splitlines())
             raise
+        if self._starting() and _startup_errors():
+            # A bad `--set` was logged as an ERROR while the bundle loaded; mitmproxy would
+            # only stop for it after the listeners are up.
+            raise SystemExit(1)
         self._mtime = _mtime(path)
         STATS.applied(reload=False)
         log.info("profile %s applied", loaded.source)
@@ -184,6 +192,29 @@ class Config:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         except (NotImplementedError, RuntimeError):
             pass
+
+    def _starting(self) -> bool:
+        """True while mitmdump or mitmweb start: the first load, no listener up yet, and
+        mitmproxy's errorcheck set to stop startup on any ERROR (validate-config has none)."""
+        master = ctx.master
+        proxyserver = master.addons.get("proxyserver")
+        return (
+            not self.loaded
+            and master.addons.get("errorcheck") is not None
+            and proxyserver is not None
+            and not proxyserver.is_running
+        )
+
+    def _refuse_startup(self, problems: list[str]) -> None:
+        """At startup, print one line per problem and exit before anything listens: raised as
+        an OptionsError, the problem would be logged with a traceback by mitmproxy's script
+        loader, after which the proxy binds its listeners and only then exits."""
+        if not self._starting():
+            return
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        sys.stderr.flush()
+        raise SystemExit(1)
 
     def path(self) -> str | None:
         return schema.choose(ctx.options.waypost_profile, os.environ)
@@ -258,7 +289,7 @@ class Config:
         try:
             ctx.options.update(**updates)
         except exceptions.OptionsError as e:
-            raise exceptions.OptionsError(self._locate(loaded, str(e))) from None
+            raise exceptions.OptionsError(self._locate(loaded, str(e), updates)) from None
         if _LISTEN & updates.keys():
             self._rebind_listeners()
         self._applied = updates
@@ -288,9 +319,16 @@ class Config:
             return getattr(ctx.options, key) != self._applied[key]
         return ctx.options.has_changed(key)
 
-    def _locate(self, loaded: schema.Loaded, message: str) -> str:
-        for option, (path, _) in schema.OPTIONS.items():
-            if option in message:
+    def _locate(self, loaded: schema.Loaded, message: str, updates: dict[str, Any]) -> str:
+        """`file:line: key.path: message` for the option named in an addon's refusal."""
+        paths = {option: path for option, (path, _) in schema.OPTIONS.items()}
+        for option in loaded.profile.mitmproxy:
+            paths.setdefault(option, ("mitmproxy", option))
+        for option, path in paths.items():
+            if re.search(rf"\b{option}\b", message):
+                if option not in updates and ctx.options.has_changed(option):
+                    # The command line's value, which the profile did not override.
+                    return f"--set {option}: {message}"
                 return f"{loaded.where(path)}: {'.'.join(path)}: {message}"
         return f"{loaded.source}: {message}"
 
@@ -315,6 +353,11 @@ def unknown_options(options: Any) -> list[str]:
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(f"--set {name}: not an option of any loaded addon{hint}")
     return problems
+
+
+def _startup_errors() -> bool:
+    errorcheck = ctx.master.addons.get("errorcheck")
+    return bool(errorcheck and errorcheck.logger.has_errored)
 
 
 def _restart_listeners() -> None:
