@@ -149,6 +149,7 @@ class Config:
         if "waypost_profile" not in updated:
             return
         path = self.path()
+        starting = self._starting()
         try:
             loaded = schema.load(path, os.environ)
         except schema.ProfileError as e:
@@ -162,7 +163,7 @@ class Config:
             STATS.refused()
             self._refuse_startup(str(e).splitlines())
             raise
-        if self._starting() and _startup_errors():
+        if starting and _startup_errors():
             # A bad `--set` was logged as an ERROR while the bundle loaded; mitmproxy would
             # only stop for it after the listeners are up.
             raise SystemExit(1)
@@ -288,7 +289,8 @@ class Config:
         }
         try:
             ctx.options.update(**updates)
-        except exceptions.OptionsError as e:
+        # TypeError: mitmproxy's type check of a `mitmproxy:` value (a string for an int).
+        except (exceptions.OptionsError, TypeError) as e:
             raise exceptions.OptionsError(self._locate(loaded, str(e), updates)) from None
         if _LISTEN & updates.keys():
             self._rebind_listeners()
@@ -321,9 +323,10 @@ class Config:
 
     def _locate(self, loaded: schema.Loaded, message: str, updates: dict[str, Any]) -> str:
         """`file:line: key.path: message` for the option named in an addon's refusal."""
-        paths = {option: path for option, (path, _) in schema.OPTIONS.items()}
-        for option in loaded.profile.mitmproxy:
-            paths.setdefault(option, ("mitmproxy", option))
+        # The `mitmproxy:` section is applied last, so its keys are the ones in force.
+        paths = {option: ("mitmproxy", option) for option in loaded.profile.mitmproxy}
+        for option, (path, _) in schema.OPTIONS.items():
+            paths.setdefault(option, path)
         for option, path in paths.items():
             if re.search(rf"\b{option}\b", message):
                 if option not in updates and ctx.options.has_changed(option):

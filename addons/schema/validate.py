@@ -68,6 +68,10 @@ async def _apply_to_bundle(path: str) -> list[str]:
     errors = _Errors()
     root = logging.getLogger()
     root.addHandler(errors)
+    # Only ERRORs (problems) are logged: the addons' INFO and WARNING lines would otherwise
+    # reach the log file the profile names.
+    disabled = root.manager.disable
+    logging.disable(logging.WARNING)
     log_file = _log_file(path)
     created = log_file is not None and not log_file.exists()
     # The confdir is where mitmproxy writes its CA on first configure.
@@ -94,9 +98,11 @@ async def _apply_to_bundle(path: str) -> list[str]:
         finally:
             await m.done()
             root.removeHandler(errors)
-    if created and log_file is not None and log_file.exists() and not log_file.stat().st_size:
-        log_file.unlink()  # opened by the access log's configure: validating writes nothing
-    return errors.lines + problems
+            logging.disable(disabled)
+    if created and log_file is not None:
+        log_file.unlink(missing_ok=True)  # opened by the access log's configure
+    # An ERROR an addon logged rather than raised names no option: it is the file's.
+    return [f"{path}: {line}" for line in errors.lines] + problems
 
 
 class _Errors(logging.Handler):
