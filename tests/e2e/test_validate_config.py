@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from addons.schema import validate
-from tests.conftest import _LISTENING, Proxy, start_proxy
+from tests.conftest import Proxy, start_proxy
 from tests.unit.test_validate_config import BAD, PRD_EXAMPLES, PROFILES
 
 PARALLEL = 4
@@ -29,6 +30,8 @@ pytestmark = pytest.mark.timeout(600)
 # The same environment for validate-config and mitmdump: the management port and the
 # requirements examples' health checks (of example.com backends) out of the way; for the valid
 # profiles, profiles/forward.yaml's /var/log/waypost moved to a directory that exists.
+# Any listener: the proxy's, the management app's, a reverse listener's.
+LISTENING = re.compile(r"(?i)listening at")
 ENV = {"METRICS_PORT": "0", "WAYPOST_HEALTH_CHECKS__ENABLED": "false"}
 
 
@@ -45,12 +48,12 @@ def _start(path: Path, workdir: Path, env: dict[str, str], valid: bool) -> tuple
     p = start_proxy(workdir, options={"waypost_profile": str(path)}, env=env, wait=False)
     try:
         if valid:
-            p.wait_for(_LISTENING, timeout=60)
+            p.wait_for(LISTENING, timeout=60)
         else:
             p.proc.wait(60)
     except (TimeoutError, subprocess.TimeoutExpired):
         pass  # reported by the test: it did not listen, or did not exit
-    listened = any(_LISTENING.search(line) for line in p.lines)
+    listened = any(LISTENING.search(line) for line in p.lines)
     p.stop()
     return p, listened
 
