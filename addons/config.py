@@ -11,6 +11,12 @@ An unknown `--set` option that looks like a Waypost one (a Waypost prefix such a
 close to a known name) stops startup with a did-you-mean: mitmproxy keeps unknown `--set`
 values aside ("deferred") in case an addon declares them later, and says nothing once none did.
 
+At startup (mitmdump or mitmweb, nothing listening yet) a refused profile or `--set` value prints
+one line per problem, `file:line: key.path: message` (or `--set name: message`), and exits 1
+before the listeners open: raised as an OptionsError it would arrive as a traceback from
+mitmproxy's script loader, after a "listening" line. validate-config (`addons/schema/validate.py`)
+runs this same load and apply in a master that never listens.
+
 Hooks: load, configure (startup load), running (unknown options, file watcher, SIGHUP), done.
 Secrets (`SECRETS`: admin_token, cli_token) are shown as "********" by mitmweb's option editor
 (its options API goes through `optmanager.dump_dicts`, patched here: no hook hides an option's

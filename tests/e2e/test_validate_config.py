@@ -126,3 +126,28 @@ def test_a_valid_profile_starts(outcomes: dict[str, Outcome], path: Path) -> Non
     o = outcomes[path.name]
     assert o.validate_code == 0, o.validate_lines
     assert o.listened, "\n".join(o.proxy_lines)
+
+
+@pytest.mark.parametrize(
+    ("option", "line"),
+    [
+        (
+            "filter_blocked=exa$mple..com",
+            "--set filter_blocked: filter_blocked/filter_allowed: 'exa$mple..com' is not a host "
+            "pattern",
+        ),
+        ("ratelimit_mode=shadwo", "--set ratelimit_mode: 'shadwo' is not one of"),
+    ],
+)
+def test_a_bad_set_value_stops_mitmdump_before_it_listens(
+    tmp_path: Path, option: str, line: str
+) -> None:
+    p = start_proxy(tmp_path, extra_args=("--set", option), env=ENV, wait=False)
+    try:
+        assert p.proc.wait(60) != 0
+    finally:
+        p.stop()
+    out = "\n".join(p.lines)
+    assert line in out
+    assert not LISTENING.search(out)
+    assert "Traceback" not in out
