@@ -39,7 +39,7 @@ import signal
 import sys
 import time
 from collections.abc import Coroutine, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from mitmproxy import command, ctx, exceptions, optmanager
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -161,13 +161,15 @@ class Config:
         except schema.ProfileError as e:
             self.reload_error = str(e)
             STATS.refused()
-            self._refuse_startup(e.problems)
+            if starting:
+                _refuse_startup(e.problems)
             raise exceptions.OptionsError(str(e)) from None
         try:
             self._apply(loaded)
         except exceptions.OptionsError as e:
             STATS.refused()
-            self._refuse_startup(str(e).splitlines())
+            if starting:
+                _refuse_startup(str(e).splitlines())
             raise
         if starting and _startup_errors():
             # A bad `--set` was logged as an ERROR while the bundle loaded; mitmproxy would
@@ -211,17 +213,6 @@ class Config:
             and proxyserver is not None
             and not proxyserver.is_running
         )
-
-    def _refuse_startup(self, problems: list[str]) -> None:
-        """At startup, print one line per problem and exit before anything listens: raised as
-        an OptionsError, the problem would be logged with a traceback by mitmproxy's script
-        loader, after which the proxy binds its listeners and only then exits."""
-        if not self._starting():
-            return
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        sys.stderr.flush()
-        raise SystemExit(1)
 
     def path(self) -> str | None:
         return schema.choose(ctx.options.waypost_profile, os.environ)
@@ -362,6 +353,16 @@ def unknown_options(options: Any) -> list[str]:
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(f"--set {name}: not an option of any loaded addon{hint}")
     return problems
+
+
+def _refuse_startup(problems: list[str]) -> NoReturn:
+    """Print one line per problem and exit before anything listens: raised as an OptionsError,
+    the problem would be logged with a traceback by mitmproxy's script loader, after which the
+    proxy binds its listeners and only then exits."""
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    sys.stderr.flush()
+    raise SystemExit(1)
 
 
 def _startup_errors() -> bool:

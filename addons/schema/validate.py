@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     except ProfileError as e:
         print(e, file=sys.stderr)
         return 1
-    problems = startup_problems(args.profile)
+    problems = startup_problems(loaded)
     if problems:
         print(ProfileError(loaded.source, problems), file=sys.stderr)
         return 1
@@ -54,13 +54,14 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def startup_problems(path: str) -> list[str]:
-    """What mitmdump would refuse when starting with the profile at `path` (already known to
-    pass the schema): one line per problem, `file:line: key.path: message`."""
-    return asyncio.run(_apply_to_bundle(path))
+def startup_problems(loaded: Loaded) -> list[str]:
+    """What mitmdump would refuse when starting with this profile (which passed the schema):
+    one line per problem, `file:line: key.path: message`."""
+    return asyncio.run(_apply_to_bundle(loaded))
 
 
-async def _apply_to_bundle(path: str) -> list[str]:
+async def _apply_to_bundle(loaded: Loaded) -> list[str]:
+    # mitmproxy is only imported once the schema passed.
     from mitmproxy import exceptions, hooks, master, options
     from mitmproxy.addons import default_addons
     from mitmproxy.addons.script import load_script
@@ -72,7 +73,8 @@ async def _apply_to_bundle(path: str) -> list[str]:
     # reach the log file the profile names.
     disabled = root.manager.disable
     logging.disable(logging.WARNING)
-    log_file = _log_file(path)
+    log = loaded.profile.logging
+    log_file = Path(log.file) if log.output == "file" and log.file else None
     created = log_file is not None and not log_file.exists()
     # The confdir is where mitmproxy writes its CA on first configure.
     with (
@@ -82,7 +84,7 @@ async def _apply_to_bundle(path: str) -> list[str]:
         opts = options.Options(confdir=confdir)
         m = master.Master(opts)
         m.addons.add(*default_addons())
-        opts.set(f"waypost_profile={path}", defer=True)
+        opts.set(f"waypost_profile={loaded.source}", defer=True)
         # As mitmdump's script loader does: a fresh module, registered, then configured with
         # every option (the first addon, config, applies the profile to all the others).
         bundle = load_script(str(BUNDLE))
@@ -102,7 +104,7 @@ async def _apply_to_bundle(path: str) -> list[str]:
     if created and log_file is not None:
         log_file.unlink(missing_ok=True)  # opened by the access log's configure
     # An ERROR an addon logged rather than raised names no option: it is the file's.
-    return [f"{path}: {line}" for line in errors.lines] + problems
+    return [f"{loaded.source}: {line}" for line in errors.lines] + problems
 
 
 class _Errors(logging.Handler):
@@ -115,12 +117,6 @@ class _Errors(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
-
-
-def _log_file(path: str) -> Path | None:
-    loaded = load(path, os.environ)
-    logging_ = loaded.profile.logging
-    return Path(logging_.file) if logging_.output == "file" and logging_.file else None
 
 
 def summary(loaded: Loaded) -> str:
