@@ -10,6 +10,8 @@ Precedence: an option set on the command line (or in mitmweb) > environment > pr
 An unknown `--set` option that looks like a Waypost one (a Waypost prefix such as `filter_`, or
 close to a known name) stops startup with a did-you-mean: mitmproxy keeps unknown `--set`
 values aside ("deferred") in case an addon declares them later, and says nothing once none did.
+Checked when the profile is applied if every `-s` script is loaded by then (before anything
+listens), else in `running`.
 
 At startup (mitmdump or mitmweb, nothing listening yet) a refused profile or `--set` value prints
 one line per problem, `file:line: key.path: message` (or `--set name: message`), and exits 1
@@ -175,6 +177,8 @@ class Config:
             # A bad `--set` was logged as an ERROR while the bundle loaded; mitmproxy would
             # only stop for it after the listeners are up.
             raise SystemExit(1)
+        if starting and _scripts_loaded() and (unknown := unknown_options(ctx.options)):
+            _refuse_startup(unknown)  # else `running` finds them, once every script declared
         self._mtime = _mtime(path)
         STATS.applied(reload=False)
         log.info("profile %s applied", loaded.source)
@@ -363,6 +367,12 @@ def _refuse_startup(problems: list[str]) -> NoReturn:
         print(problem, file=sys.stderr)
     sys.stderr.flush()
     raise SystemExit(1)
+
+
+def _scripts_loaded() -> bool:
+    """True when every `-s` script is loaded, so every option that will exist is declared."""
+    loader = ctx.master.addons.get("scriptloader")
+    return loader is not None and all(getattr(s, "ns", None) for s in loader.addons)
 
 
 def _startup_errors() -> bool:

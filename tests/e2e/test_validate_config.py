@@ -137,6 +137,10 @@ def test_a_valid_profile_starts(outcomes: dict[str, Outcome], path: Path) -> Non
             "pattern",
         ),
         ("ratelimit_mode=shadwo", "--set ratelimit_mode: 'shadwo' is not one of"),
+        (
+            "filter_blokced=evil.example",
+            "--set filter_blokced: not an option of any loaded addon (did you mean filter_blocked?)",
+        ),
     ],
 )
 def test_a_bad_set_value_stops_mitmdump_before_it_listens(
