@@ -27,11 +27,11 @@ from tests.unit.test_validate_config import BAD, PRD_EXAMPLES, PROFILES
 PARALLEL = 4
 # The first test waits for the module's outcomes: every mitmdump.
 pytestmark = pytest.mark.timeout(600)
+# Any listener: the proxy's, the management app's, a reverse listener's.
+LISTENING = re.compile(r"(?i)listening at")
 # The same environment for validate-config and mitmdump: the management port and the
 # requirements examples' health checks (of example.com backends) out of the way; for the valid
 # profiles, profiles/forward.yaml's /var/log/waypost moved to a directory that exists.
-# Any listener: the proxy's, the management app's, a reverse listener's.
-LISTENING = re.compile(r"(?i)listening at")
 ENV = {"METRICS_PORT": "0", "WAYPOST_HEALTH_CHECKS__ENABLED": "false"}
 
 
