@@ -10,6 +10,14 @@ Precedence: an option set on the command line (or in mitmweb) > environment > pr
 An unknown `--set` option that looks like a Waypost one (a Waypost prefix such as `filter_`, or
 close to a known name) stops startup with a did-you-mean: mitmproxy keeps unknown `--set`
 values aside ("deferred") in case an addon declares them later, and says nothing once none did.
+Checked when the profile is applied if every `-s` script is loaded by then (before anything
+listens), else in `running`.
+
+At startup (mitmdump or mitmweb, nothing listening yet) a refused profile or `--set` value prints
+one line per problem, `file:line: key.path: message` (or `--set name: message`), and exits 1
+before the listeners open: raised as an OptionsError it would arrive as a traceback from
+mitmproxy's script loader, after a "listening" line. validate-config (`addons/schema/validate.py`)
+runs this same load and apply in a master that never listens.
 
 Hooks: load, configure (startup load), running (unknown options, file watcher, SIGHUP), done.
 Secrets (`SECRETS`: admin_token, cli_token) are shown as "********" by mitmweb's option editor
@@ -30,10 +38,12 @@ import asyncio
 import difflib
 import logging
 import os
+import re
 import signal
+import sys
 import time
 from collections.abc import Coroutine, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from mitmproxy import command, ctx, exceptions, optmanager
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -149,17 +159,28 @@ class Config:
         if "waypost_profile" not in updated:
             return
         path = self.path()
+        starting = self._starting()
         try:
             loaded = schema.load(path, os.environ)
         except schema.ProfileError as e:
             self.reload_error = str(e)
             STATS.refused()
+            if starting:
+                _refuse_startup(e.problems)
             raise exceptions.OptionsError(str(e)) from None
         try:
             self._apply(loaded)
-        except exceptions.OptionsError:
+        except exceptions.OptionsError as e:
             STATS.refused()
+            if starting:
+                _refuse_startup(str(e).splitlines())
             raise
+        if starting and _startup_errors():
+            # A bad `--set` was logged as an ERROR while the bundle loaded; mitmproxy would
+            # only stop for it after the listeners are up.
+            raise SystemExit(1)
+        if starting and _scripts_loaded() and (unknown := unknown_options(ctx.options)):
+            _refuse_startup(unknown)  # else `running` finds them, once every script declared
         self._mtime = _mtime(path)
         STATS.applied(reload=False)
         log.info("profile %s applied", loaded.source)
@@ -186,6 +207,18 @@ class Config:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         except (NotImplementedError, RuntimeError):
             pass
+
+    def _starting(self) -> bool:
+        """True while mitmdump or mitmweb start: the first load, no listener up yet, and
+        mitmproxy's errorcheck set to stop startup on any ERROR (validate-config has none)."""
+        master = ctx.master
+        proxyserver = master.addons.get("proxyserver")
+        return (
+            not self.loaded
+            and master.addons.get("errorcheck") is not None
+            and proxyserver is not None
+            and not proxyserver.is_running
+        )
 
     def path(self) -> str | None:
         return schema.choose(ctx.options.waypost_profile, os.environ)
@@ -259,8 +292,9 @@ class Config:
         }
         try:
             ctx.options.update(**updates)
-        except exceptions.OptionsError as e:
-            raise exceptions.OptionsError(self._locate(loaded, str(e))) from None
+        # TypeError: mitmproxy's type check of a `mitmproxy:` value (a string for an int).
+        except (exceptions.OptionsError, TypeError) as e:
+            raise exceptions.OptionsError(self._locate(loaded, str(e), updates)) from None
         if _LISTEN & updates.keys():
             self._rebind_listeners()
         self._applied = updates
@@ -318,9 +352,17 @@ class Config:
             return getattr(ctx.options, key) != self._applied[key]
         return ctx.options.has_changed(key)
 
-    def _locate(self, loaded: schema.Loaded, message: str) -> str:
+    def _locate(self, loaded: schema.Loaded, message: str, updates: dict[str, Any]) -> str:
+        """`file:line: key.path: message` for the option named in an addon's refusal."""
+        # The `mitmproxy:` section is applied last, so its keys are the ones in force.
+        paths = {option: ("mitmproxy", option) for option in loaded.profile.mitmproxy}
         for option, (path, _) in schema.OPTIONS.items():
-            if option in message:
+            paths.setdefault(option, path)
+        for option, path in paths.items():
+            if re.search(rf"\b{option}\b", message):
+                if option not in updates and ctx.options.has_changed(option):
+                    # The command line's value, which the profile did not override.
+                    return f"--set {option}: {message}"
                 return f"{loaded.where(path)}: {'.'.join(path)}: {message}"
         return f"{loaded.source}: {message}"
 
@@ -366,6 +408,27 @@ def unknown_options(options: Any) -> list[str]:
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(f"--set {name}: not an option of any loaded addon{hint}")
     return problems
+
+
+def _refuse_startup(problems: list[str]) -> NoReturn:
+    """Print one line per problem and exit before anything listens: raised as an OptionsError,
+    the problem would be logged with a traceback by mitmproxy's script loader, after which the
+    proxy binds its listeners and only then exits."""
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+def _scripts_loaded() -> bool:
+    """True when every `-s` script is loaded, so every option that will exist is declared."""
+    loader = ctx.master.addons.get("scriptloader")
+    return loader is not None and all(getattr(s, "ns", None) for s in loader.addons)
+
+
+def _startup_errors() -> bool:
+    errorcheck = ctx.master.addons.get("errorcheck")
+    return bool(errorcheck and errorcheck.logger.has_errored)
 
 
 def _restart_listeners() -> None:

@@ -1,13 +1,25 @@
-"""validate-config: check a profile as startup would, print every problem or a summary.
+"""validate-config, like `nginx -t`: load a profile, then apply it to the bundle's addons and
+mitmproxy's own exactly as startup does, in a master that never listens; print every problem or
+a summary.
 
-python -m addons.schema PROFILE.yaml     # scripts/validate-config runs this
+    scripts/validate-config PROFILE.yaml     # python -m addons.schema PROFILE.yaml
+
+Exit 0: valid (mitmdump starts with it); 1: invalid (mitmdump refuses it, with the same lines);
+2: usage. The profile and every relative path in it resolve from the current directory, as for
+a mitmdump started there; environment overrides (PROXY_PORT, WAYPOST_*...) apply as at startup.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import io
+import logging
 import os
 import sys
-from typing import Any
+import tempfile
+from pathlib import Path
 
 from addons.kernel.units import format_duration
 from addons.schema.loading import Loaded, ProfileError, load
@@ -15,28 +27,96 @@ from addons.schema.models import Profile
 from addons.schema.options import listener_options
 from addons.schema.security import Acl, RateLimiting
 
+BUNDLE = Path(__file__).resolve().parents[1] / "bundle.py"
+
 
 def main(argv: list[str]) -> int:
     """`scripts/validate-config PROFILE`: print every problem and exit 1, or a summary and 0."""
-    if len(argv) != 1:
-        print("usage: scripts/validate-config PROFILE.yaml", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(
+        prog="scripts/validate-config",
+        description="Check a Waypost profile with the checks startup runs: the schema, then "
+        "every addon's and mitmproxy's own option checks. Nothing listens, nothing is written.",
+        epilog="Exit status: 0 valid, 1 invalid (one line per problem: file:line: key: "
+        "message), 2 usage. Relative paths resolve from the current directory.",
+    )
+    parser.add_argument("profile", metavar="PROFILE", help="the YAML profile to check")
+    args = parser.parse_args(argv)
     try:
-        loaded = load(argv[0], os.environ)
+        loaded = load(args.profile, os.environ)
     except ProfileError as e:
         print(e, file=sys.stderr)
         return 1
-    core = _core_options()
-    unknown = [k for k in loaded.profile.mitmproxy if k not in core]
-    if unknown:
-        problems = [
-            f"{loaded.where(('mitmproxy', k))}: mitmproxy.{k}: not a mitmproxy option"
-            for k in unknown
-        ]
+    problems = startup_problems(loaded)
+    if problems:
         print(ProfileError(loaded.source, problems), file=sys.stderr)
         return 1
     print(summary(loaded))
     return 0
+
+
+def startup_problems(loaded: Loaded) -> list[str]:
+    """What mitmdump would refuse when starting with this profile (which passed the schema):
+    one line per problem, `file:line: key.path: message`."""
+    return asyncio.run(_apply_to_bundle(loaded))
+
+
+async def _apply_to_bundle(loaded: Loaded) -> list[str]:
+    # mitmproxy is only imported once the schema passed.
+    from mitmproxy import exceptions, hooks, master, options
+    from mitmproxy.addons import default_addons
+    from mitmproxy.addons.script import load_script
+
+    errors = _Errors()
+    root = logging.getLogger()
+    root.addHandler(errors)
+    # Only ERRORs (problems) are logged: the addons' INFO and WARNING lines would otherwise
+    # reach the log file the profile names.
+    disabled = root.manager.disable
+    logging.disable(logging.WARNING)
+    log = loaded.profile.logging
+    log_file = Path(log.file) if log.output == "file" and log.file else None
+    created = log_file is not None and not log_file.exists()
+    # The confdir is where mitmproxy writes its CA on first configure.
+    with (
+        tempfile.TemporaryDirectory(prefix="waypost-validate-") as confdir,
+        contextlib.redirect_stdout(io.StringIO()),  # the addons' own log handlers
+    ):
+        opts = options.Options(confdir=confdir)
+        m = master.Master(opts)
+        m.addons.add(*default_addons())
+        opts.set(f"waypost_profile={loaded.source}", defer=True)
+        # As mitmdump's script loader does: a fresh module, registered, then configured with
+        # every option (the first addon, config, applies the profile to all the others).
+        bundle = load_script(str(BUNDLE))
+        problems: list[str] = []
+        try:
+            if bundle is None:
+                problems.append(f"{BUNDLE}: cannot be loaded")
+            else:
+                m.addons.add(bundle)
+                m.addons.invoke_addon_sync(bundle, hooks.ConfigureHook(set(opts.keys())))
+        except exceptions.OptionsError as e:
+            problems += str(e).splitlines()
+        finally:
+            await m.done()
+            root.removeHandler(errors)
+            logging.disable(disabled)
+    if created and log_file is not None:
+        log_file.unlink(missing_ok=True)  # opened by the access log's configure
+    # An ERROR an addon logged rather than raised names no option: it is the file's.
+    return [f"{loaded.source}: {line}" for line in errors.lines] + problems
+
+
+class _Errors(logging.Handler):
+    """The ERROR records logged while the profile is applied: each one stops mitmdump's
+    startup (mitmproxy's errorcheck), so each is a problem."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def summary(loaded: Loaded) -> str:
@@ -153,25 +233,3 @@ def _rate_summary(rl: RateLimiting) -> str:
     if rl.max_connections_per_ip:
         parts.append(f"max {rl.max_connections_per_ip} connections per IP")
     return f"{', '.join(parts)} ({rl.mode})" if parts else "off"
-
-
-def _core_options() -> set[str]:
-    """Names of mitmproxy's own options, including those its built-in addons declare."""
-    from mitmproxy.addons import default_addons
-    from mitmproxy.options import Options
-
-    opts = Options()
-
-    class _Loader:
-        def add_option(
-            self, name: str, typespec: Any, default: Any, help: str, choices: Any = None
-        ) -> None:
-            opts.add_option(name, typespec, default, help, choices)
-
-        def add_command(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-    for addon in default_addons():
-        if hasattr(addon, "load"):
-            addon.load(_Loader())
-    return set(opts.keys())
