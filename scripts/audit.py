@@ -19,7 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VENVS = (".venv", ".venv-py3.12")
-PIP_AUDIT = ROOT / ".venv" / "bin" / "pip-audit"
+# The pip-audit installed beside the interpreter that runs this (scripts/audit: .venv's).
+PIP_AUDIT = Path(sys.executable).with_name("pip-audit")
 
 
 @dataclass
