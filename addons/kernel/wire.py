@@ -49,9 +49,9 @@ The refusals are written by mitmproxy's own `_http1.make_error_response`, which
 `addons/errors.py` makes Waypost's JSON error (`install_error_page`; hygiene installs both),
 with `Connection: close`. The head refusals (1, 2, 4, 6) and the body-limit refusal (5) close
 lingeringly: a half-close at once (the client sees the end of the answer), what the client
-still sends discarded, a full close `LINGER` seconds later. Each
-refusal is logged with `rule=` and the peer's IP
-(`kernel.net.peer_ip`, the address every other log line names the client by).
+still sends discarded, a full close `LINGER` seconds later. Each refusal is logged with
+`rule=` and the peer's IP (`kernel.net.peer_ip`, the address every other log line names the
+client by).
 
 Patched through `addons/kernel/patching.py`, so only on the mitmproxy versions it lists; on any
 other `install()` logs a WARNING that the wire guards are not active and leaves mitmproxy
@@ -124,8 +124,8 @@ _HEAD_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _REQUEST_LINE = re.compile(
     rb"[!#$%%&'*+\-.^_`|~0-9A-Za-z]{1,%d} [^ ]+ HTTP/[0-9.]+\r?" % MAX_METHOD
 )
-# Three words separated by single spaces: mitmproxy splits a complete request line on any run
-# of whitespace (bytes.split), so `GET  /  HTTP/1.1 ` would pass it but not `_REQUEST_LINE`.
+# Three words separated by single spaces, as in `_REQUEST_LINE`: mitmproxy splits a complete
+# request line on any run of whitespace (bytes.split) and would accept `GET  /  HTTP/1.1 `.
 _LINE_WORDS = re.compile(rb"[^\s]+ [^\s]+ [^\s]+\r?")
 
 
