@@ -10,7 +10,10 @@ Hooks:
 - `requestheaders`: the destination check for plain-HTTP (and intercepted) requests; 403.
 - `server_connect`: the last line of defence for every upstream connection. Resolves the name
   (cached), checks every address, and pins the connection to the checked IP so DNS rebinding
-  between check and connect cannot work. A refused connection is killed.
+  between check and connect cannot work. A refused connection is killed: a request's gets
+  502 JSON from the error path; a reverse listener's eager connect (no request yet) closes the
+  client, as a backend refusing the connect does (`connection_strategy: lazy`, which profiles
+  set, gets the 403 from `requestheaders` instead).
 - Backends the operator configured in the router addon (`routing.rules`, `default_backend`)
   are exempt from `block_private` when dialled for a reverse listener or for a request the
   router routed (the router's `egress_exempt`); a forward client's own target never is.
@@ -489,6 +492,13 @@ class Egress:
         except Exception:
             log.exception("egress check failed; refusing the connection")
             server.error = f"{KILL_PREFIX} (internal error)"
+        if server.error:
+            # A reverse listener's eager connect (mitmproxy's default strategy) is opened before
+            # the client's connection task first runs; refused without a pause, mitmproxy 11
+            # cancels that task before it starts and never closes the client's socket. One
+            # pass of the event loop lets it start, so the client is closed as for a backend
+            # that refuses the connect.
+            await asyncio.sleep(0)
 
     async def _pin(self, data: server_hooks.ServerConnectionHookData) -> None:
         server = data.server

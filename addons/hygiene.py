@@ -18,7 +18,8 @@ Checks, in order (all answer 400 BAD_REQUEST unless noted, with `Connection: clo
                 all fields above limits_max_header_size -> 431; Content-Length digits only,
                 several must agree, above limits_max_body_size -> 413; Transfer-Encoding only
                 on HTTP/1.1, never with Content-Length, chunked exactly once and last.
-  Host (HTTP/1) exactly one on HTTP/1.1 (at most one on 1.0), a valid authority; in regular/
+  Host (HTTP/1) exactly one on HTTP/1.1 (at most one on 1.0), a valid authority, as the client
+                sent it (on a reverse listener too: `kernel.wire.sent_hosts`); in regular/
                 upstream mode a Host differing from an absolute-form URL is rewritten to the
                 URL's authority (RFC 9112 §3.2.2).
   origin-form   on a forward listener (regular/upstream mode), `GET /path` outside a CONNECT
@@ -490,7 +491,10 @@ class Hygiene:
             return
         if not http1:
             return
-        refusal = check_host(found.hosts, version)
+        # On a reverse listener mitmproxy replaced Host with the backend's before this hook:
+        # the wire guards noted the client's own fields.
+        sent_hosts = wire.sent_hosts(flow.request)
+        refusal = check_host(found.hosts if sent_hosts is None else sent_hosts, version)
         if refusal:
             _refuse(flow, refusal)
             return

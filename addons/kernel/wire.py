@@ -30,23 +30,28 @@ limits change. Everything here runs before a flow exists, so no hook could do it
 5. Chunked request bodies over `max_body` are refused even when streamed
    (`stream_large_bodies`), where mitmproxy's own `body_size_limit` only sees buffered bodies:
    the reader stops at the limit, the client gets 413 PAYLOAD_TOO_LARGE if no byte of the
-   response was sent yet (the connection is closed in any case) and the stream gets a request
-   protocol error, which closes the upstream connection.
+   response was sent yet (and a lingering close; a plain close if the response had started)
+   and the stream gets a request protocol error, which closes the upstream connection.
 6. Incomplete heads that can never become a request are refused at once instead of waiting
    for the header timeout (`check_head`): control bytes (4 KiB of noise), a malformed request
    line, a method over 32 bytes are 400; a request line too long for `max_url` bytes of target
-   is 414 (before the head cap's 431, which would otherwise answer a 1 MiB URL).
-7. The request line's authority (`sent_authority`): before any hook, mitmproxy drops an
-   absolute-form request's authority and fills an origin-form one's destination from Host.
-   The reader notes what a forward-mode request named, so hygiene can count the whole target
-   against `max_url_length` and refuse origin-form requests on a forward listener.
+   is 414 (before the head cap's 431, which would otherwise answer a 1 MiB URL). A complete
+   request line is held to the same single-space shape (`check_line_words`): mitmproxy splits
+   it on any run of whitespace, so `GET / HTTP/1.1 ` was accepted in one read and refused in two.
+7. What mitmproxy rewrites before any hook: it drops an absolute-form request's authority and
+   fills an origin-form one's destination from Host, and on a reverse listener replaces Host
+   with the backend's (unless keep_host_header). The reader notes what a forward-mode request
+   named (`sent_authority`), so hygiene can count the whole target against `max_url_length`
+   and refuse origin-form requests on a forward listener, and a reverse-mode request's Host
+   fields (`sent_hosts`), so hygiene refuses a missing, duplicate or invalid one there too.
 
 The refusals are written by mitmproxy's own `_http1.make_error_response`, which
 `addons/errors.py` makes Waypost's JSON error (`install_error_page`; hygiene installs both),
-with `Connection: close`. The head refusals (1, 2, 4, 6) close lingeringly: a half-close at
-once (the client sees the end of the answer), a full close `LINGER` seconds later. Each
-refusal is logged with `rule=` and the peer's IP
-(`kernel.net.peer_ip`, the address every other log line names the client by).
+with `Connection: close`. The head refusals (1, 2, 4, 6) and the body-limit refusal (5) close
+lingeringly: a half-close at once (the client sees the end of the answer), what the client
+still sends discarded, a full close `LINGER` seconds later. Each refusal is logged with
+`rule=` and the peer's IP (`kernel.net.peer_ip`, the address every other log line names the
+client by).
 
 Patched through `addons/kernel/patching.py`, so only on the mitmproxy versions it lists; on any
 other `install()` logs a WARNING that the wire guards are not active and leaves mitmproxy
@@ -103,6 +108,7 @@ class WireLimits:
 
 _limits = WireLimits()  # one per process: this module is imported once
 _sent_authority: weakref.WeakKeyDictionary[http.Request, bytes] = weakref.WeakKeyDictionary()
+_sent_hosts: weakref.WeakKeyDictionary[http.Request, list[bytes]] = weakref.WeakKeyDictionary()
 _FORWARD = (mode_specs.RegularMode, mode_specs.UpstreamMode)
 
 
@@ -118,6 +124,9 @@ _HEAD_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _REQUEST_LINE = re.compile(
     rb"[!#$%%&'*+\-.^_`|~0-9A-Za-z]{1,%d} [^ ]+ HTTP/[0-9.]+\r?" % MAX_METHOD
 )
+# Three words separated by single spaces, as in `_REQUEST_LINE`: mitmproxy splits a complete
+# request line on any run of whitespace (bytes.split) and would accept `GET  /  HTTP/1.1 `.
+_LINE_WORDS = re.compile(rb"[^\s]+ [^\s]+ [^\s]+\r?")
 
 
 class LimitedChunkedReader:
@@ -236,6 +245,16 @@ def check_head(pending: bytes, max_url: int | None) -> tuple[int, str] | None:
     return None
 
 
+def check_line_words(pending: bytes) -> str | None:
+    """Why a complete request line (the first line of `pending`) must be refused with 400
+    before mitmproxy parses it leniently, or None: `check_head` refuses the same line while
+    the head is incomplete, so the answer does not depend on how the bytes were split."""
+    line, lf, _ = pending.lstrip(b"\r\n").partition(b"\n")
+    if lf and not _LINE_WORDS.fullmatch(line):
+        return "The request line is malformed."
+    return None
+
+
 def h11_vulnerable(version: str) -> bool:
     """h11 before 0.16.0 is affected by CVE-2025-43859."""
     try:
@@ -336,9 +355,13 @@ def _server_read_headers(self: Any, event: events.Event) -> Gen:
     if not isinstance(event, events.DataReceived):
         yield from read_headers(self, event)
         return
+    if self.buf and (reason := check_line_words(bytes(self.buf))):
+        log.warning("rule=malformed_head peer=%s: %s", peer_ip(self.conn), reason)
+        yield from _refuse(self, 400, reason)
+        return
     for _ in range(MAX_EMPTY_LINES + 1):
         before = len(self.buf)
-        yield from _note_authority(self, read_headers(self, event))
+        yield from _note_request(self, read_headers(self, event))
         if self.state != self.read_headers or not self.buf or len(self.buf) >= before:
             return
         # h11 consumed one leading empty line and stopped (RFC 9112 §2.2: ignore it).
@@ -349,17 +372,19 @@ def _server_read_headers(self: Any, event: events.Event) -> Gen:
     yield from _refuse(self, 400, "Too many empty lines before the request line.")
 
 
-def _note_authority(self: Any, cmds: Gen) -> Gen:
-    """Remember the authority each forward-mode request named on its request line: before any
-    hook runs, mitmproxy drops it and fills an origin-form request's destination from Host."""
+def _note_request(self: Any, cmds: Gen) -> Gen:
+    """Remember what mitmproxy rewrites before any hook runs: the authority a forward-mode
+    request named on its request line (dropped; an origin-form request's destination is filled
+    from Host) and a reverse-mode request's Host fields (replaced by the backend's)."""
     for cmd in cmds:  # read_headers' commands take no reply, so nothing is sent back
-        if (
-            isinstance(cmd, ReceiveHttp)
-            and isinstance(cmd.event, RequestHeaders)
-            and isinstance(self.context.client.proxy_mode, _FORWARD)
-        ):
+        if isinstance(cmd, ReceiveHttp) and isinstance(cmd.event, RequestHeaders):
             request = cmd.event.request
-            _sent_authority[request] = request.data.authority
+            mode = self.context.client.proxy_mode
+            if isinstance(mode, _FORWARD):
+                _sent_authority[request] = request.data.authority
+            elif isinstance(mode, mode_specs.ReverseMode):
+                fields = request.data.headers.fields
+                _sent_hosts[request] = [v for n, v in fields if n.lower() == b"host"]
         yield cmd
 
 
@@ -370,11 +395,20 @@ def sent_authority(request: http.Request) -> bytes | None:
     return _sent_authority.get(request)
 
 
+def sent_hosts(request: http.Request) -> list[bytes] | None:
+    """The Host field values a reverse-mode HTTP/1 request was sent with (mitmproxy replaces
+    them with the backend's authority unless keep_host_header), None when not known (another
+    mode, HTTP/2, or the guards are not installed)."""
+    return _sent_hosts.get(request)
+
+
 def _server_handle_event(self: Any, event: events.Event) -> Gen:
     lim = _limits
     if isinstance(event, events.Wakeup):
         yield from _on_wakeup(self, lim)
         return
+    if self._wp_linger and isinstance(event, events.DataReceived):
+        return  # refused: what the client still sends is discarded, not buffered
     yield from _server_handle_event.__waypost_wrapped__(self, event)  # type: ignore[attr-defined]
     state = self.state
     if state == self.read_headers:
@@ -436,10 +470,13 @@ def _server_handle_event(self: Any, event: events.Event) -> Gen:
                 reader.limit,
             )
             message = f"The request body exceeds the limit of {reader.limit} bytes."
-            if self.response is None and self.conn.state & ConnectionState.CAN_WRITE:
-                yield commands.SendData(self.conn, _http1.make_error_response(413, message))
-            yield commands.CloseConnection(self.conn)
-            self.state = self.done
+            if self.response is None:
+                # Lingering, as the head refusals: mitmproxy 12 left a socket ordered closed
+                # open for seconds while the client was still sending its body.
+                yield from _refuse(self, 413, message)
+            else:
+                yield commands.CloseConnection(self.conn)
+                self.state = self.done
             yield ReceiveHttp(RequestProtocolError(self.stream_id, message, _TOO_LARGE))
 
 

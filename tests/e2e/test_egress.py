@@ -190,3 +190,29 @@ def test_rebinding_after_the_early_check_is_killed_at_connect(proxy_factory):
     assert b"Waypost egress policy refused the connection (block_private)" in resp
     assert b"10.9.9.9" not in resp
     p.wait_for(r"egress killed connection rule=block_private .* reason=10\.9\.9\.9 is private")
+
+
+@pytest.mark.parametrize("strategy", ["eager", "lazy"])
+def test_refused_reverse_target_answers_or_closes_at_once(proxy_factory, origin, strategy):
+    """A reverse listener whose target egress refuses (a misconfiguration) never leaves the
+    client hanging: an eager connect (no request yet) closes it as a refused connect does (it
+    stayed open on mitmproxy 11), a lazy one answers 403 JSON."""
+    p = proxy_factory(
+        scripts=(EGRESS,),
+        options={
+            "mode": f"reverse:http://127.0.0.1:{origin.port}",
+            "connection_strategy": strategy,
+        },
+    )
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", p.port), timeout=3) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            resp = b""
+            while chunk := s.recv(65536):  # a hang raises TimeoutError
+                resp += chunk
+        if strategy == "eager":
+            assert resp == b""
+        else:
+            _assert_denied(resp)
+    assert origin.accepts == 0
+    p.wait_for(r"egress (killed connection|blocked) rule=block_private")

@@ -30,9 +30,10 @@ metrics: {enabled: true, host: 127.0.0.1, port: 0}
 security:
   egress:
     allowed_networks: [127.0.0.1/32]
-limits: {header_timeout: 10s, max_url_length: 2048}
+limits: {header_timeout: 10s, max_url_length: 2048, max_body_size: 64KB}
 """
 MAX_URL = 2048
+MAX_BODY = 64 * 1024
 PATH = "/hostile"
 
 
@@ -185,6 +186,82 @@ def test_malformed_input_answered_400_and_closed(
     data = CASES[case](_target(mode, origin))
     _refused(p.port, data, 400, "BAD_REQUEST")
     assert not origin.seen(b"X-Marker") and not origin.seen(b"AAAAAAAA")
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"", b"Host: a.example\r\nHost: b.example\r\n", b"Host: exa mple\r\n"],
+    ids=["missing", "duplicate", "invalid"],
+)
+def test_bad_host_refused_in_both_modes(
+    bundle: tuple[str, Proxy], origin: Recorder, host: bytes
+) -> None:
+    """On a reverse listener too, although mitmproxy replaces Host before any hook."""
+    mode, p = bundle
+    data = b"GET %s HTTP/1.1\r\n%sX-Marker: host\r\n\r\n" % (_target(mode, origin).encode(), host)
+    _refused(p.port, data, 400, "BAD_REQUEST")
+    assert not origin.seen(b"X-Marker: host")
+
+
+@pytest.mark.parametrize("line", ["GET {} HTTP/1.1 ", "GET  {}  HTTP/1.1", "GET\t{} HTTP/1.1"])
+@pytest.mark.parametrize("split", [False, True], ids=["one read", "line first"])
+def test_request_line_whitespace_refused_however_split(
+    bundle: tuple[str, Proxy], origin: Recorder, line: str, split: bool
+) -> None:
+    """400 whether the whole head arrives in one read or the request line first."""
+    mode, p = bundle
+    first = (line.format(_target(mode, origin)) + "\r\n").encode()
+    rest = f"Host: 127.0.0.1:{origin.port}\r\nX-Marker: spaces\r\n\r\n".encode()
+    if not split:
+        _refused(p.port, first + rest, 400, "BAD_REQUEST")
+    else:
+        with socket.create_connection(("127.0.0.1", p.port), timeout=3) as s:
+            s.sendall(first)
+            time.sleep(0.2)
+            try:
+                s.sendall(rest)
+            except OSError:
+                pass  # refused on the request line already
+            resp = b""
+            while chunk := s.recv(65536):
+                resp += chunk
+        assert status_of(resp) == 400 and json_body(resp)["error"]["code"] == "BAD_REQUEST"
+    assert not origin.seen(b"X-Marker: spaces")
+
+
+def test_chunked_body_over_limit_closed_while_client_sends(
+    bundle: tuple[str, Proxy], origin: Recorder
+) -> None:
+    """A client that goes on sending after its 413 (the soak's flood) sees the answer and the
+    end of the stream at once; the connection is fully closed within the linger (2 s)."""
+    mode, p = bundle
+    head = _chunked(_target(mode, origin), b"", "over")
+    chunk = b"%x\r\n%s\r\n" % (16384, b"x" * 16384)
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
+            s.setblocking(False)
+            data, sent, resp, eof_at = head + chunk * (4 * MAX_BODY // 16384), 0, b"", None
+            start = time.monotonic()
+            while time.monotonic() - start < 5:
+                readable, writable, _ = select.select([s], [s], [], 0.05)
+                if writable:
+                    try:  # keep sending past the limit, and past the answer
+                        sent += s.send(data[sent % len(data) : sent % len(data) + 65536])
+                    except OSError:
+                        break  # fully closed: a reset
+                if readable and eof_at is None:
+                    try:
+                        got = s.recv(65536)
+                    except OSError:
+                        break
+                    resp += got
+                    if not got:
+                        eof_at = time.monotonic() - start
+            closed_at = time.monotonic() - start
+        assert status_of(resp) == 413 and json_body(resp)["error"]["code"] == "PAYLOAD_TOO_LARGE"
+        assert eof_at is not None and eof_at < 1.0, (eof_at, resp[:200])
+        assert closed_at < 4.0, closed_at
+    assert not origin.seen(b"X-Marker: over")
 
 
 def test_one_mib_url_is_414_not_431(bundle: tuple[str, Proxy], origin: Recorder) -> None:

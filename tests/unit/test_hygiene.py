@@ -399,6 +399,34 @@ def test_url_limit_counts_the_whole_absolute_target(
         assert (f.response and f.response.status_code) == status
 
 
+@pytest.mark.parametrize(
+    ("sent", "rule"),
+    [
+        ([], "missing_host"),
+        ([b"a.example", b"b.example"], "duplicate_host"),
+        ([b"exa mple"], "invalid_host"),
+        ([b"a.example"], None),
+        (None, None),
+    ],
+)
+def test_host_as_the_client_sent_it(
+    monkeypatch: pytest.MonkeyPatch, sent: list[bytes] | None, rule: str | None
+) -> None:
+    """On a reverse listener mitmproxy replaced Host with the backend's (a valid one) before
+    the hook; the wire guards noted the client's own fields, and those are checked."""
+    monkeypatch.setattr(wire, "sent_hosts", lambda request: sent)
+    h = Hygiene()
+    with taddons.context(h):
+        f = _flow()
+        f.client_conn.proxy_mode = mode_specs.ProxyMode.parse("reverse:http://127.0.0.1:1")
+        h.requestheaders(f)
+        if rule is None:
+            assert f.response is None
+        else:
+            assert f.response is not None and f.response.status_code == 400
+            assert f.metadata["waypost"]["rule"] == rule
+
+
 def test_origin_form_on_forward_listener(monkeypatch: pytest.MonkeyPatch) -> None:
     _sent(monkeypatch, b"")
     h = Hygiene()

@@ -180,6 +180,22 @@ def test_chunked_body_over_limit(server: tuple[Any, Any]) -> None:
     assert _closes(cmds)
 
 
+def test_chunked_body_over_limit_is_a_lingering_close(server: tuple[Any, Any]) -> None:
+    """As the head refusals: mitmproxy 12 left the socket open while the client sent on."""
+    s, client = server
+    _run(s, events.Start())
+    data = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nf\r\n" + b"a" * 15
+    cmds = _run(s, events.DataReceived(client, data))
+    (close,) = [c for c in cmds if isinstance(c, commands.CloseConnection)]
+    assert isinstance(close, commands.CloseTcpConnection) and close.half_close
+    (timer,) = [c for c in cmds if isinstance(c, commands.RequestWakeup)][-1:]
+    assert timer.delay == wire.LINGER
+    assert _run(s, events.DataReceived(client, b"b" * 5000)) == []  # read and dropped
+    assert len(s.buf) == 0
+    (full,) = _run(s, events.Wakeup(timer))
+    assert type(full) is commands.CloseConnection
+
+
 @pytest.mark.parametrize(
     ("data", "events_"),
     [
@@ -354,6 +370,42 @@ def test_check_head(pending: bytes, max_url: int | None, want: int | None) -> No
 
 
 @pytest.mark.parametrize(
+    ("pending", "refused"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", False),
+        (b"\r\nGET / HTTP/1.1\nHost: a\n\n", False),
+        (b"GET / HTTP/1.1", False),  # the line is not complete yet
+        (b"GET / HTTP/1.1 \r\nHost: a\r\n\r\n", True),
+        (b"GET  /  HTTP/1.1\r\nHost: a\r\n\r\n", True),
+        (b" GET / HTTP/1.1\r\nHost: a\r\n\r\n", True),
+        (b"GET\t/ HTTP/1.1\r\nHost: a\r\n\r\n", True),
+        (b"GET / \x0bHTTP/1.1\r\nHost: a\r\n\r\n", True),
+        (b"GET /\r\n\r\n", True),
+    ],
+)
+def test_check_line_words(pending: bytes, refused: bool) -> None:
+    assert bool(wire.check_line_words(pending)) is refused
+
+
+@pytest.mark.parametrize("line", [b"GET / HTTP/1.1 ", b"GET  /  HTTP/1.1", b"GET\t/ HTTP/1.1"])
+@pytest.mark.parametrize("split", [False, True])
+def test_request_line_whitespace_refused_however_split(
+    server: tuple[Any, Any], line: bytes, split: bool
+) -> None:
+    """The same 400 whether the head arrives in one read or the request line first."""
+    s, client = server
+    _run(s, events.Start())
+    rest = b"Host: a\r\n\r\n"
+    pieces = [line + b"\r\n", rest] if split else [line + b"\r\n" + rest]
+    cmds: list[Any] = []
+    for piece in pieces:
+        cmds += _run(s, events.DataReceived(client, piece))
+    assert _status(_sent(cmds)) == (400, "BAD_REQUEST")
+    assert _closes(cmds)
+    assert not any(isinstance(e, RequestHeaders) for e in _received(cmds))
+
+
+@pytest.mark.parametrize(
     ("data", "status", "code"),
     [
         (b"\x16\x03\x01garbage\x00\xff" * 10, 400, "BAD_REQUEST"),
@@ -411,6 +463,25 @@ def test_sent_authority(
     _run(s, events.Start())
     got = _received(_run(s, events.DataReceived(client, line + b"\r\nHost: a\r\n\r\n")))
     assert wire.sent_authority(got[0].request) == want
+
+
+@pytest.mark.parametrize(
+    ("mode", "fields", "want"),
+    [
+        ("reverse:http://127.0.0.1:1", b"Host: a\r\n", [b"a"]),
+        ("reverse:http://127.0.0.1:1", b"", []),
+        ("reverse:http://127.0.0.1:1", b"Host: a\r\nhost: b c\r\n", [b"a", b"b c"]),
+        ("regular", b"Host: a\r\n", None),
+    ],
+)
+def test_sent_hosts(
+    server: tuple[Any, Any], mode: str, fields: bytes, want: list[bytes] | None
+) -> None:
+    s, client = server
+    client.proxy_mode = mode_specs.ProxyMode.parse(mode)
+    _run(s, events.Start())
+    got = _received(_run(s, events.DataReceived(client, b"GET /x HTTP/1.1\r\n" + fields + b"\r\n")))
+    assert wire.sent_hosts(got[0].request) == want
 
 
 def test_refusal_is_a_lingering_close(server: tuple[Any, Any]) -> None:
