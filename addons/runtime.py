@@ -17,7 +17,7 @@ Hooks:
   PYTHONOPTIMIZE.
 
 Options:
-- `server_event_loop` (auto|uvloop|asyncio, "auto"): read by the worker before mitmproxy
+- `server_event_loop` (auto|uvloop|asyncio, "asyncio"): read by the worker before mitmproxy
   starts; here it is only compared with the loop that runs.
 - `server_gc_freeze` (bool, true): freeze the startup heap once the proxy runs.
 - `server_gc_threshold` (str, "2000,10,100"): the collector's three thresholds;
@@ -44,8 +44,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "server_event_loop",
         str,
-        "auto",
-        "Event loop of each worker: auto (uvloop when installed), uvloop or asyncio. Chosen "
+        "asyncio",
+        "Event loop of each worker: asyncio, uvloop, or auto (uvloop when installed). Chosen "
         "when the worker starts (python -m addons.supervisor), so a change needs a restart.",
         LOOPS,
     ),

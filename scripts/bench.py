@@ -17,13 +17,13 @@ a 100,000-entry blocklist (scripts/bench-policies). This mode runs the bundle un
 mitmdump: asyncio, with the runtime addon's collector tuning (the bundle loads it).
 
 `scripts/bench workers` is the scale-out table: bare mitmdump, Waypost with 1 worker and with N
-workers (`python -m addons.supervisor --set server_workers=N`, the way Waypost starts: uvloop,
-the GC tuning), every policy on, the cache off, in one run: wrk at 10/100/1000 connections, a
+workers (`python -m addons.supervisor --set server_workers=N`, the way Waypost starts: its
+event loop, the GC tuning), every policy on, the cache off, in one run: wrk at 10/100/1000 connections, a
 paced open-loop run at 1,000 req/s (the asyncio client of benchlib: wrk cannot pace, and
 h2load's --rate paces new connections, not requests), and 4,000 connections counting socket
 errors; CPU per request summed over every process of a setup; ratios against bare mitmdump
 and N workers against 1; the targets printed next to the results; `--variants` adds 1 worker
-on asyncio and 1 worker with CPython's collector settings. `scripts/bench workers --help`.
+on uvloop and 1 worker with CPython's collector settings. `scripts/bench workers --help`.
 Only the standard library is used here.
 """
 
@@ -52,6 +52,7 @@ from benchlib import (
     free_port,
     load_at_start,
     loadavg,
+    loaded,
     log,
     loopback_sets,
     measure,
@@ -437,7 +438,7 @@ def workers_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         action="store_true",
-        help="also 1 worker on asyncio (server_event_loop=asyncio) and 1 worker with CPython's "
+        help="also 1 worker on uvloop (server_event_loop=uvloop) and 1 worker with CPython's "
         "collector (no gc.freeze, thresholds 700,10,10): what uvloop and the GC tuning change",
     )
     p.add_argument("--start-timeout", type=float, default=60)
@@ -483,9 +484,9 @@ def instance_setups(a: argparse.Namespace, profile: Path) -> list[Setup]:
     if a.variants:
         module = "addons.supervisor" if supervised else "addons.supervisor.worker"
         workers = 1 if supervised else None
-        loop = ("--set", "server_event_loop=asyncio")
+        loop = ("--set", "server_event_loop=uvloop")
         cpython_gc = ("--set", "server_gc_freeze=false", "--set", "server_gc_threshold=700,10,10")
-        setups.append(waypost("1w asyncio", module, workers, extra=loop))
+        setups.append(waypost("1w uvloop", module, workers, extra=loop))
         setups.append(waypost("1w CPython GC", module, workers, extra=cpython_gc))
     return [Setup("bare", [], []), *setups]
 
@@ -667,9 +668,8 @@ def workers_main(argv: list[str]) -> int:
     import mitmproxy.version
 
     load = load_at_start()
-    loaded = load > 0.3 * (os.cpu_count() or 1)
     meta = {
-        "label": "LOADED machine, not figures of record" if loaded else "quiet machine",
+        "label": "LOADED machine, not figures of record" if loaded(load) else "quiet machine",
         "nproc": os.cpu_count(),
         "python": f"Python {platform.python_version()}",
         "mitmproxy": mitmproxy.version.VERSION,

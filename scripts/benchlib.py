@@ -285,10 +285,16 @@ def loadavg() -> float:
     return os.getloadavg()[0]
 
 
+def loaded(load: float) -> bool:
+    """Whether a load average before a run means other work shares the CPUs: the team's rule,
+    under 1 on these 2 cores (half a core's worth per core elsewhere)."""
+    return load >= 0.5 * (os.cpu_count() or 1)
+
+
 def load_at_start() -> float:
     """The load average now, with a warning when other work shares the CPUs."""
     load = loadavg()
-    if load > 0.3 * (os.cpu_count() or 1):
+    if loaded(load):
         log(
             f"WARNING: load average {load:.2f} on {os.cpu_count()} cores: other work "
             "shares the CPUs, the numbers will be low and noisy"

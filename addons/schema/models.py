@@ -106,7 +106,9 @@ class Server(Section):
     workers: Workers = 1
     timeouts: Timeouts = Timeouts()
     tls: Tls = Tls()
-    event_loop: Annotated[Literal["auto", "uvloop", "asyncio"], Env("WAYPOST_EVENT_LOOP")] = "auto"
+    event_loop: Annotated[Literal["auto", "uvloop", "asyncio"], Env("WAYPOST_EVENT_LOOP")] = (
+        "asyncio"
+    )
     gc_freeze: bool = True
     gc_threshold: Annotated[
         tuple[PositiveInt, PositiveInt, PositiveInt], BeforeValidator(_gc_threshold)

@@ -1,12 +1,13 @@
 """One worker of an instance: mitmdump in this process, on the event loop the profile chose.
 
-`python -m addons.supervisor.worker [mitmdump arguments]` runs what `mitmdump` would, on uvloop
-when it is installed and `server.event_loop` is not `asyncio`. The loop has to be chosen before
+`python -m addons.supervisor.worker [mitmdump arguments]` runs what `mitmdump` would, on
+asyncio (the default: measured ahead of uvloop here, docs/performance.md) or on uvloop when
+`server.event_loop` asks for it (`auto`: when installed). The loop has to be chosen before
 mitmproxy starts it (`mitmproxy.tools.main.run` calls `asyncio.run(main())`), so this reads the
 settings the way the profile loader does, before any addon is loaded: `--set
 server_event_loop=...` wins, else the profile (`--set waypost_profile=`, `WAYPOST_PROFILE`, else
 profiles/default.yaml) with the environment merged in (`WAYPOST_EVENT_LOOP`). A profile that
-does not load leaves `auto`: the config addon refuses it a moment later with its own message.
+does not load leaves asyncio: the config addon refuses it a moment later with its own message.
 
 `auto` runs asyncio when the CLI is enabled: uvloop 0.23's subprocesses ignore `close_fds`
 (its loop.pyx: "TODO: Implement close_fds") and refuse `user`/`group`, so every inheritable
@@ -46,7 +47,7 @@ def startup_settings(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[s
         else:
             loop = loop or profile.server.event_loop
             cli = cli or str(profile.cli.enabled)
-    return loop or "auto", (cli or "false").lower() == "true"
+    return loop or "asyncio", (cli or "false").lower() == "true"  # the option's default
 
 
 class UvloopPolicy(asyncio.DefaultEventLoopPolicy):

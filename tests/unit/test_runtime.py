@@ -67,7 +67,7 @@ async def test_running_freezes_once_and_reports(gc_state: None, caplog) -> None:
         addon.running()  # a second `running` (a script reload's) does not freeze again
         assert gc.get_freeze_count() == frozen
     line = caplog.records[0].getMessage()
-    assert line.startswith("runtime: event loop asyncio (server_event_loop=auto)")
+    assert line.startswith("runtime: event loop asyncio (server_event_loop=asyncio)")
     assert f"gc.freeze {frozen} objects" in line and "gc thresholds 2000,10,100" in line
 
 
@@ -84,19 +84,22 @@ async def test_freeze_off_and_a_loop_mitmdump_cannot_give(gc_state: None, caplog
 
 def test_startup_settings_order(tmp_path: Path) -> None:
     profile = tmp_path / "p.yaml"
-    profile.write_text("server: {event_loop: asyncio}\n")
+    profile.write_text("server: {event_loop: auto}\n")
     at = ["--set", f"waypost_profile={profile}"]
-    assert worker.startup_settings(at, {}) == ("asyncio", False)
-    assert worker.startup_settings([], {"WAYPOST_PROFILE": str(profile)}) == ("asyncio", False)
+    assert worker.startup_settings(at, {}) == ("auto", False)
+    assert worker.startup_settings([], {"WAYPOST_PROFILE": str(profile)}) == ("auto", False)
     # the environment over the file, --set over both (as for every option)
     env = {"WAYPOST_EVENT_LOOP": "uvloop", "CLI_ENABLED": "true"}
     assert worker.startup_settings(at, env) == ("uvloop", True)
-    assert worker.startup_settings([*at, "--set", "server_event_loop=auto"], {}) == ("auto", False)
-    assert worker.startup_settings([*at, "--set", "cli_enabled"], {}) == ("asyncio", True)
+    assert worker.startup_settings([*at, "--set", "server_event_loop=asyncio"], {}) == (
+        "asyncio",
+        False,
+    )
+    assert worker.startup_settings([*at, "--set", "cli_enabled"], {}) == ("auto", True)
     assert worker.startup_settings([*at, "--set", "cli_enabled=false"], env) == ("uvloop", False)
-    # a profile that does not load is the config addon's to refuse
+    # a profile that does not load is the config addon's to refuse; meanwhile the default
     profile.write_text("server: {event_loop: fast}\n")
-    assert worker.startup_settings(at, {}) == ("auto", False)
+    assert worker.startup_settings(at, {}) == ("asyncio", False)
 
 
 def test_use_loop() -> None:
