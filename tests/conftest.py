@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -135,6 +136,18 @@ def serve_app(app: web.Application) -> Iterator[int]:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         t.join(10)
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_mitmproxy_log_handler() -> None:
+    """A mitmproxy master made in-process by an earlier test (taddons, validate-config) can
+    leave its log handler on the root logger; once its loop is closed, any later WARNING
+    raises "Event loop is closed" in whatever test logs it (seen on mitmproxy 12)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        loop = getattr(getattr(handler, "master", None), "event_loop", None)
+        if loop is not None and loop.is_closed():
+            root.removeHandler(handler)
 
 
 @pytest.fixture(scope="session")

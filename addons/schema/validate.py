@@ -82,6 +82,7 @@ async def _apply_to_bundle(loaded: Loaded) -> list[str]:
         contextlib.redirect_stdout(io.StringIO()),  # the addons' own log handlers
     ):
         opts = options.Options(confdir=confdir)
+        before = list(root.handlers)
         m = master.Master(opts)
         m.addons.add(*default_addons())
         opts.set(f"waypost_profile={loaded.source}", defer=True)
@@ -99,6 +100,10 @@ async def _apply_to_bundle(loaded: Loaded) -> list[str]:
             problems += str(e).splitlines()
         finally:
             await m.done()
+            # The master's handler (mitmproxy's log events) outlives `done` and would hand
+            # later records to this closed loop: take off whatever it added, ours too.
+            for handler in [h for h in root.handlers if h not in before]:
+                root.removeHandler(handler)
             root.removeHandler(errors)
             logging.disable(disabled)
     if created and log_file is not None:
