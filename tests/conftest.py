@@ -150,6 +150,20 @@ def _no_stale_mitmproxy_log_handler() -> None:
             root.removeHandler(handler)
 
 
+@pytest.fixture(autouse=True)
+def _memory_state() -> None:
+    """Each test starts with the process's shared state on the memory backend: a test that
+    configured Redis through taddons must not leave it to the next one in the same process."""
+    from addons import state
+
+    if state.STATE.backend != "memory":
+        try:
+            state.STATE.close()
+        except RuntimeError:
+            pass  # its tasks belonged to a loop that is closed now
+        state.STATE.backend = "memory"
+
+
 @pytest.fixture(scope="session")
 def backend() -> Iterator[Backend]:
     """An aiohttp origin on 127.0.0.1 in its own thread and loop, shared by the session."""
