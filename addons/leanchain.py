@@ -12,7 +12,10 @@ and profile reloads keep working.
 Only under mitmdump: mitmweb and mitmproxy's console use several of these addons for their
 own commands and views, so there it does nothing.
 
-Hooks: load, running (prune), configure (put back). Options: lean_chain.
+The same option installs `kernel/dispatch.py` everywhere (mitmweb too): mitmproxy's event
+dispatch with the chain walked once per hook instead of once per event.
+
+Hooks: load, running (prune), configure (put back; dispatch on or off), done. Options: lean_chain.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 from mitmproxy import ctx, hooks
 from mitmproxy.addonmanager import _get_name
 
+from addons.kernel import dispatch
 from addons.kernel.options import Option, declare
 
 log = logging.getLogger("waypost.leanchain")
@@ -84,7 +88,8 @@ OPTIONS: tuple[Option, ...] = (
         "Under mitmdump, take built-in addons whose options leave them nothing to do "
         "(map_remote, modify_headers, save_stream_file, ... unset) out of the event chain, "
         "which makes every request cheaper; a removed addon comes back when one of its "
-        "options is turned on. No effect in mitmweb or the console.",
+        "options is turned on (mitmdump only). Also walks the chain once per hook, not once "
+        "per event.",
     ),
 )
 
@@ -116,12 +121,20 @@ class LeanChain:
             log.info("lean chain: removed inert built-in addons: %s", ", ".join(self.removed))
 
     def configure(self, updated: set[str]) -> None:
+        if "lean_chain" in updated:
+            if ctx.options.lean_chain:
+                dispatch.install(by="leanchain")
+            else:
+                dispatch.uninstall(by="leanchain")
         if not self.active:
             return
         if "lean_chain" in updated and not ctx.options.lean_chain:
             self._restore(list(self.removed))
         else:
             self._restore([n for n in self.removed if not INERT[n](ctx.options)])
+
+    def done(self) -> None:
+        dispatch.uninstall(by="leanchain")
 
     def _restore(self, names: list[str]) -> None:
         if not names:

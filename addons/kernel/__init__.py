@@ -18,4 +18,5 @@ tls       certificate, key and chain files read and checked (the TLS listener, t
 version   versions(): Waypost's (package metadata), mitmproxy's and Python's
 instance  identity(): which worker of how many this process is (set by the supervisor)
 reuseport SO_REUSEPORT on a supervised worker's proxy listeners, so all its workers bind them
+dispatch  mitmproxy's event dispatch with the addon chain walked once per hook, not per event
 """
