@@ -220,6 +220,7 @@ class Limits(Section):
     blocked_methods: list[Method] = ["TRACE", "TRACK"]
     origin_form: Literal["refuse", "relay"] = "refuse"
     max_concurrent_connections: Annotated[int, Field(ge=0)] = 0
+    max_accepts_per_event: Annotated[int, Field(ge=0)] = 4
 
 
 class Headers(Section):

@@ -51,6 +51,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "server_write_timeout": (("server", "timeouts", "write"), format_duration),
     "server_idle_timeout": (("server", "timeouts", "idle"), format_duration),
     "server_max_connections": (("limits", "max_concurrent_connections"), _same),
+    "server_max_accepts_per_event": (("limits", "max_accepts_per_event"), _same),
     "tls_listener_cert": (("server", "tls", "cert"), lambda v: v or ""),
     "tls_listener_key": (("server", "tls", "key"), lambda v: v or ""),
     "tls_listener_chain": (("server", "tls", "chain"), lambda v: v or ""),

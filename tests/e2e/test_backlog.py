@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import read_head, wait_until
 
 
 def listen_queue(port: int) -> int:
@@ -50,3 +51,23 @@ def test_negative_backlog_refused(proxy_factory) -> None:
     assert p.proc.wait(60) == 1
     p.stop()
     assert "listen_backlog: must be 0 or more" in "\n".join(p.lines)
+
+
+def test_a_burst_of_connections_is_served_whole_one_accept_per_loop_turn(
+    proxy_factory, backend
+) -> None:
+    """The tightest cap (1): 60 connections opened at once are all accepted and served."""
+    p = proxy_factory(scripts=("addons/backlog.py",), options={"server_max_accepts_per_event": "1"})
+    socks = [socket.create_connection(("127.0.0.1", p.port)) for _ in range(60)]
+    try:
+        for sock in socks:
+            sock.sendall(
+                f"GET {backend.url}/status/204 HTTP/1.1\r\nHost: {backend.host}\r\n\r\n".encode()
+            )
+        for sock in socks:
+            sock.settimeout(10)
+            got = read_head(sock)
+            assert got is not None and got[0].startswith(b"HTTP/1.1 204"), got
+    finally:
+        for sock in socks:
+            sock.close()
