@@ -195,7 +195,7 @@ class Config:
             _restart_listeners()
         self._spawn(self._watch())
         try:
-            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload_async()))
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload_async()))
         except (NotImplementedError, RuntimeError):  # no signals on this platform/thread
             pass
 
@@ -240,15 +240,16 @@ class Config:
             raise exceptions.CommandError(f"profile reload refused: {message}")
         return message
 
-    async def _reload_async(self) -> None:
+    async def reload_async(self) -> tuple[bool, str]:
+        """`reload` with the reading, parsing and validation off the event loop (20-30 ms for
+        the soak's profile, which every connection would wait out); only the swap runs on it.
+        File watcher, SIGHUP and POST /admin/reload."""
         path = self.path()
         try:
-            # Parsing and validation run off the event loop; only the swap happens on it.
             loaded = await asyncio.to_thread(schema.load, path, dict(os.environ))
         except schema.ProfileError as e:
-            self._refused(str(e))
-            return
-        self._swap(loaded, path)
+            return self._refused(str(e))
+        return self._swap(loaded, path)
 
     def _swap(self, loaded: schema.Loaded, path: str | None) -> tuple[bool, str]:
         try:
@@ -274,7 +275,7 @@ class Config:
             mtime = await asyncio.to_thread(_mtime, path)
             if mtime != self._mtime:
                 self._mtime = mtime
-                await self._reload_async()
+                await self.reload_async()
 
     def _apply(self, loaded: schema.Loaded) -> None:
         wanted = schema.to_options(loaded.profile)
@@ -366,7 +367,7 @@ class Config:
                 return f"{loaded.where(path)}: {'.'.join(path)}: {message}"
         return f"{loaded.source}: {message}"
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         # Kept here too: done() cancels what is still running.
         task = spawn(coro)
         self._tasks.add(task)

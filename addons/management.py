@@ -578,14 +578,11 @@ class Management:
         if refusal is not None:
             return refusal
         cfg = ctx.master.addons.get("config")
-        reload: Callable[[], tuple[bool, str] | Awaitable[tuple[bool, str]]] | None
-        reload = getattr(cfg, "reload", None) if cfg is not None else None
+        reload: Callable[[], Awaitable[tuple[bool, str]]] | None
+        reload = getattr(cfg, "reload_async", None) if cfg is not None else None
         if reload is None:
             return errors.web_error("NOT_FOUND", "No config addon is loaded; nothing to reload.")
-        result = reload()
-        if isinstance(result, Awaitable):
-            result = await result
-        ok, message = result
+        ok, message = await reload()
         if not ok:
             log.warning("admin reload failed: %s", message)
             return errors.web_error("CONFIG_INVALID", message)

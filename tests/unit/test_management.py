@@ -105,7 +105,7 @@ class FakeConfig:
         self.loaded, self.reload_error = loaded, reload_error
         self.result: Any = (True, "reloaded profiles/dev.yaml")
 
-    def reload(self) -> Any:
+    async def reload_async(self) -> Any:
         return self.result
 
 
@@ -369,11 +369,7 @@ async def test_listener_serves_endpoints_and_stops() -> None:
         cfg.result = (False, "profiles/dev.yaml: line 2: bad duration")
         status, _, body = await _get(port, "POST", "/admin/reload", auth)
         assert status == 422 and json.loads(body)["error"]["code"] == "CONFIG_INVALID"
-
-        async def later() -> tuple[bool, str]:
-            return True, "async"
-
-        cfg.result = later()
+        cfg.result = (True, "reloaded profiles/dev.yaml")
         assert (await _get(port, "POST", "/admin/reload", auth))[0] == 200
         tctx.configure(m, metrics_path="/prom")
         assert (await _get(port, "GET", "/prom"))[0] == 200
