@@ -76,7 +76,14 @@ def installed(venv: Path) -> str:
         capture_output=True,
         text=True,
     ).stdout
-    return "".join(line + "\n" for line in frozen.splitlines() if "==" in line)
+    # Waypost can still appear: as a comment ("# Editable Git install ... (waypost==0.1.0)"),
+    # or as a plain pin when its egg-info is on the path (PYTHONPATH=the checkout).
+    pins = [
+        line
+        for line in frozen.splitlines()
+        if "==" in line and not line.startswith("#") and not line.lower().startswith("waypost")
+    ]
+    return "".join(line + "\n" for line in pins)
 
 
 def audit(name: str, pins: str, extra: list[str]) -> Report:
