@@ -9,7 +9,10 @@ forward-proxied pages while each cycle (`--cycle`, 300 s; shorter runs have one)
 an origin killed (SIGKILL) and restarted, slowloris and garbage connections, a malformed-request
 flood from one client, config reloads (a good one, a bad one that must be refused with the
 old config kept, the good one again), a CLI stream storm and a second origin kill. The last
-fifth of the last cycle is quiet. At the end, SIGTERM with slow requests in flight.
+fifth of the last cycle is quiet. At the end, SIGTERM with slow requests in flight. The faults
+that are many client connections (slowloris, garbage, flood, CLI storm) run in processes of
+their own (`Attacker`), so that their work does not delay the load's requests in this process
+and count as the proxy's latency.
 
 Reported per fault window (the window is the fault plus a few seconds of recovery): the load
 requests that failed (never more than one origin is down, so every failure is a defect: target
@@ -29,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -37,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,6 +287,9 @@ class Soak:
         self.reloads = 0
         self.kills = 0
         self.drain: dict[str, Any] = {}
+        # Spawned, not forked (this process runs an event loop and threads); three, because in
+        # a short run a fault's window can overlap the next one's.
+        self.attackers = ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn"))
 
     # -- setup and teardown --
 
@@ -290,11 +298,14 @@ class Soak:
             self.origins.start(name)
         write_profile(self.profile, self.tmp, self.ports, self.origins, self.args.rate, 0)
         self.bundle = start_bundle(self.tmp, self.profile, self.ports)
+        for f in [self.attackers.submit(int) for _ in range(3)]:
+            f.result()  # the attacker processes start now, not in the first fault's window
 
     def stop(self) -> None:
         if self.bundle:
             self.bundle.stop(SHUTDOWN_TIMEOUT + 5)
         self.origins.stop()
+        self.attackers.shutdown(cancel_futures=True)
 
     # -- the load --
 
@@ -373,8 +384,9 @@ class Soak:
         every = max(1.0, min(10.0, self.args.duration / 100))
         while not until():
             with contextlib.suppress(OSError):
-                s = benchlib.proc_stat(self.bundle.pid)
-                conns = established(self.bundle.pid)
+                # In a thread: /proc/net/tcp with hundreds of connections takes milliseconds.
+                s = await asyncio.to_thread(benchlib.proc_stat, self.bundle.pid)
+                conns = await asyncio.to_thread(established, self.bundle.pid)
                 self.rec.samples.append(
                     {"t": round(self.rec.now(), 1), "rss_mb": round(s["rss_mb"], 1),
                      "fds": s["fds"], "established": conns, "other_fds": s["fds"] - conns,
@@ -433,91 +445,22 @@ class Soak:
         w.result["restarted"] = True
 
     async def slowloris(self, w: Window) -> None:
-        """Waves of connections dribbling a head and of 4 KiB of random bytes, until the window
-        ends; every one must be closed by the proxy within the header timeout (plus its linger
-        and a margin), else it hangs (a defect)."""
-        conns: list[asyncio.Task[str]] = []
-        n = self.args.slowloris
-        while True:
-            conns += [asyncio.ensure_future(self.dribble()) for _ in range(n)]
-            conns += [asyncio.ensure_future(self.garbage()) for _ in range(max(1, n // 10))]
-            if self.rec.now() + HEADER_TIMEOUT + 1 > w.end:
-                break
-            await asyncio.sleep(HEADER_TIMEOUT + 1)
-        outcomes = await asyncio.gather(*conns)
-        counts = {o: outcomes.count(o) for o in sorted(set(outcomes))}
-        w.result.update(connections=len(outcomes), **counts)
-        w.defects += counts.get("hung", 0)
-
-    async def dribble(self) -> str:
-        deadline = time.monotonic() + HEADER_TIMEOUT + LINGER + 3
-        try:
-            r, wr = await asyncio.open_connection(
-                "127.0.0.1", self.ports.reverse, local_addr=(SLOWLORIS_ADDR, 0)
-            )
-        except OSError:
-            return "refused"
-        try:
-            wr.write(b"GET /slowloris HTTP/1.1\r\nHost: soak\r\n")
-            while time.monotonic() < deadline:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    data = await asyncio.wait_for(r.read(65536), 0.5)
-                    if not data:
-                        return "closed"
-                    if data.startswith(b"HTTP/1.1 408"):
-                        return "408" if await self.closes(r, deadline) else "hung"
-                    return "answered " + data[9:12].decode(errors="replace")
-                wr.write(b"X-Slow: 1\r\n")
-            return "hung"
-        except OSError:
-            return "reset"
-        finally:
-            wr.close()
-
-    async def closes(self, r: asyncio.StreamReader, deadline: float) -> bool:
-        """Whether the peer closes the connection before `deadline`."""
-        with contextlib.suppress(asyncio.TimeoutError, OSError):
-            while await asyncio.wait_for(r.read(65536), max(0.0, deadline - time.monotonic())):
-                pass
-            return True
-        return False
-
-    async def garbage(self) -> str:
-        deadline = time.monotonic() + LINGER + 3
-        try:
-            r, wr = await asyncio.open_connection(
-                "127.0.0.1", self.ports.forward, local_addr=(GARBAGE_ADDR, 0)
-            )
-        except OSError:
-            return "refused"
-        try:
-            wr.write(bytes(random.getrandbits(8) for _ in range(4096)))
-            with contextlib.suppress(asyncio.TimeoutError):
-                data = await asyncio.wait_for(r.read(65536), deadline - time.monotonic())
-                if not data:
-                    return "closed"
-                status = data[9:12].decode(errors="replace")
-                return f"garbage {status}" if await self.closes(r, deadline) else "hung"
-            return "hung"
-        except OSError:
-            return "reset"
-        finally:
-            wr.close()
+        await self.attack(w, "slowloris")
 
     async def flood(self, w: Window) -> None:
-        """Malformed requests from one client to both listeners, until the window ends: each
-        must get a 4xx (or be closed); anything else is a defect."""
-        answers: dict[str, int] = {}
-        i = 0
-        while self.rec.now() < w.end:
-            data = malformed(i)
-            port = self.ports.forward if i % 2 else self.ports.reverse
-            got = await exchange(port, data, FLOOD_ADDR, HEADER_TIMEOUT + LINGER + 2)
-            answers[got] = answers.get(got, 0) + 1
-            i += 1
-            await asyncio.sleep(1 / self.args.flood_rate)
-        w.result.update(answers)
-        w.defects += sum(n for a, n in answers.items() if not (a[0] == "4" or a == "closed"))
+        await self.attack(w, "flood")
+
+    async def cli_storm(self, w: Window) -> None:
+        await self.attack(w, "cli_storm")
+
+    async def attack(self, w: Window, fault: str) -> None:
+        """Run a fault's clients in the attacker processes, so that their connection work does
+        not delay the load's requests in this process (which would count as the proxy's)."""
+        attacker = Attacker(self.ports, self.args, self.rec.t0 + w.end)
+        loop = asyncio.get_running_loop()
+        result, defects = await loop.run_in_executor(self.attackers, attacker.run, fault)
+        w.result.update(result)
+        w.defects += defects
 
     async def reload(self, w: Window) -> None:
         """A good reload, a bad one (refused: 422, the old config running), the good one again."""
@@ -552,38 +495,6 @@ class Soak:
         async with aiohttp.ClientSession() as s, s.get(url) as r:
             await r.read()
             return r.status
-
-    async def cli_storm(self, w: Window) -> None:
-        """Waves of 4x `cli.max_concurrent` streamed commands through the forward listener:
-        each gets its whole stream (exit outcome ok) or 429; anything else is a defect."""
-        outcomes: dict[str, int] = {}
-        conn = aiohttp.TCPConnector(local_addr=(CLI_ADDR, 0), limit=0)
-        async with aiohttp.ClientSession(connector=conn) as s:
-            while self.rec.now() < w.end:
-                got = await asyncio.gather(*(self.cli(s) for _ in range(4 * CLI_CONCURRENT)))
-                for g in got:
-                    outcomes[g] = outcomes.get(g, 0) + 1
-                await asyncio.sleep(0.2)
-        w.result.update(outcomes)
-        w.defects += sum(n for o, n in outcomes.items() if o not in ("ok", "429"))
-
-    async def cli(self, s: aiohttp.ClientSession) -> str:
-        body = {"command": "seq", "args": ["1", str(self.args.cli_lines)], "stream": True}
-        headers = {"Authorization": f"Bearer {TOKEN}"}
-        try:
-            async with s.post(
-                f"{self.proxy_url}/cli/execute",
-                json=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=30),
-            ) as r:
-                data = await r.read()
-                if r.status != 200:
-                    return str(r.status)
-                last = json.loads(data.splitlines()[-1])
-                return "ok" if last.get("outcome") == "ok" else f"exit {last.get('outcome')}"
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
-            return type(e).__name__
 
     # -- the end --
 
@@ -655,6 +566,140 @@ def established(pid: int) -> int:
     return n
 
 
+# --- the attacker: the faults that are many client connections, in processes of their own -----
+
+
+class Attacker:
+    """Slowloris, flood and CLI-storm clients, run by `run` in a process of the soak's pool
+    until `end` (time.monotonic(), the same clock in every process); each fault returns its
+    counters and its defects."""
+
+    def __init__(self, ports: Ports, args: argparse.Namespace, end: float) -> None:
+        self.ports = ports
+        self.args = args
+        self.end = end
+
+    def run(self, fault: str) -> tuple[dict[str, int], int]:
+        result: tuple[dict[str, int], int] = asyncio.run(getattr(self, fault)())
+        return result
+
+    async def slowloris(self) -> tuple[dict[str, int], int]:
+        """Waves of connections dribbling a head and of 4 KiB of random bytes, until the window
+        ends; every one must be closed by the proxy within the header timeout (plus its linger
+        and a margin), else it hangs (a defect)."""
+        conns: list[asyncio.Task[str]] = []
+        n = self.args.slowloris
+        while True:
+            conns += [asyncio.ensure_future(self.dribble()) for _ in range(n)]
+            conns += [asyncio.ensure_future(self.garbage()) for _ in range(max(1, n // 10))]
+            if time.monotonic() + HEADER_TIMEOUT + 1 > self.end:
+                break
+            await asyncio.sleep(HEADER_TIMEOUT + 1)
+        outcomes = await asyncio.gather(*conns)
+        counts = {o: outcomes.count(o) for o in sorted(set(outcomes))}
+        return {"connections": len(outcomes), **counts}, counts.get("hung", 0)
+
+    async def dribble(self) -> str:
+        deadline = time.monotonic() + HEADER_TIMEOUT + LINGER + 3
+        try:
+            r, wr = await asyncio.open_connection(
+                "127.0.0.1", self.ports.reverse, local_addr=(SLOWLORIS_ADDR, 0)
+            )
+        except OSError:
+            return "refused"
+        try:
+            wr.write(b"GET /slowloris HTTP/1.1\r\nHost: soak\r\n")
+            while time.monotonic() < deadline:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    data = await asyncio.wait_for(r.read(65536), 0.5)
+                    if not data:
+                        return "closed"
+                    if data.startswith(b"HTTP/1.1 408"):
+                        return "408" if await self.closes(r, deadline) else "hung"
+                    return "answered " + data[9:12].decode(errors="replace")
+                wr.write(b"X-Slow: 1\r\n")
+            return "hung"
+        except OSError:
+            return "reset"
+        finally:
+            wr.close()
+
+    async def closes(self, r: asyncio.StreamReader, deadline: float) -> bool:
+        """Whether the peer closes the connection before `deadline`."""
+        with contextlib.suppress(asyncio.TimeoutError, OSError):
+            while await asyncio.wait_for(r.read(65536), max(0.0, deadline - time.monotonic())):
+                pass
+            return True
+        return False
+
+    async def garbage(self) -> str:
+        deadline = time.monotonic() + LINGER + 3
+        try:
+            r, wr = await asyncio.open_connection(
+                "127.0.0.1", self.ports.forward, local_addr=(GARBAGE_ADDR, 0)
+            )
+        except OSError:
+            return "refused"
+        try:
+            wr.write(random.randbytes(4096))
+            with contextlib.suppress(asyncio.TimeoutError):
+                data = await asyncio.wait_for(r.read(65536), deadline - time.monotonic())
+                if not data:
+                    return "closed"
+                status = data[9:12].decode(errors="replace")
+                return f"garbage {status}" if await self.closes(r, deadline) else "hung"
+            return "hung"
+        except OSError:
+            return "reset"
+        finally:
+            wr.close()
+
+    async def flood(self) -> tuple[dict[str, int], int]:
+        """Malformed requests from one client to both listeners, until the window ends: each
+        must get a 4xx (or be closed); anything else is a defect."""
+        answers: dict[str, int] = {}
+        i = 0
+        while time.monotonic() < self.end:
+            data = malformed(i)
+            port = self.ports.forward if i % 2 else self.ports.reverse
+            got = await exchange(port, data, FLOOD_ADDR, HEADER_TIMEOUT + LINGER + 2)
+            answers[got] = answers.get(got, 0) + 1
+            i += 1
+            await asyncio.sleep(1 / self.args.flood_rate)
+        return answers, sum(n for a, n in answers.items() if not (a[0] == "4" or a == "closed"))
+
+    async def cli_storm(self) -> tuple[dict[str, int], int]:
+        """Waves of 4x `cli.max_concurrent` streamed commands through the forward listener:
+        each gets its whole stream (exit outcome ok) or 429; anything else is a defect."""
+        outcomes: dict[str, int] = {}
+        conn = aiohttp.TCPConnector(local_addr=(CLI_ADDR, 0), limit=0)
+        async with aiohttp.ClientSession(connector=conn) as s:
+            while time.monotonic() < self.end:
+                got = await asyncio.gather(*(self.cli(s) for _ in range(4 * CLI_CONCURRENT)))
+                for g in got:
+                    outcomes[g] = outcomes.get(g, 0) + 1
+                await asyncio.sleep(0.2)
+        return outcomes, sum(n for o, n in outcomes.items() if o not in ("ok", "429"))
+
+    async def cli(self, s: aiohttp.ClientSession) -> str:
+        body = {"command": "seq", "args": ["1", str(self.args.cli_lines)], "stream": True}
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        try:
+            async with s.post(
+                f"http://127.0.0.1:{self.ports.forward}/cli/execute",
+                json=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=30),
+            ) as r:
+                data = await r.read()
+                if r.status != 200:
+                    return str(r.status)
+                last = json.loads(data.splitlines()[-1])
+                return "ok" if last.get("outcome") == "ok" else f"exit {last.get('outcome')}"
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
+            return type(e).__name__
+
+
 # --- requests that are not the load --------------------------------------------------------
 
 
@@ -679,7 +724,7 @@ def malformed(i: int) -> bytes:
     ]
     kind = i % (len(kinds) + 1)
     if kind == len(kinds):
-        return bytes(random.getrandbits(8) for _ in range(4096))
+        return random.randbytes(4096)
     return kinds[kind].encode()
 
 
