@@ -16,8 +16,11 @@ opened at once held the loop long enough to lift p99 of unrelated requests from 
 A patch of the selector loop's accept callback caps that batch; the listener stays readable,
 so the rest are accepted in the next turns (Envoy's `max_connections_to_accept_per_socket_event`).
 Measured with 200 connections at once: unrelated requests' worst latency 48-103 ms uncapped,
-25-27 ms at 4, 36-44 ms at 8. It covers every listener of the process (the management app's
-too); uvloop accepts in C and is not capped.
+25-27 ms at 4, 36-44 ms at 8. A fixed cap starves a saturated proxy, whose turns are long:
+1,000 clients connecting at once waited seconds (p99 8 s), so each turn may also take one more
+per millisecond since the listener's last accept turn (p99 1.7 s, asyncio's own: 1.8 s). It
+covers every listener of the process (the management app's too); uvloop accepts in C and is not
+capped.
 
 Patched through `addons/kernel/patching.py`, so only on the mitmproxy versions it checked;
 elsewhere a WARNING says the backlog stays mitmproxy's.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import asyncio.selector_events
 import logging
 import socket
+import time
 from typing import Any
 
 from mitmproxy import ctx
@@ -79,18 +83,36 @@ START = patching.Patch(
 
 
 def _accept_connection(self: Any, protocol_factory: Any, sock: Any, *args: Any, **kw: Any) -> None:
-    # The batch is the listen backlog: `backlog`, after sslcontext and server (positional
-    # from asyncio's _start_serving, 3.11 and 3.12).
     cap = _accept_connection.cap  # type: ignore[attr-defined]
-    if cap and len(args) >= 3:
-        args = (*args[:2], min(args[2], cap), *args[3:])
-    elif cap:
-        kw["backlog"] = min(kw.get("backlog", 100), cap)
+    if cap:
+        # The batch is the listen backlog: `backlog`, after sslcontext and server (positional
+        # from asyncio's _start_serving, 3.11 and 3.12).
+        backlog = args[2] if len(args) >= 3 else kw.get("backlog", 100)
+        batch = min(backlog, _allowance(sock.fileno(), cap))
+        if len(args) >= 3:
+            args = (*args[:2], batch, *args[3:])
+        else:
+            kw["backlog"] = batch
     wrapped = _accept_connection.__waypost_wrapped__  # type: ignore[attr-defined]
     wrapped(self, protocol_factory, sock, *args, **kw)
 
 
 _accept_connection.cap = 0  # type: ignore[attr-defined]
+_last_accept: dict[int, float] = {}  # listening fd -> when its accept callback last ran
+ACCEPTS_PER_MS = 1.0
+
+
+def _allowance(fd: int, cap: int) -> int:
+    """`cap`, plus one per millisecond since this listener's last accept turn. Short turns (a
+    storm on an idle proxy) take a few connections each; long turns (hundreds of busy
+    connections) take more, so that new connections still get in at 1,000 a second or
+    more: with a fixed 4, 1,000 clients connecting to a saturated proxy waited seconds."""
+    now = time.monotonic()
+    last = _last_accept.get(fd, now)
+    _last_accept[fd] = now
+    return cap + int((now - last) * 1000 * ACCEPTS_PER_MS)
+
+
 ACCEPT = patching.Patch(
     key="connections.accept",
     target=asyncio.selector_events.BaseSelectorEventLoop,

@@ -34,19 +34,25 @@ async def _one_accept_turn(listener: socket.socket) -> int:
     return len(made)
 
 
-async def test_one_loop_turn_accepts_at_most_the_cap_and_the_rest_stay_queued() -> None:
+async def test_one_loop_turn_accepts_its_allowance_and_the_rest_stay_queued(monkeypatch) -> None:
     addon = backlog.Backlog()
     with socket.create_server(("127.0.0.1", 0), backlog=64) as listener:
         listener.setblocking(False)
-        clients = _pending(listener, 10)
+        clients = _pending(listener, 20)
         try:
             with taddons.context(addon) as tctx:
                 tctx.configure(addon, server_max_accepts_per_event=4)
                 assert patching.installed(backlog.ACCEPT.key)
+                monkeypatch.setattr(backlog, "ACCEPTS_PER_MS", 0)  # the cap alone
                 assert await _one_accept_turn(listener) == 4
                 assert await _one_accept_turn(listener) == 4
+                # A long turn since the last accept: one more per millisecond.
+                monkeypatch.setattr(backlog, "ACCEPTS_PER_MS", 1)
+                await asyncio.sleep(0.006)
+                third = await _one_accept_turn(listener)
+                assert third >= 4 + 6  # at most the 12 still queued
                 tctx.configure(addon, server_max_accepts_per_event=0)  # asyncio's own batch
-                assert await _one_accept_turn(listener) == 2
+                assert await _one_accept_turn(listener) == 20 - 8 - third
                 addon.done()
             assert not patching.installed(backlog.ACCEPT.key)
         finally:
