@@ -8,8 +8,8 @@ third of the proxy's CPU per request. The replacement remembers, per hook name, 
 mitmproxy's own walk finds (`traverse`, getattr), grouped by top-level addon, and calls them as
 mitmproxy does: one `safecall` per top-level addon (an exception skips the rest of that addon's
 children, as before), `AddonHalt` stops the chain, awaitables are awaited, arguments are read
-once per event. Measured with scripts/bench (quiet, 10 and 100 connections): 0.90 -> 0.70 CPU
-ms per request, 1,104 -> 1,423 and 1,008 -> 1,422 req/s.
+once per event. Measured with scripts/bench --baseline (quiet, 10/100/1000 connections): 0.88 ->
+0.63, 0.92 -> 0.74, 1.00 -> 0.71 CPU ms per request (docs/performance.md).
 
 The memory is dropped whenever the chain can have changed: `register` and `remove` (which
 `add`, `clear` and every script load and reload go through) are wrapped, and a chain list that
