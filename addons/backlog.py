@@ -100,21 +100,24 @@ def _accept_connection(self: Any, protocol_factory: Any, sock: Any, *args: Any, 
 _accept_connection.cap = 0  # type: ignore[attr-defined]
 _last_accept: dict[int, float] = {}  # listening fd -> when its accept callback last ran
 ACCEPTS_PER_MS = 1.0
+TURN_AT_MOST = 0.5  # seconds: a longer gap since the last accept turn was an idle listener
 
 
 def _allowance(fd: int, cap: int) -> int:
-    """`cap`, plus one per millisecond since this listener's last accept turn. Short turns (a
-    storm on an idle proxy) take a few connections each; long turns (hundreds of busy
-    connections) take more, so that new connections still get in at 1,000 a second or
-    more: with a fixed 4, 1,000 clients connecting to a saturated proxy waited seconds."""
+    """`cap`, plus one per millisecond since this listener's last accept turn. While
+    connections wait, the callback runs once per loop turn, so that gap is the turn's length:
+    short turns (a storm on an idle proxy) take a few connections each, long ones (hundreds of
+    busy connections) take more, so that new connections still get in at 1,000 a second or
+    more (with a fixed 4, 1,000 clients connecting to a saturated proxy waited seconds). The
+    first turn after a quiet spell takes `cap`: its gap measured the quiet, not a turn."""
     now = time.monotonic()
-    last = _last_accept.get(fd, now)
+    gap = now - _last_accept.get(fd, now)
     _last_accept[fd] = now
-    return cap + int((now - last) * 1000 * ACCEPTS_PER_MS)
+    return cap + (int(gap * 1000 * ACCEPTS_PER_MS) if gap <= TURN_AT_MOST else 0)
 
 
 ACCEPT = patching.Patch(
-    key="connections.accept",
+    key="backlog.accept",
     target=asyncio.selector_events.BaseSelectorEventLoop,
     name="_accept_connection",
     replacement=_accept_connection,

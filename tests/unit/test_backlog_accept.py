@@ -38,7 +38,7 @@ async def test_one_loop_turn_accepts_its_allowance_and_the_rest_stay_queued(monk
     addon = backlog.Backlog()
     with socket.create_server(("127.0.0.1", 0), backlog=64) as listener:
         listener.setblocking(False)
-        clients = _pending(listener, 20)
+        clients = _pending(listener, 30)
         try:
             with taddons.context(addon) as tctx:
                 tctx.configure(addon, server_max_accepts_per_event=4)
@@ -46,13 +46,18 @@ async def test_one_loop_turn_accepts_its_allowance_and_the_rest_stay_queued(monk
                 monkeypatch.setattr(backlog, "ACCEPTS_PER_MS", 0)  # the cap alone
                 assert await _one_accept_turn(listener) == 4
                 assert await _one_accept_turn(listener) == 4
-                # A long turn since the last accept: one more per millisecond.
+                # After a quiet spell (longer than any turn) the cap alone again.
                 monkeypatch.setattr(backlog, "ACCEPTS_PER_MS", 1)
+                monkeypatch.setattr(backlog, "TURN_AT_MOST", 0.003)
+                await asyncio.sleep(0.02)
+                assert await _one_accept_turn(listener) == 4
+                # A long turn since the last accept: one more per millisecond.
+                monkeypatch.setattr(backlog, "TURN_AT_MOST", 0.5)
                 await asyncio.sleep(0.006)
-                third = await _one_accept_turn(listener)
-                assert third >= 4 + 6  # at most the 12 still queued
+                fourth = await _one_accept_turn(listener)
+                assert fourth >= 4 + 6  # at most the 18 still queued
                 tctx.configure(addon, server_max_accepts_per_event=0)  # asyncio's own batch
-                assert await _one_accept_turn(listener) == 20 - 8 - third
+                assert await _one_accept_turn(listener) == 30 - 12 - fourth
                 addon.done()
             assert not patching.installed(backlog.ACCEPT.key)
         finally:
