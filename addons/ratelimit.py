@@ -50,6 +50,9 @@ before any byte is read: a client that opens hundreds of connections is not owed
 answer, and reading one would spend what the cap protects. Trusted proxies and exempt clients
 are not capped.
 
+The bucket, its rules and table are in `ratelimiting/bucket.py`; bans and the Redis script in
+`ratelimiting/bans.py`. This file is the addon: options, hooks, metrics, the admin routes.
+
 Hooks: running, done, client_connected, client_disconnected, http_connect, requestheaders
 (both awaitable only with state_backend redis). Extension: management_routes() (/admin/bans).
 Options: ratelimit_requests_per_second, ratelimit_burst, ratelimit_mode, ratelimit_exempt,
@@ -61,16 +64,11 @@ forwarding_trusted_proxies (declared by `addons/kernel/net.py`); state_* (`addon
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Iterator, Sequence
-from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any
 
-import pydantic
 from aiohttp import web
 from mitmproxy import connection, ctx, exceptions, http
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -79,321 +77,25 @@ from addons import errors, metrics, policy, state
 from addons.kernel import hosts, instance, net
 from addons.kernel.options import Option, at_least, choice, declare, duration, once, spawn
 from addons.kernel.record import record
-from addons.schema import RateLimitRule
+from addons.ratelimiting.bans import BUCKET_SCRIPT, Bans, ban_entry, bound, lift, shared_bans
+from addons.ratelimiting.bucket import (
+    DEFAULT_ID,
+    Buckets,
+    Limit,
+    Take,
+    divided,
+    effective_burst,
+    headers,
+    match,
+    parse_rate,
+    parse_rules,
+    retry_after,
+    take,
+)
 
 log = logging.getLogger("waypost.ratelimit")
 
-DEFAULT_ID = "default"
 SWEEP_SECONDS = 5.0
-# Floating-point slack: `burst` requests at the same instant must all fit.
-_EPS = 1e-9
-
-
-# --- the bucket: pure -----------------------------------------------------------------------
-
-
-class Take(NamedTuple):
-    allowed: bool
-    full_at: float  # the bucket's new state: when it will hold `burst` tokens again
-    remaining: int  # whole tokens left after this request
-    retry_after: float  # refused: seconds until one token is back; allowed: 0
-    reset: float  # seconds until the bucket is full again
-
-
-def take(full_at: float, now: float, rate: float, burst: int, cost: float = 1.0) -> Take:
-    """Take `cost` tokens from a token bucket of `burst` tokens refilled at `rate` per second.
-
-    The bucket is kept as one number, the moment it will be full again (`full_at`; anything
-    not in the future means full): it holds `burst - (full_at - now) * rate` tokens. Taking a
-    token pushes that moment 1/rate later; a request that would push it more than
-    burst/rate past now finds the bucket empty and leaves it unchanged.
-    """
-    interval = 1.0 / rate
-    if full_at < now:
-        full_at = now
-    capacity = burst * interval
-    after = full_at + cost * interval
-    if after - now > capacity + _EPS:
-        return Take(
-            False,
-            full_at,
-            int((capacity - (full_at - now)) * rate + _EPS),
-            after - now - capacity,
-            full_at - now,
-        )
-    return Take(True, after, int((capacity - (after - now)) * rate + _EPS), 0.0, after - now)
-
-
-class Limit(NamedTuple):
-    """One rate policy: the default one (id "default") or a rule."""
-
-    id: str
-    rate: float  # tokens per second; 0: unlimited
-    burst: int
-    mode: str
-    host: hosts.Pattern | None = None  # exact name or `*.suffix`
-    path: str | None = None  # prefix
-
-    def window(self) -> int:
-        return max(1, math.ceil(self.burst / self.rate))
-
-
-def effective_burst(rate: float, burst: int) -> int:
-    """An unset burst (0) is one second's worth of requests, at least one."""
-    return burst if burst > 0 else max(1, math.ceil(rate))
-
-
-def parse_rules(text: str, mode: str) -> tuple[Limit, ...]:
-    """`ratelimit_rules` JSON (a list of rule objects) to limits; ValueError says what is wrong."""
-    if not text.strip():
-        return ()
-    try:
-        raw = json.loads(text)
-        rules = pydantic.TypeAdapter(list[RateLimitRule]).validate_python(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON: {e}") from None
-    except pydantic.ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
-            for err in e.errors()
-        )
-        raise ValueError(problems) from None
-    seen: set[str] = set()
-    out = []
-    for rule in rules:
-        if rule.id in seen or rule.id == DEFAULT_ID:
-            raise ValueError(f"rule id {rule.id!r} is used twice (or is the reserved 'default')")
-        seen.add(rule.id)
-        host = hosts.parse_pattern(rule.host) if rule.host else None
-        out.append(
-            Limit(
-                rule.id,
-                rule.requests_per_second,
-                effective_burst(rule.requests_per_second, rule.burst),
-                rule.mode or mode,
-                host,
-                rule.path,
-            )
-        )
-    return tuple(out)
-
-
-def parse_rate(value: str) -> float:
-    """`ratelimit_requests_per_second` as a finite number >= 0; OptionsError otherwise."""
-    try:
-        rate = float(value)
-        if not math.isfinite(rate) or rate < 0:
-            raise ValueError
-    except ValueError:
-        raise exceptions.OptionsError(
-            f"ratelimit_requests_per_second: {value!r} is "
-            "not a number >= 0 (e.g. 10 or 0.5; 0 turns the default limit off)"
-        ) from None
-    return rate
-
-
-def match(rules: Sequence[Limit], host: str, path: str | None) -> Limit | None:
-    """The first rule whose host (exact, or `*.suffix`: any subdomain) and path prefix match;
-    path rules never match a CONNECT (path None)."""
-    for rule in rules:
-        if rule.host is not None and not rule.host.matches(host):
-            continue
-        if rule.path is not None and (path is None or not path.startswith(rule.path)):
-            continue
-        return rule
-    return None
-
-
-def retry_after(seconds: float) -> int:
-    """Retry-After is whole seconds (RFC 9110 §10.2.3): rounded up, at least 1."""
-    return max(1, math.ceil(seconds - _EPS))
-
-
-def headers(limit: Limit, result: Take) -> dict[str, str]:
-    """The 429's headers: Retry-After and the draft-10 RateLimit-Policy / RateLimit fields."""
-    return {
-        "Retry-After": str(retry_after(result.retry_after)),
-        "RateLimit-Policy": f'"{limit.id}";q={limit.burst};w={limit.window()}',
-        "RateLimit": f'"{limit.id}";r={result.remaining};t={math.ceil(result.reset - _EPS)}',
-    }
-
-
-# --- the bucket table: bounded ---------------------------------------------------------------
-
-
-class Buckets:
-    """Bucket states by key (client IP, or rule id + client IP), least recently used first.
-
-    At most `maxsize` entries; an entry whose bucket is full again is worth nothing and is
-    removed by `sweep` (from the front, where the idle ones are).
-    """
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self.table: OrderedDict[str, float] = OrderedDict()
-        self.evicted = 0
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def take(self, key: str, now: float, rate: float, burst: int) -> Take | None:
-        """None when a token was taken; the refusal (from `take`) when the bucket is empty."""
-        table = self.table
-        full_at = table.get(key)
-        # The allowed case of `take`, inlined: it is every request's path, and building the
-        # NamedTuple costs more than the arithmetic. A unit test holds the two together.
-        start = now if full_at is None or full_at < now else full_at
-        after = start + 1.0 / rate
-        if after - now > burst / rate + _EPS:
-            return take(start, now, rate, burst)
-        table[key] = after
-        if full_at is None:
-            if len(table) > self.maxsize:
-                table.popitem(last=False)
-                self.evicted += 1
-        else:
-            table.move_to_end(key)
-        return None
-
-    def resize(self, maxsize: int) -> None:
-        """Bound the table to `maxsize`, dropping the least recently used beyond it."""
-        self.maxsize = maxsize
-        while len(self.table) > maxsize:
-            self.table.popitem(last=False)
-
-    def sweep(self, now: float, budget: int = 10_000) -> int:
-        """Drop up to `budget` full buckets from the least recently used end; stop at the first
-        that is still refilling (those behind it were used more recently)."""
-        table = self.table
-        dropped = 0
-        while table and dropped < budget:
-            key, full_at = next(iter(table.items()))
-            if full_at > now:
-                break
-            del table[key]
-            dropped += 1
-        return dropped
-
-
-class Ban(NamedTuple):
-    until: float  # time.monotonic() when the ban ends
-    violations: int
-
-
-class Bans:
-    """Temporary bans and the violations counted towards them, by client IP (memory backend,
-    and the local decisions while Redis is down). Both tables hold at most `maxsize` entries:
-    past it the oldest goes (a flood of addresses can shorten bans, never grow memory)."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self.banned: OrderedDict[str, Ban] = OrderedDict()
-        # ip -> (end of the counting window, violations in it)
-        self.violations: OrderedDict[str, tuple[float, int]] = OrderedDict()
-
-    def left(self, ip: str, now: float) -> float:
-        """Seconds left of the client's ban; 0 when it is not banned."""
-        ban = self.banned.get(ip)
-        if ban is None:
-            return 0.0
-        if ban.until <= now:
-            del self.banned[ip]
-            return 0.0
-        return ban.until - now
-
-    def violation(self, ip: str, now: float, after: int, within: float, duration: float) -> int:
-        """Count one refused request; the violation count when it bans the client, else 0."""
-        end, n = self.violations.pop(ip, (0.0, 0))
-        if end <= now:
-            end, n = now + within, 0
-        n += 1
-        if n >= after:
-            self.banned.pop(ip, None)
-            self.banned[ip] = Ban(now + duration, n)
-            _bound(self.banned, self.maxsize)
-            return n
-        self.violations[ip] = (end, n)
-        _bound(self.violations, self.maxsize)
-        return 0
-
-    def lift(self, ip: str) -> bool:
-        self.violations.pop(ip, None)
-        return self.banned.pop(ip, None) is not None
-
-    def sweep(self, now: float) -> None:
-        for ip in [ip for ip, ban in self.banned.items() if ban.until <= now]:
-            del self.banned[ip]
-        for ip in [ip for ip, (end, _) in self.violations.items() if end <= now]:
-            del self.violations[ip]
-
-    def listing(self, now: float, wall: float) -> list[dict[str, object]]:
-        return [
-            _ban_entry(ip, wall + ban.until - now, ban.until - now, ban.violations)
-            for ip, ban in self.banned.items()
-            if ban.until > now
-        ]
-
-
-def _bound(table: OrderedDict[str, object], maxsize: int) -> None:
-    while len(table) > maxsize:
-        table.popitem(last=False)
-
-
-def _ban_entry(ip: str, until: float, left: float, violations: int | None) -> dict[str, object]:
-    entry: dict[str, object] = {
-        "ip": ip,
-        "until": datetime.fromtimestamp(until, UTC).isoformat(timespec="seconds"),
-        "seconds_left": math.ceil(left - _EPS),
-    }
-    if violations is not None:
-        entry["violations"] = violations
-    return entry
-
-
-# --- the shared bucket: one Lua script in Redis ----------------------------------------------
-
-# KEYS: the bucket, the client's ban, the client's violation count, the index of bans.
-# ARGV: microseconds per token (0: only the ban check), burst, ban after N violations (0: no
-# bans), the violation window (ms), the ban's duration (ms), the client IP.
-# Returns {kind, a, b, c}: kind 1 allowed; 0 refused (a retry in us, b tokens left, c reset in
-# us); 2 banned (a ms left); 3 banned by this refusal (a ms, b violations).
-# The bucket is `take`'s `full_at` in microseconds of Redis's own clock (TIME, so instances'
-# clocks do not matter), kept only while it is refilling (PX: a full bucket is no key).
-BUCKET_SCRIPT = """
-local left = redis.call('PTTL', KEYS[2])
-if left > 0 then return {2, left, 0, 0} end
-local interval = tonumber(ARGV[1])
-if interval == 0 then return {1, 0, 0, 0} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local full_at = tonumber(redis.call('GET', KEYS[1])) or now
-if full_at < now then full_at = now end
-local capacity = tonumber(ARGV[2]) * interval
-local after = full_at + interval
-if after - now <= capacity + 0.001 then
-  redis.call('SET', KEYS[1], after, 'PX', math.max(1, math.ceil((after - now) / 1000)))
-  return {1, 0, 0, 0}
-end
-local ban_after = tonumber(ARGV[3])
-if ban_after > 0 then
-  local n = redis.call('INCR', KEYS[3])
-  if n == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[4]) end
-  if n >= ban_after then
-    redis.call('DEL', KEYS[3])
-    redis.call('SET', KEYS[2], n, 'PX', ARGV[5])
-    -- The index lists bans without a SCAN: scored by their end, pruned as they end, and gone
-    -- when the last one ends.
-    local ends = math.floor(now / 1000) + tonumber(ARGV[5])
-    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', math.floor(now / 1000))
-    redis.call('ZADD', KEYS[4], ends, ARGV[6])
-    if redis.call('PTTL', KEYS[4]) < tonumber(ARGV[5]) then redis.call('PEXPIRE', KEYS[4], ARGV[5]) end
-    return {3, tonumber(ARGV[5]), n, 0}
-  end
-end
-return {0, math.floor(after - now - capacity), math.floor((capacity - (full_at - now)) / interval + 1e-6), math.floor(full_at - now)}
-"""
-# /admin/bans lists at most this many bans (the ones ending last first).
-MAX_LISTED = 1000
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -523,13 +225,6 @@ _BANS = frozenset(
 BAN_STATUSES = ("429", "403")
 
 
-def divided(limit: Limit, workers: int) -> Limit:
-    """One worker's share of a limit in memory mode: rate/N, a bucket of ceil(burst/N)."""
-    if workers <= 1 or not limit.rate:
-        return limit
-    return limit._replace(rate=limit.rate / workers, burst=math.ceil(limit.burst / workers))
-
-
 class RateLimit:
     def __init__(self) -> None:
         self.default = Limit(DEFAULT_ID, 0.0, 1, "enforce")
@@ -582,8 +277,8 @@ class RateLimit:
             maxsize = at_least("ratelimit_max_clients", opts.ratelimit_max_clients, 1)
             self.buckets.resize(maxsize)
             self.bans.maxsize = maxsize
-            _bound(self.bans.banned, maxsize)
-            _bound(self.bans.violations, maxsize)
+            bound(self.bans.banned, maxsize)
+            bound(self.bans.violations, maxsize)
         self.active = bool(self.default.rate or self.rules)
         COLLECTOR.addon = self
 
@@ -805,9 +500,9 @@ class RateLimit:
         st = state.STATE
         shared = False
         if st.shared:
-            found = await st.call("bans", lambda r: _shared_bans(r, st))
+            found = await st.call("bans", lambda r: shared_bans(r, st))
             if found is not state.UNAVAILABLE:
-                listed = [_ban_entry(ip, wall + ms / 1000, ms / 1000, n) for ip, ms, n in found]
+                listed = [ban_entry(ip, wall + ms / 1000, ms / 1000, n) for ip, ms, n in found]
                 shared = True
         # shared false: this process's own bans (memory, or Redis did not answer)
         return web.json_response({"bans": listed, "shared": shared})
@@ -821,7 +516,7 @@ class RateLimit:
         lifted = self.bans.lift(ip)
         st = state.STATE
         if st.shared:
-            deleted = await st.call("bans", lambda r: _lift(r, st, ip))
+            deleted = await st.call("bans", lambda r: lift(r, st, ip))
 
             if deleted is state.UNAVAILABLE:
                 return errors.web_error(
@@ -874,36 +569,6 @@ class RateLimit:
                 "retry_after": retry_after(result.retry_after),
             }
         )
-
-
-async def _lift(client: Any, st: state.SharedState, ip: str) -> bool:
-    """Delete a ban, the violations counted towards the next and its index entry; whether
-    there was a ban."""
-    pipe = client.pipeline(transaction=False)
-    pipe.delete(st.key("ban", ip))
-    pipe.delete(st.key("rlv", ip))
-    pipe.zrem(st.key("bans"), ip)
-    found, _, _ = await pipe.execute()
-    return bool(found)
-
-
-async def _shared_bans(client: Any, st: state.SharedState) -> list[tuple[str, int, int | None]]:
-    """The bans in Redis: (ip, ms left, violations), at most MAX_LISTED, from the index (two
-    round trips, however many keys Redis holds)."""
-    index = st.key("bans")
-    members = await client.zrevrange(index, 0, MAX_LISTED - 1)
-    if not members:
-        return []
-    pipe = client.pipeline(transaction=False)
-    for ip in members:
-        pipe.pttl(st.key("ban", ip.decode()))
-        pipe.get(st.key("ban", ip.decode()))
-    answers = await pipe.execute()
-    out = []
-    for ip, ms, n in zip(members, answers[::2], answers[1::2], strict=True):
-        if ms > 0:  # an entry whose ban ended or was lifted is pruned by the next ban
-            out.append((ip.decode(), int(ms), int(n) if n is not None else None))
-    return out
 
 
 def _banned_response(flow: http.HTTPFlow, wait: int, status: int) -> http.Response:

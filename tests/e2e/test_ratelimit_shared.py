@@ -18,7 +18,7 @@ import httpx
 import pytest
 import redis
 
-from addons import ratelimit
+from addons.ratelimiting import bans
 from tests.conftest import _LISTENING, MANAGEMENT, Backend, Proxy, start_proxy, wait_until
 from tests.redis_helpers import RedisServer
 
@@ -125,7 +125,7 @@ def test_two_workers_share_one_bucket_with_redis(
     instances.append(w)
     # Loaded ahead, as a long-running deployment has it: no NOSCRIPT miss in the count below.
     with redis.Redis.from_url(redis_server.url) as r:
-        r.script_load(ratelimit.BUCKET_SCRIPT)
+        r.script_load(bans.BUCKET_SCRIPT)
     before = commands(redis_server)
     # a client alternating between the workers gets the instance's burst, not twice it
     statuses = [w[i % 2].get(backend).status_code for i in range(8)]
@@ -308,6 +308,7 @@ def test_redis_killed_mid_traffic_fails_no_request_and_recovers(
     threads = [threading.Thread(target=traffic, args=(inst,)) for inst in pair]
     for th in threads:
         th.start()
+
     def readiness(inst: Instance) -> tuple[int, object]:
         r = httpx.get(f"http://127.0.0.1:{inst.management}/health/readiness", timeout=5)
         return r.status_code, r.json()["checks"]["state"]

@@ -17,7 +17,13 @@ import pytest
 ADDONS = Path(__file__).resolve().parents[2] / "addons"
 SHARED = {"errors", "policy", "metrics", "state", "schema"}
 # Entry files and the package they stand in front of (a module and a package cannot share a name).
-PACKAGES = {"cache": "caching", "cli": "clirun", "router": "routing", "management": "admin"}
+PACKAGES = {
+    "cache": "caching",
+    "cli": "clirun",
+    "router": "routing",
+    "management": "admin",
+    "ratelimit": "ratelimiting",
+}
 
 
 def _unit(path: Path) -> str:

@@ -9,6 +9,7 @@ import pytest
 from mitmproxy.test import taddons
 
 from addons import ratelimit, schema
+from addons.ratelimiting import bucket
 
 SECTIONS = """\
 security:
@@ -54,7 +55,7 @@ def test_sections_become_options(tmp_path: Path) -> None:
         "mode": "shadow",
     }
     # the addon accepts what the profile produces
-    limits = ratelimit.parse_rules(opts["ratelimit_rules"], "enforce")
+    limits = bucket.parse_rules(opts["ratelimit_rules"], "enforce")
     assert [r.id for r in limits] == ["search", "static"]
     assert opts["secheaders_enabled"] is True
     assert opts["secheaders_content_security_policy"] == "default-src 'self'"
@@ -134,8 +135,8 @@ def test_rule_hosts_the_profile_accepts_the_rate_limiter_accepts(
         f"      - {{id: x, host: '{host}', requests_per_second: 1}}\n"
     )
     opts = schema.to_options(load(tmp_path, text).profile)
-    (rule,) = ratelimit.parse_rules(opts["ratelimit_rules"], "enforce")
-    assert ratelimit.match([rule], key, "/") is rule
+    (rule,) = bucket.parse_rules(opts["ratelimit_rules"], "enforce")
+    assert bucket.match([rule], key, "/") is rule
 
 
 def test_bundle_addons_accept_the_profile_options(tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ from mitmproxy.test import taddons, tflow
 
 from addons import metrics, ratelimit
 from addons.kernel.record import record
-from addons.ratelimit import Take, take
+from addons.ratelimiting import bucket
+from addons.ratelimiting.bucket import Take, take
 
 # (full_at, now, rate, burst) -> (allowed, full_at after, remaining, retry_after, reset)
 TAKE_CASES = [
@@ -66,12 +67,12 @@ def test_exactly_burst_at_once_then_rate(rate: float, burst: int) -> None:
     "seconds, expected", [(0.0001, 1), (0.1, 1), (1.0, 1), (1.0000001, 2), (2.5, 3), (59.99, 60)]
 )
 def test_retry_after_is_whole_seconds_rounded_up(seconds: float, expected: int) -> None:
-    assert ratelimit.retry_after(seconds) == expected
+    assert bucket.retry_after(seconds) == expected
 
 
 def test_headers_structured_fields() -> None:
-    limit = ratelimit.Limit("api", 2.0, 5, "enforce")
-    h = ratelimit.headers(limit, Take(False, 102.5, 0, 0.5, 2.5))
+    limit = bucket.Limit("api", 2.0, 5, "enforce")
+    h = bucket.headers(limit, Take(False, 102.5, 0, 0.5, 2.5))
     assert h == {
         "Retry-After": "1",
         "RateLimit-Policy": '"api";q=5;w=3',
@@ -102,13 +103,13 @@ RULES = json.dumps(
     ],
 )
 def test_rule_match(host: str, path: str | None, expected: str | None) -> None:
-    rules = ratelimit.parse_rules(RULES, "enforce")
-    found = ratelimit.match(rules, host, path)
+    rules = bucket.parse_rules(RULES, "enforce")
+    found = bucket.match(rules, host, path)
     assert (found.id if found else None) == expected
 
 
 def test_rule_defaults() -> None:
-    rules = {r.id: r for r in ratelimit.parse_rules(RULES, "enforce")}
+    rules = {r.id: r for r in bucket.parse_rules(RULES, "enforce")}
     assert rules["search"].burst == 1 and rules["search"].mode == "enforce"
     assert rules["login"].mode == "shadow" and rules["login"].burst == 1
     assert rules["api"].burst == 10
@@ -132,14 +133,14 @@ def test_rule_defaults() -> None:
 )
 def test_bad_rules(text: str, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
-        ratelimit.parse_rules(text, "enforce")
+        bucket.parse_rules(text, "enforce")
 
 
 # --- the bounded table ---------------------------------------------------------------------
 
 
 def test_table_drops_full_buckets_and_sweeps_idle_ones() -> None:
-    b = ratelimit.Buckets(10)
+    b = bucket.Buckets(10)
     assert b.take("a", 100.0, 1.0, 2) is None  # allowed
     assert len(b) == 1
     # full again after 1 s: the next take finds it full and the entry is dropped or renewed
@@ -155,7 +156,7 @@ def test_table_agrees_with_take(rate: float, burst: int) -> None:
     import random
 
     rng = random.Random(rate * burst)
-    b = ratelimit.Buckets(10)
+    b = bucket.Buckets(10)
     full_at, now = 0.0, 50.0
     for _ in range(2000):
         now += rng.random() * 2.0 / rate / burst
@@ -169,7 +170,7 @@ def test_table_agrees_with_take(rate: float, burst: int) -> None:
 
 
 def test_table_is_lru_bounded() -> None:
-    b = ratelimit.Buckets(3)
+    b = bucket.Buckets(3)
     for key in "abc":
         b.take(key, 0.0, 1.0, 5)
     b.take("a", 0.0, 1.0, 5)  # a is now the most recently used
@@ -178,13 +179,13 @@ def test_table_is_lru_bounded() -> None:
     assert "b" not in b.table and b.evicted == 1
 
 
-def footprint(b: ratelimit.Buckets) -> int:
+def footprint(b: bucket.Buckets) -> int:
     return sys.getsizeof(b.table) + sum(sys.getsizeof(k) + 24 for k in b.table)
 
 
 def test_memory_stays_bounded_with_a_million_distinct_clients() -> None:
     maxsize = 50_000
-    b = ratelimit.Buckets(maxsize)
+    b = bucket.Buckets(maxsize)
     take_ = b.take
     now = time.monotonic()
     start = time.perf_counter()
@@ -205,7 +206,7 @@ def test_memory_stays_bounded_with_a_million_distinct_clients() -> None:
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        fresh = ratelimit.Buckets(maxsize)
+        fresh = bucket.Buckets(maxsize)
         for i in range(maxsize):
             fresh.take(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", now, 1.0, 10)
         per_entry = (tracemalloc.get_traced_memory()[0] - base) / maxsize

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from mitmproxy.test import taddons, tflow
 
 from addons import metrics, ratelimit, schema, state
+from addons.ratelimiting import bans
 from tests.redis_helpers import RedisServer
 
 SECOND_US = 1_000_000
@@ -37,7 +38,7 @@ class Script:
 
     def __init__(self, server: RedisServer) -> None:
         self.client = aioredis.Redis.from_url(server.url)
-        self.script = self.client.register_script(ratelimit.BUCKET_SCRIPT)
+        self.script = self.client.register_script(bans.BUCKET_SCRIPT)
         self.keys = ["t:rl:default:192.0.2.1", "t:ban:192.0.2.1", "t:rlv:192.0.2.1", "t:bans"]
 
     async def __call__(
@@ -242,16 +243,16 @@ def test_exempt_clients_are_never_banned() -> None:
 
 
 def test_ban_table_and_violation_window_are_bounded() -> None:
-    bans = ratelimit.Bans(3)
+    table = bans.Bans(3)
     for i in range(10):
-        assert bans.violation(f"10.0.0.{i}", 0.0, 1, 60.0, 10.0) == 1
-    assert list(bans.banned) == ["10.0.0.7", "10.0.0.8", "10.0.0.9"]
+        assert table.violation(f"10.0.0.{i}", 0.0, 1, 60.0, 10.0) == 1
+    assert list(table.banned) == ["10.0.0.7", "10.0.0.8", "10.0.0.9"]
     # violations older than the window do not count
-    assert bans.violation("10.0.1.1", 0.0, 2, 1.0, 10.0) == 0
-    assert bans.violation("10.0.1.1", 2.0, 2, 1.0, 10.0) == 0
-    assert bans.violation("10.0.1.1", 2.5, 2, 1.0, 10.0) == 2
-    assert bans.left("10.0.1.1", 12.0) == pytest.approx(0.5)
-    assert bans.left("10.0.1.1", 12.5) == 0.0 and "10.0.1.1" not in bans.banned
+    assert table.violation("10.0.1.1", 0.0, 2, 1.0, 10.0) == 0
+    assert table.violation("10.0.1.1", 2.0, 2, 1.0, 10.0) == 0
+    assert table.violation("10.0.1.1", 2.5, 2, 1.0, 10.0) == 2
+    assert table.left("10.0.1.1", 12.0) == pytest.approx(0.5)
+    assert table.left("10.0.1.1", 12.5) == 0.0 and "10.0.1.1" not in table.banned
 
 
 def test_ban_status_must_be_429_or_403() -> None:
