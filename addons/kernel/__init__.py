@@ -19,4 +19,5 @@ version   versions(): Waypost's (package metadata), mitmproxy's and Python's
 instance  identity(): which worker of how many this process is (set by the supervisor)
 reuseport SO_REUSEPORT on a supervised worker's proxy listeners, so all its workers bind them
 dispatch  mitmproxy's event dispatch with the addon chain walked once per hook, not per event
+logformat the JSON and text log-line shapes, for the workers' logs and the supervisor's
 """

@@ -13,8 +13,9 @@ import os
 import sys
 
 from addons.kernel import instance
+from addons.kernel.logformat import JsonFormatter, TextFormatter
 from addons.supervisor.settings import SettingsError, resolve, usable_cores
-from addons.supervisor.supervise import JsonLines, Supervisor
+from addons.supervisor.supervise import Supervisor
 
 USAGE = """\
 usage: python -m addons.supervisor [mitmdump arguments...]
@@ -54,10 +55,8 @@ def main(argv: list[str]) -> int:
             os.environ.pop(name, None)
         os.execv(sys.executable, [sys.executable, "-m", "addons.supervisor.worker", *argv])
     handler = logging.StreamHandler(sys.stdout)
-    if settings.options.get("log_format") == "json":
-        handler.setFormatter(JsonLines())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    json_mode = settings.options.get("log_format") == "json"
+    handler.setFormatter(JsonFormatter() if json_mode else TextFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     return asyncio.run(Supervisor(settings, argv).run())
 

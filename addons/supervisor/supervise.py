@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import signal
@@ -303,22 +302,6 @@ class Supervisor:
 
 
 _LIBC = ctypes.CDLL(None)
-
-
-class JsonLines(logging.Formatter):
-    """The supervisor's own lines in the workers' JSON shape (addons/accesslog.py)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        return json.dumps(
-            {
-                "timestamp": f"{stamp}.{int(record.msecs):03d}Z",
-                "level": record.levelname,
-                "logger": record.name,
-                "message": record.getMessage(),
-            },
-            separators=(",", ":"),
-        )
 
 
 def _die_with_parent() -> None:

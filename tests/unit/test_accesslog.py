@@ -13,7 +13,9 @@ from mitmproxy.addons.termlog import TermLog
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons import accesslog, errors, metrics
-from addons.accesslog import AccessLog, JsonFormatter, TextFormatter, redact_url
+from addons.accesslog import AccessLog, redact_url
+from addons.kernel import logformat
+from addons.kernel.logformat import JsonFormatter, TextFormatter
 from addons.kernel.record import record
 
 
@@ -388,7 +390,7 @@ def test_benchmark_access_line(term) -> None:
     gc.disable()
     try:
         get = best(lambda f: f.request.headers.get("x-request-id"))
-        dumps = best(lambda f: accesslog.to_json(sample))
+        dumps = best(lambda f: logformat.to_json(sample))
         per = best(addon.response)
     finally:
         gc.enable()

@@ -25,8 +25,8 @@ from mitmproxy.test import taddons
 from pydantic import ValidationError
 
 from addons import schema
-from addons.accesslog import JsonFormatter
 from addons.drain import Drain
+from addons.kernel.logformat import JsonFormatter
 from addons.kernel.units import parse_workers
 from addons.schema.models import Server
 from addons.supervisor import supervise
