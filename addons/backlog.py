@@ -17,10 +17,16 @@ A patch of the selector loop's accept callback caps that batch; the listener sta
 so the rest are accepted in the next turns (Envoy's `max_connections_to_accept_per_socket_event`).
 Measured with 200 connections at once: unrelated requests' worst latency 48-103 ms uncapped,
 25-27 ms at 4, 36-44 ms at 8. A fixed cap starves a saturated proxy, whose turns are long:
-1,000 clients connecting at once waited seconds (p99 8 s), so each turn may also take one more
-per millisecond since the listener's last accept turn (p99 1.7 s, asyncio's own: 1.8 s). It
-covers every listener of the process (the management app's too); uvloop accepts in C and is not
-capped.
+1,000 clients connecting at once waited seconds (p99 8 s), so while connections wait each turn
+may also take a few more per millisecond of the turn (`_allowance`: few for a young burst, more
+for a queue that persists). It covers every listener of the process (the management app's
+too); uvloop accepts in C and is not capped.
+
+**Admission at accept**: a connection to a proxy listener is offered to the gates of
+`kernel/admission.py` (RateLimit's per-IP connection cap) as asyncio accepts it, before
+mitmproxy builds anything for it; one a gate refuses is closed there. Connections over the
+per-IP cap cost the loop about 0.4 ms each when the hook refused them; the measurement is in
+that module.
 
 Patched through `addons/kernel/patching.py`, so only on the mitmproxy versions it checked;
 elsewhere a WARNING says the backlog stays mitmproxy's.
@@ -32,14 +38,17 @@ from __future__ import annotations
 
 import asyncio.selector_events
 import logging
+import select
 import socket
 import time
+import weakref
 from typing import Any
 
 from mitmproxy import ctx
 from mitmproxy.proxy import mode_servers
 
-from addons.kernel import patching
+from addons.kernel import admission, patching
+from addons.kernel.net import normalize_peer
 from addons.kernel.options import Option, at_least, declare
 
 log = logging.getLogger("waypost.backlog")
@@ -84,36 +93,59 @@ START = patching.Patch(
 
 def _accept_connection(self: Any, protocol_factory: Any, sock: Any, *args: Any, **kw: Any) -> None:
     cap = _accept_connection.cap  # type: ignore[attr-defined]
+    fd = sock.fileno()
     if cap:
         # The batch is the listen backlog: `backlog`, after sslcontext and server (positional
         # from asyncio's _start_serving, 3.11 and 3.12).
         backlog = args[2] if len(args) >= 3 else kw.get("backlog", 100)
-        batch = min(backlog, _allowance(sock.fileno(), cap))
+        batch = min(backlog, _allowance(fd, cap, time.monotonic()))
         if len(args) >= 3:
             args = (*args[:2], batch, *args[3:])
         else:
             kw["backlog"] = batch
     wrapped = _accept_connection.__waypost_wrapped__  # type: ignore[attr-defined]
     wrapped(self, protocol_factory, sock, *args, **kw)
+    if cap and fd >= 0:
+        _note_queue(fd, time.monotonic())
 
 
 _accept_connection.cap = 0  # type: ignore[attr-defined]
-_last_accept: dict[int, float] = {}  # listening fd -> when its accept callback last ran
-ACCEPTS_PER_MS = 1.0
-TURN_AT_MOST = 0.5  # seconds: a longer gap since the last accept turn was an idle listener
+# Listening fd -> (since when connections have waited, its last accept turn), while some do.
+_waiting: dict[int, tuple[float, float]] = {}
+ACCEPTS_PER_MS = 0.25  # while a burst is young
+SUSTAINED_PER_MS = 1.0  # once connections have waited BURST_SECONDS
+BURST_SECONDS = 0.5
 
 
-def _allowance(fd: int, cap: int) -> int:
-    """`cap`, plus one per millisecond since this listener's last accept turn. While
-    connections wait, the callback runs once per loop turn, so that gap is the turn's length:
-    short turns (a storm on an idle proxy) take a few connections each, long ones (hundreds of
-    busy connections) take more, so that new connections still get in at 1,000 a second or
-    more (with a fixed 4, 1,000 clients connecting to a saturated proxy waited seconds). The
-    first turn after a quiet spell takes `cap`: its gap measured the quiet, not a turn."""
-    now = time.monotonic()
-    gap = now - _last_accept.get(fd, now)
-    _last_accept[fd] = now
-    return cap + (int(gap * 1000 * ACCEPTS_PER_MS) if gap <= TURN_AT_MOST else 0)
+def _allowance(fd: int, cap: int, now: float) -> int:
+    """`cap`, plus some per millisecond since this listener's last accept turn if that turn
+    left connections waiting: the callback then runs again in the next loop turn, so that gap
+    is the turn's length, and long turns (hundreds of busy connections) take more. The rate
+    grows with how long connections have waited. A burst (a wave of 220 slowloris and garbage
+    connections) is let in at 0.25 a millisecond, between the steps of the running requests:
+    at 1 a millisecond p99 of a 500 req/s load read 144-212 ms through six such waves, at
+    0.25 30-40 ms (one run of six: 75). A queue that persists is sustained demand, which
+    waiting does not shrink: after half a second it is taken at 1 a millisecond. 1,000
+    clients connecting to a saturated proxy at once: p99 2.1 s (1.7 s at 1 a millisecond
+    throughout, medians of three; 3.2 s at 0.25 throughout; a quarter-second ramp let the
+    waves through at 75-80 ms). A turn after the queue was emptied takes `cap`: the time since
+    measured other work, not a turn."""
+    waiting = _waiting.get(fd)
+    if waiting is None:
+        return cap
+    since, last = waiting
+    rate = ACCEPTS_PER_MS if now - since < BURST_SECONDS else SUSTAINED_PER_MS
+    return cap + int((now - last) * 1000 * rate)
+
+
+def _note_queue(fd: int, now: float) -> None:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if poller.poll(0):
+        waiting = _waiting.get(fd)
+        _waiting[fd] = (waiting[0] if waiting else now, now)
+    else:
+        _waiting.pop(fd, None)
 
 
 ACCEPT = patching.Patch(
@@ -123,6 +155,35 @@ ACCEPT = patching.Patch(
     replacement=_accept_connection,
     missing="no option of mitmproxy or asyncio.start_server bounds the accept batch apart "
     "from the listen backlog",
+)
+
+
+# --- admission: the gates asked as a proxy listener's connection is accepted ---------------
+
+_proxy_servers: weakref.WeakSet[Any] = weakref.WeakSet()  # the proxy listeners' asyncio servers
+
+
+async def _accept_connection2(
+    self: Any, protocol_factory: Any, conn: socket.socket, extra: dict[str, Any], *args: Any,
+    **kw: Any,
+) -> None:  # fmt: skip
+    if admission.gated():
+        # `server` follows sslcontext (positional from _accept_connection, 3.11 and 3.12).
+        server = args[1] if len(args) >= 2 else kw.get("server")
+        peer = extra.get("peername")
+        if server in _proxy_servers and peer and admission.refuses(normalize_peer(peer[0])):
+            conn.close()
+            return
+    wrapped = _accept_connection2.__waypost_wrapped__  # type: ignore[attr-defined]
+    await wrapped(self, protocol_factory, conn, extra, *args, **kw)
+
+
+ADMIT = patching.Patch(
+    key="backlog.admit",
+    target=asyncio.selector_events.BaseSelectorEventLoop,
+    name="_accept_connection2",
+    replacement=_accept_connection2,
+    missing="client_connected runs only after mitmproxy has set the connection up",
 )
 
 
@@ -155,6 +216,7 @@ class Backlog:
             cap = at_least(
                 "server_max_accepts_per_event", ctx.options.server_max_accepts_per_event, 0
             )
+            _waiting.clear()  # noted under the previous cap (or none, with 0)
             if cap and patching.install(
                 ACCEPT, unchecked="server_max_accepts_per_event is not applied", by="backlog"
             ):
@@ -170,15 +232,26 @@ class Backlog:
         self._relisten_running()
 
     def done(self) -> None:
-        patching.uninstall(ACCEPT.key, by="backlog")
+        patching.uninstall(ACCEPT.key, ADMIT.key, by="backlog")
 
     def running(self) -> None:
+        patching.install(ADMIT, unchecked="connections are refused only by the hooks", by="backlog")
         # On mitmproxy 12 the listeners start binding before `-s` scripts load, so they miss
         # the wrapper, and may still be starting now: Servers.changed fires once they are up
         # (and after every later change of listeners). The signal holds a weak reference.
         ps = ctx.master.addons.get("proxyserver")
         if ps is not None:
-            ps.servers.changed.connect(self._relisten_running)
+            ps.servers.changed.connect(self._listeners_changed)
+        self._listeners_changed()
+
+    def _listeners_changed(self) -> None:
+        ps = ctx.master.addons.get("proxyserver")
+        if ps is None:
+            return
+        _proxy_servers.clear()
+        for instance in ps.servers:
+            tcp = (s for s in getattr(instance, "_servers", []) if isinstance(s, asyncio.Server))
+            _proxy_servers.update(tcp)
         self._relisten_running()
 
     def _relisten_running(self) -> None:

@@ -45,9 +45,11 @@ clients are never banned. `GET /admin/bans` lists the bans, `DELETE /admin/bans/
 one (management_routes()).
 
 Connections: `ratelimit_max_connections_per_ip` caps concurrent connections per peer address
-(slowloris and connection floods). A connection over the cap is closed in `client_connected`
-before any byte is read: a client that opens hundreds of connections is not owed an HTTP
-answer, and reading one would spend what the cap protects. Trusted proxies and exempt clients
+(slowloris and connection floods). A connection over the cap is closed before any byte is
+read: a client that opens hundreds of connections is not owed an HTTP answer, and reading one
+would spend what the cap protects. The cap is checked as the connection is accepted (an
+admission gate, `kernel/admission.py`, asked by backlog.py), before mitmproxy sets it up, and
+again in `client_connected` for what the gate let through. Trusted proxies and exempt clients
 are not capped.
 
 The bucket, its rules and table are in `ratelimiting/bucket.py`; bans and the Redis script in
@@ -74,7 +76,7 @@ from mitmproxy import connection, ctx, exceptions, http
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from addons import errors, metrics, policy, state
-from addons.kernel import hosts, instance, net
+from addons.kernel import admission, hosts, instance, net
 from addons.kernel.options import Option, at_least, choice, declare, duration, once, spawn
 from addons.kernel.record import record
 from addons.ratelimiting.bans import BUCKET_SCRIPT, Bans, ban_entry, bound, lift, shared_bans
@@ -273,6 +275,10 @@ class RateLimit:
             self.max_connections = at_least(
                 "ratelimit_max_connections_per_ip", opts.ratelimit_max_connections_per_ip, 0
             )
+            if self.max_connections:
+                admission.register("ratelimit", self._refuses_at_accept)
+            else:
+                admission.unregister("ratelimit")
         if "ratelimit_max_clients" in updated:
             maxsize = at_least("ratelimit_max_clients", opts.ratelimit_max_clients, 1)
             self.buckets.resize(maxsize)
@@ -312,6 +318,7 @@ class RateLimit:
             self._sweeper = spawn(self._sweep())
 
     def done(self) -> None:
+        admission.unregister("ratelimit")
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -344,19 +351,33 @@ class RateLimit:
         ip = net.peer_ip(client)
         if not ip or self._exempt(ip) or net.trusted_peer(client):
             return
+        if self._over_cap(ip):
+            client.error = "Connection refused: too many connections from this address."
+            return
+        self.connections[ip] = self.connections.get(ip, 0) + 1
+        self.counted[client.id] = ip
+
+    def _over_cap(self, ip: str) -> bool:
+        """Whether a new connection from `ip` is refused (recorded by `policy.decide`)."""
         count = self.connections.get(ip, 0)
-        if count >= self.max_connections and policy.decide(
+        return count >= self.max_connections and policy.decide(
             "ratelimit",
             "max_connections_per_ip",
             ip,
             self.mode,
             decision="refuse",
             connections=count,
-        ):
-            client.error = "Connection refused: too many connections from this address."
-            return
-        self.connections[ip] = count + 1
-        self.counted[client.id] = ip
+        )
+
+    def _refuses_at_accept(self, ip: str) -> bool:
+        """The admission gate (`kernel/admission.py`): the cap, checked as the connection is
+        accepted. In shadow mode it lets every connection through, for `client_connected` to
+        record the would-be refusal once."""
+        if self.mode == "shadow" or self.connections.get(ip, 0) < self.max_connections:
+            return False
+        if self._exempt(ip) or (net.TRUSTED.active and net.TRUSTED.is_trusted(ip)):
+            return False
+        return self._over_cap(ip)
 
     def client_disconnected(self, client: connection.Client) -> None:
         ip = self.counted.pop(client.id, None)

@@ -164,6 +164,15 @@ def _memory_state() -> None:
         state.STATE.backend = "memory"
 
 
+@pytest.fixture(autouse=True)
+def _no_admission_gates() -> None:
+    """Each test starts without admission gates: an addon a taddons test configured (and
+    never ended) must not refuse the connections of the next one in the same process."""
+    from addons.kernel import admission
+
+    admission._gates.clear()
+
+
 @pytest.fixture(scope="session")
 def backend() -> Iterator[Backend]:
     """An aiohttp origin on 127.0.0.1 in its own thread and loop, shared by the session."""

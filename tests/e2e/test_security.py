@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -269,6 +270,51 @@ def test_connection_cap_closes_extra_connections(bundle, backend: Backend) -> No
         wait_until(served_again)  # a slot freed by the disconnect
     finally:
         for s in held:
+            s.close()
+
+
+def test_a_burst_over_the_connection_cap_is_refused_once_each_others_served(
+    bundle, backend: Backend
+) -> None:
+    """The cap is checked as connections are accepted (kernel/admission.py) and again in
+    client_connected: 40 connections at once over it are each closed unanswered and recorded
+    once, and a client from another address is served meanwhile."""
+    p = bundle("  rate_limiting: {max_connections_per_ip: 3}")
+    request = f"GET {backend.url}/echo HTTP/1.1\r\nHost: 127.0.0.1:{backend.port}\r\n\r\n".encode()
+    held = []
+    burst = []
+    try:
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+            held.append(s)
+            s.sendall(request)
+            assert status_of(read_response(s)) == 200
+        for _ in range(40):
+            s = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+            burst.append(s)
+            s.sendall(request)
+        other = socket.create_connection(
+            ("127.0.0.1", p.port), timeout=5, source_address=("127.0.0.2", 0)
+        )
+        with other:
+            other.sendall(request)
+            assert status_of(read_response(other)) == 200
+        for s in burst:
+            try:
+                got = s.recv(65536)
+            except ConnectionResetError:
+                got = b""
+            assert got == b""  # closed without an answer
+        refusals = wait_until(lambda: (r := audit(p, "ratelimit")) and len(r) >= 40 and r)
+        time.sleep(0.5)
+        assert len(audit(p, "ratelimit")) == 40
+        assert {e["rule"] for e in refusals} == {"max_connections_per_ip"}
+        assert {e["client_ip"] for e in refusals} == {"127.0.0.1"}
+        for s in held:  # the counted connections are still served
+            s.sendall(request)
+            assert status_of(read_response(s)) == 200
+    finally:
+        for s in held + burst:
             s.close()
 
 

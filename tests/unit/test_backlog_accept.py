@@ -8,7 +8,7 @@ import socket
 from mitmproxy.test import taddons
 
 from addons import backlog
-from addons.kernel import patching
+from addons.kernel import admission, patching
 
 
 def _pending(listener: socket.socket, n: int) -> list[socket.socket]:
@@ -44,22 +44,80 @@ async def test_one_loop_turn_accepts_its_allowance_and_the_rest_stay_queued(monk
                 tctx.configure(addon, server_max_accepts_per_event=4)
                 assert patching.installed(backlog.ACCEPT.key)
                 monkeypatch.setattr(backlog, "ACCEPTS_PER_MS", 0)  # the cap alone
+                monkeypatch.setattr(backlog, "SUSTAINED_PER_MS", 0)
                 assert await _one_accept_turn(listener) == 4
                 assert await _one_accept_turn(listener) == 4
-                # After a quiet spell (longer than any turn) the cap alone again.
+                # Connections left waiting: one more per millisecond since that turn.
                 monkeypatch.setattr(backlog, "ACCEPTS_PER_MS", 1)
-                monkeypatch.setattr(backlog, "TURN_AT_MOST", 0.003)
-                await asyncio.sleep(0.02)
-                assert await _one_accept_turn(listener) == 4
-                # A long turn since the last accept: one more per millisecond.
-                monkeypatch.setattr(backlog, "TURN_AT_MOST", 0.5)
+                await asyncio.sleep(0.006)
+                third = await _one_accept_turn(listener)
+                assert third >= 4 + 6  # at most the 22 still queued
+                # Waiting longer than a burst: the sustained rate.
+                monkeypatch.setattr(backlog, "ACCEPTS_PER_MS", 0)
+                monkeypatch.setattr(backlog, "SUSTAINED_PER_MS", 1)
+                monkeypatch.setattr(backlog, "BURST_SECONDS", 0.001)
                 await asyncio.sleep(0.006)
                 fourth = await _one_accept_turn(listener)
-                assert fourth >= 4 + 6  # at most the 18 still queued
-                tctx.configure(addon, server_max_accepts_per_event=0)  # asyncio's own batch
-                assert await _one_accept_turn(listener) == 30 - 12 - fourth
+                assert fourth >= min(4 + 6, 22 - third)
+                rest = 22 - third - fourth
+                if rest:
+                    tctx.configure(addon, server_max_accepts_per_event=0)  # asyncio's own batch
+                    assert await _one_accept_turn(listener) == rest
+                    tctx.configure(addon, server_max_accepts_per_event=4)
+                # The queue emptied: connections arriving later get the cap alone, however long
+                # since the last accept turn (that time measured other work, not a turn).
+                await asyncio.sleep(0.02)
+                clients += _pending(listener, 10)
+                assert await _one_accept_turn(listener) == 4
                 addon.done()
             assert not patching.installed(backlog.ACCEPT.key)
         finally:
             for c in clients:
                 c.close()
+
+
+async def _closed_by_peer(port: int) -> bool:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return await asyncio.wait_for(reader.read(1), 0.5) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        writer.close()
+
+
+async def test_admission_gates_close_a_proxy_listeners_connection_at_accept() -> None:
+    addon = backlog.Backlog()
+    loop = asyncio.get_running_loop()
+    made: list[asyncio.BaseTransport] = []
+    asked: list[str] = []
+
+    class Proto(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            made.append(transport)
+
+    with taddons.context(addon):
+        addon.running()
+        assert patching.installed(backlog.ADMIT.key)
+        proxy = await loop.create_server(Proto, "127.0.0.1", 0)
+        other = await loop.create_server(Proto, "127.0.0.1", 0)  # e.g. the management port
+        backlog._proxy_servers.add(proxy)
+        try:
+            assert not await _closed_by_peer(proxy.sockets[0].getsockname()[1])  # no gate
+            assert len(made) == 1
+            admission.register("test", lambda ip: asked.append(ip) or ip == "127.0.0.1")
+            assert await _closed_by_peer(proxy.sockets[0].getsockname()[1])
+            assert asked == ["127.0.0.1"] and len(made) == 1  # never set up
+            assert not await _closed_by_peer(other.sockets[0].getsockname()[1])
+            assert asked == ["127.0.0.1"] and len(made) == 2  # not a proxy listener: not asked
+        finally:
+            admission.unregister("test")
+            for t in made:
+                t.close()
+            for server in (proxy, other):
+                server.close()
+                await server.wait_closed()
+            addon.done()
+    assert not patching.installed(backlog.ADMIT.key)

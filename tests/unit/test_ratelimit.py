@@ -13,7 +13,8 @@ from mitmproxy import exceptions
 from mitmproxy.addons import script
 from mitmproxy.test import taddons, tflow
 
-from addons import metrics, ratelimit
+from addons import metrics, policy, ratelimit
+from addons.kernel import admission
 from addons.kernel.record import record
 from addons.ratelimiting import bucket
 from addons.ratelimiting.bucket import Take, take
@@ -356,6 +357,34 @@ def test_connection_cap() -> None:
             c.peername = ("10.0.0.1", 1)
             r.client_connected(c)
             assert not c.error
+
+
+def test_connection_cap_is_an_admission_gate() -> None:
+    r = ratelimit.RateLimit()
+    with taddons.context(r) as tctx:
+        assert not admission.gated()
+        tctx.configure(r, ratelimit_max_connections_per_ip=1, ratelimit_exempt=["10.0.0.0/8"])
+        assert admission.gated()
+        assert not admission.refuses("192.0.2.1")  # nothing counted yet
+        c = tflow.tclient_conn()
+        c.peername = ("192.0.2.1", 1)
+        r.client_connected(c)
+        before = len(policy.RECENT)
+        assert admission.refuses("192.0.2.1")  # at the cap: refused and recorded
+        assert policy.RECENT[-1]["rule"] == "max_connections_per_ip"
+        assert len(policy.RECENT) == before + 1
+        assert not admission.refuses("192.0.2.2")
+        r.connections["10.0.0.1"] = 5
+        assert not admission.refuses("10.0.0.1")  # exempt
+        # Shadow: the gate lets it through, for client_connected to record it once.
+        tctx.configure(r, ratelimit_mode="shadow")
+        assert not admission.refuses("192.0.2.1")
+        assert len(policy.RECENT) == before + 1
+        tctx.configure(r, ratelimit_mode="enforce", ratelimit_max_connections_per_ip=0)
+        assert not admission.gated()
+        tctx.configure(r, ratelimit_max_connections_per_ip=1)
+        r.done()
+        assert not admission.gated()
 
 
 @pytest.mark.parametrize(
