@@ -14,7 +14,15 @@ Hooks:
 - `running`: once, after the bundle and the profile loaded, `gc.collect()` then `gc.freeze()`
   (`server_gc_freeze`): what is alive now moves to the permanent generation, which later
   collections do not walk; then one INFO line with the loop, the freeze, the thresholds and
-  PYTHONOPTIMIZE.
+  PYTHONOPTIMIZE; and the memory trim task.
+
+Memory trim (`server_memory_trim_interval`): glibc's allocator keeps what the process freed
+and returns only the top of its heap to the system, so every burst of connections left RSS a
+little higher: 1.2 MB per round of 440 slowloris connections, 0.6 MB per 132 CLI commands, with
+no live object left behind (tracemalloc's traced memory flat). `malloc_trim(0)` releases the
+free pages inside the heap too; called every minute it kept RSS flat through the same rounds
+(113-114 MB against 112-129 MB), at 0.2-0.4 ms a call, in a thread. Not on other C libraries
+(musl has no malloc_trim): the task is not started there.
 
 Options:
 - `server_event_loop` (auto|uvloop|asyncio, "asyncio"): read by the worker before mitmproxy
@@ -22,19 +30,24 @@ Options:
 - `server_gc_freeze` (bool, true): freeze the startup heap once the proxy runs.
 - `server_gc_threshold` (str, "2000,10,100"): the collector's three thresholds;
   "700,10,10" is CPython's own.
+- `server_memory_trim_interval` (str, "60s"): how often freed memory is given back; 0 never.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import logging
+import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx, exceptions
 
-from addons.kernel.options import Option, declare
+from addons.kernel.options import Option, declare, duration, spawn
 
 log = logging.getLogger("waypost.runtime")
 
@@ -63,6 +76,13 @@ OPTIONS: tuple[Option, ...] = (
         "The garbage collector's three thresholds (gc.set_threshold), e.g. 2000,10,100; "
         "700,10,10 is CPython's own.",
     ),
+    Option(
+        "server_memory_trim_interval",
+        str,
+        "60s",
+        "How often memory the process freed is given back to the system (glibc malloc_trim), "
+        "so RSS does not creep up after bursts of connections; 0: never.",
+    ),
 )
 
 
@@ -75,6 +95,20 @@ def parse_threshold(value: str) -> tuple[int, int, int]:
         )
     first, second, third = map(int, parts)
     return first, second, third
+
+
+def malloc_trim() -> Callable[[], Any] | None:
+    """glibc's `malloc_trim(0)`, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGESIZE") / 2**20
 
 
 def loop_name(loop: asyncio.AbstractEventLoop) -> str:
@@ -91,6 +125,8 @@ def running_loop() -> str:
 class Runtime:
     def __init__(self) -> None:
         self.frozen = 0  # objects moved to the permanent generation by this addon
+        self.trim_interval = 60.0
+        self.trimmer: asyncio.Task[None] | None = None
 
     def load(self, loader: Any) -> None:
         declare(loader, OPTIONS)
@@ -102,6 +138,10 @@ class Runtime:
             except ValueError as e:
                 raise exceptions.OptionsError(f"server_gc_threshold: {e}") from None
             gc.set_threshold(*threshold)
+        if "server_memory_trim_interval" in updated:
+            self.trim_interval = duration(
+                "server_memory_trim_interval", ctx.options.server_memory_trim_interval
+            )
         if "cli_enabled" in updated and ctx.options.cli_enabled and running_loop() == "uvloop":
             raise exceptions.OptionsError(
                 "cli_enabled: this worker runs uvloop, whose subprocesses would inherit the "
@@ -110,6 +150,9 @@ class Runtime:
             )
 
     def running(self) -> None:
+        trim = malloc_trim()
+        if trim is not None and self.trimmer is None:
+            self.trimmer = spawn(self._trim_every(trim))
         if ctx.options.server_gc_freeze and not self.frozen:
             # Garbage first: the collector never looks at frozen objects again, so a cycle
             # frozen now would never be freed.
@@ -138,6 +181,20 @@ class Runtime:
                 wanted,
                 running,
             )
+
+    def done(self) -> None:
+        if self.trimmer is not None:
+            self.trimmer.cancel()
+            self.trimmer = None
+
+    async def _trim_every(self, trim: Callable[[], Any]) -> None:
+        while True:
+            # Re-read each time: a reload may change the interval or turn trimming off (0).
+            await asyncio.sleep(self.trim_interval or 60.0)
+            if self.trim_interval:
+                before = rss_mb()
+                await asyncio.to_thread(trim, 0)
+                log.debug("runtime: malloc_trim: RSS %.1f -> %.1f MB", before, rss_mb())
 
 
 addons = [Runtime()]

@@ -113,6 +113,7 @@ class Server(Section):
     gc_threshold: Annotated[
         tuple[PositiveInt, PositiveInt, PositiveInt], BeforeValidator(_gc_threshold)
     ] = (2_000, 10, 100)
+    memory_trim_interval: Duration = 60.0
 
 
 def _log_level(value: Any) -> Any:

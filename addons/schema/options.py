@@ -59,6 +59,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "server_event_loop": (("server", "event_loop"), _same),
     "server_gc_freeze": (("server", "gc_freeze"), _same),
     "server_gc_threshold": (("server", "gc_threshold"), lambda v: ",".join(map(str, v))),
+    "server_memory_trim_interval": (("server", "memory_trim_interval"), format_duration),
     "log_level": (("logging", "level"), _same),
     "log_format": (("logging", "format"), _same),
     "log_output": (("logging", "output"), _same),

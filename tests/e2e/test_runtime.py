@@ -4,6 +4,7 @@ and without PYTHONOPTIMIZE=1: requests, refusals, errors, health and drain behav
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from addons import runtime
 from tests.conftest import (
     _LISTENING,
     MANAGEMENT,
@@ -100,3 +102,27 @@ def test_bundle_serves_through_a_worker(worker: Proxy, backend: Backend) -> None
     errors = [j for j in worker.json_lines() if j.get("level") in ("ERROR", "CRITICAL")]
     assert not errors
     assert worker.stop() == 0  # SIGTERM drains through the loop's signal handlers
+
+
+def test_freed_memory_is_given_back_after_a_burst(proxy_factory, tmp_path: Path) -> None:
+    """`server.memory_trim_interval`: after a burst of connections the worker calls glibc's
+    malloc_trim in a thread and logs the RSS before and after."""
+    if runtime.malloc_trim() is None:
+        pytest.skip("this C library has no malloc_trim")
+    profile = tmp_path / "trim.yaml"
+    profile.write_text(
+        "server: {host: 127.0.0.1, port: 8080, memory_trim_interval: 1s}\n"
+        "logging: {level: debug, format: json, output: stdout}\n"
+        "limits: {header_timeout: 1s}\n"
+    )
+    p = proxy_factory(options={"waypost_profile": str(profile)})
+    socks = [socket.create_connection(("127.0.0.1", p.port)) for _ in range(200)]
+    for s in socks:
+        s.sendall(b"GET / HTTP/1.1\r\n")  # never finished: each gets its 408
+    for s in socks:
+        s.settimeout(5)
+        assert s.recv(65536).startswith(b"HTTP/1.1 408")
+        s.close()
+    start = len(p.lines)
+    trimmed = p.wait_for(r"runtime: malloc_trim: RSS ([\d.]+) -> ([\d.]+) MB", start=start)
+    assert float(trimmed.group(2)) <= float(trimmed.group(1)) + 1  # never more than noise

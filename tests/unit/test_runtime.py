@@ -66,6 +66,7 @@ async def test_running_freezes_once_and_reports(gc_state: None, caplog) -> None:
         assert frozen > 0 and addon.frozen == frozen
         addon.running()  # a second `running` (a script reload's) does not freeze again
         assert gc.get_freeze_count() == frozen
+        addon.done()
     line = caplog.records[0].getMessage()
     assert line.startswith("runtime: event loop asyncio (server_event_loop=asyncio)")
     assert f"gc.freeze {frozen} objects" in line and "gc thresholds 2000,10,100" in line
@@ -76,10 +77,41 @@ async def test_freeze_off_and_a_loop_mitmdump_cannot_give(gc_state: None, caplog
     with taddons.context(addon) as tctx, caplog.at_level(logging.INFO, "waypost.runtime"):
         tctx.configure(addon, server_gc_freeze=False, server_event_loop="uvloop")
         addon.running()
+        addon.done()
     assert gc.get_freeze_count() == 0
     assert "gc.freeze off" in caplog.records[0].getMessage()
     assert caplog.records[1].levelname == "WARNING"
     assert "python -m addons.supervisor" in caplog.records[1].getMessage()
+
+
+async def test_freed_memory_is_given_back_every_interval(
+    gc_state: None, caplog, monkeypatch
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(runtime, "malloc_trim", lambda: calls.append)
+    addon = runtime.Runtime()
+    with taddons.context(addon) as tctx, caplog.at_level(logging.DEBUG, "waypost.runtime"):
+        tctx.configure(addon, server_memory_trim_interval="20ms")
+        addon.running()
+        await asyncio.sleep(0.15)
+        assert len(calls) >= 2 and set(calls) == {0}
+        assert "runtime: malloc_trim: RSS" in caplog.text
+        tctx.configure(addon, server_memory_trim_interval="0")  # off (a reload)
+        await asyncio.sleep(0.05)
+        done = len(calls)
+        await asyncio.sleep(0.1)
+        assert len(calls) == done
+        with pytest.raises(OptionsError, match="server_memory_trim_interval"):
+            tctx.configure(addon, server_memory_trim_interval="often")
+        addon.done()
+        assert addon.trimmer is None
+
+
+def test_malloc_trim_is_glibcs_here() -> None:
+    trim = runtime.malloc_trim()
+    if trim is None:
+        pytest.skip("this C library has no malloc_trim")
+    assert trim(0) in (0, 1)  # 1: memory was released
 
 
 def test_startup_settings_order(tmp_path: Path) -> None:
