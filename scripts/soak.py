@@ -410,6 +410,8 @@ class Soak:
         out = []
         for c in range(cycles):
             for name, a, b in SCHEDULE:
+                if self.args.faults and name not in self.args.faults:
+                    continue
                 w = Window(f"{c + 1}:{name}", c * length + a * length, c * length + b * length)
                 out.append((w, faults[name]))
         return out
@@ -866,6 +868,17 @@ def print_report(data: dict[str, Any]) -> None:
     print(f"verdict: {'PASS' if v['ok'] else 'FAIL'} " + "; ".join(v["missed"]))
 
 
+def fault_names(value: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    known = {name for name, _, _ in SCHEDULE}
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown fault {', '.join(unknown) or value!r}; known: {', '.join(sorted(known))}"
+        )
+    return names
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="scripts/soak", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -881,6 +894,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rss-slack", type=float, default=20, help="MB of RSS growth allowed (20)")
     p.add_argument("--fd-slack", type=int, default=16, help="other FDs' growth allowed (16)")
     p.add_argument("--max-p99-ms", type=float, default=0, help="p99 target per minute (off)")
+    p.add_argument(
+        "--faults",
+        type=fault_names,
+        default=(),
+        help="only these faults, comma-separated (kill,slowloris,flood,reload,cli-storm); "
+        "all by default",
+    )
     p.add_argument("--json", type=Path, help="write the results as JSON to FILE")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, profile)")
     return p.parse_args(argv)
