@@ -123,13 +123,13 @@ def _allowance(fd: int, cap: int, now: float) -> int:
     is the turn's length, and long turns (hundreds of busy connections) take more. The rate
     grows with how long connections have waited. A burst (a wave of 220 slowloris and garbage
     connections) is let in at 0.25 a millisecond, between the steps of the running requests:
-    at 1 a millisecond p99 of a 500 req/s load read 144-212 ms through six such waves, at
-    0.25 30-75 ms (median 40; the allowance before this one, from any gap under 0.5 s: 34-55). A queue that persists is sustained demand, which
-    waiting does not shrink: after half a second it is taken at 1 a millisecond. 1,000
-    clients connecting to a saturated proxy at once: p99 2.1 s (1.7 s at 1 a millisecond
-    throughout, medians of three; 3.2 s at 0.25 throughout; a quarter-second ramp let the
-    waves through at 75-80 ms). A turn after the queue was emptied takes `cap`: the time since
-    measured other work, not a turn."""
+    at 1 a millisecond p99 of a 500 req/s load read 144-212 ms through six such waves, at 0.25
+    30-75 ms (median 40; the allowance before this one, from any gap under 0.5 s: 34-55). A
+    queue that persists is sustained demand, which waiting does not shrink: after half a
+    second it is taken at 1 a millisecond. 1,000 clients connecting to a saturated proxy at
+    once: p99 2.1 s (1.7 s at 1 a millisecond throughout, medians of three; 3.2 s at 0.25
+    throughout; a quarter-second ramp let the waves through at 75-80 ms). A turn after the
+    queue was emptied takes `cap`: the time since measured other work, not a turn."""
     waiting = _waiting.get(fd)
     if waiting is None:
         return cap

@@ -349,7 +349,7 @@ class RateLimit:
         if not self.max_connections or client.error:
             return
         ip = net.peer_ip(client)
-        if not ip or self._exempt(ip) or net.trusted_peer(client):
+        if not ip or self._uncapped(ip):
             return
         if self._over_cap(ip):
             client.error = "Connection refused: too many connections from this address."
@@ -375,9 +375,11 @@ class RateLimit:
         record the would-be refusal once."""
         if self.mode == "shadow" or self.connections.get(ip, 0) < self.max_connections:
             return False
-        if self._exempt(ip) or (net.TRUSTED.active and net.TRUSTED.is_trusted(ip)):
-            return False
-        return self._over_cap(ip)
+        return not self._uncapped(ip) and self._over_cap(ip)
+
+    def _uncapped(self, ip: str) -> bool:
+        """Exempt clients and trusted proxies (the peer `ip`) are not capped."""
+        return self._exempt(ip) or (net.TRUSTED.active and net.TRUSTED.is_trusted(ip))
 
     def client_disconnected(self, client: connection.Client) -> None:
         ip = self.counted.pop(client.id, None)

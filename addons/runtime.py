@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import gc
 import logging
 import os
@@ -97,13 +96,10 @@ def parse_threshold(value: str) -> tuple[int, int, int]:
     return first, second, third
 
 
-def malloc_trim() -> Callable[[], Any] | None:
-    """glibc's `malloc_trim(0)`, or None where the C library has none (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        return None
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS). Looked up
+    among the symbols the process has loaded (CDLL(None)): find_library would run ldconfig."""
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 def rss_mb() -> float:
@@ -187,14 +183,18 @@ class Runtime:
             self.trimmer.cancel()
             self.trimmer = None
 
-    async def _trim_every(self, trim: Callable[[], Any]) -> None:
+    async def _trim_every(self, trim: Callable[[int], int]) -> None:
         while True:
             # Re-read each time: a reload may change the interval or turn trimming off (0).
             await asyncio.sleep(self.trim_interval or 60.0)
-            if self.trim_interval:
-                before = rss_mb()
+            if not self.trim_interval:
+                continue
+            if not log.isEnabledFor(logging.DEBUG):
                 await asyncio.to_thread(trim, 0)
-                log.debug("runtime: malloc_trim: RSS %.1f -> %.1f MB", before, rss_mb())
+                continue
+            before = rss_mb()
+            await asyncio.to_thread(trim, 0)
+            log.debug("runtime: malloc_trim: RSS %.1f -> %.1f MB", before, rss_mb())
 
 
 addons = [Runtime()]

@@ -236,16 +236,21 @@ def test_rate_limit_rps_env(bundle, backend: Backend) -> None:
     assert status_of(get(p.port, f"{backend.url}/echo")) == 429
 
 
+def hold_served(port: int, request: bytes, held: list[socket.socket], n: int) -> None:
+    """Open `n` connections into `held`, each served `request` (200): counted by the cap."""
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        held.append(s)
+        s.sendall(request)
+        assert status_of(read_response(s)) == 200  # counted and served
+
+
 def test_connection_cap_closes_extra_connections(bundle, backend: Backend) -> None:
     p = bundle("  rate_limiting: {max_connections_per_ip: 3}")
     request = f"GET {backend.url}/echo HTTP/1.1\r\nHost: 127.0.0.1:{backend.port}\r\n\r\n".encode()
-    held = []
+    held: list[socket.socket] = []
     try:
-        for _ in range(3):
-            s = socket.create_connection(("127.0.0.1", p.port), timeout=5)
-            held.append(s)
-            s.sendall(request)
-            assert status_of(read_response(s)) == 200  # counted and served
+        hold_served(p.port, request, held, 3)
         extra = socket.create_connection(("127.0.0.1", p.port), timeout=5)
         try:
             extra.sendall(request)
@@ -281,14 +286,10 @@ def test_a_burst_over_the_connection_cap_is_refused_once_each_others_served(
     once, and a client from another address is served meanwhile."""
     p = bundle("  rate_limiting: {max_connections_per_ip: 3}")
     request = f"GET {backend.url}/echo HTTP/1.1\r\nHost: 127.0.0.1:{backend.port}\r\n\r\n".encode()
-    held = []
+    held: list[socket.socket] = []
     burst = []
     try:
-        for _ in range(3):
-            s = socket.create_connection(("127.0.0.1", p.port), timeout=5)
-            held.append(s)
-            s.sendall(request)
-            assert status_of(read_response(s)) == 200
+        hold_served(p.port, request, held, 3)
         for _ in range(40):
             s = socket.create_connection(("127.0.0.1", p.port), timeout=5)
             burst.append(s)
