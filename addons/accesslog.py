@@ -22,9 +22,9 @@
   from `mitmproxy.proxy.server`) is raised to WARNING unless log_level is debug. mitmdump's
   `dumper` prints flows outside logging; set `flow_detail=0` (the bundle does) for pure JSON.
 - Output `file`: waypost's records and the access lines go to `log_file` (written by a
-  background thread, reopened when logrotate moves it, rotated by size with old files removed
-  by count and age: `kernel/logfile.py`); mitmproxy's lines and waypost errors stay on
-  stdout, where startup failures are reported.
+  background thread in batches at most 50 ms late, reopened when logrotate moves it, rotated
+  by size with old files removed by count and age: `kernel/logfile.py`); mitmproxy's lines
+  and waypost errors stay on stdout, where startup failures are reported.
 
 Hooks: configure, done, response, error, http_connected, http_connect_error, next_layer,
 client_disconnected.
@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
-import queue
 import re
 import sys
 import time
@@ -49,7 +48,7 @@ from mitmproxy.proxy import layer
 
 from addons import errors
 from addons.kernel import net
-from addons.kernel.logfile import RotatingLog
+from addons.kernel.logfile import LineWriter, RotatingLog
 from addons.kernel.logformat import JsonFormatter, TextFormatter
 from addons.kernel.options import Option, at_least, declare, size
 from addons.kernel.record import record
@@ -319,7 +318,7 @@ class AccessLog:
         self.termlog_formatter: logging.Formatter | None = None
         self.stdout_handler: logging.Handler | None = None
         self.file_handler: logging.Handler | None = None
-        self.listener: logging.handlers.QueueListener | None = None
+        self.writer: LineWriter | None = None
         self.chatter_level: int | None = None
 
     def load(self, loader: Any) -> None:
@@ -424,11 +423,9 @@ class AccessLog:
             raise exceptions.OptionsError(
                 f"log_file: cannot open {path!r}: {e.strerror} (check the path and permissions)"
             ) from None
-        q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self.writer = LineWriter(target)
         # QueueHandler formats in the caller (with our formatter); the thread only writes.
-        self.file_handler = logging.handlers.QueueHandler(q)
-        self.listener = logging.handlers.QueueListener(q, target)
-        self.listener.start()
+        self.file_handler = logging.handlers.QueueHandler(self.writer.queue)
         logging.getLogger("waypost").addHandler(self.file_handler)
         return self.file_handler
 
@@ -437,11 +434,9 @@ class AccessLog:
             logging.getLogger("waypost").removeHandler(self.file_handler)
             access_log.removeHandler(self.file_handler)
             self.file_handler = None
-        if self.listener is not None:
-            self.listener.stop()
-            for h in self.listener.handlers:
-                h.close()
-            self.listener = None
+        if self.writer is not None:
+            self.writer.stop()
+            self.writer = None
 
     def _restore(self) -> None:
         if self.termlog is not None:

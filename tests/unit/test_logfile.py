@@ -1,4 +1,4 @@
-"""kernel/logfile.py: size rotation, backups pruned by count and by age."""
+"""kernel/logfile.py: size rotation, backups pruned by count and by age, the batching writer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from addons.kernel.logfile import DAY, RotatingLog
+from addons.kernel.logfile import DAY, LineWriter, RotatingLog
 
 
 def record(message: str) -> logging.LogRecord:
@@ -71,3 +71,38 @@ def test_a_file_moved_away_by_logrotate_is_reopened(tmp_path: Path) -> None:
     h.close()
     assert (tmp_path / "a.log").read_text() == "second\n"
     assert (tmp_path / "a.log.1").read_text() == "first\n"
+
+
+class CountingLog(RotatingLog):
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.batches: list[int] = []
+
+    def emit_batch(self, records: list[logging.LogRecord]) -> None:
+        self.batches.append(len(records))
+        super().emit_batch(records)
+
+
+def test_the_writer_writes_a_burst_in_one_batch_and_everything_by_stop(tmp_path: Path) -> None:
+    target = CountingLog(str(tmp_path / "a.log"))
+    writer = LineWriter(target, pause=0.2)
+    for i in range(100):
+        writer.queue.put(record(f"line {i}"))
+    time.sleep(0.1)  # the thread took the first line and sleeps
+    for i in range(100, 150):
+        writer.queue.put(record(f"line {i}"))
+    writer.stop()
+    lines = (tmp_path / "a.log").read_text().splitlines()
+    assert lines == [f"line {i}" for i in range(150)]
+    assert target.batches == [150] and target.stream is None  # one write pass; closed
+
+
+def test_the_writer_writes_each_batch_when_it_comes(tmp_path: Path) -> None:
+    path = tmp_path / "a.log"
+    writer = LineWriter(RotatingLog(str(path)), pause=0.01)
+    writer.queue.put(record("first"))
+    deadline = time.monotonic() + 5
+    while not path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert path.read_text() == "first\n"  # flushed without waiting for stop
+    writer.stop()
