@@ -23,8 +23,10 @@ Checks, in order (all answer 400 BAD_REQUEST unless noted, with `Connection: clo
                 upstream mode a Host differing from an absolute-form URL is rewritten to the
                 URL's authority (RFC 9112 §3.2.2).
   origin-form   on a forward listener (regular/upstream mode), `GET /path` outside a CONNECT
-                tunnel and not addressed to the proxy itself (its /health/*, /cli/execute)
-                is refused (rule origin_form) unless limits_origin_form is `relay`.
+                tunnel is refused (rule origin_form) unless limits_origin_form is `relay`
+                or it is for the proxy itself: a path of its endpoints (/health/*, /admin/*,
+                the metrics path, /cli/execute) whatever the Host, any path with a Host
+                naming the proxy (`kernel.endpoints.meant_for_proxy`).
   h2c           the `h2c` token is stripped from Upgrade (the header removed when empty), and
                 HTTP2-Settings removed, `upgrade`/`http2-settings` dropped from Connection.
 
@@ -51,7 +53,7 @@ from mitmproxy.proxy import mode_specs
 
 from addons import errors
 from addons.kernel import net, units, wire
-from addons.kernel.endpoints import addressed_to_proxy
+from addons.kernel.endpoints import meant_for_proxy
 from addons.kernel.options import Option, choice, declare, duration
 from addons.kernel.record import record
 
@@ -446,15 +448,6 @@ class Hygiene:
             max_url=lim.max_url_length,
         )
 
-    def _to_proxy(self, flow: http.HTTPFlow) -> bool:
-        """An origin-form request inside a CONNECT tunnel, or for the proxy's own endpoints."""
-        if flow.client_conn.id in self._tunnels:
-            return True
-        ps = ctx.master.addons.get("proxyserver")
-        addrs = ps.listen_addrs() if ps else []
-        req = flow.request
-        return addressed_to_proxy(req.host, req.port, flow.client_conn.sockname, addrs)
-
     def http_connected(self, flow: http.HTTPFlow) -> None:
         self._tunnels.add(flow.client_conn.id)
 
@@ -498,7 +491,7 @@ class Hygiene:
         if refusal:
             _refuse(flow, refusal)
             return
-        if sent == b"" and self.origin_form == "refuse" and not self._to_proxy(flow):
+        if sent == b"" and self.origin_form == "refuse" and not meant_for_proxy(flow):
             _refuse(flow, ORIGIN_FORM)
             return
         if found.hosts and _is_forward_proxy(flow) and flow.client_conn.id not in self._tunnels:

@@ -84,7 +84,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from addons import errors, state
 from addons.admin import routes as admin_routes
 from addons.kernel import net
-from addons.kernel.endpoints import addressed_to_proxy, bearer_status, bind
+from addons.kernel.endpoints import bearer_status, bind, meant_for_proxy, serve_paths
 from addons.kernel.instance import Identity, identity
 from addons.kernel.options import Option, declare, spawn
 from addons.kernel.record import record
@@ -381,6 +381,7 @@ class Management:
                 ) from e
             self._metrics_path = ctx.options.metrics_path
             self._own_prefixes = (*RESERVED_PREFIXES, self._metrics_path)
+            serve_paths("management", self._own_prefixes)
         if (
             self.is_running
             and self._identity.management_fd is None
@@ -406,6 +407,7 @@ class Management:
         self.is_running = False
         self._stop()
         self._stop_proxy_port_app()
+        serve_paths("management", ())
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or flow.websocket:
@@ -417,9 +419,7 @@ class Management:
         kind = endpoint_kind(path, self._metrics_path)
         if kind is None:
             return
-        ps = ctx.master.addons.get("proxyserver")
-        addrs = ps.listen_addrs() if ps else []
-        if not addressed_to_proxy(req.host, req.port, flow.client_conn.sockname, addrs):
+        if not meant_for_proxy(flow):
             return
         record(flow)["local"] = kind  # not proxied traffic: metrics skip it
         if not getattr(ctx.options, f"metrics_proxy_port_{kind}"):

@@ -165,12 +165,14 @@ def _memory_state() -> None:
 
 
 @pytest.fixture(autouse=True)
-def _no_admission_gates() -> None:
-    """Each test starts without admission gates: an addon a taddons test configured (and
-    never ended) must not refuse the connections of the next one in the same process."""
-    from addons.kernel import admission
+def _no_kernel_registrations() -> None:
+    """Each test starts without admission gates or own paths: what an addon a taddons test
+    configured (and never ended) registered must not change how the next test's requests
+    are taken in the same process."""
+    from addons.kernel import admission, endpoints
 
     admission._gates.clear()
+    endpoints._own_paths.clear()
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ from addons.clirun.listener import Listener, serve_loopback
 from addons.clirun.plan import Settings
 from addons.clirun.stats import STATS
 from addons.kernel import net
-from addons.kernel.endpoints import addressed_to_proxy
+from addons.kernel.endpoints import meant_for_proxy, serve_paths
 from addons.kernel.options import declare
 from addons.kernel.record import record
 
@@ -86,17 +86,20 @@ class Cli:
             self._listener.stop()
             self._listener = None
         self.listen_addrs = []
+        serve_paths("cli", ())
 
     def _sync_listener(self) -> None:
         if self.settings.active and self._listener is None:
             self._listener = serve_loopback(PATH, self.endpoint.internal)
             self.listen_addrs = [self._listener.addr]
+            serve_paths("cli", (PATH,))
             log.info("cli listening at %s:%d (proxy-port requests are rerouted here)",
                      *self._listener.addr)  # fmt: skip
         elif not self.settings.active and self._listener is not None:
             self._listener.stop()
             self._listener = None
             self.listen_addrs = []
+            serve_paths("cli", ())
 
     def management_routes(
         self,
@@ -110,9 +113,7 @@ class Cli:
         if req.path.partition("?")[0] != PATH or not self.listen_addrs:
             return
         if not isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode):
-            ps = ctx.master.addons.get("proxyserver")
-            addrs = ps.listen_addrs() if ps else []
-            if not addressed_to_proxy(req.host, req.port, flow.client_conn.sockname, addrs):
+            if not meant_for_proxy(flow):
                 return
         meta = record(flow)
         meta["local"] = "cli"
@@ -136,8 +137,6 @@ class Cli:
         if req.path.partition("?")[0] != PATH or not self.listen_addrs:
             return None
         if not isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode):
-            ps = ctx.master.addons.get("proxyserver")
-            addrs = ps.listen_addrs() if ps else []
-            if not addressed_to_proxy(req.host, req.port, flow.client_conn.sockname, addrs):
+            if not meant_for_proxy(flow):
                 return None
         return {"addon": "cli", "decision": "cli", "rule": PATH, "backend": "cli"}

@@ -4,6 +4,9 @@
 - `bearer_status`: 200, 401 or 403 for an `Authorization: Bearer <token>` header.
 - `addressed_to_proxy`: whether a request on the proxy port is meant for the proxy itself
   (the management and CLI endpoints answer those) or for an origin behind it.
+- `serve_paths`/`own_path`: the path prefixes those endpoints answer on the proxy port,
+  registered by the addons that serve them, so hygiene lets an origin-form request for one
+  through without importing them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
+from mitmproxy import ctx, http
+
+from addons.kernel import wire
 from addons.kernel.net import parse_ip
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -46,6 +52,46 @@ def addressed_to_proxy(
         if port == lport and (host in LOOPBACK_NAMES or host == _canonical(lhost)):
             return True
     return False
+
+
+def meant_for_proxy(flow: http.HTTPFlow) -> bool:
+    """Whether a request on a proxy listener is addressed to the proxy itself.
+
+    An origin-form request (`GET /path`) outside a CONNECT tunnel names no origin: while the
+    forward listener refuses to relay those by their Host (limits_origin_form `refuse`, the
+    default) it can only be meant for the proxy, under whatever name the client knows it (a
+    Kubernetes Service, a load balancer), when its path is one of the proxy's endpoints.
+    Otherwise its Host (or absolute-form authority) must name the proxy (`addressed_to_proxy`).
+    """
+    req = flow.request
+    if wire.sent_authority(req) == b"" and own_path(req.path) and _origin_form_refused():
+        return True
+    ps = ctx.master.addons.get("proxyserver")
+    addrs = ps.listen_addrs() if ps else []
+    return addressed_to_proxy(req.host, req.port, flow.client_conn.sockname, addrs)
+
+
+def _origin_form_refused() -> bool:
+    # Declared by hygiene; without it mitmproxy relays origin-form requests by their Host.
+    return getattr(ctx.options, "limits_origin_form", None) == "refuse"
+
+
+# owner -> the path prefixes it answers on the proxy port.
+_own_paths: dict[str, tuple[str, ...]] = {}
+
+
+def serve_paths(owner: str, prefixes: Iterable[str]) -> None:
+    """Register the path prefixes `owner` answers on the proxy port (none: withdraw them)."""
+    prefixes = tuple(prefixes)
+    if prefixes:
+        _own_paths[owner] = prefixes
+    else:
+        _own_paths.pop(owner, None)
+
+
+def own_path(path: str) -> bool:
+    """Whether `path` is one the proxy's own endpoints answer on the proxy port."""
+    return any(path.startswith(prefixes) for prefixes in _own_paths.values())
 
 
 def bearer_status(header: str | None, token: str) -> int:

@@ -41,8 +41,9 @@ limits change. Everything here runs before a flow exists, so no hook could do it
 7. What mitmproxy rewrites before any hook: it drops an absolute-form request's authority and
    fills an origin-form one's destination from Host, and on a reverse listener replaces Host
    with the backend's (unless keep_host_header). The reader notes what a forward-mode request
-   named (`sent_authority`), so hygiene can count the whole target against `max_url_length`
-   and refuse origin-form requests on a forward listener, and a reverse-mode request's Host
+   outside a CONNECT tunnel named (`sent_authority`), so hygiene can count the whole target
+   against `max_url_length` and refuse origin-form requests on a forward listener (and the
+   proxy's endpoints know one is theirs whatever its Host), and a reverse-mode request's Host
    fields (`sent_hosts`), so hygiene refuses a missing, duplicate or invalid one there too.
 
 The refusals are written by mitmproxy's own `_http1.make_error_response`, which
@@ -77,7 +78,7 @@ from mitmproxy import version as mitmproxy_version
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events, layer, mode_specs
 from mitmproxy.proxy.layers import modes
-from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http import HttpLayer, HTTPMode, _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import RequestHeaders, RequestProtocolError
 
@@ -385,24 +386,36 @@ def _server_read_headers(self: Any, event: events.Event) -> Gen:
 
 def _note_request(self: Any, cmds: Gen) -> Gen:
     """Remember what mitmproxy rewrites before any hook runs: the authority a forward-mode
-    request named on its request line (dropped; an origin-form request's destination is filled
-    from Host) and a reverse-mode request's Host fields (replaced by the backend's)."""
+    request outside a CONNECT tunnel named on its request line (dropped; an origin-form
+    request's destination is filled from Host) and a reverse-mode request's Host fields
+    (replaced by the backend's)."""
     for cmd in cmds:  # read_headers' commands take no reply, so nothing is sent back
         if isinstance(cmd, ReceiveHttp) and isinstance(cmd.event, RequestHeaders):
             request = cmd.event.request
             mode = self.context.client.proxy_mode
             if isinstance(mode, _FORWARD):
-                _sent_authority[request] = request.data.authority
+                if not _in_tunnel(self):
+                    _sent_authority[request] = request.data.authority
             elif isinstance(mode, mode_specs.ReverseMode):
                 fields = request.data.headers.fields
                 _sent_hosts[request] = [v for n, v in fields if n.lower() == b"host"]
         yield cmd
 
 
+def _in_tunnel(server: Any) -> bool:
+    """Whether an Http1Server reads requests inside a CONNECT tunnel: its HttpLayer, the
+    nearest below it in its context, is then transparent (outside one, regular or upstream)."""
+    for below in reversed(server.context.layers):
+        if isinstance(below, HttpLayer):
+            return below.mode is HTTPMode.transparent
+    return False
+
+
 def sent_authority(request: http.Request) -> bytes | None:
-    """The authority a forward-mode HTTP/1 request named on its request line: b"" for the
-    origin-form `GET /path` or asterisk-form `OPTIONS *` (only Host says where it goes), None
-    when not known (another mode, HTTP/2, or the guards are not installed)."""
+    """The authority a forward-mode HTTP/1 request outside a CONNECT tunnel named on its
+    request line: b"" for the origin-form `GET /path` or asterisk-form `OPTIONS *` (only Host
+    says where it goes), None when not known (inside a tunnel, another mode, HTTP/2, or the
+    guards are not installed)."""
     return _sent_authority.get(request)
 
 

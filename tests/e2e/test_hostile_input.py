@@ -303,6 +303,12 @@ def test_origin_form_on_the_forward_listener(bundle: tuple[str, Proxy], origin: 
     own = f"GET /health/liveness HTTP/1.1\r\nHost: 127.0.0.1:{p.port}\r\n\r\n".encode()
     resp = raw_request(p.port, own)
     assert status_of(resp) == 200 and json_body(resp)["status"] == "ok"
+    # Under a name that is not the proxy's (a Kubernetes Service's): the path says it is ours.
+    svc = b"GET /health/liveness HTTP/1.1\r\nHost: waypost.proxy.svc:8080\r\n\r\n"
+    resp = raw_request(p.port, svc)
+    assert status_of(resp) == 200 and json_body(resp)["status"] == "ok"
+    other = b"GET /healthz HTTP/1.1\r\nHost: waypost.proxy.svc:8080\r\n\r\n"
+    assert "origin-form" in _refused(p.port, other, 400, "BAD_REQUEST")["message"]
 
 
 def test_origin_form_relayed_when_configured(tmp_path: Path, origin: Recorder) -> None:

@@ -125,6 +125,24 @@ def test_intercepted_host_sees_mitmproxy_certificate(proxy_factory, origin, ca):
     assert [a.value for a in orgs] == ["mitmproxy"]
 
 
+def test_a_tunnels_requests_are_the_origins_whatever_their_path(proxy_factory, origin):
+    """Origin-form is what a tunnel carries: /health/liveness inside one goes to the origin,
+    although the bundle answers that path itself outside tunnels under any Host."""
+    options = _options(origin, tls_intercept_hosts="localhost", ssl_insecure=True)
+    p = proxy_factory(options={**options, "metrics_port": 0})
+    with connect_tunnel(p.port, f"localhost:{origin.port}") as s:
+        client = ssl.create_default_context()
+        client.check_hostname = False
+        client.verify_mode = ssl.CERT_NONE
+        with client.wrap_socket(s, server_hostname="localhost") as tls:
+            head = f"GET /health/liveness HTTP/1.1\r\nHost: localhost:{origin.port}\r\n"
+            tls.sendall(head.encode() + b"Connection: close\r\n\r\n")
+            got = b""
+            while chunk := tls.recv(4096):
+                got += chunk
+    assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"origin\n"), got
+
+
 def test_intercepted_upstream_is_verified_against_the_hostname_not_the_pinned_ip(
     proxy_factory, ca, tmp_path: Path
 ):

@@ -1,12 +1,15 @@
-"""The kernel's endpoint helpers: whether a request is addressed to the proxy, bearer tokens."""
+"""The kernel's endpoint helpers: whether a request is addressed to the proxy, own paths,
+bearer tokens."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.test import taddons, tflow
 
-from addons.kernel import endpoints
+from addons.kernel import endpoints, wire
 
 LISTEN = [("127.0.0.1", 8080)]
 
@@ -48,3 +51,42 @@ def test_addressed_to_proxy(host: str, port: int, sockname: Any, addrs: list, lo
 )
 def test_bearer_status(header: str | None, status: int) -> None:
     assert endpoints.bearer_status(header, "secret") == status
+
+
+def test_own_paths_are_registered_and_withdrawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(endpoints, "_own_paths", {})
+    endpoints.serve_paths("management", ("/health/", "/admin/"))
+    endpoints.serve_paths("cli", ("/cli/execute",))
+    assert endpoints.own_path("/admin/config") and endpoints.own_path("/cli/execute")
+    assert not endpoints.own_path("/") and not endpoints.own_path("/healthz")
+    endpoints.serve_paths("cli", ())
+    assert not endpoints.own_path("/cli/execute") and endpoints.own_path("/health/liveness")
+
+
+@pytest.mark.parametrize(
+    "sent,origin_form,path,host,meant",
+    [
+        (b"", "refuse", "/health/readiness", "waypost.proxy.svc", True),  # a Service name
+        (b"", "refuse", "/other", "waypost.proxy.svc", False),
+        (b"", "relay", "/health/readiness", "waypost.proxy.svc", False),  # relayed by Host
+        (None, "refuse", "/health/readiness", "waypost.proxy.svc", False),  # in a tunnel
+        (b"waypost.proxy.svc:8080", "refuse", "/health/readiness", "waypost.proxy.svc", False),
+        (b"", "refuse", "/other", "127.0.0.1", True),  # Host names the proxy
+    ],
+)
+def test_meant_for_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+    sent: bytes | None,
+    origin_form: str,
+    path: str,
+    host: str,
+    meant: bool,
+) -> None:
+    monkeypatch.setattr(endpoints, "_own_paths", {"management": ("/health/",)})
+    monkeypatch.setattr(wire, "sent_authority", lambda request: sent)
+    with taddons.context(Proxyserver()) as tctx:
+        tctx.options.add_option("limits_origin_form", str, origin_form, "hygiene's")
+        f = tflow.tflow()
+        f.request.host, f.request.port, f.request.path = host, 8080, path
+        f.client_conn.sockname = ("127.0.0.1", 8080)
+        assert endpoints.meant_for_proxy(f) is meant

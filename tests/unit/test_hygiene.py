@@ -10,7 +10,7 @@ from mitmproxy.test import taddons, tflow
 
 from addons import hygiene
 from addons.hygiene import Fields, Hygiene, Limits, Refusal
-from addons.kernel import wire
+from addons.kernel import endpoints, wire
 
 L = Limits(max_url_length=100, max_header_size=300, max_headers_count=5, max_body_size=1000)
 
@@ -436,10 +436,6 @@ def test_origin_form_on_forward_listener(monkeypatch: pytest.MonkeyPatch) -> Non
         assert f.response is not None and f.response.status_code == 400
         assert f.metadata["waypost"]["rule"] == "origin_form"
         assert b"BAD_REQUEST" in f.response.content
-        tunnelled = _flow()
-        h.http_connected(tunnelled)
-        h.requestheaders(tunnelled)
-        assert tunnelled.response is None
         tctx.configure(h, limits_origin_form="relay")
         relayed = _flow()
         h.requestheaders(relayed)
@@ -456,3 +452,21 @@ def test_origin_form_for_the_proxy_itself(monkeypatch: pytest.MonkeyPatch) -> No
         f.client_conn.sockname = ("127.0.0.1", 8080)
         h.requestheaders(f)
         assert f.response is None
+
+
+def test_origin_form_for_an_endpoint_of_the_proxy_under_any_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Kubernetes Service name in Host: the path alone says it is for the proxy."""
+    _sent(monkeypatch, b"")
+    monkeypatch.setattr(endpoints, "_own_paths", {"management": ("/health/",)})
+    h = Hygiene()
+    with taddons.context(h, Proxyserver()):
+        f = _flow(Host="waypost.proxy.svc:8080")
+        f.request.path = "/health/readiness"
+        h.requestheaders(f)
+        assert f.response is None
+        other = _flow(Host="waypost.proxy.svc:8080")
+        other.request.path = "/healthz"
+        h.requestheaders(other)
+        assert other.response is not None and other.response.status_code == 400
