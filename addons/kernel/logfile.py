@@ -118,11 +118,13 @@ class LineWriter:
         self.target = target
         self.pause = pause
         self.queue: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="waypost-log-writer", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Write what is queued, end the thread and close the file."""
+        """Write what is queued, end the thread and close the file (no pause: the loop waits)."""
+        self._stopping.set()
         self.queue.put(None)
         self._thread.join()
         self.target.close()
@@ -131,7 +133,7 @@ class LineWriter:
         q = self.queue
         while True:
             batch = [q.get()]
-            time.sleep(self.pause)
+            self._stopping.wait(self.pause)
             while not q.empty():
                 batch.append(q.get())
             records = [r for r in batch if r is not None]

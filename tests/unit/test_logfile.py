@@ -85,13 +85,15 @@ class CountingLog(RotatingLog):
 
 def test_the_writer_writes_a_burst_in_one_batch_and_everything_by_stop(tmp_path: Path) -> None:
     target = CountingLog(str(tmp_path / "a.log"))
-    writer = LineWriter(target, pause=0.2)
+    writer = LineWriter(target, pause=1.0)
     for i in range(100):
         writer.queue.put(record(f"line {i}"))
     time.sleep(0.1)  # the thread took the first line and sleeps
     for i in range(100, 150):
         writer.queue.put(record(f"line {i}"))
+    started = time.monotonic()
     writer.stop()
+    assert time.monotonic() - started < 0.1  # the pause is cut short
     lines = (tmp_path / "a.log").read_text().splitlines()
     assert lines == [f"line {i}" for i in range(150)]
     assert target.batches == [150] and target.stream is None  # one write pass; closed
