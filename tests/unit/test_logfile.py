@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from addons.kernel.logfile import DAY, LineWriter, RotatingLog
 
 
@@ -108,3 +110,35 @@ def test_the_writer_writes_each_batch_when_it_comes(tmp_path: Path) -> None:
         time.sleep(0.01)
     assert path.read_text() == "first\n"  # flushed without waiting for stop
     writer.stop()
+
+
+class RecordingLog(RotatingLog):
+    """Keeps the bytes of every write(2) the file gets."""
+
+    def __init__(self, path: str, max_size: int = 0) -> None:
+        self.writes: list[bytes] = []
+        super().__init__(path, max_size=max_size)
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        stream = super()._open()
+        raw = stream.buffer.raw
+        write = raw.write
+
+        def recorded(data):  # type: ignore[no-untyped-def]
+            self.writes.append(bytes(data))
+            return write(data)
+
+        raw.write = recorded
+        return stream
+
+
+@pytest.mark.parametrize("max_size", [0, 50_000])
+def test_a_batch_goes_out_in_writes_of_whole_lines(tmp_path: Path, max_size: int) -> None:
+    """The workers append to one file: a write must never end inside a line."""
+    h = RecordingLog(str(tmp_path / "a.log"), max_size=max_size)
+    lines = [f"{i:04d} " + "x" * 300 for i in range(200)]  # 60 KB, many buffers' worth
+    h.emit_batch([record(line) for line in lines])
+    h.close()
+    assert h.writes and all(w.endswith(b"\n") for w in h.writes)
+    written = b"".join(p.read_bytes() for p in sorted(tmp_path.iterdir()))
+    assert sorted(written.decode().splitlines()) == lines
