@@ -4,6 +4,8 @@
 - `bearer_status`: 200, 401 or 403 for an `Authorization: Bearer <token>` header.
 - `addressed_to_proxy`: whether a request on the proxy port is meant for the proxy itself
   (the management and CLI endpoints answer those) or for an origin behind it.
+- `meant_for_proxy`: the same question for a flow, which hygiene, management and the CLI ask:
+  also true for an origin-form request outside a tunnel to one of the proxy's endpoint paths.
 - `serve_paths`/`own_path`: the path prefixes those endpoints answer on the proxy port,
   registered by the addons that serve them, so hygiene lets an origin-form request for one
   through without importing them.
