@@ -12,6 +12,15 @@
   response's buffers and its connection for ever. The patch bounds each wait; a buffer that
   does not drain in time cancels that connection's handler, as mitmproxy does on a send error.
   The wait is only timed when something is buffered, so the common case costs one call.
+- **Closed backend connections are let go.** mitmproxy's HTTP layer keeps every backend
+  connection a client connection ever used (`HttpLayer.connections`) until the client
+  disconnects, closed ones too, and scans them all for each request: a load balancer's
+  keep-alive connection grows by one connection's layers (~3 KB) each time a backend closes
+  its side or a connect fails (in the one-hour soak, +1,900 of them, +7 MB). A patch of
+  `HttpLayer._handle_event` drops a backend connection once it can carry nothing again: its
+  `ConnectionClosed` has arrived and it is fully closed, or its connect failed, and no request
+  still being handled addresses it. A failed connect is then not answered again from memory:
+  the next request on that client connection dials anew, as nginx and Envoy do.
 - **Open connections** (`server_max_connections`, `server.limits.max_concurrent_connections`):
   past the cap a new client connection is closed in `client_connected`, before a byte is read
   (as the per-IP cap of `ratelimit` does), counted in
@@ -19,7 +28,7 @@
   10 seconds. With N workers each enforces its share, the cap divided by N rounded up (the
   kernel spreads connections evenly over the workers).
 
-Hooks: load, configure, client_connected, client_disconnected, done.
+Hooks: load (the patch above), configure, client_connected, client_disconnected, done.
 Options: server_idle_timeout, server_write_timeout, server_max_connections.
 """
 
@@ -33,7 +42,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from mitmproxy import connection, ctx
-from mitmproxy.proxy import server
+from mitmproxy.connection import ConnectionState
+from mitmproxy.proxy import events, server
+from mitmproxy.proxy.layers.http import HttpLayer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from addons import metrics
@@ -134,6 +145,65 @@ DRAIN = patching.Patch(
 )
 
 
+# --- closed backend connections: let go by the client connection's HTTP layer -------------
+
+
+def _handle_event(self: Any, event: events.Event) -> Any:
+    # Most events change nothing here: hand back mitmproxy's own generator, no extra frame.
+    wrapped = _handle_event.__waypost_wrapped__  # type: ignore[attr-defined]
+    if not self._wp_done and not isinstance(
+        event, events.ConnectionClosed | events.OpenConnectionCompleted
+    ):
+        return wrapped(self, event)
+    return _forgetting(self, event, wrapped)
+
+
+def _forgetting(self: Any, event: events.Event, wrapped: Any) -> Any:
+    yield from wrapped(self, event)
+    if isinstance(event, events.ConnectionClosed):
+        # The connection's handler sends nothing after its ConnectionClosed; once the layers
+        # have closed their side too, nothing can travel on it again.
+        conn = event.connection
+        if conn is not self.context.client and conn.state is ConnectionState.CLOSED:
+            self._wp_done = (*self._wp_done, conn)
+    elif isinstance(event, events.OpenConnectionCompleted) and event.reply:
+        self._wp_done = (*self._wp_done, event.command.connection)
+    if self._wp_done:
+        _forget(self)
+
+
+def _forget(self: Any) -> None:
+    # A stream may still send to its connection (a hook it awaits finishes later): mitmproxy
+    # looks the connection up then, so it stays until that stream is dropped.
+    addressed = {stream.context.server for stream in self.streams.values()}
+    kept = []
+    for conn in self._wp_done:
+        if conn in addressed or conn in self.waiting_for_establishment:
+            kept.append(conn)
+        else:
+            self.connections.pop(conn, None)
+    self._wp_done = tuple(kept)
+
+
+FORGET = (
+    patching.Patch(
+        key="connections.forget",
+        target=HttpLayer,
+        name="_handle_event",
+        replacement=_handle_event,
+        missing="nothing removes a closed backend connection from a client connection's HTTP "
+        "layer before the client disconnects",
+    ),
+    patching.Patch(
+        key="connections.forget_state",
+        target=HttpLayer,
+        name="_wp_done",
+        replacement=(),
+        missing="backend connections that can carry nothing again, not yet let go",
+    ),
+)
+
+
 # --- metrics ---------------------------------------------------------------------------------
 
 
@@ -178,6 +248,11 @@ class Connections:
 
     def load(self, loader: Any) -> None:
         declare(loader, OPTIONS)
+        patching.install(
+            *FORGET,
+            unchecked="closed backend connections stay in memory until their client disconnects",
+            by="connections",
+        )
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -203,7 +278,7 @@ class Connections:
         COLLECTOR.addon = self
 
     def done(self) -> None:
-        patching.uninstall(DRAIN.key, IDLE.key, by="connections")
+        patching.uninstall(DRAIN.key, IDLE.key, *(p.key for p in FORGET), by="connections")
 
     def client_connected(self, client: connection.Client) -> None:
         if self.limit and not client.error:

@@ -1,4 +1,5 @@
-"""Connection limits through a real mitmdump: idle and write timeouts, the open-connection cap."""
+"""Connection limits through a real mitmdump: idle and write timeouts, the open-connection cap,
+and backend connections let go once closed."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import MANAGEMENT, Backend, read_head, wait_until
+from tests.conftest import (
+    MANAGEMENT,
+    REVERSE,
+    Backend,
+    ThreadedServer,
+    read_head,
+    wait_until,
+)
+from tests.e2e.router_helpers import NamedBackend, write_profile
 
 CONNECTIONS = "addons/connections.py"
+PROBE = "tests/e2e/layer_probe.py"
 
 
 def _request(sock: socket.socket, backend: Backend, path: str) -> None:
@@ -144,3 +154,93 @@ def test_the_profile_keys_reach_the_bundle(proxy_factory, tmp_path: Path, backen
         assert _closed_within(sock, 5)
     text = httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=5).text
     assert "waypost_connections_limit 50.0" in text
+
+
+class OneRequestOrigin(ThreadedServer):
+    """Answers one request per connection, keep-alive, then drops the connection (as an
+    origin restarting, or timing out idle connections, does)."""
+
+    def handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                if read_head(conn) is not None:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            except OSError:
+                pass
+
+
+def _exchange(sock: socket.socket, target: str, probe: bool = False) -> dict[str, str]:
+    """One keep-alive GET on `sock`: the response's fields (the body, sized, is read too)."""
+    extra = "X-Probe-Layer: 1\r\n" if probe else ""
+    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+    got = read_head(sock)
+    assert got is not None and got[0].startswith(b"HTTP/1.1 200"), got
+    head, body = got
+    lines = head.decode().split("\r\n")[1:]
+    fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    while len(body) < int(fields["content-length"]):
+        body += sock.recv(65536)
+    return fields
+
+
+def _held(sock: socket.socket, target: str) -> int:
+    """The backend connections the proxy's HTTP layer holds for `sock`'s client connection."""
+    return int(_exchange(sock, target, probe=True)["x-backend-connections"])
+
+
+def test_backend_connections_the_origin_closed_are_let_go(proxy_factory) -> None:
+    """One long-lived client connection, a new backend connection for each of its requests:
+    the closed ones must not pile up in the client connection's HTTP layer (mitmproxy keeps
+    them all until the client disconnects)."""
+    origin = OneRequestOrigin()
+    url = f"http://127.0.0.1:{origin.port}/"
+    p = proxy_factory(scripts=(CONNECTIONS, PROBE))
+    try:
+        with socket.create_connection(("127.0.0.1", p.port), timeout=5) as sock:
+            for _ in range(60):
+                _exchange(sock, url)
+                time.sleep(0.02)  # the origin's close reaches the proxy before the next request
+            assert origin.accepts == 60
+            # This request's own connection, and the one before it if its close is still on
+            # its way; mitmproxy alone holds all 61.
+            assert _held(sock, url) <= 2
+    finally:
+        origin.close()
+
+
+def test_failed_connects_are_let_go_and_the_backend_is_dialled_again(
+    proxy_factory, tmp_path: Path
+) -> None:
+    a, b = NamedBackend("a"), NamedBackend("b")
+    pool = [{"url": x.url, "name": x.name} for x in (a, b)]
+    profile = write_profile(
+        tmp_path,
+        {
+            "routing": {
+                "listeners": [{"mode": "reverse", "host": "127.0.0.1", "port": 0}],
+                "rules": [{"name": "ab", "forward": {"backends": pool}}],
+            },
+            "health_checks": {"enabled": False},
+            "circuit_breaker": {"failure_threshold": 100},
+        },
+    )
+    try:
+        p = proxy_factory(
+            options={"waypost_profile": str(profile)},
+            scripts=("addons/bundle.py", PROBE),
+            wait=False,
+        )
+        port = int(p.wait_for(REVERSE, timeout=40).group(2))
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            a.stop()
+            for _ in range(20):  # a's turns fail to connect and are retried on b
+                _exchange(sock, "/x")
+            assert _held(sock, "/x") <= 2  # mitmproxy alone holds every failed connect too
+            a.start()
+            hits = a.hits
+            for _ in range(4):
+                assert _held(sock, "/x") <= 2
+            assert a.hits - hits == 2  # dialled again on the same client connection
+    finally:
+        a.close()
+        b.close()
