@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 from mitmproxy import connection, options
@@ -26,11 +27,6 @@ class Child:
     def handle_event(self, event: events.Event) -> Iterator[commands.Command]:
         if isinstance(event, events.ConnectionClosed) and not self.half:
             yield commands.CloseConnection(event.connection)
-
-
-class Stream:
-    def __init__(self, server: connection.Server) -> None:
-        self.context = type("Ctx", (), {"server": server})()
 
 
 @pytest.fixture
@@ -71,7 +67,7 @@ def test_a_half_closed_one_stays_as_it_may_still_send(layer) -> None:
 
 def test_one_a_stream_still_addresses_stays_until_that_stream_is_dropped(layer) -> None:
     server, other = _server(layer), _server(layer)
-    layer.streams[1] = Stream(server)  # type: ignore[assignment]
+    layer.streams[1] = SimpleNamespace(context=SimpleNamespace(server=server))  # type: ignore[assignment]
     _feed(layer, events.ConnectionClosed(server))
     assert server in layer.connections
     del layer.streams[1]
