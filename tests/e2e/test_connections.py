@@ -179,7 +179,9 @@ def _exchange(sock: socket.socket, target: str, probe: bool = False) -> dict[str
     lines = head.decode().split("\r\n")[1:]
     fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
     while len(body) < int(fields["content-length"]):
-        body += sock.recv(65536)
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {len(body)} bytes of the body"
+        body += chunk
     return fields
 
 
