@@ -61,9 +61,14 @@ class Recorder:
             try:
                 while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
                     data += chunk
-                if b"chunked" in data.lower():
-                    while not data.endswith(b"0\r\n\r\n") and (chunk := conn.recv(65536)):
-                        data += chunk
+                head, _, body = data.partition(b"\r\n\r\n")
+                if b"chunked" in head.lower():
+                    # The body's end, not the head's: a head can end in "0\r\n\r\n" too (an
+                    # X-Request-ID ending in 0), and answering then would close on an unread
+                    # body, which resets the connection under the proxy.
+                    while not body.endswith(b"0\r\n\r\n") and (chunk := conn.recv(65536)):
+                        body += chunk
+                    data = head + b"\r\n\r\n" + body
                 if data:
                     self.received.append(data)
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
