@@ -394,13 +394,22 @@ def read_to_close(sock: socket.socket) -> bytes:
     return data
 
 
-def connect_tunnel(proxy_port: int, target: str) -> socket.socket:
-    """A socket with an established CONNECT tunnel to `target` (host:port)."""
+def open_tunnel(proxy_port: int, target: str) -> tuple[socket.socket, bytes]:
+    """A socket with an established CONNECT tunnel to `target` (host:port), and the tunnel's
+    bytes read with the 200 (a server that speaks first may already have)."""
     s = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
     s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
     got = read_head(s)
-    assert got is not None and not got[1], got
+    assert got is not None, "closed before the CONNECT answer"
     assert status_of(got[0]) == 200, got[0]
+    return s, got[1]
+
+
+def connect_tunnel(proxy_port: int, target: str) -> socket.socket:
+    """A socket with an established CONNECT tunnel to `target`, to a client-first protocol:
+    nothing may arrive with the 200."""
+    s, early = open_tunnel(proxy_port, target)
+    assert not early, early
     return s
 
 

@@ -127,12 +127,16 @@ def test_a_tunnel_logs_one_closing_line_with_bytes_each_way(proxy_factory) -> No
             c.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             head = b""
             while b"\r\n\r\n" not in head:
-                head += c.recv(1000)
+                chunk = c.recv(1000)
+                assert chunk, head
+                head += chunk
             assert status_of(head) == 200
             c.sendall(b"\x00\x01ping")  # not HTTP, not TLS: a raw TCP tunnel
             got = b""
             while len(got) < 11:
-                got += c.recv(100)
+                chunk = c.recv(100)
+                assert chunk, got
+                got += chunk
         assert got == b"pong:\x00\x01ping"
     (line,) = wait_lines(lambda: access(p, "tunnel"), 1)
     (opened,) = access(p, "connect")

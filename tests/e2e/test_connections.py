@@ -160,6 +160,8 @@ class OneRequestOrigin(ThreadedServer):
     """Answers one request per connection, keep-alive, then drops the connection (as an
     origin restarting, or timing out idle connections, does)."""
 
+    closed = 0
+
     def handle(self, conn: socket.socket) -> None:
         with conn:
             try:
@@ -167,6 +169,7 @@ class OneRequestOrigin(ThreadedServer):
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             except OSError:
                 pass
+        self.closed += 1
 
 
 def _exchange(sock: socket.socket, target: str, probe: bool = False) -> dict[str, str]:
@@ -199,9 +202,12 @@ def test_backend_connections_the_origin_closed_are_let_go(proxy_factory) -> None
     p = proxy_factory(scripts=(CONNECTIONS, PROBE))
     try:
         with socket.create_connection(("127.0.0.1", p.port), timeout=5) as sock:
-            for _ in range(60):
+            for n in range(1, 61):
                 _exchange(sock, url)
-                time.sleep(0.02)  # the origin's close reaches the proxy before the next request
+                # The origin's close must reach the proxy before the next request: a request
+                # sent on the closing connection would meet a reset (a 502 here).
+                wait_until(lambda n=n: origin.closed >= n)
+                time.sleep(0.02)
             assert origin.accepts == 60
             # This request's own connection, and the one before it if its close is still on
             # its way; mitmproxy alone holds all 61.

@@ -309,7 +309,9 @@ def test_keepalive_head_deadline_counts_from_first_byte(proxy: Proxy, backend: B
         s.sendall(_get(backend))
         resp = b""
         while not (b"\r\n\r\n" in resp and resp.endswith(b"}")):
-            resp += s.recv(65536)
+            chunk = s.recv(65536)
+            assert chunk, resp
+            resp += chunk
         assert status_of(resp) == 200
         time.sleep(1.3)  # idle between requests is not the head timeout
         s.sendall(b"GET ")

@@ -168,7 +168,7 @@ def test_all_backends_down_is_503_circuit_open_at_once(reverse, backends) -> Non
         start = time.monotonic()
         r = _get(c, url + "/x")
         assert r.status_code == 503 and r.json()["error"]["code"] == "CIRCUIT_OPEN"
-        assert time.monotonic() - start < 0.5
+        assert time.monotonic() - start < 1.0
         ready = _get(c, mgmt + "/health/readiness")
         assert ready.status_code == 503
         assert ready.json()["status"] == "not_ready"

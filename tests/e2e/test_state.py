@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import pytest
 
@@ -44,16 +45,20 @@ async def test_an_outage_falls_back_at_once_and_recovers_by_itself(
         assert await s.call("incr", lambda r: r.incr("k")) == 1
         redis_server.stop()
         with caplog.at_level(logging.INFO, logger="waypost.state"):
+            tried = []
+
+            def incr(r: Any) -> Any:
+                tried.append(1)
+                return r.incr("k")
+
             start = time.monotonic()
-            assert await s.call("incr", lambda r: r.incr("k")) is state.UNAVAILABLE
+            assert await s.call("incr", incr) is state.UNAVAILABLE
             first = time.monotonic() - start
-            start = time.monotonic()
             for _ in range(100):
-                assert await s.call("incr", lambda r: r.incr("k")) is state.UNAVAILABLE
-            rest = time.monotonic() - start
+                assert await s.call("incr", incr) is state.UNAVAILABLE
             # The first call is bounded by the timeout (plus a connect refused: immediate); the
             # others do not even try while Redis is down.
-            assert first < 0.5 and rest < 0.05
+            assert first < 0.5 and len(tried) == 1
             assert s.fallbacks == {"incr": 101}
             assert s.readiness() == ("state", "degraded", True)
             warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

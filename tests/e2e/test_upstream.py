@@ -121,7 +121,7 @@ def test_read_timeout_is_json_504_and_proxy_keeps_serving(proxy_factory, backend
     resp = _get(p.port, f"{backend.url}/slow/3000")
     elapsed = time.monotonic() - t0
     _assert_json_error(resp, 504, "BACKEND_TIMEOUT")
-    assert 0.9 < elapsed < 1.6, elapsed
+    assert 0.9 < elapsed < 2.5, elapsed  # the timeout, not the backend's 3 s
     p.wait_for(r"failed: read_timeout")
     nxt = _get(p.port, f"{backend.url}/echo")
     assert status_of(nxt) == 200
