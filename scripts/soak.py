@@ -4,8 +4,9 @@
 by `--duration`, loopback only. Starts three origins (scripts/soak_origin.py, one process each)
 in a pool behind the bundle's reverse listener and its forward listener (a routing rule for
 `pool.internal`), with the cache, rate limiting and the CLI on. A paced asyncio load (`--rate`
-requests/s, spread over 8 client addresses in 127.0.1.0/24) asks for JSON, cacheable and
-forward-proxied pages while each cycle (`--cycle`, 300 s; shorter runs have one) injects, in turn:
+requests/s over at most `--connections`, spread over 8 client addresses in 127.0.1.0/24) asks
+for JSON, cacheable and forward-proxied pages while each cycle (`--cycle`, 300 s; shorter runs
+have one) injects, in turn:
 an origin killed (SIGKILL) and restarted, slowloris and garbage connections, a malformed-request
 flood from one client, config reloads (a good one, a bad one that must be refused with the
 old config kept, the good one again), a CLI stream storm and a second origin kill. The last
@@ -310,11 +311,17 @@ class Soak:
     # -- the load --
 
     def sessions(self) -> list[tuple[aiohttp.ClientSession, str]]:
-        """One session per load address: (session, listener); a quarter of them forward."""
+        """One session per load address: (session, listener); a quarter of them forward.
+
+        The sessions share `--connections` between them. aiohttp opens a connection for each
+        request in flight up to its limit and keeps it, so a looser cap let the first storm
+        that slowed answers decide how many connections the proxy served for the rest of the
+        run (86-533 in earlier hours), and with them its CPU and the latencies measured."""
         out = []
         timeout = aiohttp.ClientTimeout(total=10)
+        per_addr = max(1, self.args.connections // len(LOAD_ADDRS))
         for i, addr in enumerate(LOAD_ADDRS):
-            conn = aiohttp.TCPConnector(local_addr=(addr, 0), limit=64)
+            conn = aiohttp.TCPConnector(local_addr=(addr, 0), limit=per_addr)
             s = aiohttp.ClientSession(connector=conn, timeout=timeout, auto_decompress=False)
             out.append((s, "forward" if i % 4 == 3 else "reverse"))
         return out
@@ -887,6 +894,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=500, help="load requests per second (500)")
     p.add_argument("--cycle", type=float, default=300, help="seconds per fault cycle (300)")
     p.add_argument("--max-inflight", type=int, default=512, help="load requests at once (512)")
+    p.add_argument(
+        "--connections", type=int, default=64, help="the load's connections at most (64)"
+    )
     p.add_argument("--slowloris", type=int, default=200, help="connections per wave (200)")
     p.add_argument("--flood-rate", type=float, default=20, help="malformed requests/s (20)")
     p.add_argument("--cli-lines", type=int, default=20000, help="lines per CLI command (20000)")
